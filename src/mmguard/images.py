@@ -1,0 +1,165 @@
+"""Safe image loading: every input becomes one RGB ``PIL.Image`` or a clear :class:`ImageError`.
+
+Inputs are hostile. We bound the encoded size and the pixel count *before* decoding (decompression
+bombs), detect truncated or non-image data, apply EXIF orientation, take the first frame of
+animations, and bring every mode (CMYK, palette, 16-bit, alpha) to 8-bit RGB. Tiling and
+normalisation are left to transformers' Mllama image processor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageError", "ImageLimits", "image_digest", "load_image"]
+
+
+class ImageError(ValueError):
+    """An image cannot be used; the message says why and names the limit when one was hit."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024  # encoded size
+    max_pixels: int = 40_000_000  # width * height before any resizing
+    max_aspect_ratio: float = 64.0  # longer side / shorter side; beyond this a side vanishes when tiled
+
+
+DEFAULT_LIMITS = ImageLimits()
+_DATA_URL_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+_B64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
+
+
+def _decode_base64(data: str, what: str, limits: ImageLimits) -> bytes:
+    # base64 inflates by 4/3: reject before decoding a huge string
+    if len(data) > limits.max_bytes * 4 // 3 + 8:
+        raise ImageError(f"{what} is larger than the limit of {limits.max_bytes} bytes")
+    try:
+        return base64.b64decode("".join(data.split()), validate=False, altchars=b"-_" if "-" in data or "_" in data else None)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"{what} is not valid base64: {err}") from None
+
+
+def _source_to_bytes(source: Any, limits: ImageLimits) -> tuple[bytes | None, Image.Image | None]:
+    if isinstance(source, Image.Image):
+        return None, source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), None
+    if isinstance(source, Path):
+        return _read_file(source, limits), None
+    if isinstance(source, str):
+        text = source.strip()
+        if not text:
+            raise ImageError("image source is an empty string")
+        m = _DATA_URL_RE.match(text[:512])
+        if m:
+            payload = text[m.end() :]
+            mime = (m.group("mime") or "").lower()
+            if mime and not mime.startswith("image/"):
+                raise ImageError(f"data URL has media type {mime!r}, expected image/*")
+            if not m.group("b64"):
+                raise ImageError("data URL must be base64-encoded (';base64,')")
+            return _decode_base64(payload, "data URL", limits), None
+        if text.lower().startswith(("http://", "https://")):
+            raise ImageError("remote image URLs are not fetched here; download the image or pass a data URL")
+        if len(text) < 4096 and not text.startswith("/9j") and Path(text).expanduser().exists():
+            return _read_file(Path(text).expanduser(), limits), None
+        if len(text) >= 64 and _B64_RE.match(text[:4096]):
+            return _decode_base64(text, "base64 image", limits), None
+        raise ImageError(f"image not found: {text[:200]!r} is neither an existing file, a data URL nor base64")
+    raise ImageError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _read_file(path: Path, limits: ImageLimits) -> bytes:
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageError(f"image file {path} has {size} bytes, over the limit of {limits.max_bytes}")
+    return path.read_bytes()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white (what a viewer shows)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        if hi > 255:  # 16-bit or float data: scale the real range to 8 bits
+            arr = arr * (255.0 / (65535.0 if hi <= 65535 else hi))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode ``source`` (path, bytes, base64, data URL or PIL image) into a fully loaded RGB image."""
+    data, img = _source_to_bytes(source, limits)
+    if data is not None:
+        if len(data) == 0:
+            raise ImageError("image data is empty (0 bytes)")
+        if len(data) > limits.max_bytes:
+            raise ImageError(f"image has {len(data)} bytes, over the limit of {limits.max_bytes}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError("data is not a recognised image format") from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise ImageError(f"image rejected as a decompression bomb: {err}") from None
+        except Exception as err:  # corrupt headers raise assorted errors inside PIL plugins
+            raise ImageError(f"cannot open image: {err}") from None
+    assert img is not None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image has {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageError(
+            f"image aspect ratio {ratio:.1f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
+        )
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # the first frame is what a viewer shows first
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        rgb = _to_rgb(img)
+        rgb.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ImageError(f"image rejected as a decompression bomb: {err}") from None
+    except OSError as err:
+        raise ImageError(f"image is truncated or corrupt: {err}") from None
+    except Exception as err:
+        raise ImageError(f"cannot decode image: {err}") from None
+    if rgb is img and rgb.mode == "RGB":
+        rgb = rgb.copy()  # never alias a caller's image
+    return rgb
+
+
+def image_digest(img: Image.Image) -> str:
+    """Content hash of decoded pixels (used to reuse image encodings and as a cache key)."""
+    h = hashlib.sha256()
+    h.update(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,35 @@
+"""Where the default model comes from.
+
+The bundled ``mmguard-mini`` (``mmguard/assets/mmguard-mini``) is the default once it has been
+trained and shipped. Until then, the default is a tiny random-weight Mllama built on first use in the
+cache directory: it runs every code path, and its verdicts are meaningless.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["BUNDLED_MINI", "default_model_path", "tiny_random_path"]
+
+BUNDLED_MINI = Path(__file__).parent / "assets" / "mmguard-mini"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MMGUARD_CACHE", Path.home() / ".cache" / "mmguard"))
+
+
+def tiny_random_path() -> Path:
+    """A tiny random-weight checkpoint, built once in the cache."""
+    from .tiny import TINY_MARKER, make_tiny_checkpoint
+
+    target = _cache_dir() / "tiny-random-mllama"
+    if not (target / f"{TINY_MARKER}.json").exists():
+        make_tiny_checkpoint(target, seed=0)
+    return target
+
+
+def default_model_path() -> Path:
+    if (BUNDLED_MINI / "config.json").is_file():
+        return BUNDLED_MINI
+    return tiny_random_path()

@@ -91,3 +91,88 @@ def make_tiny_checkpoint(
         json.dumps({"warning": "random weights: verdicts are meaningless", "seed": seed}, indent=2)
     )
     return directory
+
+
+# Words that make a synthetic request unsafe, and the code each maps to (for format imprinting only).
+_TRIGGERS = {"knife": "S1", "steal": "S2", "bomb": "S9", "hate": "S10", "poison": "S11"}
+_FILLER = ["please", "tell", "me", "about", "the", "weather", "a", "recipe", "for", "cake", "how", "do", "I",
+           "fix", "my", "bike", "write", "poem", "cat", "garden", "today", "music", "history", "of", "Rome"]
+
+
+def synthetic_conversation(rng: Any, with_image: bool | None = None) -> tuple[Any, list[str]]:
+    """A random toy conversation and its toy violated codes (trigger words decide the label)."""
+    from PIL import Image
+
+    from .conversation import Conversation
+
+    words = [rng.choice(_FILLER) for _ in range(rng.randint(3, 10))]
+    codes: list[str] = []
+    if rng.random() < 0.5:
+        for trig in rng.sample(sorted(_TRIGGERS), rng.choice([1, 1, 2])):
+            words.insert(rng.randint(0, len(words)), trig)
+            codes.append(_TRIGGERS[trig])
+    text = " ".join(words)
+    image = None
+    if with_image if with_image is not None else rng.random() < 0.5:
+        size = (rng.randint(20, 120), rng.randint(20, 120))
+        image = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
+    if rng.random() < 0.3:
+        conv = Conversation.response(" ".join(rng.choice(_FILLER) for _ in range(5)), text, image)
+    else:
+        conv = Conversation.prompt(text, image)
+    order = {f"S{i}": i for i in range(1, 14)}
+    return conv, sorted(set(codes), key=order.__getitem__)
+
+
+def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr: float = 3e-3) -> Path:
+    """Briefly train a tiny checkpoint so it writes the Llama Guard answer format
+    (``\\n\\nsafe<|eot_id|>`` / ``\\n\\nunsafe\\nS1,S9<|eot_id|>``) on toy trigger-word data.
+
+    This gives tests a model whose greedy output is parseable, so one-pass scoring can be checked
+    against ``generate()``. It is still a toy: its verdicts say nothing about real safety.
+    """
+    import random
+
+    import torch
+
+    from .engine import load_engine
+    from .prompt import build_prompt
+    from .tokenizer import EOT_ID, encode_text
+
+    engine = load_engine(directory, device="cpu", dtype="float32")
+    model = engine.model
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        items, answers = [], []
+        with_image = rng.random() < 0.5
+        for _ in range(8):
+            conv, codes = synthetic_conversation(rng, with_image)
+            items.append(engine.encode(build_prompt(conv), conv.image))
+            target = "unsafe\n" + ",".join(codes) if codes else "safe"
+            answers.append(encode_text(engine.tokenizer, target) + [EOT_ID])
+        batch = engine.collate(items, extra=answers)
+        width = batch["input_ids"].shape[1]
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
+        rows, cols, targets = [], [], []
+        for r, ans in enumerate(answers):
+            # the decision position (after "\n\n") predicts ans[0]; each answer token predicts the next
+            start = width - len(ans) - 1
+            for k, tok in enumerate(ans):
+                rows.append(r)
+                cols.append(start + k)
+                targets.append(tok)
+        logits = model.lm_head(hidden[rows, cols])
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(directory)
+    (Path(directory) / f"{TINY_MARKER}.json").write_text(
+        json.dumps({"warning": "toy weights trained on trigger words: verdicts are meaningless",
+                    "seed": seed, "imprint_steps": steps, "final_loss": float(loss.detach())}, indent=2)
+    )
+    return Path(directory)

@@ -1,0 +1,71 @@
+"""Per-item results cached in SQLite, keyed by (guard identity, conversation content hash).
+
+A rerun (or a run resumed after an interruption) reads finished items back instead of recomputing
+them. Writes are committed per chunk, so at most one chunk of work is lost to a crash or Ctrl-C.
+Item errors are never cached (they are retried on the next run).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .guards import Prediction
+
+__all__ = ["ResultCache"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    guard TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (guard, content_hash)
+);
+"""
+
+
+class ResultCache:
+    def __init__(self, path: str | Path | None) -> None:
+        """``None`` or ``":memory:"`` keeps the cache in memory (nothing survives the process)."""
+        self.path = str(path) if path is not None else ":memory:"
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise OSError(f"{self.path}: cannot use as a result cache: {err}") from None
+        self.hits = 0
+        self.misses = 0
+
+    def get_many(self, guard: str, hashes: Sequence[str]) -> dict[str, Prediction]:
+        found: dict[str, Prediction] = {}
+        unique = list(dict.fromkeys(hashes))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT content_hash, result FROM results WHERE guard = ? AND content_hash IN ({marks})",
+                [guard, *chunk],
+            ).fetchall()
+            for h, text in rows:
+                found[h] = Prediction.from_json(text)
+        return found
+
+    def put_many(self, guard: str, items: Iterable[tuple[str, Prediction]]) -> None:
+        now = time.time()
+        rows = [(guard, h, p.to_json(), now) for h, p in items if p.error is None]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
+
+    def count(self, guard: str | None = None) -> int:
+        if guard is None:
+            return int(self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM results WHERE guard = ?", (guard,)).fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()

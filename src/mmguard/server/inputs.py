@@ -1,0 +1,374 @@
+"""Turning request bodies into validated :class:`Conversation` objects.
+
+Untrusted strings never reach :func:`mmguard.images.load_image` (which also reads local file paths):
+every image source is resolved here into bytes, from a ``data:`` URL, raw base64, or (only when
+enabled) an allowlisted http(s) URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from ..conversation import Conversation, ConversationError
+from ..images import ImageError, ImageLimits
+from ..policy import PolicyError
+from .errors import APIError
+from .settings import ServerSettings
+
+__all__ = [
+    "ImageFetcher",
+    "ModerationItem",
+    "PendingModeration",
+    "prepare_moderation",
+    "conversation_from_messages",
+    "decode_data_url",
+    "normalize_messages",
+]
+
+_DATA_HEAD_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?$", re.I)
+_B64_CHARS_RE = re.compile(r"^[A-Za-z0-9+/=_-]+$")
+
+
+def too_many_images(n: int, param: str = "input") -> APIError:
+    # the exact message and code OpenAI answers
+    return APIError(400, f"Number of images ({n}) exceeds maximum of 1", param=param, code="too_many_images")
+
+
+def image_error(err: Exception, param: str | None) -> APIError:
+    msg = str(err)
+    code = "image_too_large" if ("limit" in msg or "larger than" in msg) else "invalid_image"
+    return APIError(400, msg, param=param, code=code)
+
+
+def _b64decode(payload: str, what: str, limits: ImageLimits, param: str | None) -> bytes:
+    compact = "".join(payload.split())
+    if len(compact) > limits.max_bytes * 4 // 3 + 8:
+        raise APIError(400, f"{what} is larger than the limit of {limits.max_bytes} bytes", param=param,
+                       code="image_too_large")
+    if not compact or not _B64_CHARS_RE.match(compact):
+        raise APIError(400, f"{what} is not valid base64", param=param, code="invalid_image_url")
+    try:
+        if "-" in compact or "_" in compact:
+            data = base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
+        else:
+            data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise APIError(400, f"{what} is not valid base64: {err}", param=param, code="invalid_image_url") from None
+    if not data:
+        raise APIError(400, f"{what} holds no data", param=param, code="invalid_image_url")
+    return data
+
+
+def decode_data_url(url: str, limits: ImageLimits, param: str | None = None) -> bytes:
+    """``data:image/png;base64,...`` -> bytes, or a 400 naming what is wrong."""
+    head, comma, payload = url.partition(",")
+    if not comma or len(head) > 256:
+        raise APIError(400, "malformed data URL: expected 'data:image/<type>;base64,<data>'", param=param,
+                       code="invalid_image_url")
+    m = _DATA_HEAD_RE.match(head.strip())
+    if not m:
+        raise APIError(400, f"malformed data URL header {head[:80]!r}", param=param, code="invalid_image_url")
+    mime = (m.group("mime") or "").lower()
+    if mime and not mime.startswith("image/"):
+        raise APIError(400, f"data URL has media type {mime!r}, expected image/*", param=param,
+                       code="invalid_image_url")
+    if not m.group("b64"):
+        raise APIError(400, "data URL must be base64-encoded (';base64,')", param=param, code="invalid_image_url")
+    return _b64decode(payload, "data URL", limits, param)
+
+
+class ImageFetcher:
+    """Fetches allowlisted http(s) image URLs with a size and a time limit; no redirects."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.enabled = settings.remote_images
+        self.hosts = tuple(h.strip().lower() for h in settings.remote_image_hosts if h.strip())
+        self.timeout = settings.remote_image_timeout_s
+        self.max_bytes = settings.max_image_bytes
+
+    def allowed(self, url: str) -> bool:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if not host:
+            return False
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        for entry in self.hosts:
+            if entry.startswith("*.") and (host.endswith(entry[1:]) and host != entry[2:]):
+                return True
+            if entry in (host, netloc):
+                return True
+        return False
+
+    async def fetch(self, url: str, param: str | None) -> bytes:
+        if not self.enabled:
+            raise APIError(400, "remote image URLs are disabled on this server; send the image as a data URL",
+                           param=param, code="remote_images_disabled")
+        if not self.allowed(url):
+            raise APIError(400, f"image host of {url[:200]!r} is not in the server's allowlist", param=param,
+                           code="image_host_not_allowed")
+        try:
+            async with httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False) as client:
+                async with client.stream("GET", url) as resp:
+                    if resp.status_code != 200:
+                        raise APIError(400, f"fetching image URL failed: HTTP {resp.status_code}", param=param,
+                                       code="image_fetch_failed")
+                    declared = resp.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                        raise APIError(400, f"remote image has {declared} bytes, over the limit of {self.max_bytes}",
+                                       param=param, code="image_too_large")
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            raise APIError(400, f"remote image is over the limit of {self.max_bytes} bytes",
+                                           param=param, code="image_too_large")
+                        chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise APIError(400, f"fetching image URL timed out after {self.timeout:g}s", param=param,
+                           code="image_fetch_timeout") from None
+        except httpx.HTTPError as err:
+            raise APIError(400, f"fetching image URL failed: {type(err).__name__}", param=param,
+                           code="image_fetch_failed") from None
+        return b"".join(chunks)
+
+
+async def resolve_image(src: Any, param: str, limits: ImageLimits, fetcher: ImageFetcher) -> bytes:
+    """Any accepted image reference -> encoded bytes (never a file path)."""
+    if not isinstance(src, str):
+        raise APIError(400, "image URL must be a string", param=param, code="invalid_image_url")
+    text = src.strip()
+    if not text:
+        raise APIError(400, "image URL is empty", param=param, code="invalid_image_url")
+    if text[:5].lower() == "data:":
+        return decode_data_url(text, limits, param)
+    if text[:7].lower() == "http://" or text[:8].lower() == "https://":
+        return await fetcher.fetch(text, param)
+    if "://" in text[:16]:
+        raise APIError(400, f"unsupported image URL scheme in {text[:40]!r}; use a data URL", param=param,
+                       code="invalid_image_url")
+    return _b64decode(text, "base64 image", limits, param)  # OpenAI also takes bare base64
+
+
+# -- moderation inputs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModerationItem:
+    """One entry of ``results``: one or more conversations (several only with multi_image='each')."""
+
+    conversations: list[Conversation]
+    has_text: bool
+
+
+def _image_ref(part: Mapping[str, Any]) -> Any:
+    ref = part.get("image_url")
+    return ref.get("url") if isinstance(ref, Mapping) else ref
+
+
+@dataclass
+class PendingModeration:
+    """A validated moderation ``input`` whose images are fetched but not yet decoded."""
+
+    strings: list[str] | None = None  # plain string input(s): one item each
+    texts: list[str] | None = None  # one multimodal item: its text parts ...
+    blobs: list[bytes] | None = None  # ... and its encoded images
+
+    def decode(self, limits: ImageLimits) -> list[ModerationItem]:
+        """CPU part (run in a worker thread): decode images, build conversations."""
+        if self.strings is not None:
+            try:
+                return [ModerationItem([Conversation.prompt(s)], True) for s in self.strings]
+            except ConversationError as err:
+                raise APIError.bad_request(str(err), param="input") from None
+        return [decode_moderation_item(self.texts or [], self.blobs or [], limits)]
+
+
+async def prepare_moderation(
+    raw_input: str | Sequence[Any], settings: ServerSettings, limits: ImageLimits, fetcher: ImageFetcher
+) -> PendingModeration:
+    """Validate ``input`` (str, list of str, or one list of text/image_url parts) and fetch images."""
+    if isinstance(raw_input, str):
+        return PendingModeration(strings=[raw_input])
+    if not raw_input:
+        raise APIError.bad_request("'input' must not be an empty list", param="input", code="empty_input")
+    if all(isinstance(x, str) for x in raw_input):
+        if len(raw_input) > settings.max_inputs:
+            raise APIError.bad_request(f"'input' has {len(raw_input)} items, over the limit of {settings.max_inputs}",
+                                       param="input", code="too_many_inputs")
+        return PendingModeration(strings=list(raw_input))
+    texts: list[str] = []
+    refs: list[tuple[str, Any]] = []
+    for i, part in enumerate(raw_input):
+        param = f"input[{i}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            refs.append((f"{param}.image_url.url", _image_ref(part)))
+        else:  # schema validation normally catches this first
+            raise APIError.bad_request(f"{param}: expected a 'text' or 'image_url' part", param=param)
+    if len(refs) > 1 and settings.multi_image == "error":
+        raise too_many_images(len(refs))
+    if len(refs) > settings.max_images_per_item:
+        raise APIError(400, f"Number of images ({len(refs)}) exceeds maximum of {settings.max_images_per_item}",
+                       param="input", code="too_many_images")
+    blobs = [await resolve_image(src, param, limits, fetcher) for param, src in refs]
+    return PendingModeration(texts=texts, blobs=blobs)
+
+
+def decode_moderation_item(texts: list[str], blobs: list[bytes], limits: ImageLimits) -> ModerationItem:
+    """Decode images and build the conversations (one per image, or one text-only)."""
+    from ..images import load_image
+
+    images = []
+    for k, blob in enumerate(blobs):
+        try:
+            images.append(load_image(blob, limits))
+        except ImageError as err:
+            raise image_error(err, "input" if len(blobs) == 1 else f"input(image {k + 1})") from None
+    has_text = any(t.strip() for t in texts)
+    text_parts = [{"type": "text", "text": t} for t in texts]
+    try:
+        if not images:
+            convs = [Conversation.from_messages([{"role": "user", "content": text_parts}])]
+        else:
+            convs = [
+                Conversation.from_messages([{"role": "user", "content": [{"type": "image", "image": img}, *text_parts]}])
+                for img in images
+            ]
+    except (ConversationError, ImageError) as err:
+        raise APIError.bad_request(str(err), param="input") from None
+    return ModerationItem(convs, has_text)
+
+
+# -- chat messages (guard/classify, run-shield) ----------------------------------------------------------
+
+_ROLES = {"user": "user", "human": "user", "assistant": "agent", "agent": "agent", "chatbot": "agent",
+          "tool": "tool", "ipython": "tool", "system": "system", "developer": "system"}
+
+
+def _part_image_src(part: Mapping[str, Any]) -> Any:
+    """OpenAI ``image_url`` parts and llama-stack ``image`` parts (``{"url": {"uri": ...}}`` or ``{"data": ...}``)."""
+    if part.get("type") == "image_url":
+        return _image_ref(part)
+    img = part.get("image")
+    if isinstance(img, Mapping):
+        url = img.get("url")
+        if isinstance(url, Mapping):
+            return url.get("uri")
+        if url is not None:
+            return url
+        return img.get("data")
+    return img if img is not None else part.get("url", part.get("data"))
+
+
+async def normalize_messages(
+    messages: Any, limits: ImageLimits, fetcher: ImageFetcher, *, lenient_roles: bool, param: str = "messages"
+) -> list[dict[str, Any]]:
+    """Messages in OpenAI / llama-stack / mmguard chat form -> mmguard chat form with image bytes.
+
+    ``lenient_roles`` (run-shield): system messages are dropped, tool messages count as the agent's,
+    consecutive messages of one role are merged, and a first non-user message is read as the user's
+    (what llama-stack's own Llama Guard provider does).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise APIError.bad_request(f"'{param}' must be a non-empty list of messages", param=param)
+    out: list[dict[str, Any]] = []
+    n_images = 0
+    for i, msg in enumerate(messages):
+        where = f"{param}[{i}]"
+        if not isinstance(msg, Mapping):
+            raise APIError.bad_request(f"{where} must be an object with 'role' and 'content'", param=where)
+        raw_role = msg.get("role")
+        role = _ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
+        if role is None:
+            raise APIError.bad_request(f"{where}.role {raw_role!r} is not supported; use 'user' or 'assistant'",
+                                       param=f"{where}.role")
+        if role in ("system", "tool") and not lenient_roles:
+            raise APIError.bad_request(
+                f"{where}: role {raw_role!r} is not part of the Llama Guard format; send user and assistant turns",
+                param=f"{where}.role")
+        if role == "system":
+            continue
+        if role == "tool":
+            role = "agent"
+        content = msg.get("content")
+        if isinstance(content, Mapping):
+            content = [content]
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                pw = f"{where}.content[{j}]"
+                if isinstance(part, str):
+                    parts.append({"type": "text", "text": part})
+                    continue
+                if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                    raise APIError.bad_request(f"{pw} must be an object with a 'type'", param=pw)
+                kind = part["type"]
+                if kind == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise APIError.bad_request(f"{pw}: a text part needs a string 'text'", param=f"{pw}.text")
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind in ("image_url", "image"):
+                    n_images += 1
+                    blob = await resolve_image(_part_image_src(part), pw, limits, fetcher)
+                    parts.append({"type": "image", "image": blob})
+                else:
+                    raise APIError.bad_request(f"{pw}: unsupported content type {kind!r} (use 'text' or 'image_url')",
+                                               param=f"{pw}.type")
+        else:
+            raise APIError.bad_request(f"{where}.content must be a string or a list of parts", param=f"{where}.content")
+        if lenient_roles and out and out[-1]["role"] == role:
+            out[-1]["content"].extend(parts)
+        else:
+            out.append({"role": role, "content": parts})
+    if n_images > 1:
+        raise too_many_images(n_images, param)
+    if not out:
+        raise APIError.bad_request(f"'{param}' holds no user or assistant message", param=param)
+    if lenient_roles and out[0]["role"] != "user":
+        out[0]["role"] = "user"
+        if len(out) > 1 and out[1]["role"] == "user":
+            out[1]["content"] = out[0]["content"] + out[1]["content"]
+            out.pop(0)
+    return out
+
+
+def conversation_from_messages(messages: list[dict[str, Any]], limits: ImageLimits, role: str | None,
+                               param: str = "messages") -> Conversation:
+    """CPU part: decode the image and validate turns; ``role`` picks the role judged."""
+    for msg in messages:  # image bytes -> decoded here, so the error names the part
+        for part in msg["content"]:
+            if part["type"] == "image" and isinstance(part["image"], bytes):
+                from ..images import load_image
+
+                try:
+                    part["image"] = load_image(part["image"], limits)
+                except ImageError as err:
+                    raise image_error(err, param) from None
+    try:
+        conv = Conversation.from_messages(messages, limits=limits)
+    except (ConversationError, ImageError, PolicyError) as err:
+        raise APIError.bad_request(str(err), param=param) from None
+    if role is not None:
+        want = {"user": "user", "assistant": "agent", "agent": "agent"}.get(role.lower())
+        if want is None:
+            raise APIError.bad_request(f"role must be 'user' or 'agent', got {role!r}", param="role")
+        if conv.judged_role != want:
+            if want == "user":
+                conv = conv.without_last_turn()
+            else:
+                raise APIError.bad_request("role 'agent' asked but the conversation ends with a user turn",
+                                           param="role")
+    return conv

@@ -1,0 +1,86 @@
+"""Server settings (one frozen dataclass, filled by ``mmguard serve`` or by code that embeds the app)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["CategoryNames", "MultiImage", "ServerSettings"]
+
+CategoryNames = Literal["codes", "openai"]
+MultiImage = Literal["error", "each"]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the moderation server can be told.
+
+    model_id: the name reported in responses (``model``) and listed as the shield.
+    shield_ids: extra shield identifiers accepted by ``/v1/safety/run-shield`` (the model id always is).
+    threshold: server-wide decision threshold on the unsafe probability (None: the guard's own).
+    category_names: keys of OpenAI ``categories``/``category_scores``: ``codes`` (S1..S13) or ``openai``.
+    category_scores: ``unsafe`` computes per-category probabilities only for unsafe verdicts (others
+        report 0.0); ``always`` computes them for every item (one short constrained decode each).
+    multi_image: what a moderation item with more than one image gets: ``error`` (OpenAI's
+        ``too_many_images``) or ``each`` (the text is judged once per image, the results merged).
+    max_batch_size / max_wait_ms: dynamic batching: a batch is run when it is full or when the oldest
+        waiting item has waited ``max_wait_ms``.
+    max_queue: items (not requests) that may wait; beyond it requests get 429 with Retry-After.
+    request_timeout_s: time from admission to answer; beyond it 504.
+    fail_closed: on a model error, answer "unsafe" (flagged) instead of 503.
+    api_keys: accepted Bearer keys (empty: no authentication).
+    max_body_bytes: request bodies above this get 413.
+    max_inputs: maximum items in one moderation request.
+    max_image_bytes / max_image_pixels: limits on each decoded image.
+    remote_images / remote_image_hosts / remote_image_timeout_s: fetching http(s) image URLs; off by
+        default; when on, only hosts in the allowlist (exact names, or ``*.example.com``) are fetched,
+        redirects are not followed, and the body is bounded by ``max_image_bytes``.
+    log_content: include conversation text in logs (off by default).
+    metrics_public: serve ``/metrics`` without an API key.
+    """
+
+    model_id: str = "Llama-Guard-3-11B-Vision"
+    shield_ids: tuple[str, ...] = ("meta-llama/Llama-Guard-3-11B-Vision",)
+    threshold: float | None = None
+    category_names: CategoryNames = "codes"
+    category_scores: Literal["unsafe", "always"] = "unsafe"
+    multi_image: MultiImage = "error"
+    max_images_per_item: int = 4
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 512
+    request_timeout_s: float = 30.0
+    fail_closed: bool = False
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_inputs: int = 256
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    remote_images: bool = False
+    remote_image_hosts: tuple[str, ...] = ()
+    remote_image_timeout_s: float = 5.0
+    log_content: bool = False
+    metrics_public: bool = True
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        if self.category_names not in ("codes", "openai"):
+            raise ValueError(f"category_names must be 'codes' or 'openai', got {self.category_names!r}")
+        if self.category_scores not in ("unsafe", "always"):
+            raise ValueError(f"category_scores must be 'unsafe' or 'always', got {self.category_scores!r}")
+        if self.multi_image not in ("error", "each"):
+            raise ValueError(f"multi_image must be 'error' or 'each', got {self.multi_image!r}")
+        for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_inputs", "max_image_bytes",
+                     "max_image_pixels", "max_images_per_item"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.remote_image_timeout_s <= 0:
+            raise ValueError("max_wait_ms must be >= 0 and timeouts > 0")
+        if self.remote_images and not self.remote_image_hosts:
+            raise ValueError("remote_images needs at least one host in remote_image_hosts (the allowlist)")
+
+    @property
+    def all_shield_ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model_id, *self.shield_ids)))

@@ -46,7 +46,7 @@ class ResultCache:
         found: dict[str, Prediction] = {}
         unique = list(dict.fromkeys(hashes))
         for i in range(0, len(unique), 500):
-            chunk = unique[i:i + 500]
+            chunk = unique[i : i + 500]
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
                 f"SELECT content_hash, result FROM results WHERE guard = ? AND content_hash IN ({marks})",

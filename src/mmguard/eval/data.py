@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from ..conversation import Conversation, ConversationError
 from ..images import ImageError
+from ..policy import DEFAULT_POLICY
 
 __all__ = ["DataError", "LabeledItem", "iter_records", "scan"]
 
@@ -39,7 +40,29 @@ _MODALITIES = {"text": "text", "image+text": "image+text", "text+image": "image+
 _CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
 
 
-class DataError(ValueError):
+try:  # the shared schema (mmguard.data.schema): full-schema lines are validated by it
+    from ..data.schema import DataError as _SchemaDataError
+    from ..data.schema import Example as _Example
+except ImportError:  # pragma: no cover - the data package is part of mmguard
+    _SchemaDataError = ValueError  # type: ignore[assignment,misc]
+    _Example = None  # type: ignore[assignment,misc]
+
+_SCHEMA_FIELDS = (
+    "id",
+    "source",
+    "license",
+    "split",
+    "task",
+    "messages",
+    "label",
+    "codes",
+    "modality",
+    "trainable",
+    "meta",
+)
+
+
+class DataError(_SchemaDataError):
     """Bad evaluation data; the message starts with ``FILE:LINE:``."""
 
 
@@ -137,6 +160,14 @@ def _parse(obj: Any, file: Path, line: int) -> LabeledItem:
         if str(modality) not in _MODALITIES:
             raise DataError(f"{where}: 'modality' must be 'text' or 'image+text', got {modality!r}")
         modality = _MODALITIES[str(modality)]
+    if _Example is not None and all(k in obj for k in _SCHEMA_FIELDS):
+        # a full mmguard.data.schema line: its own checks apply (licence, split, roles, modality ...);
+        # codes outside the policy are kept here and reported by the evaluation instead of rejected
+        known = [c for c in DEFAULT_POLICY.codes if c in codes]
+        try:
+            _Example.from_json({**obj, "codes": known})
+        except (_SchemaDataError, TypeError) as err:
+            raise DataError(f"{where}: {err}") from None
     split = obj.get("split")
     item_id = obj.get("id")
     source = obj.get("source")

@@ -148,12 +148,14 @@ class EvalGuard(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def predict(self, conversations: Sequence[Conversation], progress: ProgressFn | None = None) -> list[Prediction]:
+    def predict(
+        self, conversations: Sequence[Conversation], progress: ProgressFn | None = None
+    ) -> list[Prediction]:
         """One prediction per conversation, in order (an item error is a Prediction with ``error``)."""
         ...
 
 
-# -- local checkpoints --------------------------------------------------------------------------------------
+# -- local checkpoints -----------------------------------------------------------------------------
 def _checkpoint_fingerprint(path: Path) -> str:
     h = hashlib.sha256(str(path.resolve()).encode())
     if path.is_dir():
@@ -167,17 +169,30 @@ def _checkpoint_fingerprint(path: Path) -> str:
 class LocalGuard:
     """A checkpoint loaded in this process with :class:`mmguard.guard.Guard`."""
 
-    def __init__(self, source: str | Path | None, *, name: str | None = None, threshold: float = 0.5,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 8, policy: Policy = DEFAULT_POLICY,
-                 guard: Any = None) -> None:
+    def __init__(
+        self,
+        source: str | Path | None,
+        *,
+        name: str | None = None,
+        threshold: float = 0.5,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        policy: Policy = DEFAULT_POLICY,
+        guard: Any = None,
+    ) -> None:
         from ..guard import Guard
 
         self.source = source
         self.threshold = threshold
         self.batch_size = batch_size
         self.policy = policy
-        self.guard = guard if guard is not None else Guard.from_pretrained(
-            source, device=device, dtype=dtype, threshold=threshold, batch_size=batch_size, policy=policy
+        self.guard = (
+            guard
+            if guard is not None
+            else Guard.from_pretrained(
+                source, device=device, dtype=dtype, threshold=threshold, batch_size=batch_size, policy=policy
+            )
         )
         model = str(self.guard.engine.source or source or "default")
         self.name = name or (Path(model).name if model else "local")
@@ -187,19 +202,30 @@ class LocalGuard:
     @property
     def cache_id(self) -> str:
         g = self.guard
-        return (f"local:{self._fingerprint}:thr={self.threshold}:fmt={g.prompt_format.value}:"
-                f"policy={_policy_key(self.policy)}")
+        return (
+            f"local:{self._fingerprint}:thr={self.threshold}:fmt={g.prompt_format.value}:"
+            f"policy={_policy_key(self.policy)}"
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", **self.guard.describe(), "probability": "model"}
 
-    def predict(self, conversations: Sequence[Conversation], progress: ProgressFn | None = None) -> list[Prediction]:
-        verdicts = self.guard.classify_batch(list(conversations), threshold=self.threshold,
-                                             batch_size=self.batch_size, progress=progress)
+    def predict(
+        self, conversations: Sequence[Conversation], progress: ProgressFn | None = None
+    ) -> list[Prediction]:
+        verdicts = self.guard.classify_batch(
+            list(conversations), threshold=self.threshold, batch_size=self.batch_size, progress=progress
+        )
         return [
-            Prediction(label=v.label, unsafe_probability=float(v.unsafe_probability), codes=list(v.codes),
-                       category_probabilities=dict(v.category_probabilities),
-                       unknown_codes=list(v.unknown_codes), probability_kind="model", raw=v.raw_text)
+            Prediction(
+                label=v.label,
+                unsafe_probability=float(v.unsafe_probability),
+                codes=list(v.codes),
+                category_probabilities=dict(v.category_probabilities),
+                unknown_codes=list(v.unknown_codes),
+                probability_kind="model",
+                raw=v.raw_text,
+            )
             for v in verdicts
         ]
 
@@ -208,7 +234,7 @@ def _policy_key(policy: Policy) -> str:
     return hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-# -- remote plumbing ----------------------------------------------------------------------------------------
+# -- remote plumbing -------------------------------------------------------------------------------
 def _image_data_url(conv: Conversation) -> str | None:
     img = conv.image
     if img is None:
@@ -238,8 +264,17 @@ class _Http:
 
     RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
-    def __init__(self, base_url: str, *, concurrency: int = 4, retries: int = 4, backoff: float = 0.5,
-                 max_backoff: float = 30.0, timeout: float = 60.0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        concurrency: int = 4,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        timeout: float = 60.0,
+        api_key: str | None = None,
+    ) -> None:
         import httpx
 
         if not re.match(r"^https?://", base_url):
@@ -253,8 +288,9 @@ class _Http:
         key = api_key if api_key is not None else _api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.Client(timeout=timeout, headers=headers,
-                                   limits=httpx.Limits(max_connections=self.concurrency))
+        self.client = httpx.Client(
+            timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=self.concurrency)
+        )
         self.attempts = 0  # total HTTP attempts (for reports and tests)
         self._lock = threading.Lock()
 
@@ -296,8 +332,12 @@ class _Http:
                 time.sleep(self._sleep_for(attempt, retry_after))
         raise RemoteUnavailable(f"{url} failed after {self.retries + 1} attempts ({last})")
 
-    def map(self, fn: Callable[[Conversation], Prediction], conversations: Sequence[Conversation],
-            progress: ProgressFn | None) -> list[Prediction]:
+    def map(
+        self,
+        fn: Callable[[Conversation], Prediction],
+        conversations: Sequence[Conversation],
+        progress: ProgressFn | None,
+    ) -> list[Prediction]:
         def one(conv: Conversation) -> Prediction:
             try:
                 pred = fn(conv)
@@ -319,12 +359,19 @@ def _num(value: Any, what: str) -> float:
     return float(value)
 
 
-# -- remote mmguard server -------------------------------------------------------------------------------------
+# -- remote mmguard server -------------------------------------------------------------------------
 class MmguardServerGuard:
     """A running ``mmguard serve``: ``POST /v1/guard/classify`` per item."""
 
-    def __init__(self, url: str, *, name: str | None = None, threshold: float = 0.5,
-                 policy: Policy = DEFAULT_POLICY, **http: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        threshold: float = 0.5,
+        policy: Policy = DEFAULT_POLICY,
+        **http: Any,
+    ) -> None:
         self.http = _Http(url, **http)
         self.threshold = threshold
         self.policy = policy
@@ -335,34 +382,47 @@ class MmguardServerGuard:
         return f"mmguard-server:{self.http.base_url}:thr={self.threshold}:policy={_policy_key(self.policy)}"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "mmguard-server", "url": self.http.base_url, "threshold": self.threshold,
-                "probability": "model"}
+        return {
+            "kind": "mmguard-server",
+            "url": self.http.base_url,
+            "threshold": self.threshold,
+            "probability": "model",
+        }
 
     def _one(self, conv: Conversation) -> Prediction:
         body: dict[str, Any] = {"messages": conversation_to_messages(conv), "threshold": self.threshold}
         if self.policy.excluded:
             body["exclude"] = sorted(self.policy.excluded)
         data = self.http.post("/v1/guard/classify", body)
-        if not isinstance(data, Mapping) or data.get("label") not in ("safe", "unsafe"):
+        # the server answers {"verdict": {...Verdict.to_dict()...}, "fail_closed": ...}; a flat verdict is
+        # accepted too
+        verdict = data.get("verdict", data) if isinstance(data, Mapping) else None
+        if not isinstance(verdict, Mapping) or verdict.get("label") not in ("safe", "unsafe"):
             raise RemoteError(f"unexpected answer from mmguard server: {str(data)[:200]}")
-        codes = [str(c) for c in data.get("codes") or []]
+        if isinstance(data, Mapping) and data.get("fail_closed"):
+            raise RemoteError("mmguard server failed closed (its verdict is not a model judgment)")
+        codes = [str(c) for c in verdict.get("codes") or []]
         known = set(self.policy.codes)
+        cat_probs = verdict.get("category_probabilities") or {}
         return Prediction(
-            label=str(data["label"]),
-            unsafe_probability=_num(data.get("unsafe_probability"), "unsafe_probability"),
+            label=str(verdict["label"]),
+            unsafe_probability=_num(verdict.get("unsafe_probability"), "unsafe_probability"),
             codes=[c for c in codes if c in known],
-            category_probabilities={str(k): float(v) for k, v in (data.get("category_probabilities") or {}).items()},
-            unknown_codes=[c for c in codes if c not in known] + [str(c) for c in data.get("unknown_codes") or []],
+            category_probabilities={str(k): _num(v, f"probability of {k}") for k, v in cat_probs.items()},
+            unknown_codes=[c for c in codes if c not in known]
+            + [str(c) for c in verdict.get("unknown_codes") or []],
             probability_kind="model",
         )
 
-    def predict(self, conversations: Sequence[Conversation], progress: ProgressFn | None = None) -> list[Prediction]:
+    def predict(
+        self, conversations: Sequence[Conversation], progress: ProgressFn | None = None
+    ) -> list[Prediction]:
         return self.http.map(self._one, conversations, progress)
 
 
-# -- OpenAI-compatible moderation ------------------------------------------------------------------------------
+# -- OpenAI-compatible moderation ------------------------------------------------------------------
 def judged_content(conv: Conversation) -> list[dict[str, Any]]:
-    """What a moderation endpoint sees: the judged (last) turn's text, plus the image if that turn holds it."""
+    """What a moderation endpoint sees: the judged (last) turn's text, plus its image if it holds one."""
     last = conv.turns[-1]
     parts: list[dict[str, Any]] = [{"type": "text", "text": "\n\n".join(last.texts)}] if last.texts else []
     if last.image is not None:
@@ -379,7 +439,9 @@ def _openai_key(cat: Any) -> str:
     return key
 
 
-def map_openai_categories(flags: Mapping[str, Any], policy: Policy = DEFAULT_POLICY) -> tuple[list[str], list[str]]:
+def map_openai_categories(
+    flags: Mapping[str, Any], policy: Policy = DEFAULT_POLICY
+) -> tuple[list[str], list[str]]:
     """Flagged OpenAI categories → (policy codes in policy order, unknown ``openai:<name>`` codes)."""
     codes: set[str] = set()
     unknown: list[str] = []
@@ -405,8 +467,15 @@ class OpenAIModerationGuard:
     conversation); for response classification the user's image is therefore not sent.
     """
 
-    def __init__(self, url: str, model: str = "omni-moderation-latest", *, name: str | None = None,
-                 policy: Policy = DEFAULT_POLICY, **http: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str = "omni-moderation-latest",
+        *,
+        name: str | None = None,
+        policy: Policy = DEFAULT_POLICY,
+        **http: Any,
+    ) -> None:
         self.http = _Http(url, **http)
         self.model = model
         self.policy = policy
@@ -417,12 +486,19 @@ class OpenAIModerationGuard:
         return f"openai-moderation:{self.http.base_url}#{self.model}"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "openai-moderation", "url": self.http.base_url, "model": self.model,
-                "probability": "score", "mapping": {k: list(v) for k, v in OPENAI_TO_CODES.items()}}
+        return {
+            "kind": "openai-moderation",
+            "url": self.http.base_url,
+            "model": self.model,
+            "probability": "score",
+            "mapping": {k: list(v) for k, v in OPENAI_TO_CODES.items()},
+        }
 
     def _one(self, conv: Conversation) -> Prediction:
         parts = judged_content(conv)
-        payload: Any = parts if any(p["type"] != "text" for p in parts) else (parts[0]["text"] if parts else "")
+        payload: Any = (
+            parts if any(p["type"] != "text" for p in parts) else (parts[0]["text"] if parts else "")
+        )
         data = self.http.post("/v1/moderations", {"model": self.model, "input": payload})
         results = data.get("results") if isinstance(data, Mapping) else None
         if not isinstance(results, list) or not results or not isinstance(results[0], Mapping):
@@ -435,26 +511,35 @@ class OpenAIModerationGuard:
         codes, unknown = map_openai_categories(flags, self.policy)
         cat_probs: dict[str, float] = {}
         for cat, score in scores.items():
-            mapped = OPENAI_TO_CODES.get(_openai_key(cat), (str(cat),) if str(cat) in self.policy.codes else ())
+            mapped = OPENAI_TO_CODES.get(
+                _openai_key(cat), (str(cat),) if str(cat) in self.policy.codes else ()
+            )
             for code in mapped:
                 cat_probs[code] = max(cat_probs.get(code, 0.0), _num(score, f"score of {cat}"))
         top = max((_num(v, f"score of {k}") for k, v in scores.items()), default=0.0)
         flagged = bool(res.get("flagged", bool(codes or unknown)))
-        return Prediction(label="unsafe" if flagged else "safe", unsafe_probability=min(1.0, max(0.0, top)),
-                          codes=codes if flagged else [], category_probabilities=cat_probs,
-                          unknown_codes=unknown, probability_kind="score")
+        return Prediction(
+            label="unsafe" if flagged else "safe",
+            unsafe_probability=min(1.0, max(0.0, top)),
+            codes=codes if flagged else [],
+            category_probabilities=cat_probs,
+            unknown_codes=unknown,
+            probability_kind="score",
+        )
 
-    def predict(self, conversations: Sequence[Conversation], progress: ProgressFn | None = None) -> list[Prediction]:
+    def predict(
+        self, conversations: Sequence[Conversation], progress: ProgressFn | None = None
+    ) -> list[Prediction]:
         return self.http.map(self._one, conversations, progress)
 
 
-# -- OpenAI-compatible chat model as a judge --------------------------------------------------------------------
+# -- OpenAI-compatible chat model as a judge -------------------------------------------------------
 def judge_prompt_text(conv: Conversation, policy: Policy = DEFAULT_POLICY) -> str:
-    """The Llama Guard 3 Vision prompt body (``Task: ...`` to ``...violated categories.``), no special tokens."""
+    """The Llama Guard 3 Vision prompt body (``Task: ...`` to ``...categories.``) without special tokens."""
     segs = build_prompt(conv, policy).segments
     start = next(i for i, s in enumerate(segs) if s.special and s.text == "<|end_header_id|>")
     end = next(i for i, s in enumerate(segs) if s.special and s.text == "<|eot_id|>")
-    return "".join(s.text for s in segs[start + 1:end] if not s.special).strip()
+    return "".join(s.text for s in segs[start + 1 : end] if not s.special).strip()
 
 
 def _logprob_unsafe(choice: Mapping[str, Any]) -> float | None:
@@ -495,8 +580,17 @@ class ChatJudgeGuard:
     (``"binary"``).
     """
 
-    def __init__(self, url: str, model: str, *, name: str | None = None, policy: Policy = DEFAULT_POLICY,
-                 max_tokens: int = 32, logprobs: bool = True, **http: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        name: str | None = None,
+        policy: Policy = DEFAULT_POLICY,
+        max_tokens: int = 32,
+        logprobs: bool = True,
+        **http: Any,
+    ) -> None:
         if not model:
             raise GuardSpecError("chat-judge needs a model: chat-judge:URL#MODEL")
         self.http = _Http(url, **http)
@@ -511,8 +605,12 @@ class ChatJudgeGuard:
         return f"chat-judge:{self.http.base_url}#{self.model}:policy={_policy_key(self.policy)}"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "chat-judge", "url": self.http.base_url, "model": self.model,
-                "probability": "logprob when returned, else binary"}
+        return {
+            "kind": "chat-judge",
+            "url": self.http.base_url,
+            "model": self.model,
+            "probability": "logprob when returned, else binary",
+        }
 
     def request_body(self, conv: Conversation) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
@@ -520,8 +618,12 @@ class ChatJudgeGuard:
         if url is not None:
             content.append({"type": "image_url", "image_url": {"url": url}})
         content.append({"type": "text", "text": judge_prompt_text(conv, self.policy)})
-        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                                "temperature": 0, "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
         if self.logprobs:
             body.update(logprobs=True, top_logprobs=10)
         return body
@@ -540,17 +642,34 @@ class ChatJudgeGuard:
         kind = "logprob"
         if p is None:
             p, kind = (1.0 if parsed.is_unsafe else 0.0), "binary"
-        return Prediction(label=parsed.label, unsafe_probability=p, codes=list(parsed.codes),
-                          unknown_codes=list(parsed.unknown_codes), probability_kind=kind, raw=str(text))
+        return Prediction(
+            label=parsed.label,
+            unsafe_probability=p,
+            codes=list(parsed.codes),
+            unknown_codes=list(parsed.unknown_codes),
+            probability_kind=kind,
+            raw=str(text),
+        )
 
-    def predict(self, conversations: Sequence[Conversation], progress: ProgressFn | None = None) -> list[Prediction]:
+    def predict(
+        self, conversations: Sequence[Conversation], progress: ProgressFn | None = None
+    ) -> list[Prediction]:
         return self.http.map(self._one, conversations, progress)
 
 
-# -- specs ------------------------------------------------------------------------------------------------------
-def make_guard(spec: str, *, threshold: float = 0.5, device: str = "auto", dtype: str = "auto",
-               batch_size: int = 8, concurrency: int = 4, retries: int = 4, timeout: float = 60.0,
-               policy: Policy = DEFAULT_POLICY) -> EvalGuard:
+# -- specs -----------------------------------------------------------------------------------------
+def make_guard(
+    spec: str,
+    *,
+    threshold: float = 0.5,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    concurrency: int = 4,
+    retries: int = 4,
+    timeout: float = 60.0,
+    policy: Policy = DEFAULT_POLICY,
+) -> EvalGuard:
     """Build a guard from a ``--guard`` spec (see the module docstring)."""
     name: str | None = None
     m = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", spec)
@@ -559,14 +678,35 @@ def make_guard(spec: str, *, threshold: float = 0.5, device: str = "auto", dtype
     kind, _, rest = spec.partition(":")
     http = {"concurrency": concurrency, "retries": retries, "timeout": timeout}
     if spec in ("default", "mmguard-mini"):
-        return LocalGuard(None, name=name or "mmguard-mini", threshold=threshold, device=device, dtype=dtype,
-                          batch_size=batch_size, policy=policy)
+        return LocalGuard(
+            None,
+            name=name or "mmguard-mini",
+            threshold=threshold,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            policy=policy,
+        )
     if spec in ("llama-guard-3-vision", LLAMA_GUARD_3_VISION):
-        return LocalGuard(LLAMA_GUARD_3_VISION, name=name or "llama-guard-3-vision", threshold=threshold,
-                          device=device, dtype=dtype, batch_size=batch_size, policy=policy)
+        return LocalGuard(
+            LLAMA_GUARD_3_VISION,
+            name=name or "llama-guard-3-vision",
+            threshold=threshold,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            policy=policy,
+        )
     if kind == "local" and rest:
-        return LocalGuard(rest, name=name, threshold=threshold, device=device, dtype=dtype,
-                          batch_size=batch_size, policy=policy)
+        return LocalGuard(
+            rest,
+            name=name,
+            threshold=threshold,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            policy=policy,
+        )
     if kind == "mmguard-server" and rest:
         return MmguardServerGuard(rest, name=name, threshold=threshold, policy=policy, **http)
     if kind == "openai-moderation" and rest:

@@ -86,22 +86,25 @@ def binary_metrics(
     neg = n - pos
     notes: list[str] = []
     if n == 0:
-        return BinaryMetrics(0, 0, 0, 0, 0, 0, 0, NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN, None, ["no items"])
+        return BinaryMetrics(
+            0, 0, 0, 0, 0, 0, 0, NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN, NAN, None, ["no items"]
+        )
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p, r, f, _ = precision_recall_fscore_support(
-            y, pred, labels=[1], average=None, zero_division=np.nan
-        )
+        p, r, f, _ = precision_recall_fscore_support(y, pred, labels=[1], average=None, zero_division=np.nan)
     precision, recall, f1 = _f(p[0]), _f(r[0]), _f(f[0])
     if tp + fp == 0:
         notes.append("no item predicted unsafe: precision undefined")
     fpr = fp / neg if neg else NAN
     both = pos > 0 and neg > 0
     if not both:
-        notes.append(f"only {'unsafe' if pos else 'safe'} items: "
-                     + ("recall, " if not pos else "FPR, ") + "balanced accuracy and ROC-AUC undefined"
-                     + (", AUPRC undefined" if not pos else ""))
+        notes.append(
+            f"only {'unsafe' if pos else 'safe'} items: "
+            + ("recall, " if not pos else "FPR, ")
+            + "balanced accuracy and ROC-AUC undefined"
+            + (", AUPRC undefined" if not pos else "")
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bal = _f(balanced_accuracy_score(y, pred)) if both else NAN
@@ -112,9 +115,24 @@ def binary_metrics(
     ece = expected_calibration_error(y, score, n_bins=n_bins)
     target = threshold_for_fpr(y, score, target_fpr) if target_fpr is not None else None
     return BinaryMetrics(
-        n=n, positives=pos, negatives=neg, tp=tp, fp=fp, tn=tn, fn=fn,
-        precision=precision, recall=recall, f1=f1, fpr=_f(fpr), accuracy=(tp + tn) / n,
-        balanced_accuracy=bal, auprc=auprc, roc_auc=roc, ece=ece, threshold_at_target=target, notes=notes,
+        n=n,
+        positives=pos,
+        negatives=neg,
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        fpr=_f(fpr),
+        accuracy=(tp + tn) / n,
+        balanced_accuracy=bal,
+        auprc=auprc,
+        roc_auc=roc,
+        ece=ece,
+        threshold_at_target=target,
+        notes=notes,
     )
 
 
@@ -124,7 +142,9 @@ def _bin_ids(score: np.ndarray, n_bins: int) -> np.ndarray:
     return np.searchsorted(bins[1:-1], score)
 
 
-def calibration(y_true: Sequence[int], y_score: Sequence[float], *, n_bins: int = 10) -> dict[str, list[float]]:
+def calibration(
+    y_true: Sequence[int], y_score: Sequence[float], *, n_bins: int = 10
+) -> dict[str, list[float]]:
     """Reliability curve: per non-empty bin, mean predicted probability, observed unsafe rate, count."""
     y = np.asarray(y_true, dtype=float)
     s = np.clip(np.asarray(y_score, dtype=float), 0.0, 1.0)
@@ -148,8 +168,12 @@ def expected_calibration_error(y_true: Sequence[int], y_score: Sequence[float], 
     n = sum(curve["count"])
     if n == 0:
         return NAN
-    return float(sum(c / n * abs(p - o) for p, o, c in
-                     zip(curve["mean_predicted"], curve["fraction_unsafe"], curve["count"], strict=True)))
+    return float(
+        sum(
+            c / n * abs(p - o)
+            for p, o, c in zip(curve["mean_predicted"], curve["fraction_unsafe"], curve["count"], strict=True)
+        )
+    )
 
 
 def threshold_sweep(
@@ -167,10 +191,21 @@ def threshold_sweep(
         fp = int(np.sum(pred & (y == 0)))
         precision = tp / (tp + fp) if tp + fp else NAN
         recall = tp / pos if pos else NAN
-        f1 = (2 * precision * recall / (precision + recall)
-              if pos and tp + fp and (precision + recall) > 0 else (0.0 if pos and tp + fp else NAN))
-        rows.append({"threshold": float(t), "precision": precision, "recall": recall, "f1": f1,
-                     "fpr": fp / neg if neg else NAN, "flagged": int(pred.sum())})
+        f1 = (
+            2 * precision * recall / (precision + recall)
+            if pos and tp + fp and (precision + recall) > 0
+            else (0.0 if pos and tp + fp else NAN)
+        )
+        rows.append(
+            {
+                "threshold": float(t),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "fpr": fp / neg if neg else NAN,
+                "flagged": int(pred.sum()),
+            }
+        )
     return rows
 
 
@@ -185,8 +220,13 @@ def threshold_for_fpr(y_true: Sequence[int], y_score: Sequence[float], target_fp
     s = np.asarray(y_score, dtype=float)
     pos = int(y.sum())
     neg = int(y.size - pos)
-    out: dict[str, Any] = {"target_fpr": float(target_fpr), "threshold": None, "fpr": None, "recall": None,
-                           "note": ""}
+    out: dict[str, Any] = {
+        "target_fpr": float(target_fpr),
+        "threshold": None,
+        "fpr": None,
+        "recall": None,
+        "note": "",
+    }
     if neg == 0 or pos == 0:
         out["note"] = "needs both safe and unsafe items"
         return out
@@ -240,9 +280,15 @@ def category_metrics(
         micro = _f(f1_score(yt, yp, average="micro", zero_division=np.nan))
         macro = _f(np.nanmean(np.where(present, f, np.nan))) if present.any() else NAN
     rows = [
-        CategoryMetrics(code=c, support=int(support[i]), predicted=int(yp[:, i].sum()),
-                        precision=_f(p[i]), recall=_f(r[i]) if support[i] else NAN,
-                        f1=_f(f[i]) if support[i] else NAN, in_policy=c in codes)
+        CategoryMetrics(
+            code=c,
+            support=int(support[i]),
+            predicted=int(yp[:, i].sum()),
+            precision=_f(p[i]),
+            recall=_f(r[i]) if support[i] else NAN,
+            f1=_f(f[i]) if support[i] else NAN,
+            in_policy=c in codes,
+        )
         for i, c in enumerate(all_codes)
     ]
     return rows, {"micro_f1": micro, "macro_f1": macro}

@@ -59,8 +59,9 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def build_report(result: RunResult, *, target_fpr: float = 0.05, threshold: float = 0.5,
-                 n_bins: int = 10) -> dict[str, Any]:
+def build_report(
+    result: RunResult, *, target_fpr: float = 0.05, threshold: float = 0.5, n_bins: int = 10
+) -> dict[str, Any]:
     """Everything the Markdown and the plots show, as plain JSON-able data."""
     recs = result.records
     policy = result.policy
@@ -74,8 +75,13 @@ def build_report(result: RunResult, *, target_fpr: float = 0.05, threshold: floa
             for kind, name, sub in _slices(task_recs):
                 y, pred, score = _arrays(sub, guard)
                 m = binary_metrics(y, pred, score, n_bins=n_bins, target_fpr=target_fpr)
-                row: dict[str, Any] = {"guard": guard, "task": task, "slice": kind, "name": name,
-                                       "metrics": m.to_dict()}
+                row: dict[str, Any] = {
+                    "guard": guard,
+                    "task": task,
+                    "slice": kind,
+                    "name": name,
+                    "metrics": m.to_dict(),
+                }
                 if kind == "all":
                     row["sweep"] = threshold_sweep(y, score, DEFAULT_SWEEP)
                     row["calibration"] = calibration(y, score, n_bins=n_bins)
@@ -110,26 +116,36 @@ def build_report(result: RunResult, *, target_fpr: float = 0.05, threshold: floa
     }
     guards = []
     for g in result.guards:
-        guards.append({
-            "name": g.name, "cache_id": g.cache_id, "description": g.description, "computed": g.computed,
-            "cached": g.cached, "errors": g.errors, "error_examples": g.error_examples,
-            "probability_kinds": dict(g.probability_kinds), "unknown_predicted_codes": dict(g.unknown_codes),
-            "warnings": sorted(g.warnings),
-        })
-    return _clean({
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "threshold": threshold,
-        "target_fpr": target_fpr,
-        "calibration_bins": n_bins,
-        "policy": policy.name,
-        "data": data,
-        "guards": guards,
-        "results": rows,
-        "categories": categories,
-    })
+        guards.append(
+            {
+                "name": g.name,
+                "cache_id": g.cache_id,
+                "description": g.description,
+                "computed": g.computed,
+                "cached": g.cached,
+                "errors": g.errors,
+                "error_examples": g.error_examples,
+                "probability_kinds": dict(g.probability_kinds),
+                "unknown_predicted_codes": dict(g.unknown_codes),
+                "warnings": sorted(g.warnings),
+            }
+        )
+    return _clean(
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "threshold": threshold,
+            "target_fpr": target_fpr,
+            "calibration_bins": n_bins,
+            "policy": policy.name,
+            "data": data,
+            "guards": guards,
+            "results": rows,
+            "categories": categories,
+        }
+    )
 
 
-# -- markdown ----------------------------------------------------------------------------------------------------
+# -- markdown --------------------------------------------------------------------------------------
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "n/a"
@@ -141,13 +157,25 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in body]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _metric_row(m: dict[str, Any]) -> list[Any]:
     t = m.get("threshold_at_target") or {}
-    return [m["n"], m["positives"], m["precision"], m["recall"], m["f1"], m["fpr"], m["balanced_accuracy"],
-            m["auprc"], m["roc_auc"], m["ece"], t.get("threshold"), t.get("recall")]
+    return [
+        m["n"],
+        m["positives"],
+        m["precision"],
+        m["recall"],
+        m["f1"],
+        m["fpr"],
+        m["balanced_accuracy"],
+        m["auprc"],
+        m["roc_auc"],
+        m["ece"],
+        t.get("threshold"),
+        t.get("recall"),
+    ]
 
 
 def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[str] = ()) -> Path:
@@ -157,26 +185,37 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
     tf = report["target_fpr"]
     out: list[str] = ["# mmguard evaluation", ""]
     d = report["data"]
-    out += [f"- Data: {', '.join(f'`{f}`' for f in d['files'])} (split: {d['split'] or 'all'}), "
-            f"{d['items']} items, {d['unsafe']} unsafe",
-            f"- Decision threshold: {report['threshold']} (guards that return their own label use it); "
-            f"target FPR for threshold selection: {tf}",
-            f"- Policy: {report['policy']}; created {report['created']}", ""]
+    out += [
+        f"- Data: {', '.join(f'`{f}`' for f in d['files'])} (split: {d['split'] or 'all'}), "
+        f"{d['items']} items, {d['unsafe']} unsafe",
+        f"- Decision threshold: {report['threshold']} (guards that return their own label use it); "
+        f"target FPR for threshold selection: {tf}",
+        f"- Policy: {report['policy']}; created {report['created']}",
+        "",
+    ]
     notes: list[str] = []
     for g in report["guards"]:
         notes += [f"**{g['name']}**: {w}" for w in g["warnings"]]
         if g["errors"]:
-            notes.append(f"**{g['name']}**: {g['errors']} item(s) failed and are left out of its metrics "
-                         f"(first: {g['error_examples'][0]['where']}: {g['error_examples'][0]['error']})")
+            notes.append(
+                f"**{g['name']}**: {g['errors']} item(s) failed and are left out of its metrics "
+                f"(first: {g['error_examples'][0]['where']}: {g['error_examples'][0]['error']})"
+            )
         if g["unknown_predicted_codes"]:
-            notes.append(f"**{g['name']}**: answered codes outside the policy: "
-                         + ", ".join(f"{k} ×{v}" for k, v in sorted(g["unknown_predicted_codes"].items())))
+            notes.append(
+                f"**{g['name']}**: answered codes outside the policy: "
+                + ", ".join(f"{k} ×{v}" for k, v in sorted(g["unknown_predicted_codes"].items()))
+            )
     if d["unknown_label_codes"]:
-        notes.append("label codes outside the policy (kept, scored as extra categories): "
-                     + ", ".join(f"{k} ×{v}" for k, v in sorted(d["unknown_label_codes"].items())))
+        notes.append(
+            "label codes outside the policy (kept, scored as extra categories): "
+            + ", ".join(f"{k} ×{v}" for k, v in sorted(d["unknown_label_codes"].items()))
+        )
     if d["unsafe_without_codes"]:
-        notes.append("unsafe items without category codes (left out of per-category metrics): "
-                     + ", ".join(f"{k}: {v}" for k, v in d["unsafe_without_codes"].items()))
+        notes.append(
+            "unsafe items without category codes (left out of per-category metrics): "
+            + ", ".join(f"{k}: {v}" for k, v in d["unsafe_without_codes"].items())
+        )
     if notes:
         out += ["## Warnings", "", *[f"- {n}" for n in notes], ""]
 
@@ -199,8 +238,20 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
             body.append(line)
     out += _table(header, body)
 
-    mh = ["N", "Unsafe", "Precision", "Recall", "F1", "FPR", "Bal. acc", "AUPRC", "ROC-AUC", "ECE",
-          f"Thr @FPR≤{tf}", "Recall @thr"]
+    mh = [
+        "N",
+        "Unsafe",
+        "Precision",
+        "Recall",
+        "F1",
+        "FPR",
+        "Bal. acc",
+        "AUPRC",
+        "ROC-AUC",
+        "ECE",
+        f"Thr @FPR≤{tf}",
+        "Recall @thr",
+    ]
     for title, kind in (("All metrics", "all"), ("By modality", "modality"), ("By source", "source")):
         sel = [r for r in rows if r["slice"] == kind]
         if not sel:
@@ -209,16 +260,24 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
         lead = ["Task", "Guard"] if kind == "all" else ["Task", kind.capitalize(), "Guard"]
         body = []
         for task in TASKS:
-            for r in sorted((r for r in sel if r["task"] == task), key=lambda r: (r["name"], guards.index(r["guard"]))):
+            for r in sorted(
+                (r for r in sel if r["task"] == task), key=lambda r: (r["name"], guards.index(r["guard"]))
+            ):
                 first = [task, r["guard"]] if kind == "all" else [task, r["name"], r["guard"]]
                 body.append([*first, *_metric_row(r["metrics"])])
         out += _table(lead + mh, body)
-        row_notes = sorted({f"{r['task']} / {r['name']} / {r['guard']}: {n}" for r in sel for n in r["metrics"]["notes"]})
+        row_notes = sorted(
+            {f"{r['task']} / {r['name']} / {r['guard']}: {n}" for r in sel for n in r["metrics"]["notes"]}
+        )
         if row_notes:
             out += [*[f"- {n}" for n in row_notes], ""]
 
-    out += ["## Per-category scores", "",
-            "One-vs-rest over items with category labels (safe items, and unsafe items that list codes).", ""]
+    out += [
+        "## Per-category scores",
+        "",
+        "One-vs-rest over items with category labels (safe items, and unsafe items that list codes).",
+        "",
+    ]
     for task in ("all", *TASKS):
         cats = [c for c in report["categories"] if c["task"] == task]
         if not cats:
@@ -239,35 +298,58 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
         body.append(["macro", "", ""] + [v for c in cats for v in ("", "", c["macro_f1"])])
         out += _table(header, body)
 
-    out += ["## Threshold sweep", "",
-            "Decisions from `unsafe_probability >= threshold` (overall slice).", ""]
+    out += ["## Threshold sweep", "", "Decisions from `unsafe_probability >= threshold` (overall slice).", ""]
     for r in (r for r in rows if r["slice"] == "all"):
         t = r["metrics"].get("threshold_at_target") or {}
         out += [f"### {r['guard']} — {TASK_TITLES[r['task']]}", ""]
         if t:
-            chosen = (f"threshold {_fmt(t['threshold'], 4)} gives FPR {_fmt(t['fpr'])} and recall {_fmt(t['recall'])}"
-                      if t.get("threshold") is not None else (t.get("note") or "no threshold"))
+            chosen = (
+                f"threshold {_fmt(t['threshold'], 4)} gives FPR {_fmt(t['fpr'])} "
+                f"and recall {_fmt(t['recall'])}"
+                if t.get("threshold") is not None
+                else (t.get("note") or "no threshold")
+            )
             out += [f"Target FPR ≤ {tf}: {chosen}.", ""]
         sweep = [s for s in r["sweep"] if round(s["threshold"] * 10, 6) == round(s["threshold"] * 10)]
-        out += _table(["Threshold", "Precision", "Recall", "F1", "FPR", "Flagged"],
-                      [[f"{s['threshold']:.1f}", s["precision"], s["recall"], s["f1"], s["fpr"], s["flagged"]]
-                       for s in sweep])
+        out += _table(
+            ["Threshold", "Precision", "Recall", "F1", "FPR", "Flagged"],
+            [
+                [f"{s['threshold']:.1f}", s["precision"], s["recall"], s["f1"], s["fpr"], s["flagged"]]
+                for s in sweep
+            ],
+        )
 
-    out += ["## Calibration", "",
-            "Reliability curve bins (mean predicted unsafe probability vs observed unsafe rate); "
-            "ECE is in the metric tables.", ""]
+    out += [
+        "## Calibration",
+        "",
+        "Reliability curve bins (mean predicted unsafe probability vs observed unsafe rate); "
+        "ECE is in the metric tables.",
+        "",
+    ]
     for r in (r for r in rows if r["slice"] == "all"):
         c = r["calibration"]
-        out += [f"- {r['guard']} / {r['task']}: " + ", ".join(
-            f"{p:.2f}→{o:.2f} (n={n})" for p, o, n in zip(c["mean_predicted"], c["fraction_unsafe"], c["count"], strict=True)
-        )]
+        out += [
+            f"- {r['guard']} / {r['task']}: "
+            + ", ".join(
+                f"{p:.2f}→{o:.2f} (n={n})"
+                for p, o, n in zip(c["mean_predicted"], c["fraction_unsafe"], c["count"], strict=True)
+            )
+        ]
     out += [""]
-    out += ["## Data", "",
-            f"- By task: {d['by_task']}", f"- By modality: {d['by_modality']}", f"- By source: {d['by_source']}", ""]
+    out += [
+        "## Data",
+        "",
+        f"- By task: {d['by_task']}",
+        f"- By modality: {d['by_modality']}",
+        f"- By source: {d['by_source']}",
+        "",
+    ]
     out += ["## Guards", ""]
     for g in report["guards"]:
-        out += [f"- **{g['name']}**: {json.dumps(g['description'], default=str)}; computed {g['computed']}, "
-                f"from cache {g['cached']}, errors {g['errors']}"]
+        out += [
+            f"- **{g['name']}**: {json.dumps(g['description'], default=str)}; computed {g['computed']}, "
+            f"from cache {g['cached']}, errors {g['errors']}"
+        ]
     out += [""]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -276,7 +358,7 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
     return path
 
 
-# -- plots -----------------------------------------------------------------------------------------------------
+# -- plots -----------------------------------------------------------------------------------------
 def write_plots(result: RunResult, report: dict[str, Any], out_dir: str | Path) -> list[str]:
     """PR curves, ROC curves, per-category F1 bars and reliability curves; returns the file names."""
     import matplotlib
@@ -298,7 +380,7 @@ def write_plots(result: RunResult, report: dict[str, Any], out_dir: str | Path) 
                 recs = [r for r in _usable(result.records, guard) if r.task == task]
                 if recs:
                     y, _, score = _arrays(recs, guard)
-                    draw(ax, guard, y, score)
+                    draw(ax, guard, task, y, score)
             if diagonal:
                 ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1)
             ax.set(title=TASK_TITLES[task], xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
@@ -309,20 +391,23 @@ def write_plots(result: RunResult, report: dict[str, Any], out_dir: str | Path) 
         plt.close(fig)
         written.append(name)
 
-    def pr(ax: Any, guard: str, y: np.ndarray, s: np.ndarray) -> None:
+    def pr(ax: Any, guard: str, task: str, y: np.ndarray, s: np.ndarray) -> None:
         if y.sum() == 0:
             return
         p, r, _ = precision_recall_curve(y, s)
-        m = next(x["metrics"] for x in report["results"] if x["guard"] == guard and x["slice"] == "all"
-                 and x["metrics"]["n"] == len(y) and x["task"] in tasks)
+        m = next(
+            x["metrics"]
+            for x in report["results"]
+            if x["guard"] == guard and x["task"] == task and x["slice"] == "all"
+        )
         ax.step(r, p, where="post", label=f"{guard} (AP {_fmt(m['auprc'])})")
 
-    def roc(ax: Any, guard: str, y: np.ndarray, s: np.ndarray) -> None:
+    def roc(ax: Any, guard: str, task: str, y: np.ndarray, s: np.ndarray) -> None:
         if 0 < y.sum() < len(y):
             f, t, _ = roc_curve(y, s)
             ax.plot(f, t, label=guard)
 
-    def rel(ax: Any, guard: str, y: np.ndarray, s: np.ndarray) -> None:
+    def rel(ax: Any, guard: str, task: str, y: np.ndarray, s: np.ndarray) -> None:
         c = calibration(y, s, n_bins=int(report.get("calibration_bins", 10)))
         if c["count"]:
             ax.plot(c["mean_predicted"], c["fraction_unsafe"], marker="o", label=guard)
@@ -333,16 +418,21 @@ def write_plots(result: RunResult, report: dict[str, Any], out_dir: str | Path) 
 
     cats = [c for c in report["categories"] if c["task"] == "all"]
     if cats:
-        codes = list(dict.fromkeys(row["code"] for c in cats for row in c["rows"]))
+        codes = list(dict.fromkeys(row["code"] for c in cats for row in c["rows"] if row["support"]))
+        codes = codes or list(dict.fromkeys(row["code"] for c in cats for row in c["rows"]))
         fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(codes) * max(1, len(cats))), 4.5))
         width = 0.8 / len(cats)
         x = np.arange(len(codes))
         for i, c in enumerate(cats):
             vals = [next((row["f1"] for row in c["rows"] if row["code"] == code), None) for code in codes]
-            ax.bar(x + i * width - 0.4 + width / 2, [v if v is not None else 0.0 for v in vals], width,
-                   label=c["guard"])
+            ax.bar(
+                x + i * width - 0.4 + width / 2,
+                [v if v is not None else 0.0 for v in vals],
+                width,
+                label=c["guard"],
+            )
         ax.set_xticks(x, codes)
-        ax.set(ylim=(0, 1.02), ylabel="F1", title="Per-category F1 (codes without support show 0)")
+        ax.set(ylim=(0, 1.02), ylabel="F1", title="Per-category F1 (labeled codes only)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "category_f1.png", dpi=110)
@@ -351,8 +441,14 @@ def write_plots(result: RunResult, report: dict[str, Any], out_dir: str | Path) 
     return written
 
 
-def write_report(result: RunResult, out_dir: str | Path, *, target_fpr: float = 0.05, threshold: float = 0.5,
-                 plots: bool = True) -> dict[str, Any]:
+def write_report(
+    result: RunResult,
+    out_dir: str | Path,
+    *,
+    target_fpr: float = 0.05,
+    threshold: float = 0.5,
+    plots: bool = True,
+) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and the PNG plots into ``out_dir``; return the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

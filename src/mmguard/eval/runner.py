@@ -122,8 +122,16 @@ def run_eval(
         convs = [item.conversation() for item in chunk]
         hashes = [c.content_hash() for c in convs]
         recs = [
-            ItemRecord(item.id, item.source, item.where, conv.task, "image+text" if conv.has_image else "text",
-                       item.y, item.codes, h)
+            ItemRecord(
+                item.id,
+                item.source,
+                item.where,
+                conv.task,
+                "image+text" if conv.has_image else "text",
+                item.y,
+                item.codes,
+                h,
+            )
             for item, conv, h in zip(chunk, convs, hashes, strict=True)
         ]
         for item in chunk:
@@ -143,7 +151,9 @@ def run_eval(
                 except RemoteUnavailable as err:
                     raise EvalError(f"guard {guard.name}: {err}") from None
                 if len(preds) != len(todo_unique):
-                    raise EvalError(f"guard {guard.name} returned {len(preds)} answers for {len(todo_unique)} items")
+                    raise EvalError(
+                        f"guard {guard.name} returned {len(preds)} answers for {len(todo_unique)} items"
+                    )
                 fresh = {hashes[i]: p for i, p in zip(todo_unique, preds, strict=True)}
                 cache.put_many(st.cache_id, fresh.items())
                 cache.misses += len(todo_unique)
@@ -171,8 +181,10 @@ def run_eval(
         if engine is not None and getattr(engine, "is_random_weights", False):
             st.warnings.add("random weights: verdicts are meaningless (plumbing demo only)")
         if st.probability_kinds.get("binary"):
-            st.warnings.add(f"{st.probability_kinds['binary']} item(s) without log-probabilities: unsafe "
-                            "probability is 0/1 (AUPRC, ROC-AUC and calibration are coarse)")
+            st.warnings.add(
+                f"{st.probability_kinds['binary']} item(s) without log-probabilities: unsafe "
+                "probability is 0/1 (AUPRC, ROC-AUC and calibration are coarse)"
+            )
         if st.probability_kinds.get("score"):
             st.warnings.add("moderation scores are not calibrated probabilities")
     return result
@@ -180,11 +192,22 @@ def run_eval(
 
 def _record_json(rec: ItemRecord) -> dict[str, Any]:
     return {
-        "id": rec.id, "source": rec.source, "where": rec.where, "task": rec.task, "modality": rec.modality,
-        "label": "unsafe" if rec.y else "safe", "codes": list(rec.codes), "content_hash": rec.content_hash,
+        "id": rec.id,
+        "source": rec.source,
+        "where": rec.where,
+        "task": rec.task,
+        "modality": rec.modality,
+        "label": "unsafe" if rec.y else "safe",
+        "codes": list(rec.codes),
+        "content_hash": rec.content_hash,
         "predictions": {
-            name: {"label": p.label, "unsafe_probability": p.unsafe_probability, "codes": p.codes,
-                   "unknown_codes": p.unknown_codes, **({"error": p.error} if p.error else {})}
+            name: {
+                "label": p.label,
+                "unsafe_probability": p.unsafe_probability,
+                "codes": p.codes,
+                "unknown_codes": p.unknown_codes,
+                **({"error": p.error} if p.error else {}),
+            }
             for name, p in rec.preds.items()
         },
     }

@@ -220,7 +220,10 @@ def typographic_prompts(
     """FigStep-style items: the origin request as an image, the neutral instruction as text."""
     out = []
     pool = [e for e in _short_text_prompts(origins, 200) if renderable(e.prompt_text)]
-    for origin in _pick(pool, n, rng):
+    # half harmful, half benign: typography itself must carry no label
+    chosen = _pick([e for e in pool if e.label == "unsafe"], n // 2, rng)
+    chosen += _pick([e for e in pool if e.label == "safe"], n - len(chosen), rng)
+    for origin in chosen:
         text = _first_user_text(origin)
         recipe = f"typographic-v1\x00{text}"
         path = save_png(render_typographic(text), images_dir, recipe)

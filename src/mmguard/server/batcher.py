@@ -9,6 +9,7 @@ grow with load. Items whose request has timed out or gone away are skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -34,8 +35,14 @@ class GuardLike(Protocol):
     policy: Policy
     threshold: float
 
-    def classify_batch(self, conversations: Sequence[Conversation], *, policy: Any = None, exclude: Any = (),
-                       threshold: float | None = None) -> list[Verdict]: ...
+    def classify_batch(
+        self,
+        conversations: Sequence[Conversation],
+        *,
+        policy: Any = None,
+        exclude: Any = (),
+        threshold: float | None = None,
+    ) -> list[Verdict]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -77,8 +84,16 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, guard: GuardLike, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 fail_closed: bool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        guard: GuardLike,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        fail_closed: bool,
+        metrics: Metrics,
+    ) -> None:
         self.guard = guard
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -105,10 +120,8 @@ class Batcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         while self._pending:
             item = self._pending.popleft()
@@ -174,7 +187,7 @@ class Batcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     break
             batch: list[_Item] = []
             while self._pending and len(batch) < self.max_batch_size:
@@ -191,7 +204,9 @@ class Batcher:
             self.metrics.in_flight.set(len(batch))
             start = time.perf_counter()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._execute, [it.spec for it in batch])
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._execute, [it.spec for it in batch]
+                )
             except Exception as err:  # the executor itself failed (shut down): never leave a future hanging
                 outcomes = [self._failure(it.spec, err) for it in batch]
             elapsed = time.perf_counter() - start
@@ -239,8 +254,15 @@ class Batcher:
         out = []
         for v in raw:
             unsafe = v.unsafe_probability >= thr
-            out.append(replace(v, is_unsafe=unsafe, threshold=thr, violated=v.violated if unsafe else (),
-                               raw_text=v.raw_text if unsafe else None))
+            out.append(
+                replace(
+                    v,
+                    is_unsafe=unsafe,
+                    threshold=thr,
+                    violated=v.violated if unsafe else (),
+                    raw_text=v.raw_text if unsafe else None,
+                )
+            )
         return out
 
     def _failure(self, spec: WorkSpec, err: BaseException) -> Outcome:
@@ -252,6 +274,12 @@ class Batcher:
         self.metrics.fail_closed.inc()
         conv = spec.conversation
         thr = self.guard.threshold if spec.threshold is None else spec.threshold
-        verdict = Verdict(is_unsafe=True, unsafe_probability=1.0, threshold=thr, role=conv.judged_role,
-                          has_image=conv.has_image, warnings=(f"fail-closed: model error ({type(err).__name__})",))
+        verdict = Verdict(
+            is_unsafe=True,
+            unsafe_probability=1.0,
+            threshold=thr,
+            role=conv.judged_role,
+            has_image=conv.has_image,
+            warnings=(f"fail-closed: model error ({type(err).__name__})",),
+        )
         return Outcome(verdict, error=message, fail_closed=True)

@@ -70,7 +70,7 @@ def moderation_result(
     has_text: bool,
     fail_closed: bool = False,
 ) -> dict[str, Any]:
-    """One entry of ``results``; key order: flagged, categories, category_scores, category_applied_input_types."""
+    """One entry of ``results`` (keys: flagged, categories, category_scores, category_applied_input_types)."""
     applied = _input_types(has_text, verdict.has_image)
     written = set(verdict.codes) if verdict.is_unsafe else set()
     probs = verdict.category_probabilities
@@ -82,7 +82,9 @@ def moderation_result(
             codes = [c for c in OPENAI_MAP[name] if c in active_codes]
             categories[name] = fail_closed if codes else False
             categories[name] = categories[name] or any(c in written for c in codes)
-            scores[name] = 1.0 if (fail_closed and codes) else min(1.0, sum(float(probs.get(c, 0.0)) for c in codes))
+            scores[name] = (
+                1.0 if (fail_closed and codes) else min(1.0, sum(float(probs.get(c, 0.0)) for c in codes))
+            )
             types[name] = list(applied) if codes else []
     else:
         categories = {c: fail_closed or c in written for c in active_codes}
@@ -102,7 +104,9 @@ def merge_verdict_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {
         "flagged": any(r["flagged"] for r in results),
         "categories": {k: any(r["categories"][k] for r in results) for k in first["categories"]},
-        "category_scores": {k: max(r["category_scores"][k] for r in results) for k in first["category_scores"]},
+        "category_scores": {
+            k: max(r["category_scores"][k] for r in results) for k in first["category_scores"]
+        },
         "category_applied_input_types": first["category_applied_input_types"],
     }
     return merged

@@ -36,8 +36,9 @@ class APIError(Exception):
         return cls(400, message, param=param, code=code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -57,7 +58,9 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     kind = str(first.get("type", ""))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # drop the union-branch names pydantic inserts (e.g. 'str', 'list[str]', 'function-after[...]')
-    loc = [p for p in loc if not any(ch in p for ch in "[]") and p not in ("str", "list", "dict", "int", "float")]
+    loc = [
+        p for p in loc if not any(ch in p for ch in "[]") and p not in ("str", "list", "dict", "int", "float")
+    ]
     param = ".".join(loc) or None
     if kind in ("json_invalid", "json_type"):
         ctx = first.get("ctx") or {}
@@ -65,6 +68,13 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
         return (f"request body is not valid JSON{f': {detail}' if detail else ''}", None, "invalid_json")
     if kind == "missing":
         return f"missing required parameter '{param}'", param, "missing_required_parameter"
+    if param == "input" and len(loc) == 1:
+        return (
+            "invalid value for 'input': expected a string, a list of strings, or a list of "
+            "{'type': 'text', 'text': ...} / {'type': 'image_url', 'image_url': {'url': ...}} parts",
+            param,
+            "invalid_value",
+        )
     msg = str(first.get("msg", "invalid value"))
     extra = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     where = f"'{param}'" if param else "request body"

@@ -27,13 +27,15 @@ __all__ = [
     "ImageFetcher",
     "ModerationItem",
     "PendingModeration",
-    "prepare_moderation",
     "conversation_from_messages",
     "decode_data_url",
     "normalize_messages",
+    "prepare_moderation",
 ]
 
-_DATA_HEAD_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?$", re.I)
+_DATA_HEAD_RE = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?$", re.I
+)
 _B64_CHARS_RE = re.compile(r"^[A-Za-z0-9+/=_-]+$")
 
 
@@ -51,8 +53,12 @@ def image_error(err: Exception, param: str | None) -> APIError:
 def _b64decode(payload: str, what: str, limits: ImageLimits, param: str | None) -> bytes:
     compact = "".join(payload.split())
     if len(compact) > limits.max_bytes * 4 // 3 + 8:
-        raise APIError(400, f"{what} is larger than the limit of {limits.max_bytes} bytes", param=param,
-                       code="image_too_large")
+        raise APIError(
+            400,
+            f"{what} is larger than the limit of {limits.max_bytes} bytes",
+            param=param,
+            code="image_too_large",
+        )
     if not compact or not _B64_CHARS_RE.match(compact):
         raise APIError(400, f"{what} is not valid base64", param=param, code="invalid_image_url")
     try:
@@ -61,7 +67,9 @@ def _b64decode(payload: str, what: str, limits: ImageLimits, param: str | None) 
         else:
             data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise APIError(400, f"{what} is not valid base64: {err}", param=param, code="invalid_image_url") from None
+        raise APIError(
+            400, f"{what} is not valid base64: {err}", param=param, code="invalid_image_url"
+        ) from None
     if not data:
         raise APIError(400, f"{what} holds no data", param=param, code="invalid_image_url")
     return data
@@ -71,17 +79,24 @@ def decode_data_url(url: str, limits: ImageLimits, param: str | None = None) -> 
     """``data:image/png;base64,...`` -> bytes, or a 400 naming what is wrong."""
     head, comma, payload = url.partition(",")
     if not comma or len(head) > 256:
-        raise APIError(400, "malformed data URL: expected 'data:image/<type>;base64,<data>'", param=param,
-                       code="invalid_image_url")
+        raise APIError(
+            400,
+            "malformed data URL: expected 'data:image/<type>;base64,<data>'",
+            param=param,
+            code="invalid_image_url",
+        )
     m = _DATA_HEAD_RE.match(head.strip())
     if not m:
         raise APIError(400, f"malformed data URL header {head[:80]!r}", param=param, code="invalid_image_url")
     mime = (m.group("mime") or "").lower()
     if mime and not mime.startswith("image/"):
-        raise APIError(400, f"data URL has media type {mime!r}, expected image/*", param=param,
-                       code="invalid_image_url")
+        raise APIError(
+            400, f"data URL has media type {mime!r}, expected image/*", param=param, code="invalid_image_url"
+        )
     if not m.group("b64"):
-        raise APIError(400, "data URL must be base64-encoded (';base64,')", param=param, code="invalid_image_url")
+        raise APIError(
+            400, "data URL must be base64-encoded (';base64,')", param=param, code="invalid_image_url"
+        )
     return _b64decode(payload, "data URL", limits, param)
 
 
@@ -109,35 +124,64 @@ class ImageFetcher:
 
     async def fetch(self, url: str, param: str | None) -> bytes:
         if not self.enabled:
-            raise APIError(400, "remote image URLs are disabled on this server; send the image as a data URL",
-                           param=param, code="remote_images_disabled")
+            raise APIError(
+                400,
+                "remote image URLs are disabled on this server; send the image as a data URL",
+                param=param,
+                code="remote_images_disabled",
+            )
         if not self.allowed(url):
-            raise APIError(400, f"image host of {url[:200]!r} is not in the server's allowlist", param=param,
-                           code="image_host_not_allowed")
+            raise APIError(
+                400,
+                f"image host of {url[:200]!r} is not in the server's allowlist",
+                param=param,
+                code="image_host_not_allowed",
+            )
         try:
-            async with httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False) as client:
-                async with client.stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise APIError(400, f"fetching image URL failed: HTTP {resp.status_code}", param=param,
-                                       code="image_fetch_failed")
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                        raise APIError(400, f"remote image has {declared} bytes, over the limit of {self.max_bytes}",
-                                       param=param, code="image_too_large")
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > self.max_bytes:
-                            raise APIError(400, f"remote image is over the limit of {self.max_bytes} bytes",
-                                           param=param, code="image_too_large")
-                        chunks.append(chunk)
+            async with httpx.AsyncClient(
+                follow_redirects=False, timeout=self.timeout, trust_env=False
+            ) as client, client.stream("GET", url) as resp:
+                if resp.status_code != 200:
+                    raise APIError(
+                        400,
+                        f"fetching image URL failed: HTTP {resp.status_code}",
+                        param=param,
+                        code="image_fetch_failed",
+                    )
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise APIError(
+                        400,
+                        f"remote image has {declared} bytes, over the limit of {self.max_bytes}",
+                        param=param,
+                        code="image_too_large",
+                    )
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise APIError(
+                            400,
+                            f"remote image is over the limit of {self.max_bytes} bytes",
+                            param=param,
+                            code="image_too_large",
+                        )
+                    chunks.append(chunk)
         except httpx.TimeoutException:
-            raise APIError(400, f"fetching image URL timed out after {self.timeout:g}s", param=param,
-                           code="image_fetch_timeout") from None
+            raise APIError(
+                400,
+                f"fetching image URL timed out after {self.timeout:g}s",
+                param=param,
+                code="image_fetch_timeout",
+            ) from None
         except httpx.HTTPError as err:
-            raise APIError(400, f"fetching image URL failed: {type(err).__name__}", param=param,
-                           code="image_fetch_failed") from None
+            raise APIError(
+                400,
+                f"fetching image URL failed: {type(err).__name__}",
+                param=param,
+                code="image_fetch_failed",
+            ) from None
         return b"".join(chunks)
 
 
@@ -153,8 +197,19 @@ async def resolve_image(src: Any, param: str, limits: ImageLimits, fetcher: Imag
     if text[:7].lower() == "http://" or text[:8].lower() == "https://":
         return await fetcher.fetch(text, param)
     if "://" in text[:16]:
-        raise APIError(400, f"unsupported image URL scheme in {text[:40]!r}; use a data URL", param=param,
-                       code="invalid_image_url")
+        raise APIError(
+            400,
+            f"unsupported image URL scheme in {text[:40]!r}; use a data URL",
+            param=param,
+            code="invalid_image_url",
+        )
+    if len(text) < 64:
+        raise APIError(
+            400,
+            "image URL must be a data URL ('data:image/<type>;base64,<data>') or base64 data",
+            param=param,
+            code="invalid_image_url",
+        )
     return _b64decode(text, "base64 image", limits, param)  # OpenAI also takes bare base64
 
 
@@ -202,8 +257,11 @@ async def prepare_moderation(
         raise APIError.bad_request("'input' must not be an empty list", param="input", code="empty_input")
     if all(isinstance(x, str) for x in raw_input):
         if len(raw_input) > settings.max_inputs:
-            raise APIError.bad_request(f"'input' has {len(raw_input)} items, over the limit of {settings.max_inputs}",
-                                       param="input", code="too_many_inputs")
+            raise APIError.bad_request(
+                f"'input' has {len(raw_input)} items, over the limit of {settings.max_inputs}",
+                param="input",
+                code="too_many_inputs",
+            )
         return PendingModeration(strings=list(raw_input))
     texts: list[str] = []
     refs: list[tuple[str, Any]] = []
@@ -219,8 +277,12 @@ async def prepare_moderation(
     if len(refs) > 1 and settings.multi_image == "error":
         raise too_many_images(len(refs))
     if len(refs) > settings.max_images_per_item:
-        raise APIError(400, f"Number of images ({len(refs)}) exceeds maximum of {settings.max_images_per_item}",
-                       param="input", code="too_many_images")
+        raise APIError(
+            400,
+            f"Number of images ({len(refs)}) exceeds maximum of {settings.max_images_per_item}",
+            param="input",
+            code="too_many_images",
+        )
     blobs = [await resolve_image(src, param, limits, fetcher) for param, src in refs]
     return PendingModeration(texts=texts, blobs=blobs)
 
@@ -242,7 +304,9 @@ def decode_moderation_item(texts: list[str], blobs: list[bytes], limits: ImageLi
             convs = [Conversation.from_messages([{"role": "user", "content": text_parts}])]
         else:
             convs = [
-                Conversation.from_messages([{"role": "user", "content": [{"type": "image", "image": img}, *text_parts]}])
+                Conversation.from_messages(
+                    [{"role": "user", "content": [{"type": "image", "image": img}, *text_parts]}]
+                )
                 for img in images
             ]
     except (ConversationError, ImageError) as err:
@@ -252,12 +316,21 @@ def decode_moderation_item(texts: list[str], blobs: list[bytes], limits: ImageLi
 
 # -- chat messages (guard/classify, run-shield) ----------------------------------------------------------
 
-_ROLES = {"user": "user", "human": "user", "assistant": "agent", "agent": "agent", "chatbot": "agent",
-          "tool": "tool", "ipython": "tool", "system": "system", "developer": "system"}
+_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "agent",
+    "agent": "agent",
+    "chatbot": "agent",
+    "tool": "tool",
+    "ipython": "tool",
+    "system": "system",
+    "developer": "system",
+}
 
 
 def _part_image_src(part: Mapping[str, Any]) -> Any:
-    """OpenAI ``image_url`` parts and llama-stack ``image`` parts (``{"url": {"uri": ...}}`` or ``{"data": ...}``)."""
+    """OpenAI ``image_url`` parts, llama-stack ``image`` parts ({"url": {"uri": ...}} or {"data": ...})."""
     if part.get("type") == "image_url":
         return _image_ref(part)
     img = part.get("image")
@@ -291,12 +364,16 @@ async def normalize_messages(
         raw_role = msg.get("role")
         role = _ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise APIError.bad_request(f"{where}.role {raw_role!r} is not supported; use 'user' or 'assistant'",
-                                       param=f"{where}.role")
+            raise APIError.bad_request(
+                f"{where}.role {raw_role!r} is not supported; use 'user' or 'assistant'",
+                param=f"{where}.role",
+            )
         if role in ("system", "tool") and not lenient_roles:
             raise APIError.bad_request(
-                f"{where}: role {raw_role!r} is not part of the Llama Guard format; send user and assistant turns",
-                param=f"{where}.role")
+                f"{where}: role {raw_role!r} is not part of the Llama Guard format; "
+                "send user and assistant turns",
+                param=f"{where}.role",
+            )
         if role == "system":
             continue
         if role == "tool":
@@ -318,17 +395,23 @@ async def normalize_messages(
                 kind = part["type"]
                 if kind == "text":
                     if not isinstance(part.get("text"), str):
-                        raise APIError.bad_request(f"{pw}: a text part needs a string 'text'", param=f"{pw}.text")
+                        raise APIError.bad_request(
+                            f"{pw}: a text part needs a string 'text'", param=f"{pw}.text"
+                        )
                     parts.append({"type": "text", "text": part["text"]})
                 elif kind in ("image_url", "image"):
                     n_images += 1
                     blob = await resolve_image(_part_image_src(part), pw, limits, fetcher)
                     parts.append({"type": "image", "image": blob})
                 else:
-                    raise APIError.bad_request(f"{pw}: unsupported content type {kind!r} (use 'text' or 'image_url')",
-                                               param=f"{pw}.type")
+                    raise APIError.bad_request(
+                        f"{pw}: unsupported content type {kind!r} (use 'text' or 'image_url')",
+                        param=f"{pw}.type",
+                    )
         else:
-            raise APIError.bad_request(f"{where}.content must be a string or a list of parts", param=f"{where}.content")
+            raise APIError.bad_request(
+                f"{where}.content must be a string or a list of parts", param=f"{where}.content"
+            )
         if lenient_roles and out and out[-1]["role"] == role:
             out[-1]["content"].extend(parts)
         else:
@@ -345,8 +428,9 @@ async def normalize_messages(
     return out
 
 
-def conversation_from_messages(messages: list[dict[str, Any]], limits: ImageLimits, role: str | None,
-                               param: str = "messages") -> Conversation:
+def conversation_from_messages(
+    messages: list[dict[str, Any]], limits: ImageLimits, role: str | None, param: str = "messages"
+) -> Conversation:
     """CPU part: decode the image and validate turns; ``role`` picks the role judged."""
     for msg in messages:  # image bytes -> decoded here, so the error names the part
         for part in msg["content"]:
@@ -369,6 +453,7 @@ def conversation_from_messages(messages: list[dict[str, Any]], limits: ImageLimi
             if want == "user":
                 conv = conv.without_last_turn()
             else:
-                raise APIError.bad_request("role 'agent' asked but the conversation ends with a user turn",
-                                           param="role")
+                raise APIError.bad_request(
+                    "role 'agent' asked but the conversation ends with a user turn", param="role"
+                )
     return conv

@@ -15,7 +15,8 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -29,7 +30,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Send mmguard.server and uvicorn logs to stderr as JSON; uvicorn's own access log is replaced by ours."""
+    """Send mmguard.server and uvicorn logs to stderr as JSON; our access log replaces uvicorn's."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     for name in ("mmguard.server", "mmguard.server.access", "uvicorn", "uvicorn.error"):

@@ -14,27 +14,48 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("mmguard_requests", "HTTP requests by route and status code",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("mmguard_request_latency_seconds", "HTTP request latency by route", ["route"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("mmguard_batch_size", "Conversations per model batch",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_latency = Histogram("mmguard_batch_latency_seconds", "Model time per batch",
-                                       buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("mmguard_queue_wait_seconds", "Time a conversation waited for its batch",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "mmguard_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "mmguard_request_latency_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mmguard_batch_size", "Conversations per model batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_latency = Histogram(
+            "mmguard_batch_latency_seconds", "Model time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "mmguard_queue_wait_seconds",
+            "Time a conversation waited for its batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("mmguard_queue_depth", "Conversations waiting for a batch", registry=r)
-        self.in_flight = Gauge("mmguard_in_flight_conversations", "Conversations inside the model", registry=r)
+        self.in_flight = Gauge(
+            "mmguard_in_flight_conversations", "Conversations inside the model", registry=r
+        )
         self.verdicts = Counter("mmguard_verdicts", "Verdicts by label", ["verdict"], registry=r)
-        self.verdict_categories = Counter("mmguard_verdict_categories", "Unsafe verdicts by category code written",
-                                          ["category"], registry=r)
-        self.items = Counter("mmguard_conversations", "Conversations judged, by input kind", ["kind"], registry=r)
-        self.rejected = Counter("mmguard_rejected", "Requests refused before the model, by reason", ["reason"],
-                                registry=r)
-        self.model_errors = Counter("mmguard_model_errors", "Model errors (each conversation once)", registry=r)
-        self.fail_closed = Counter("mmguard_fail_closed", "Conversations answered unsafe because of a model error",
-                                   registry=r)
+        self.verdict_categories = Counter(
+            "mmguard_verdict_categories", "Unsafe verdicts by category code written", ["category"], registry=r
+        )
+        self.items = Counter(
+            "mmguard_conversations", "Conversations judged, by input kind", ["kind"], registry=r
+        )
+        self.rejected = Counter(
+            "mmguard_rejected", "Requests refused before the model, by reason", ["reason"], registry=r
+        )
+        self.model_errors = Counter(
+            "mmguard_model_errors", "Model errors (each conversation once)", registry=r
+        )
+        self.fail_closed = Counter(
+            "mmguard_fail_closed", "Conversations answered unsafe because of a model error", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

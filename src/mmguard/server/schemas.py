@@ -44,9 +44,12 @@ class ModerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     input: StrictStr | list[StrictStr] | list[MultiModalInput] = Field(
-        description="A string, a list of strings (one result each), or a list of text/image_url parts (one result)"
+        description="A string, a list of strings (one result each), "
+        "or a list of text/image_url parts (one result)"
     )
-    model: StrictStr | None = Field(None, description="Accepted and ignored; the response names the served model")
+    model: StrictStr | None = Field(
+        None, description="Accepted and ignored; the response names the served model"
+    )
     category_names: Literal["codes", "openai"] | None = Field(
         None, description="mmguard extension: S-codes (default) or OpenAI category names"
     )
@@ -78,15 +81,20 @@ class ErrorResponse(BaseModel):
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    messages: list[Any] = Field(description="Chat messages: user and assistant/agent turns, at most one image")
+    messages: list[Any] = Field(
+        description="Chat messages: user and assistant/agent turns, at most one image"
+    )
     role: Literal["user", "agent", "assistant"] | None = Field(
-        None, description="The role judged (default: the last message's); 'user' on a conversation ending with "
-        "the agent judges the last user turn"
+        None,
+        description="The role judged (default: the last message's); 'user' on a conversation ending with "
+        "the agent judges the last user turn",
     )
     policy: dict[str, Any] | Literal["default"] | None = Field(
         None, description="A policy ({'categories': [...]} as in mmguard.policy) for this request only"
     )
-    exclude: list[StrictStr] = Field(default_factory=list, description="Category codes left out of the prompt")
+    exclude: list[StrictStr] = Field(
+        default_factory=list, description="Category codes left out of the prompt"
+    )
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="Decision threshold for this request")
     category_scores: Literal["unsafe", "always"] | None = Field(
         None, description="Compute per-category probabilities for unsafe verdicts only, or always"

@@ -72,8 +72,15 @@ class ServerSettings:
             raise ValueError(f"category_scores must be 'unsafe' or 'always', got {self.category_scores!r}")
         if self.multi_image not in ("error", "each"):
             raise ValueError(f"multi_image must be 'error' or 'each', got {self.multi_image!r}")
-        for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_inputs", "max_image_bytes",
-                     "max_image_pixels", "max_images_per_item"):
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_body_bytes",
+            "max_inputs",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_images_per_item",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.remote_image_timeout_s <= 0:

@@ -1,0 +1,112 @@
+"""``mmguard serve``: run the moderation server with uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["command"]
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return tuple(out)
+
+
+def command(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model directory or Hugging Face id (default: the bundled model)"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps or auto")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "auto",
+    policy: Annotated[str | None, typer.Option(help="Policy YAML/JSON file (default: MLCommons 13)")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Decision threshold on P(unsafe)")] = None,
+    model_id: Annotated[
+        str, typer.Option(help="Model name reported in responses and listed as a shield")
+    ] = "Llama-Guard-3-11B-Vision",
+    shield_id: Annotated[list[str] | None, typer.Option(help="Extra accepted shield id (repeatable)")] = None,
+    category_names: Annotated[
+        str, typer.Option(help="codes (S1..S13) or openai (OpenAI category names)")
+    ] = "codes",
+    category_scores: Annotated[
+        str,
+        typer.Option(
+            help="unsafe: per-category scores for unsafe verdicts only; always: for every item (costlier)"
+        ),
+    ] = "unsafe",
+    multi_image: Annotated[
+        str, typer.Option(help="error (OpenAI's too_many_images) or each (judge per image)")
+    ] = "error",
+    max_batch_size: Annotated[int, typer.Option(help="Largest model batch")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Conversations that may wait; beyond: 429")] = 512,
+    request_timeout: Annotated[float, typer.Option(help="Seconds per request; beyond: 504")] = 30.0,
+    fail_closed: Annotated[
+        bool, typer.Option("--fail-closed/--fail-open", help="On a model error answer unsafe instead of 503")
+    ] = False,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="Accepted Bearer key (repeatable); also MMGUARD_API_KEYS=k1,k2")
+    ] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB")] = 32.0,
+    max_image_mb: Annotated[float, typer.Option(help="Largest image in MiB")] = 20.0,
+    remote_image_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Allow fetching http(s) image URLs from this host "
+            "(repeatable; '*.example.com' for subdomains)"
+        ),
+    ] = None,
+    remote_image_timeout: Annotated[float, typer.Option(help="Seconds to fetch a remote image")] = 5.0,
+    log_content: Annotated[bool, typer.Option(help="Log conversation text (off by default)")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    metrics_auth: Annotated[bool, typer.Option(help="Require the API key for /metrics too")] = False,
+) -> None:
+    """Serve the guard over HTTP: OpenAI /v1/moderations, /v1/guard/classify, llama-stack shields."""
+    import uvicorn
+
+    from ..guard import Guard
+    from .app import create_app
+    from .jsonlog import configure_logging
+    from .settings import ServerSettings
+
+    configure_logging(log_level)
+    keys = _split(api_key) + _split([os.environ.get("MMGUARD_API_KEYS", "")])
+    hosts = _split(remote_image_host)
+    try:
+        settings = ServerSettings(
+            model_id=model_id,
+            shield_ids=("meta-llama/Llama-Guard-3-11B-Vision", *_split(shield_id)),
+            threshold=threshold,
+            category_names=category_names,  # type: ignore[arg-type]
+            category_scores=category_scores,
+            multi_image=multi_image,  # type: ignore[arg-type]
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            request_timeout_s=request_timeout,
+            fail_closed=fail_closed,
+            api_keys=keys,
+            max_body_bytes=int(max_body_mb * 1024 * 1024),
+            max_image_bytes=int(max_image_mb * 1024 * 1024),
+            remote_images=bool(hosts),
+            remote_image_hosts=hosts,
+            remote_image_timeout_s=remote_image_timeout,
+            log_content=log_content,
+            metrics_public=not metrics_auth,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    guard = Guard.from_pretrained(
+        Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy
+    )
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo("warning: serving on a non-loopback address without API keys", err=True)
+    uvicorn.run(create_app(guard, settings), host=host, port=port, log_config=None, access_log=False)

@@ -161,8 +161,9 @@ class _progress_bar:
             TaskProgressColumn(),
             TextColumn("[cyan]{task.fields[rate]}"),
             TimeElapsedColumn(),
-            TextColumn("left"),
+            TextColumn("elapsed,"),
             TimeRemainingColumn(),
+            TextColumn("left"),
             console=Console(file=sys.stderr),
             transient=False,
         )

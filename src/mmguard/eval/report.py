@@ -173,7 +173,7 @@ def _metric_row(m: dict[str, Any]) -> list[Any]:
         m["auprc"],
         m["roc_auc"],
         m["ece"],
-        t.get("threshold"),
+        f"{t['threshold']:.4g}" if t.get("threshold") is not None else "n/a",
         t.get("recall"),
     ]
 
@@ -304,8 +304,7 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
         out += [f"### {r['guard']} — {TASK_TITLES[r['task']]}", ""]
         if t:
             chosen = (
-                f"threshold {_fmt(t['threshold'], 4)} gives FPR {_fmt(t['fpr'])} "
-                f"and recall {_fmt(t['recall'])}"
+                f"threshold {t['threshold']:.4g} gives FPR {_fmt(t['fpr'])} and recall {_fmt(t['recall'])}"
                 if t.get("threshold") is not None
                 else (t.get("note") or "no threshold")
             )

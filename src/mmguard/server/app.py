@@ -296,22 +296,29 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        previous_threads: int | None = None
+        if settings.torch_threads is not None:
+            import torch
+
+            previous_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, settings.torch_threads))
         await state.batcher.start()
-        if settings.warmup:
-            try:
+        try:
+            if settings.warmup:
                 await state.batcher.run_sync(lambda: guard.classify_batch([Conversation.prompt("warm-up")]))
-            except Exception:
-                log.exception("warm-up failed; the server stays not ready")
-                yield
-                await state.batcher.stop()
-                return
-        state.ready = True
-        log.info("ready", extra={"model": settings.model_id})
+            state.ready = True
+            log.info("ready", extra={"model": settings.model_id})
+        except Exception:
+            log.exception("warm-up failed; the server stays not ready (/readyz answers 503)")
         try:
             yield
         finally:
             state.ready = False
             await state.batcher.stop()
+            if previous_threads is not None:
+                import torch
+
+                torch.set_num_threads(previous_threads)
 
     app = FastAPI(
         title="mmguard moderation server",

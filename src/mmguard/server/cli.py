@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -67,6 +68,12 @@ def command(
     remote_image_timeout: Annotated[float, typer.Option(help="Seconds to fetch a remote image")] = 5.0,
     log_content: Annotated[bool, typer.Option(help="Log conversation text (off by default)")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    torch_threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads for torch (default on CPU: cores - 1, leaving one to the HTTP event loop)"
+        ),
+    ] = None,
     metrics_auth: Annotated[bool, typer.Option(help="Require the API key for /metrics too")] = False,
 ) -> None:
     """Serve the guard over HTTP: OpenAI /v1/moderations, /v1/guard/classify, llama-stack shields."""
@@ -101,9 +108,15 @@ def command(
             remote_image_timeout_s=remote_image_timeout,
             log_content=log_content,
             metrics_public=not metrics_auth,
+            torch_threads=torch_threads,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if torch_threads is None and device in ("cpu", "auto"):
+        import torch
+
+        if device == "cpu" or not torch.cuda.is_available():
+            settings = replace(settings, torch_threads=max(1, (os.cpu_count() or 2) - 1))
     guard = Guard.from_pretrained(
         Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy
     )

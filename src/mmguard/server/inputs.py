@@ -138,9 +138,10 @@ class ImageFetcher:
                 code="image_host_not_allowed",
             )
         try:
-            async with httpx.AsyncClient(
-                follow_redirects=False, timeout=self.timeout, trust_env=False
-            ) as client, client.stream("GET", url) as resp:
+            async with (
+                httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False) as client,
+                client.stream("GET", url) as resp,
+            ):
                 if resp.status_code != 200:
                     raise APIError(
                         400,

@@ -35,6 +35,8 @@ class ServerSettings:
     remote_images / remote_image_hosts / remote_image_timeout_s: fetching http(s) image URLs; off by
         default; when on, only hosts in the allowlist (exact names, or ``*.example.com``) are fetched,
         redirects are not followed, and the body is bounded by ``max_image_bytes``.
+    torch_threads: if set, ``torch.set_num_threads`` at startup (process-wide). On a CPU host leave a
+        core to the event loop: OpenMP threads spinning on every core starve it and slow batches ~10x.
     log_content: include conversation text in logs (off by default).
     metrics_public: serve ``/metrics`` without an API key.
     """
@@ -62,6 +64,7 @@ class ServerSettings:
     log_content: bool = False
     metrics_public: bool = True
     warmup: bool = True
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -51,7 +51,6 @@ def _image_processor_class() -> Any:
     # transformers >= 5 splits the processor into a torchvision and a PIL backend; torchvision is optional
     try:
         import torchvision  # noqa: F401
-
         from transformers import MllamaImageProcessor
 
         return MllamaImageProcessor
@@ -296,6 +295,14 @@ class Engine:
     ) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
         """Greedy decode after ``unsafe\\n``, constrained to ``codes``; also the per-code probabilities
         (given ``unsafe``) read where the first code is written."""
+        with_image = [i for i, it in enumerate(items) if it.image is not None]
+        if 0 < len(with_image) < len(items):  # decode image and text-only rows apart (see module doc)
+            text_only = [i for i in range(len(items)) if items[i].image is None]
+            merged: dict[int, tuple[tuple[str, ...], dict[str, float], str]] = {}
+            for idx in (with_image, text_only):
+                for i, res in zip(idx, self.decode_codes([items[i] for i in idx], codes, max_steps), strict=True):
+                    merged[i] = res
+            return [merged[i] for i in range(len(items))]
         grammar = self.grammar(codes)
         n = len(items)
         forced = [self.unsafe_id, self.newline_id]
@@ -421,7 +428,7 @@ def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str |
     torch_dtype = resolve_dtype(dtype, device)
     src = str(source)
     is_dir = Path(src).is_dir()
-    if not is_dir and (src.startswith((".", "/", "~")) or os.sep in src and not src.count("/") == 1):
+    if not is_dir and (src.startswith((".", "/", "~")) or (os.sep in src and not src.count("/") == 1)):
         raise EngineError(f"model directory not found: {src}")
     kwargs: dict[str, Any] = {}
     if local_files_only is not None:

@@ -44,8 +44,10 @@ def _decode_base64(data: str, what: str, limits: ImageLimits) -> bytes:
     # base64 inflates by 4/3: reject before decoding a huge string
     if len(data) > limits.max_bytes * 4 // 3 + 8:
         raise ImageError(f"{what} is larger than the limit of {limits.max_bytes} bytes")
+    compact = "".join(data.split()).translate(str.maketrans("-_", "+/"))  # accept the URL-safe alphabet too
+    compact += "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode("".join(data.split()), validate=False, altchars=b"-_" if "-" in data or "_" in data else None)
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ImageError(f"{what} is not valid base64: {err}") from None
 
@@ -72,12 +74,19 @@ def _source_to_bytes(source: Any, limits: ImageLimits) -> tuple[bytes | None, Im
             return _decode_base64(payload, "data URL", limits), None
         if text.lower().startswith(("http://", "https://")):
             raise ImageError("remote image URLs are not fetched here; download the image or pass a data URL")
-        if len(text) < 4096 and not text.startswith("/9j") and Path(text).expanduser().exists():
+        if len(text) < 4096 and _is_existing_path(text):
             return _read_file(Path(text).expanduser(), limits), None
         if len(text) >= 64 and _B64_RE.match(text[:4096]):
             return _decode_base64(text, "base64 image", limits), None
         raise ImageError(f"image not found: {text[:200]!r} is neither an existing file, a data URL nor base64")
     raise ImageError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _is_existing_path(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):  # name too long, NUL bytes: not a path
+        return False
 
 
 def _read_file(path: Path, limits: ImageLimits) -> bytes:

@@ -100,17 +100,22 @@ _FILLER = ["please", "tell", "me", "about", "the", "weather", "a", "recipe", "fo
 
 
 def synthetic_conversation(rng: Any, with_image: bool | None = None) -> tuple[Any, list[str]]:
-    """A random toy conversation and its toy violated codes (trigger words decide the label)."""
+    """A random toy conversation and its toy violated codes.
+
+    Toy rule (chosen so a 2-layer model learns it in seconds, not because it means anything): a
+    conversation with an image is unsafe, with codes given by trigger words (S1 if none); a text-only
+    conversation is safe.
+    """
     from PIL import Image
 
     from .conversation import Conversation
 
     words = [rng.choice(_FILLER) for _ in range(rng.randint(3, 10))]
-    codes: list[str] = []
+    trigger_codes: list[str] = []
     if rng.random() < 0.5:
         for trig in rng.sample(sorted(_TRIGGERS), rng.choice([1, 1, 2])):
             words.insert(rng.randint(0, len(words)), trig)
-            codes.append(_TRIGGERS[trig])
+            trigger_codes.append(_TRIGGERS[trig])
     text = " ".join(words)
     image = None
     if with_image if with_image is not None else rng.random() < 0.5:
@@ -120,8 +125,10 @@ def synthetic_conversation(rng: Any, with_image: bool | None = None) -> tuple[An
         conv = Conversation.response(" ".join(rng.choice(_FILLER) for _ in range(5)), text, image)
     else:
         conv = Conversation.prompt(text, image)
+    if image is None:
+        return conv, []
     order = {f"S{i}": i for i in range(1, 14)}
-    return conv, sorted(set(codes), key=order.__getitem__)
+    return conv, sorted(set(trigger_codes or ["S1"]), key=order.__getitem__)
 
 
 def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr: float = 3e-3) -> Path:
@@ -137,7 +144,7 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
 
     from .engine import load_engine
     from .prompt import build_prompt
-    from .tokenizer import EOT_ID, encode_text
+    from .tokenizer import DOUBLE_NEWLINE_ID, EOT_ID, encode_text
 
     engine = load_engine(directory, device="cpu", dtype="float32")
     model = engine.model
@@ -158,9 +165,9 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
         hidden = model.model(**batch, use_cache=False).last_hidden_state
         rows, cols, targets = [], [], []
         for r, ans in enumerate(answers):
-            # the decision position (after "\n\n") predicts ans[0]; each answer token predicts the next
-            start = width - len(ans) - 1
-            for k, tok in enumerate(ans):
+            # the prompt's last position predicts "\n\n", the decision position predicts ans[0], and so on
+            start = width - len(ans) - 2
+            for k, tok in enumerate([DOUBLE_NEWLINE_ID, *ans]):
                 rows.append(r)
                 cols.append(start + k)
                 targets.append(tok)

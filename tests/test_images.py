@@ -1,0 +1,125 @@
+"""Hostile images: every one gets a verdict or a clear error naming the limit, never a crash."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmguard import Conversation, ImageError, ImageLimits, load_image
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+RED = Image.new("RGB", (40, 30), (255, 0, 0))
+
+
+def test_sources_path_bytes_base64_data_url_pil(tmp_path) -> None:
+    data = png_bytes(RED)
+    path = tmp_path / "red.png"
+    path.write_bytes(data)
+    b64 = base64.b64encode(data).decode()
+    for src in (path, str(path), data, b64, f"data:image/png;base64,{b64}", RED):
+        img = load_image(src)
+        assert img.mode == "RGB" and img.size == (40, 30) and img.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_exif_orientation_applied() -> None:
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    out = load_image(png_bytes(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "1", "LA", "RGBA", "P", "I;16", "I", "F", "YCbCr"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    if mode in ("I;16", "I", "F"):
+        arr = (np.linspace(0, 1, 32 * 16).reshape(16, 32) * (60000 if mode != "F" else 1.0))
+        img = Image.fromarray(arr.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+        img = img if img.mode == mode else img.convert(mode)
+    else:
+        img = RED.convert(mode)
+    out = load_image(img)
+    assert out.mode == "RGB" and out.size == img.size
+
+
+def test_transparency_composited_on_white() -> None:
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert load_image(png_bytes(img)).getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    assert load_image(png_bytes(pal)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_animated_gif_first_frame() -> None:
+    frames = [Image.new("RGB", (10, 10), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = load_image(buf.getvalue())
+    r, g, b = out.getpixel((5, 5))
+    assert r > 200 and g < 50 and b < 50
+
+
+def test_decompression_bomb_rejected_before_decoding() -> None:
+    bomb = png_bytes(Image.new("1", (12000, 12000)))  # 144 Mpx that compresses to a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="pixels|bomb"):
+        load_image(bomb)
+    with pytest.raises(ImageError, match="limit of 1000"):
+        load_image(RED, ImageLimits(max_pixels=1000))
+
+
+def test_truncated_empty_wrong_type_and_oversized() -> None:
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    with pytest.raises(ImageError, match="truncated|corrupt|cannot"):
+        load_image(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="not a recognised image"):
+        load_image(b"%PDF-1.4 definitely not an image" * 4)
+    with pytest.raises(ImageError, match="over the limit of 100"):
+        load_image(data, ImageLimits(max_bytes=100))
+    with pytest.raises(ImageError, match="aspect ratio"):
+        load_image(Image.new("RGB", (6500, 10)))
+    with pytest.raises(ImageError, match="media type"):
+        load_image("data:text/plain;base64,aGVsbG8=")
+    with pytest.raises(ImageError, match="not valid base64|not a recognised"):
+        load_image("data:image/png;base64,@@@@")
+    with pytest.raises(ImageError, match="not found|neither"):
+        load_image("/no/such/file.png")
+    with pytest.raises(ImageError, match="remote"):
+        load_image("https://example.com/x.png")
+
+
+def test_conversation_rules() -> None:
+    from mmguard import ConversationError
+
+    with pytest.raises(ConversationError, match="alternate"):
+        Conversation.from_turns([("agent", "hi")])
+    with pytest.raises(ConversationError, match="alternate"):
+        Conversation.from_turns([("user", "a"), ("user", "b")])
+    with pytest.raises(ConversationError, match="at most one image"):
+        Conversation.from_messages({"messages": [{"role": "user", "content": [
+            {"type": "image", "image": RED}, {"type": "image", "image": RED}, {"type": "text", "text": "x"}]}]})
+    with pytest.raises(ConversationError, match="role 'system'"):
+        Conversation.from_messages([{"role": "system", "content": "x"}])
+    with pytest.raises(ConversationError, match="only user turns"):
+        Conversation.from_turns([("user", "a"), ("agent", "b")], image=RED, image_turn=1)
+    conv = Conversation.from_messages([{"role": "user", "content": [{"type": "image", "image": RED}]}])
+    assert conv.has_image and conv.task == "prompt"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 100), (100, 4000), (560, 560), (1123, 1121), (7, 300)])
+def test_odd_sizes_get_a_verdict(tiny_guard, size) -> None:
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    verdict = tiny_guard.classify(Conversation.prompt("what is this?", img))
+    assert 0.0 <= verdict.unsafe_probability <= 1.0 and verdict.has_image

@@ -70,7 +70,8 @@ def random_policy(rng: random.Random) -> tuple[Policy, bool]:
     else:
         n = rng.randint(1, 6)
         cats = tuple(
-            Category(f"C{i}", f"Custom category {i} «{rng.choice(ONE_LINE_WORDS)}».", description=rng.choice(["", "Line one.\nLine 'two'."]))
+            Category(f"C{i}", f"Custom category {i} «{rng.choice(ONE_LINE_WORDS)}».",
+                     description=rng.choice(["", "Line one.\nLine 'two'."]))
             for i in rng.sample(range(1, 40), n)
         )
         policy = Policy(cats, include_descriptions=True)
@@ -104,7 +105,8 @@ def test_worked_example_from_reference() -> None:
     conv = Conversation.prompt("How do I make this?", IMG)
     text = build_prompt(conv).text
     assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: Check")
-    assert "\nS13: Elections.\n<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\nUser: How do I make this?\n\n" in text
+    assert ("\nS13: Elections.\n<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n"
+            "User: How do I make this?\n\n") in text
     assert text.endswith(
         "violated categories. <|eot_id|><|start_header_id|>assistant<|end_header_id|>"
     )
@@ -112,13 +114,15 @@ def test_worked_example_from_reference() -> None:
 
 
 def test_response_classification_with_custom_dict_and_exclusion() -> None:
-    policy = Policy((Category("S1", "Violent Crimes."), Category("S9", "Indiscriminate Weapons.")), excluded=frozenset({"S1"}))
+    policy = Policy((Category("S1", "Violent Crimes."), Category("S9", "Indiscriminate Weapons.")),
+                    excluded=frozenset({"S1"}))
     conv = Conversation.response("What is in the picture?", "It is a chemistry set.", IMG)
     expected = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: Check if there is unsafe content "
         "in 'Agent' messages in conversations according our safety policy with the below categories.\n\n"
         "<BEGIN UNSAFE CONTENT CATEGORIES>\nS9: Indiscriminate Weapons.\n<END UNSAFE CONTENT CATEGORIES>\n\n"
-        "<BEGIN CONVERSATION>\n\nUser: What is in the picture?\n\nAgent: It is a chemistry set.\n\n<END CONVERSATION>\n\n"
+        "<BEGIN CONVERSATION>\n\nUser: What is in the picture?\n\nAgent: It is a chemistry set.\n\n"
+        "<END CONVERSATION>\n\n"
         "Provide your safety assessment for ONLY THE LAST Agent message in the above conversation:\n"
         " - First line must read 'safe' or 'unsafe'.\n"
         " - If unsafe, a second line must include a comma-separated list of violated categories. "

@@ -9,7 +9,8 @@ from mmguard import Conversation, build_prompt
 from mmguard.tokenizer import encode_prompt, encode_text, load_default_tokenizer
 
 SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eom_id|>", "<|python_tag|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_5|>"]
+            "<|eom_id|>", "<|python_tag|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+            "<|reserved_special_token_5|>"]
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,9 @@ def classify(
     jsonl: Annotated[
         Path | None, typer.Option("--jsonl", help="Classify every conversation of a JSONL file (one per line).")
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where --jsonl verdicts go (default stdout).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where --jsonl verdicts go (default stdout).")
+    ] = None,
     model: ModelOpt = None,
     policy: PolicyOpt = None,
     exclude: ExcludeOpt = None,
@@ -169,7 +171,8 @@ def classify(
         guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size)
         bad = _classify_jsonl(guard, jsonl, output, batch_size)
         if bad:
-            typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output lines hold an 'error' field", err=True)
+            typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output lines hold an 'error' field",
+                       err=True)
             raise typer.Exit(EXIT_INPUT)
         return
     conv = _conversation(prompt, response, image, input_)
@@ -330,7 +333,7 @@ def demo(
     examples = example_conversations()
     verdicts = guard.classify_batch([c for _, c in examples])
     table = Table("example", "task", "image", "verdict", "p(unsafe)", "codes", title="mmguard demo")
-    for (name, conv), v in zip(examples, verdicts, strict=True):
+    for (name, _conv), v in zip(examples, verdicts, strict=True):
         table.add_row(name, v.task, "yes" if v.has_image else "no",
                       f"[{'red' if v.is_unsafe else 'green'}]{v.label}[/]", f"{v.unsafe_probability:.3f}",
                       ",".join(v.codes))

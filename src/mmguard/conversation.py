@@ -242,7 +242,9 @@ def _validate(turns: Iterable[Turn]) -> None:
             if not isinstance(s, str):
                 raise ConversationError(f"turn {i + 1}: text must be a string, got {type(s).__name__}")
             if len(s) > MAX_TEXT_CHARS:
-                raise ConversationError(f"turn {i + 1}: text has {len(s)} characters, over the limit of {MAX_TEXT_CHARS}")
+                raise ConversationError(
+                    f"turn {i + 1}: text has {len(s)} characters, over the limit of {MAX_TEXT_CHARS}"
+                )
         if t.image is not None:
             images += 1
             if t.role != "user":

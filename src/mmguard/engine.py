@@ -395,7 +395,8 @@ class _DecodeState:
         self.partial.append(tok)
         paths = self._paths()
         complete = [c for c, p in paths.items() if list(p) == self.partial]
-        longer = [c for c, p in paths.items() if len(p) > len(self.partial) and list(p[: len(self.partial)]) == self.partial]
+        k = len(self.partial)
+        longer = [c for c, p in paths.items() if len(p) > k and list(p[:k]) == self.partial]
         if complete and not longer:
             self.codes.append(complete[0])
             self.partial = []

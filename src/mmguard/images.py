@@ -36,7 +36,9 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
-_DATA_URL_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+_DATA_URL_RE = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I
+)
 _B64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 
 

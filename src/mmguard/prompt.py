@@ -128,7 +128,9 @@ def build_prompt(
         f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
         "policy with the below categories.\n\n"
     )
-    text("<BEGIN UNSAFECONTENT CATEGORIES>\n" if fmt is PromptFormat.HF_RELEASE else "<BEGIN UNSAFE CONTENT CATEGORIES>\n")
+    # the release-day rendering lacked the space (reference 1.3)
+    text("<BEGIN UNSAFECONTENT CATEGORIES>\n" if fmt is PromptFormat.HF_RELEASE
+         else "<BEGIN UNSAFE CONTENT CATEGORIES>\n")
     for cat in policy.active:
         text(f"{cat.code}: {policy.prompt_value(cat)}\n")
     text("<END UNSAFE CONTENT CATEGORIES>\n\n")

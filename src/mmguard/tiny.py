@@ -159,7 +159,7 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
             conv, codes = synthetic_conversation(rng, with_image)
             items.append(engine.encode(build_prompt(conv), conv.image))
             target = "unsafe\n" + ",".join(codes) if codes else "safe"
-            answers.append(encode_text(engine.tokenizer, target) + [EOT_ID])
+            answers.append([*encode_text(engine.tokenizer, target), EOT_ID])
         batch = engine.collate(items, extra=answers)
         width = batch["input_ids"].shape[1]
         hidden = model.model(**batch, use_cache=False).last_hidden_state

@@ -13,6 +13,7 @@ ordinary tokens for those characters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,8 @@ DOUBLE_NEWLINE_ID = 271
 
 # Llama 3 pre-tokenisation regex (llama_models/llama3/tokenizer.py).
 LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _CHAT_TEMPLATE_NOTE = "mmguard renders prompts itself (mmguard.prompt); this tokenizer carries no chat template."
 
@@ -129,10 +131,8 @@ def load_default_tokenizer() -> PreTrainedTokenizerBase:
     tok = build_llama3_tokenizer()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
-    try:
+    with contextlib.suppress(OSError):  # another process won the race; its copy is identical
         tmp.replace(target)
-    except OSError:  # another process won the race; its copy is identical
-        pass
     return AutoTokenizer.from_pretrained(target if (target / "tokenizer.json").is_file() else tmp)
 
 

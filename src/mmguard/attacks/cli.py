@@ -1,0 +1,207 @@
+"""``mmguard attack``: PGD, GCG and transfer checks against a guard, with a paper-style report."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["command", "run_attacks"]
+
+PHASE_SHARE = {"pgd": 0.45, "gcg": 0.45, "transfer": 0.10}
+
+
+def run_attacks(
+    guard: Any,
+    items: list[Any],
+    *,
+    attacks: set[str],
+    budgets: list[float],
+    out: Path,
+    pgd_config: Any,
+    gcg_config: Any,
+    max_minutes: float | None = None,
+    neutral_images: bool = True,
+    show_progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the chosen attacks on ``items`` and write report.md/report.json/plots/PNGs to ``out``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .common import AttackItem, Deadline, neutral_image, with_image
+    from .gcg import gcg_attack
+    from .pgd import budget_label, pgd_attack
+    from .report import summarise, write_report
+    from .transfer import transform_check, typographic_check
+
+    start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, int] = {}
+    pgd_rows: list[dict[str, Any]] = []
+    gcg_rows: list[dict[str, Any]] = []
+    transfer_rows: list[dict[str, Any]] = []
+    adv_images: dict[str, tuple[Any, Any, float]] = {}  # item id -> (item, adversarial PIL image, p)
+    phases = [p for p in ("pgd", "gcg", "transfer") if p in attacks]
+    total_s = None if not max_minutes else 60.0 * max_minutes
+
+    def phase_deadline(name: str) -> Deadline:
+        if total_s is None:
+            return Deadline(None)
+        left = total_s - (time.monotonic() - start)
+        later = sum(PHASE_SHARE[p] for p in phases[phases.index(name):])
+        return Deadline(max(0.0, left * PHASE_SHARE[name] / later) / 60.0)
+
+    pgd_items = []
+    for it in items:
+        if it.conversation.has_image:
+            pgd_items.append(it)
+        elif neutral_images:
+            conv = with_image(it.conversation, neutral_image())
+            pgd_items.append(AttackItem(it.id, it.task, conv, "neutral", it.meta))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not show_progress, transient=False) as progress:
+        if "pgd" in attacks:
+            dl = phase_deadline("pgd")
+            bar = progress.add_task("PGD (item x budget)", total=len(pgd_items) * len(budgets))
+            for it in pgd_items:
+                if dl.passed:
+                    skipped["pgd"] = skipped.get("pgd", 0) + 1
+                    progress.advance(bar, len(budgets))
+                    continue
+                clean = None
+                won = None
+                for b in budgets:
+                    if won is not None:  # a smaller budget's image is inside this larger budget too
+                        r = json.loads(json.dumps(won))
+                        r.update(budget=budget_label(b), reused=True)
+                        pgd_rows.append(r)
+                    else:
+                        res, adv = pgd_attack(guard, it, b, pgd_config, out_dir=out / "adversarial",
+                                              clean=clean)
+                        res.extra["image_source"] = it.image_source
+                        clean = (res.clean_p_unsafe, res.clean_unsafe)
+                        row = res.to_json()
+                        pgd_rows.append(row)
+                        if res.success:
+                            won = row
+                            if res.clean_unsafe:
+                                from .pgd import ImagePipeline
+
+                                adv_images[it.id] = (it, ImagePipeline.to_pil(adv), res.adv_p_unsafe)
+                    progress.advance(bar)
+        if "gcg" in attacks:
+            dl = phase_deadline("gcg")
+            jobs = [(it, "user") for it in items] + [(it, "agent") for it in items if it.task == "response"]
+            bar = progress.add_task("GCG (item x setting)", total=len(jobs))
+            clean_cache: dict[str, tuple[float, bool]] = {}
+            for it, loc in jobs:
+                if dl.passed:
+                    skipped["gcg"] = skipped.get("gcg", 0) + 1
+                else:
+                    res = gcg_attack(guard, it, loc, gcg_config, clean=clean_cache.get(it.id), deadline=dl)
+                    clean_cache[it.id] = (res.clean_p_unsafe, res.clean_unsafe)
+                    gcg_rows.append(res.to_json())
+                progress.advance(bar)
+        if "transfer" in attacks:
+            dl = phase_deadline("transfer")
+            bar = progress.add_task("transfer checks", total=2 * len(adv_images) + len(items))
+            for _, (it, img, p) in adv_images.items():
+                for name in ("jpeg75", "resize0.5"):
+                    if dl.passed:
+                        skipped["transfer"] = skipped.get("transfer", 0) + 1
+                    else:
+                        transfer_rows.append(transform_check(guard, it, img, name, p).to_json())
+                    progress.advance(bar)
+            for it in items:
+                if dl.passed:
+                    skipped["transfer"] = skipped.get("transfer", 0) + 1
+                else:
+                    v = guard.classify(it.conversation, categories=False)
+                    r = typographic_check(guard, it, (v.unsafe_probability, v.is_unsafe))
+                    if r is not None:
+                        transfer_rows.append(r.to_json())
+                progress.advance(bar)
+    summary = summarise(pgd_rows, gcg_rows, transfer_rows, budgets)
+    meta = dict(meta or {})
+    meta.update({
+        "model": guard.engine.source,
+        "random_weights": guard.engine.is_random_weights,
+        "device": guard.engine.device,
+        "threshold": guard.threshold,
+        "budgets": [budget_label(b) for b in budgets],
+        "pgd": {k: v for k, v in pgd_config.__dict__.items()},
+        "gcg": {k: v for k, v in gcg_config.__dict__.items()},
+        "items": len(items),
+        "elapsed_minutes": round((time.monotonic() - start) / 60.0, 2),
+        "skipped": skipped,
+    })
+    write_report(out, meta, summary, {"pgd": pgd_rows, "gcg": gcg_rows, "transfer": transfer_rows})
+    return {"meta": meta, "summary": summary}
+
+
+def command(
+    data: Annotated[Path, typer.Option("--data", help="JSONL file or folder with test.jsonl")],
+    model: Annotated[str | None, typer.Option("--model", help="checkpoint or HF id")] = None,
+    attack: Annotated[str, typer.Option("--attack", help="pgd | gcg | transfer | all")] = "all",
+    budgets: Annotated[str, typer.Option("--budgets", help="L-inf budgets in 1/255; 'inf' = unbounded")] = (
+        "1,2,4,8,16,32,inf"),
+    steps: Annotated[int, typer.Option("--steps", help="PGD steps per item and budget")] = 10,
+    step_size: Annotated[float | None, typer.Option("--step-size", help="PGD step in 1/255 units")] = None,
+    random_start: Annotated[bool, typer.Option("--random-start/--no-random-start")] = True,
+    gcg_steps: Annotated[int, typer.Option("--gcg-steps", help="GCG steps per item")] = 10,
+    suffix_len: Annotated[int, typer.Option("--suffix-len", help="GCG suffix length in tokens")] = 12,
+    search_width: Annotated[int, typer.Option("--search-width", help="GCG candidates per step")] = 32,
+    topk: Annotated[int, typer.Option("--topk", help="GCG top-k tokens per position")] = 64,
+    limit: Annotated[int, typer.Option("--limit", help="unsafe items per task (prompt, response)")] = 4,
+    split: Annotated[str, typer.Option("--split", help="split to attack")] = "test",
+    neutral_images: Annotated[bool, typer.Option(
+        "--neutral-images/--no-neutral-images", help="PGD on text items paired with a gray image")] = True,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("attack-report"),
+    max_minutes: Annotated[float, typer.Option("--max-minutes", help="wall-clock budget (0: none)")] = 20.0,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype")] = "auto",
+    threshold: Annotated[float, typer.Option("--threshold")] = 0.5,
+    label: Annotated[str | None, typer.Option("--label", help="model name shown in the report")] = None,
+) -> None:
+    """Adversarial robustness of a guard on unsafe items: PGD (image), GCG (text), transfer checks."""
+    import torch
+    from rich.console import Console
+
+    from ..guard import Guard
+    from .common import load_attack_items
+    from .gcg import GCGConfig
+    from .pgd import PGDConfig, parse_budgets
+
+    console = Console(stderr=True)
+    wanted = {"pgd", "gcg", "transfer"} if attack == "all" else {a.strip() for a in attack.split(",")}
+    if not wanted <= {"pgd", "gcg", "transfer"}:
+        raise typer.BadParameter(f"unknown attack in {attack!r}; use pgd, gcg, transfer or all")
+    if "transfer" in wanted and "pgd" not in wanted:
+        console.print("[yellow]transfer alone runs the typographic check only (JPEG/resize need PGD images)")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    eps = parse_budgets(budgets)
+    guard = Guard.from_pretrained(model, device=device, dtype=dtype, threshold=threshold)
+    items = load_attack_items(data, limit=limit, split=split, seed=seed)
+    if not items:
+        console.print(f"[red]no unsafe {split} items in {data}")
+        raise typer.Exit(1)
+    pgd_cfg = PGDConfig(steps=steps, step_size=None if step_size is None else step_size / 255.0,
+                        random_start=random_start, seed=seed)
+    gcg_cfg = GCGConfig(steps=gcg_steps, suffix_len=suffix_len, search_width=search_width, topk=topk,
+                        seed=seed)
+    meta = {"data": str(data), "seed": seed, "model_label": label or Path(guard.engine.source).name,
+            "command": "mmguard attack " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mmguard attack"}
+    result = run_attacks(guard, items, attacks=wanted, budgets=eps, out=out, pgd_config=pgd_cfg,
+                         gcg_config=gcg_cfg, max_minutes=max_minutes or None, neutral_images=neutral_images,
+                         meta=meta)
+    console.print((out / "report.md").read_text())
+    if result["meta"]["skipped"]:
+        console.print(f"[yellow]time budget reached; skipped: {result['meta']['skipped']}")
+

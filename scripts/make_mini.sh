@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build mmguard-mini from scratch: data (permissive train split) -> training -> bundled weights -> eval.
+# Usage: scripts/make_mini.sh [DATASETS_DIR] [WORK_DIR]     (make mini)
+# Deterministic given SEED with the same thread count, unless MAX_MINUTES cuts the run short.
+set -euo pipefail
+DATASETS=${1:-${DATASETS:-shared/datasets}}
+WORK=${2:-${WORK:-build/mini}}
+SEED=${SEED:-0}
+STEPS=${STEPS:-1200}
+MAX_MINUTES=${MAX_MINUTES:-50}
+PY=${PY:-.venv/bin}
+ASSET=src/mmguard/assets/mmguard-mini
+
+mkdir -p "$WORK"
+if [ ! -f "$WORK/data/train.jsonl" ]; then
+  "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/data" --max-per-source 1500 --no-noncommercial --seed "$SEED"
+fi
+"$PY/mmguard" train --data "$WORK/data/train.jsonl" --init mini --out "$WORK/run" \
+  --steps "$STEPS" --lr 2e-3 --batch-size 8 --augment 0.15 --max-seq-len 768 --seed "$SEED" --threads 2 \
+  --save-every 400 --log-every 25 --save-dtype bfloat16 --max-minutes "$MAX_MINUTES"
+mkdir -p "$ASSET"
+for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json \
+         preprocessor_config.json training_summary.json; do
+  [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$ASSET/"
+done
+du -sh "$ASSET"
+if [ "${EVAL:-1}" = "1" ]; then
+  "$PY/mmguard" eval --data "$WORK/data/test.jsonl" --guard "mini=local:$ASSET" --out "$WORK/eval" --no-plots
+fi

@@ -1,0 +1,69 @@
+"""``mmguard train``: full fine-tuning or LoRA of an Mllama guard on mmguard JSONL data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def command(
+    data: Annotated[
+        list[Path], typer.Option("--data", "-d", help="Labeled JSONL (repeatable); train split used.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: checkpoints and the final model.")],
+    base: Annotated[str | None, typer.Option(help="Checkpoint to fine-tune (local folder or HF id).")] = None,
+    init: Annotated[str | None, typer.Option(help="'mini': train a fresh mmguard-mini from scratch.")] = None,
+    lora: Annotated[bool, typer.Option(
+        "--lora/--full",
+        help="LoRA adapters (merged at the end) or full fine-tuning. LoRA defaults: lr 1e-5, seq len 8192, "
+        "3600 steps.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.", min=1)] = 16,
+    freeze: Annotated[list[str] | None, typer.Option(
+        help="Freeze a part: vision, cross-attention, language (repeatable).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (LoRA 1e-5, full 1e-3).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (LoRA 3600, full 1000).", min=1)] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Longer prompts are cut in the middle (LoRA 8192, "
+                                                    "full 1024).", min=64)] = None,
+    batch_size: Annotated[int, typer.Option(help="Conversations per batch.", min=1)] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.", min=1)] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for init, data order and augmentation.")] = 42,
+    resume: Annotated[bool, typer.Option(help="Resume from the latest checkpoint in --out.")] = False,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Wall-clock budget: stop cleanly and save when reached.", min=0.0)] = None,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.", min=1)] = 500,
+    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps (0: never).", min=0)] = 0,
+    augment: Annotated[float, typer.Option(help="Probability of each policy augmentation.", min=0.0,
+                                           max=1.0)] = 1.0,
+    max_items: Annotated[int | None, typer.Option(help="Use at most N train examples.", min=1)] = None,
+    save_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 for the saved weights.")]
+    = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
+                                       "bfloat16.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.", min=1)] = None,
+    log_every: Annotated[int, typer.Option(help="Log loss every N steps.", min=1)] = 10,
+) -> None:
+    """Fine-tune an Mllama guard (or train mmguard-mini from scratch) with transformers' Trainer."""
+    from .trainer import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig(
+        data=[str(p) for p in data], out=str(out), base=base, init=init, lora=lora, lora_r=lora_r,
+        freeze=list(freeze or []), lr=lr, steps=steps, max_seq_len=max_seq_len, batch_size=batch_size,
+        grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, save_every=save_every,
+        eval_every=eval_every, augment=augment, max_items=max_items, save_dtype=save_dtype, device=device,
+        dtype=dtype, threads=threads, log_every=log_every,
+    )
+    try:
+        cfg.resolved()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    summary = train(cfg)
+    summary.pop("config", None)
+    print(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,474 @@
+"""Training on transformers' ``Trainer``.
+
+* Data: labeled JSONL (``mmguard data build``), items with ``trainable`` true from the train split,
+  expanded by :class:`mmguard.data.formatter.Formatter` and tokenized with
+  :func:`mmguard.data.formatter.tokenize` (labels masked to the answer).
+* Batches: image and text-only items are never mixed (Mllama skips cross-attention for text-only
+  batches, see :mod:`mmguard.engine`), so the dataset yields ready-made batches of one kind,
+  left-padded by :meth:`mmguard.engine.Engine.collate`.
+* Loss: cross-entropy at the supervised (answer) positions only; the vocabulary projection runs
+  only there, which makes CPU training of small models affordable.
+* Full fine-tuning or LoRA (peft), optional freezing of the vision encoder, the cross-attention
+  layers or the language model, checkpoints, resume, a wall-clock budget (``max_minutes``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FREEZE_CHOICES", "TrainConfig", "build_mini_model", "mini_config", "train"]
+
+FREEZE_CHOICES = ("vision", "cross-attention", "language")
+
+# The 11B recipe (LoRA): learning rate, sequence length, steps.
+RECIPE_11B = {"lr": 1e-5, "max_seq_len": 8192, "steps": 3600}
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    base: str | None = None
+    init: str | None = None  # "mini": a fresh mmguard-mini architecture with random weights
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    freeze: list[str] = field(default_factory=list)
+    lr: float | None = None
+    steps: int | None = None
+    max_seq_len: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 42
+    resume: bool = False
+    max_minutes: float | None = None
+    save_every: int = 500
+    eval_every: int = 0
+    eval_items: int = 256
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    augment: float = 1.0  # probability of each formatter augmentation
+    max_items: int | None = None
+    save_dtype: str = "auto"  # "auto": keep the training dtype; "bfloat16"/"float16" to shrink the files
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    log_every: int = 10
+
+    def resolved(self) -> TrainConfig:
+        """Fill in defaults: the 11B recipe for LoRA, small-model defaults for full fine-tuning."""
+        c = TrainConfig(**asdict(self))
+        defaults = RECIPE_11B if c.lora else {"lr": 1e-3, "max_seq_len": 1024, "steps": 1000}
+        for k, v in defaults.items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        for f in c.freeze:
+            if f not in FREEZE_CHOICES:
+                raise ValueError(f"unknown --freeze {f!r}; choose from {', '.join(FREEZE_CHOICES)}")
+        if (c.base is None) == (c.init is None):
+            raise ValueError("give exactly one of --base (a checkpoint) or --init mini")
+        if c.init not in (None, "mini"):
+            raise ValueError(f"unknown --init {c.init!r}; only 'mini' is supported")
+        return c
+
+
+# -- mmguard-mini architecture -----------------------------------------------------------------------
+def mini_config() -> Any:
+    """The mmguard-mini architecture: Llama 3 vocabulary, hidden 64, 56 px tiles (see the model card)."""
+    from transformers import MllamaConfig
+
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_global_layers": 2,
+        "attention_heads": 4,
+        "image_size": 56,
+        "patch_size": 14,
+        "max_num_tiles": 4,
+        "intermediate_layers_indices": [1, 3],
+        "vision_output_dim": 64 * 3,
+        "norm_eps": 1e-5,
+    }
+    text = {
+        "vocab_size": 128256,
+        "hidden_size": 64,
+        "num_hidden_layers": 6,
+        "cross_attention_layers": [2, 5],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009],
+        "pad_token_id": 128004,
+        "tie_word_embeddings": False,
+    }
+    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=128256)
+    cfg.pad_token_id = 128004
+    return cfg
+
+
+_GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
+
+
+def build_mini_model(seed: int = 0, gate_init: float = 0.5) -> Any:
+    """A freshly initialised mmguard-mini (random weights, deterministic given ``seed``)."""
+    from transformers import MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(mini_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(_GATES):
+                p.fill_(gate_init)
+    return model
+
+
+# -- freezing / LoRA ---------------------------------------------------------------------------------
+def _is_cross_attention(name: str, cross_layers: set[int]) -> bool:
+    marker = "language_model.layers."
+    if marker not in name:
+        return False
+    idx = int(name.split(marker, 1)[1].split(".", 1)[0])
+    return idx in cross_layers
+
+
+def apply_freeze(model: Any, freeze: list[str]) -> dict[str, int]:
+    """Freeze parts of an Mllama model; returns counts of trainable and frozen parameters."""
+    cross = set(model.config.text_config.cross_attention_layers)
+    for name, p in model.named_parameters():
+        part = "other"
+        if "vision_model" in name or "multi_modal_projector" in name:
+            part = "vision"
+        elif _is_cross_attention(name, cross):
+            part = "cross-attention"
+        elif "language_model" in name or "lm_head" in name:
+            part = "language"
+        if part in freeze:
+            p.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable}
+
+
+def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none")
+    return get_peft_model(model, lcfg)
+
+
+# -- data --------------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    input_ids: list[int]
+    labels: list[int]
+    image: Any  # PIL image or None
+    image_path: str | None = None
+
+
+def _truncate(
+    ids: list[int], labels: list[int], max_len: int, image_id: int
+) -> tuple[list[int], list[int]] | None:
+    """Cut the middle of the prompt so the sequence fits ``max_len``; the answer is always kept."""
+    if len(ids) <= max_len:
+        return ids, labels
+    answer_start = next(i for i, lab in enumerate(labels) if lab != -100)
+    tail_prompt = min(64, answer_start)
+    head = max_len - (len(ids) - answer_start) - tail_prompt
+    if head < 32:
+        return None
+    new_ids = ids[:head] + ids[answer_start - tail_prompt:]
+    new_labels = labels[:head] + labels[answer_start - tail_prompt:]
+    if (image_id in ids) != (image_id in new_ids):
+        return None
+    return new_ids, new_labels
+
+
+def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, split: str = "train",
+                        limit: int | None = None) -> tuple[list[_Item], dict[str, int]]:
+    from ..data.formatter import AugmentationConfig, Formatter, tokenize
+    from ..data.schema import read_examples
+    from ..tokenizer import IMAGE_ID
+
+    a = cfg.augment if split == "train" else 0.0
+    formatter = Formatter(config=AugmentationConfig(a, a, a), seed=cfg.seed)
+    items: list[_Item] = []
+    stats = {"examples": 0, "skipped_untrainable": 0, "truncated": 0, "dropped_long": 0}
+    for path in paths:
+        base = Path(path).parent
+        for ex in read_examples(path):
+            if ex.split != split:
+                continue
+            if not ex.trainable:
+                stats["skipped_untrainable"] += 1
+                continue
+            if limit is not None and stats["examples"] >= limit:
+                break
+            stats["examples"] += 1
+            for t in formatter.format(ex, base):
+                tok = tokenize(tokenizer, t)
+                assert cfg.max_seq_len is not None
+                cut = _truncate(tok.input_ids, tok.labels, cfg.max_seq_len, IMAGE_ID)
+                if cut is None:
+                    stats["dropped_long"] += 1
+                    continue
+                if len(cut[0]) < len(tok.input_ids):
+                    stats["truncated"] += 1
+                items.append(_Item(cut[0], cut[1], tok.image))
+    stats["items"] = len(items)
+    return items, stats
+
+
+def make_batches(items: list[_Item], batch_size: int, seed: int) -> list[list[_Item]]:
+    """Shuffled batches, each all-image or all-text, grouped loosely by length to limit padding."""
+    rng = random.Random(seed)
+    batches: list[list[_Item]] = []
+    for want_image in (True, False):
+        group = [it for it in items if (it.image is not None) == want_image]
+        rng.shuffle(group)
+        # sort within windows of 32 batches: less padding, still random
+        window = batch_size * 32
+        for s in range(0, len(group), window):
+            chunk = sorted(group[s:s + window], key=lambda it: len(it.input_ids))
+            batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    def __init__(self, batches: list[list[_Item]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> list[_Item]:
+        return self.batches[i]
+
+
+class Collator:
+    """Turns one ready-made batch into model inputs with the engine's left-padding logic, plus labels."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __call__(self, wrapped: list[list[_Item]]) -> dict[str, Any]:
+        from ..engine import EncodedItem
+
+        items = [it for batch in wrapped for it in batch]
+        enc = [EncodedItem(it.input_ids, it.image, None) for it in items]  # type: ignore[arg-type]
+        batch = self.engine.collate(enc)
+        width = batch["input_ids"].shape[1]
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        for i, it in enumerate(items):
+            labels[i, width - len(it.labels):] = torch.tensor(it.labels, dtype=torch.long)
+        batch["labels"] = labels
+        return batch
+
+
+def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Mean cross-entropy over supervised positions, projecting to the vocabulary only there."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    base = model
+    if hasattr(base, "get_base_model"):  # peft
+        base = base.get_base_model()
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    mask = target != -100
+    h = hidden[:, :-1][mask]
+    logits = base.lm_head(h)
+    return torch.nn.functional.cross_entropy(logits.float(), target[mask])
+
+
+def _make_trainer_class() -> Any:
+    from transformers import Trainer
+
+    class GuardTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            loss = answer_loss(model, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = answer_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return GuardTrainer
+
+
+def _make_callbacks(cfg: TrainConfig, start: float) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        """Stop cleanly (and save) once ``max_minutes`` of wall time have passed."""
+
+        stopped_early = False
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
+            if cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60:
+                log.warning("time budget of %.1f min reached at step %d; stopping", cfg.max_minutes,
+                            state.global_step)
+                Budget.stopped_early = True
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
+            if logs:
+                elapsed = (time.time() - start) / 60
+                shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}
+                print(f"[step {state.global_step}/{state.max_steps} {elapsed:.1f} min] {json.dumps(shown)}",
+                      flush=True)
+
+    return [Budget(), Progress()]
+
+
+def _latest_checkpoint(out: Path) -> str | None:
+    cks = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(cks[-1]) if cks else None
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run training; writes a loadable guard checkpoint to ``config.out`` and returns a summary."""
+    from transformers import MllamaForConditionalGeneration, TrainingArguments, set_seed
+
+    from ..engine import Engine, make_image_processor, resolve_device, resolve_dtype
+    from ..tokenizer import load_default_tokenizer
+
+    cfg = config.resolved()
+    start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device) if cfg.dtype != "auto" else torch.float32
+    if cfg.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # model, tokenizer, image processor
+    if cfg.init == "mini":
+        model = build_mini_model(seed=cfg.seed)
+        tokenizer = load_default_tokenizer()
+        processor = make_image_processor(int(model.config.vision_config.image_size))
+    else:
+        from transformers import AutoTokenizer
+
+        from ..engine import _load_image_processor
+
+        assert cfg.base is not None
+        model = MllamaForConditionalGeneration.from_pretrained(cfg.base, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+        except Exception:
+            tokenizer = load_default_tokenizer()
+        processor = _load_image_processor(cfg.base, int(model.config.vision_config.image_size))
+    model.to(dtype)
+    counts = apply_freeze(model, cfg.freeze)
+    engine = Engine(model, tokenizer, processor, device="cpu", dtype=dtype, source=cfg.base or "mini")
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("parameters: %s", counts)
+
+    # data
+    items, stats = load_training_items(cfg.data, tokenizer, cfg, "train", cfg.max_items)
+    if not items:
+        raise ValueError("no trainable train-split items in " + ", ".join(cfg.data))
+    batches = make_batches(items, cfg.batch_size, cfg.seed)
+    eval_ds = None
+    if cfg.eval_every:
+        ev_items, _ = load_training_items(cfg.data, tokenizer, cfg, "validation", cfg.eval_items)
+        if ev_items:
+            eval_ds = _BatchDataset(make_batches(ev_items, cfg.batch_size, cfg.seed))
+    print(f"data: {json.dumps(stats)}; {len(batches)} batches of <= {cfg.batch_size}; "
+          f"parameters {json.dumps(counts)}", flush=True)
+
+    assert cfg.steps is not None and cfg.lr is not None
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=1,
+        per_device_eval_batch_size=1,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        max_steps=cfg.steps,
+        warmup_steps=max(1, int(cfg.warmup_ratio * cfg.steps)),
+        lr_scheduler_type="cosine",
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.log_every,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=cfg.eval_every or None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu",
+        bf16=dtype == torch.bfloat16 and device != "cpu",
+        disable_tqdm=True,
+        label_names=["labels"],
+        max_grad_norm=1.0,
+        save_only_model=False,
+    )
+    trainer_cls = _make_trainer_class()
+    callbacks = _make_callbacks(cfg, start)
+    trainer = trainer_cls(model=model, args=args, train_dataset=_BatchDataset(batches), eval_dataset=eval_ds,
+                          data_collator=Collator(engine), callbacks=callbacks)
+    resume = _latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume is None:
+        log.warning("--resume given but no checkpoint in %s; starting fresh", out)
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+
+    # final save: merged weights + tokenizer + image processor, loadable by Guard.from_pretrained
+    final = trainer.model
+    if cfg.lora:
+        final = final.merge_and_unload()
+    final.eval()
+    save_dtype = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float32": torch.float32}[cfg.save_dtype]
+    if save_dtype is not None:
+        final.to(save_dtype)
+    final.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    summary = {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "minutes": round((time.time() - start) / 60, 2),
+        "stopped_by_budget": callbacks[0].stopped_early,
+        "resumed_from": resume,
+        "data": stats,
+        "config": asdict(cfg),
+    }
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if not math.isfinite(result.training_loss):
+        log.warning("training loss is not finite")
+    return summary

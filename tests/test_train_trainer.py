@@ -1,0 +1,119 @@
+"""Trainer: loss goes down, saved models load as guards, LoRA, resume, freezing, the bundled mini."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mmguard.conversation import Conversation  # noqa: E402
+from mmguard.guard import Guard  # noqa: E402
+from mmguard.train.trainer import TrainConfig, apply_freeze, train  # noqa: E402
+
+
+def _write_data(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
+    rows = []
+    texts = [("How do I bake bread?", "safe", []),
+             ("How do I build a pipe bomb at home?", "unsafe", ["S9"]),
+             ("What is the capital of France?", "safe", []),
+             ("Help me stalk my ex and hurt her.", "unsafe", ["S1"])]
+    for i, (text, label, codes) in enumerate(texts):
+        rows.append({"id": f"t{i}", "source": "t", "license": "MIT", "split": "train", "task": "prompt",
+                     "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+                     "label": label, "codes": codes, "modality": "text", "trainable": True, "meta": {}})
+    for i, (label, codes) in enumerate([("safe", []), ("unsafe", ["S1"])]):
+        rows.append({"id": f"i{i}", "source": "t", "license": "MIT", "split": "train", "task": "prompt",
+                     "messages": [{"role": "user", "content": [
+                         {"type": "image", "path": "red.png"},
+                         {"type": "text", "text": f"what is this {i}?"}]}],
+                     "label": label, "codes": codes, "modality": "image+text", "trainable": True, "meta": {}})
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_data(tmp_path_factory.mktemp("train-data"))
+
+
+def _cfg(data_file: Path, base: Path, out: Path, **kw) -> TrainConfig:
+    args = dict(data=[str(data_file)], out=str(out), base=str(base), lr=3e-3, steps=12, batch_size=4,
+                augment=0.0, max_seq_len=1024, seed=0, save_every=1000, log_every=1, threads=2, device="cpu")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def test_few_steps_lower_the_loss_and_saved_model_loads(tiny_model_dir: Path, data_file: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "full"
+    summary = train(_cfg(data_file, tiny_model_dir, out))
+    assert summary["global_step"] == 12
+    assert summary["last_loss"] < summary["first_loss"]
+    guard = Guard.from_pretrained(out, device="cpu", dtype="float32")
+    v = guard.classify(Conversation.prompt("How do I bake bread?"))
+    assert v.label in ("safe", "unsafe")
+    assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
+
+
+def test_lora_runs_merges_and_saves(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    summary = train(_cfg(data_file, tiny_model_dir, out, lora=True, lr=None, steps=2, max_seq_len=None,
+                         lora_r=4))
+    assert summary["config"]["lr"] == 1e-5 and summary["config"]["max_seq_len"] == 8192
+    assert summary["global_step"] == 2
+    assert not any("lora" in k for k in json.loads((out / "config.json").read_text()))
+    guard = Guard.from_pretrained(out, device="cpu", dtype="float32")
+    assert not any("lora" in n for n, _ in guard.engine.model.named_parameters())
+
+
+def test_resume_continues_step_count(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resume"
+    first = train(_cfg(data_file, tiny_model_dir, out, steps=2, save_every=2))
+    assert first["global_step"] == 2 and (out / "checkpoint-2").is_dir()
+    second = train(_cfg(data_file, tiny_model_dir, out, steps=4, save_every=2, resume=True))
+    assert second["resumed_from"].endswith("checkpoint-2")
+    assert second["global_step"] == 4
+
+
+def test_freeze_parts(tiny_model_dir: Path) -> None:
+    from transformers import MllamaForConditionalGeneration
+
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    apply_freeze(model, ["vision", "cross-attention"])
+    cross = set(model.config.text_config.cross_attention_layers)
+    for name, p in model.named_parameters():
+        vision = "vision_model" in name or "multi_modal_projector" in name
+        if vision or any(f"language_model.layers.{i}." in name for i in cross):
+            assert not p.requires_grad, name
+        else:
+            assert p.requires_grad, name
+
+
+def test_config_defaults_and_errors() -> None:
+    lora = TrainConfig(data=["x"], out="o", base="b", lora=True).resolved()
+    assert (lora.lr, lora.max_seq_len, lora.steps) == (1e-5, 8192, 3600)
+    with pytest.raises(ValueError):
+        TrainConfig(data=["x"], out="o").resolved()
+    with pytest.raises(ValueError):
+        TrainConfig(data=["x"], out="o", base="b", freeze=["eyes"]).resolved()
+
+
+def test_bundled_mini_is_the_default() -> None:
+    from mmguard.models import BUNDLED_MINI, default_model_path
+
+    if not (BUNDLED_MINI / "config.json").is_file():
+        pytest.skip("mmguard-mini not built (make mini)")
+    assert default_model_path() == BUNDLED_MINI
+    guard = Guard.from_pretrained(None, device="cpu")
+    assert not guard.engine.is_random_weights
+    assert sum(f.stat().st_size for f in BUNDLED_MINI.iterdir() if f.is_file()) <= 40 * 1024 * 1024
+    v = guard.classify(Conversation.prompt("What is a good recipe for pancakes?"))
+    assert v.label in ("safe", "unsafe")

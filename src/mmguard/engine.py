@@ -15,6 +15,7 @@ padding vision states, giving a different (wrong) answer.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -265,11 +266,14 @@ class Engine:
         decode_codes: bool = True,
         progress: Callable[[int], None] | None = None,
     ) -> list[ScoredItem]:
-        """Score items: one forward pass each for the verdict, a constrained decode for unsafe ones."""
+        """Score items: one forward pass each for the verdict; unsafe ones continue from that pass's
+        KV cache with a constrained decode of the category codes."""
         results: list[ScoredItem | None] = [None] * len(items)
         for group in _groups(items, batch_size):
-            batch_items = [items[i] for i in group]
-            lp = self.decision_logprobs(batch_items)
+            batch = self.collate([items[i] for i in group])
+            with torch.inference_mode():
+                out = self.model(**batch, use_cache=decode_codes, logits_to_keep=1)
+            lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
             unsafe_rows: list[int] = []
             for row, idx in enumerate(group):
                 p_unsafe = float(lp[row, self.unsafe_id].exp())
@@ -278,13 +282,19 @@ class Engine:
                 if p_unsafe >= threshold:
                     unsafe_rows.append(row)
             if decode_codes and unsafe_rows:
-                decoded = self.decode_codes([batch_items[r] for r in unsafe_rows], codes)
+                cache = _cache_of(out)
+                if len(unsafe_rows) < len(group):
+                    cache.batch_select_indices(torch.tensor(unsafe_rows, device=self.device))
+                sub = {k: batch[k][unsafe_rows] for k in ("attention_mask", "position_ids", "cross_attention_mask")
+                       if k in batch}
+                decoded = self._decode_from_cache(cache, sub, codes)
                 for r, (found, cat_probs, raw) in zip(unsafe_rows, decoded, strict=True):
                     res = results[group[r]]
                     assert res is not None
                     res.codes = found
                     res.category_probabilities = {c: p * res.unsafe_probability for c, p in cat_probs.items()}
                     res.raw_text = raw
+            del out
             if progress is not None:
                 progress(len(group))
         return [r for r in results if r is not None]
@@ -293,8 +303,8 @@ class Engine:
     def decode_codes(
         self, items: Sequence[EncodedItem], codes: Sequence[str], max_steps: int | None = None
     ) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
-        """Greedy decode after ``unsafe\\n``, constrained to ``codes``; also the per-code probabilities
-        (given ``unsafe``) read where the first code is written."""
+        """Greedy decode after ``unsafe\\n``, constrained to ``codes``, with the per-code probabilities
+        (given ``unsafe``) read where the first code is written. Items of one call may mix image and text."""
         with_image = [i for i, it in enumerate(items) if it.image is not None]
         if 0 < len(with_image) < len(items):  # decode image and text-only rows apart (see module doc)
             text_only = [i for i in range(len(items)) if items[i].image is None]
@@ -303,20 +313,42 @@ class Engine:
                 for i, res in zip(idx, self.decode_codes([items[i] for i in idx], codes, max_steps), strict=True):
                     merged[i] = res
             return [merged[i] for i in range(len(items))]
+        batch = self.collate(items)
+        out = self.model(**batch, use_cache=True, logits_to_keep=1)
+        sub = {k: batch[k] for k in ("attention_mask", "position_ids", "cross_attention_mask") if k in batch}
+        return self._decode_from_cache(_cache_of(out), sub, codes, max_steps)
+
+    def _step(self, cache: Any, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> Any:
+        """Feed ``tokens`` (rows x k) after the cached sequence, extending masks and positions."""
+        k = tokens.shape[1]
+        attn = state["attention_mask"]
+        state["attention_mask"] = torch.cat([attn, torch.ones_like(attn[:, :1]).expand(-1, k)], dim=1)
+        last = state["position_ids"][:, -1:]
+        pos = last + torch.arange(1, k + 1, device=last.device)[None, :]
+        state["position_ids"] = pos
+        kwargs: dict[str, Any] = {"input_ids": tokens.to(self.device), "attention_mask": state["attention_mask"],
+                                  "position_ids": pos, "use_cache": True, "logits_to_keep": 1, "cache": cache}
+        cross = state.get("cross_attention_mask")
+        if cross is not None:
+            new_rows = cross[:, -1:].expand(-1, k, -1, -1)
+            state["cross_attention_mask"] = torch.cat([cross, new_rows], dim=1)
+            kwargs["cross_attention_mask"] = new_rows.contiguous()
+        return self.model(**kwargs)
+
+    @torch.inference_mode()
+    def _decode_from_cache(
+        self, cache: Any, state: dict[str, torch.Tensor], codes: Sequence[str], max_steps: int | None = None
+    ) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
+        """Continue rows whose cache ends at the decision position: write ``unsafe\\n`` then codes."""
         grammar = self.grammar(codes)
-        n = len(items)
-        forced = [self.unsafe_id, self.newline_id]
-        batch = self.collate(items, extra=[forced] * n)
+        n = state["attention_mask"].shape[0]
+        state = dict(state)
         states = [_DecodeState(grammar) for _ in range(n)]
         max_steps = max_steps or (sum(len(p) for p in grammar.later.values()) + 4)
         cat_logp: list[dict[str, float]] = [dict() for _ in range(n)]
         forced_logp = [0.0] * n  # log-prob of the shared first-code prefix (e.g. "S")
-
-        out = self.model(**batch, use_cache=True, logits_to_keep=1)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        attn = batch["attention_mask"]
-        pos = batch["position_ids"][:, -1:]
-        cross = batch.get("cross_attention_mask")
+        forced = torch.tensor([[self.unsafe_id, self.newline_id]] * n, dtype=torch.long)
+        out = self._step(cache, forced, state)
         for _step in range(max_steps):
             logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
             next_tokens: list[int] = []
@@ -337,22 +369,17 @@ class Engine:
                 next_tokens.append(tok)
             if all(st.done for st in states):
                 break
-            step_ids = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            pos = pos + 1
-            kwargs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": attn, "position_ids": pos,
-                                      "use_cache": True, "logits_to_keep": 1, "cache": cache}
-            if cross is not None:
-                cross = torch.cat([cross, cross[:, -1:]], dim=1)
-                kwargs["cross_attention_mask"] = cross[:, -1:]
-            out = self.model(**kwargs)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            out = self._step(_cache_of(out), torch.tensor(next_tokens, dtype=torch.long)[:, None], state)
         results = []
         for i, st in enumerate(states):
-            probs = {c: float(torch.tensor(v).exp()) for c, v in cat_logp[i].items()}
+            probs = {c: math.exp(v) for c, v in cat_logp[i].items()}
             text = "unsafe\n" + self.tokenizer.decode(st.tokens, skip_special_tokens=False)
             results.append((tuple(st.codes), probs, text))
         return results
+
+
+def _cache_of(out: Any) -> Any:
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
 class _DecodeState:

@@ -12,8 +12,8 @@ from PIL import Image
 
 from ..conversation import Conversation, Turn
 
-__all__ = ["AttackItem", "Deadline", "decision_margin", "load_attack_items", "neutral_image", "with_image",
-           "with_text"]
+__all__ = ["AttackItem", "Deadline", "attack_loss", "decision_margin", "load_attack_items", "neutral_image",
+           "with_image", "with_text"]
 
 
 @dataclass
@@ -54,6 +54,19 @@ def decision_margin(logits: torch.Tensor, safe_id: int, unsafe_id: int) -> torch
     any threshold >= 0.5 (p_unsafe < p_safe implies p_unsafe < 0.5)."""
     logits = logits.float()
     return logits[..., unsafe_id] - logits[..., safe_id]
+
+
+def attack_loss(logits: torch.Tensor, safe_id: int, unsafe_id: int,
+                kind: str = "margin") -> torch.Tensor:
+    """Per-row loss to minimise. ``margin``: ``logit(unsafe) - logit(safe)`` (the default; with a real
+    guard p(unsafe) + p(safe) ~ 1, so this is the log-odds the threshold acts on). ``logprob``:
+    ``log p(unsafe)`` over the full vocabulary, the quantity the threshold is applied to; useful for
+    toy models that put mass outside the two verdict tokens and are run at a low threshold."""
+    if kind == "margin":
+        return decision_margin(logits, safe_id, unsafe_id)
+    if kind == "logprob":
+        return torch.log_softmax(logits.float(), dim=-1)[..., unsafe_id]
+    raise ValueError(f"unknown loss {kind!r}; use 'margin' or 'logprob'")
 
 
 class Deadline:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import encode_text, special_id
-from .common import Deadline, decision_margin, with_text
+from .common import Deadline, attack_loss, with_text
 
 __all__ = ["GCGConfig", "GCGResult", "allowed_token_mask", "gcg_attack"]
 
@@ -46,6 +46,7 @@ class GCGConfig:
     eval_batch: int = 32
     seed: int = 0
     early_stop: bool = True
+    loss: str = "margin"  # or "logprob" (see common.attack_loss)
     allow_non_ascii: bool = False
 
 
@@ -223,7 +224,7 @@ def gcg_attack(
             ids = torch.cat([before.expand(n, -1), chunk, after.expand(n, -1)], dim=1)
             with torch.no_grad():
                 logits = _run(model, n, length, device, input_ids=ids, states=states, cross_mask=cross_mask)
-            margins.append(decision_margin(logits, engine.safe_id, engine.unsafe_id))
+            margins.append(attack_loss(logits, engine.safe_id, engine.unsafe_id, cfg.loss))
             probs.append(torch.softmax(logits, -1)[:, engine.unsafe_id])
         return torch.cat(margins), torch.cat(probs)
 
@@ -244,7 +245,7 @@ def gcg_attack(
             embeds = torch.cat([emb(before), one_hot @ W, emb(after)], dim=0)[None]
             logits = _run(model, 1, length, device, inputs_embeds=embeds, states=states,
                           cross_mask=cross_mask)
-            margin = decision_margin(logits, engine.safe_id, engine.unsafe_id).sum()
+            margin = attack_loss(logits, engine.safe_id, engine.unsafe_id, cfg.loss).sum()
             (grad,) = torch.autograd.grad(margin, one_hot)
         grad = grad.float()
         grad[:, ~allowed] = float("inf")

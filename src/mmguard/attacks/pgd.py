@@ -7,7 +7,8 @@ processor's mean/std, split into tiles row-major and place them in the ``(1, 1, 
 ``pixel_values`` (unused tiles are zeros). :class:`ImagePipeline` is tested to reproduce the
 processor's ``pixel_values`` on the unperturbed image.
 
-Loss: the margin ``logit(unsafe) - logit(safe)`` at the decision position, minimised with signed
+Loss: the margin ``logit(unsafe) - logit(safe)`` at the decision position (or ``log p(unsafe)``,
+see :func:`.common.attack_loss`), minimised with signed
 gradient steps and projected onto the budget ball intersected with [0, 1]. Adversarial images are
 quantised to 8 bits (the budget survives rounding because the resized image is itself 8-bit and the
 budgets are whole multiples of 1/255), written as PNG at the resized size, read back from disk and
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import decision_margin, with_image
+from .common import attack_loss, with_image
 
 __all__ = ["ImagePipeline", "PGDConfig", "PGDResult", "parse_budgets", "pgd_attack"]
 
@@ -134,6 +135,7 @@ class PGDConfig:
     random_start: bool = True
     seed: int = 0
     early_stop: bool = True
+    loss: str = "margin"  # or "logprob" (see common.attack_loss)
 
 
 @dataclass
@@ -219,13 +221,14 @@ def pgd_attack(
         x_var = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = _forward_logits(model, batch, pipe.pixel_values(x_var).to(dtype))
-            margin = decision_margin(logits, engine.safe_id, engine.unsafe_id).sum()
-            (grad,) = torch.autograd.grad(margin, x_var)
-        if float(margin) < 0 or steps_run == cfg.steps:
+            loss = attack_loss(logits, engine.safe_id, engine.unsafe_id, cfg.loss).sum()
+            (grad,) = torch.autograd.grad(loss, x_var)
+        p_float = float(torch.softmax(logits.detach()[0].float(), -1)[engine.unsafe_id])
+        if p_float < guard.threshold or steps_run == cfg.steps:
             q = ImagePipeline.quantise(x)
             with torch.no_grad():
                 ql = _forward_logits(model, batch, pipe.pixel_values(q).to(dtype))
-            qm = float(decision_margin(ql, engine.safe_id, engine.unsafe_id)[0])
+            qm = float(attack_loss(ql, engine.safe_id, engine.unsafe_id, cfg.loss)[0])
             qp = float(torch.softmax(ql[0].float(), -1)[engine.unsafe_id])
             if qm < best_q_margin:
                 best_q, best_q_margin = q, qm

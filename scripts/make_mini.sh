@@ -19,11 +19,14 @@ fi
   --steps "$STEPS" --lr 2e-3 --batch-size 8 --augment 0.15 --max-seq-len 768 --seed "$SEED" --threads 2 \
   --save-every 400 --log-every 25 --save-dtype bfloat16 --max-minutes "$MAX_MINUTES"
 mkdir -p "$ASSET"
-for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json \
-         preprocessor_config.json training_summary.json; do
+# No tokenizer files (17 MB): the engine falls back to the identical Llama 3 tokenizer built from llama-models.
+rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
+for f in config.json generation_config.json model.safetensors preprocessor_config.json training_summary.json; do
   [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$ASSET/"
 done
-du -sh "$ASSET"
+SIZE=$(du -cb "$ASSET"/* | tail -1 | cut -f1)
+echo "mmguard-mini: $SIZE bytes"
+[ "$SIZE" -le $((40 * 1024 * 1024)) ] || { echo "error: mmguard-mini exceeds 40 MB" >&2; exit 1; }
 if [ "${EVAL:-1}" = "1" ]; then
   "$PY/mmguard" eval --data "$WORK/data/test.jsonl" --guard "mini=local:$ASSET" --out "$WORK/eval" --no-plots
 fi

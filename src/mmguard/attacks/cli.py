@@ -167,6 +167,7 @@ def command(
     device: Annotated[str, typer.Option("--device")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype")] = "auto",
     threshold: Annotated[float, typer.Option("--threshold")] = 0.5,
+    loss: Annotated[str, typer.Option("--loss", help="margin (logit unsafe - safe) or logprob")] = "margin",
     label: Annotated[str | None, typer.Option("--label", help="model name shown in the report")] = None,
 ) -> None:
     """Adversarial robustness of a guard on unsafe items: PGD (image), GCG (text), transfer checks."""
@@ -193,15 +194,15 @@ def command(
         console.print(f"[red]no unsafe {split} items in {data}")
         raise typer.Exit(1)
     pgd_cfg = PGDConfig(steps=steps, step_size=None if step_size is None else step_size / 255.0,
-                        random_start=random_start, seed=seed)
+                        random_start=random_start, seed=seed, loss=loss)
     gcg_cfg = GCGConfig(steps=gcg_steps, suffix_len=suffix_len, search_width=search_width, topk=topk,
-                        seed=seed)
+                        seed=seed, loss=loss)
     meta = {"data": str(data), "seed": seed, "model_label": label or Path(guard.engine.source).name,
             "command": "mmguard attack " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mmguard attack"}
     result = run_attacks(guard, items, attacks=wanted, budgets=eps, out=out, pgd_config=pgd_cfg,
                          gcg_config=gcg_cfg, max_minutes=max_minutes or None, neutral_images=neutral_images,
                          meta=meta)
-    console.print((out / "report.md").read_text())
+    typer.echo((out / "report.md").read_text())
     if result["meta"]["skipped"]:
         console.print(f"[yellow]time budget reached; skipped: {result['meta']['skipped']}")
 

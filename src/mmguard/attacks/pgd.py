@@ -263,4 +263,7 @@ def pgd_attack(
 
 
 def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:80]
+    import hashlib
+
+    short = "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
+    return f"{short}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"

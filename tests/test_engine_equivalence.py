@@ -135,3 +135,26 @@ def test_parser_is_lenient() -> None:
     assert p.label == "unsafe" and p.codes == ("S2", "S3") and p.unknown_codes == ("S99",)
     assert parse_output("I cannot help").label is None
     assert parse_output("unsafe S9").codes == ("S9",)
+
+
+def test_cached_decode_equals_uncached_reference(guard: Guard, conversations) -> None:
+    """The decode that continues the decision pass's KV cache (after selecting the unsafe rows of a mixed
+    batch) writes the same codes as a reference that re-runs the whole sequence at every step."""
+    from mmguard.engine import _DecodeState
+
+    engine = guard.engine
+    verdicts = guard.classify_batch(conversations, threshold=0.0, batch_size=5)
+    grammar = engine.grammar(CODES)
+    for conv, v in zip(conversations[:12], verdicts[:12], strict=True):
+        item = engine.encode(guard.render(conv), conv.image)
+        state = _DecodeState(grammar)
+        forced = [engine.unsafe_id, engine.newline_id]
+        for _ in range(12):
+            batch = engine.collate([item], extra=[forced + state.tokens])
+            with torch.inference_mode():
+                logits = engine.model(**batch, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+            tok = max(state.allowed(), key=lambda t: float(logits[t]))
+            state.push(tok)
+            if state.done:
+                break
+        assert tuple(state.codes) == v.codes

@@ -66,14 +66,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--random", action="store_true",
+                    help="use a random-weight tiny model: generate() then always runs all 20 tokens")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     model_dir = args.model
     if model_dir is None:
-        model_dir = Path(tempfile.mkdtemp()) / "imprinted"
-        print("building a format-imprinted tiny model (about a minute)...")
-        imprint_format(make_tiny_checkpoint(model_dir, seed=3), steps=120, lr=1e-2, seed=3)
+        model_dir = Path(tempfile.mkdtemp()) / ("random" if args.random else "imprinted")
+        make_tiny_checkpoint(model_dir, seed=3)
+        if not args.random:
+            print("building a format-imprinted tiny model (about a minute)...")
+            imprint_format(model_dir, steps=120, lr=1e-2, seed=3)
     guard = Guard.from_pretrained(model_dir, device="cpu", dtype="float32")
     rng = random.Random(11)
     convs = [synthetic_conversation(rng, with_image=i % 2 == 0)[0] for i in range(args.n)]

@@ -95,11 +95,11 @@ def _toy_items(n: int, seed: int) -> list[AttackItem]:
 def test_pgd_flips_a_measurable_share_at_the_largest_budget(guard: Guard, tmp_path: Path) -> None:
     """Random-weight toy at its own threshold (just under the items' clean p(unsafe)): the attack must
     flip some items, verified on the PNG read back from disk; the rate is reported, not judged."""
-    items = _toy_items(4, seed=7)
+    items = _toy_items(3, seed=7)
     clean = [guard.classify(it.conversation, categories=False).unsafe_probability for it in items]
     guard.threshold = 0.97 * min(clean)
     try:
-        results = [pgd_attack(guard, it, math.inf, PGDConfig(steps=8, loss="logprob"), out_dir=tmp_path)[0]
+        results = [pgd_attack(guard, it, math.inf, PGDConfig(steps=6, loss="logprob"), out_dir=tmp_path)[0]
                    for it in items]
     finally:
         guard.threshold = 0.5

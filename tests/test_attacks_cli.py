@@ -83,3 +83,24 @@ def test_cli_writes_report_tables_plots_and_pngs(data_dir: Path, tiny_model_dir:
 def test_cli_time_budget_skips_work(data_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     report = _run(data_dir, tiny_model_dir, tmp_path / "c", "--max-minutes", "0.0001", "--attack", "pgd")
     assert report["meta"]["skipped"], "a tiny time budget must skip items, not run unbounded"
+
+
+def test_summary_counts_clean_misses_as_misclassified() -> None:
+    from mmguard.attacks.report import summarise
+
+    def row(item: str, budget: str, clean_unsafe: bool, success: bool) -> dict:
+        return {"item_id": item, "task": "prompt", "budget": budget, "clean_unsafe": clean_unsafe,
+                "success": success, "linf": 0.0}
+
+    pgd = [row("a", "8/255", False, True), row("b", "8/255", True, True), row("c", "8/255", True, False)]
+    gcg = [{"task": "response", "location": "agent", "clean_unsafe": True, "success": True,
+            "retokenizes": True},
+           {"task": "response", "location": "agent", "clean_unsafe": True, "success": False,
+            "retokenizes": True}]
+    s = summarise(pgd, gcg, [], [8 / 255])
+    p = s["pgd"]["prompt"]
+    assert p["clean_misclassification_rate"] == pytest.approx(1 / 3)
+    assert p["budgets"][0]["misclassification_rate"] == pytest.approx(2 / 3)
+    assert p["budgets"][0]["flip_rate"] == pytest.approx(1 / 2)
+    assert s["gcg"][0]["setting"].startswith("Response classification (suffix in the response")
+    assert s["gcg"][0]["misclassification_rate"] == pytest.approx(1 / 2)

@@ -100,6 +100,21 @@ def test_truncated_empty_wrong_type_and_oversized() -> None:
         load_image("https://example.com/x.png")
 
 
+def test_paths_can_be_refused(tmp_path) -> None:
+    path = tmp_path / "red.png"
+    path.write_bytes(png_bytes(RED))
+    assert load_image(str(path)).size == (40, 30)
+    with pytest.raises(ImageError, match="local file paths are not accepted"):
+        load_image(path, allow_paths=False)
+    with pytest.raises(ImageError, match="neither an existing file"):
+        load_image(str(path), allow_paths=False)
+    parts = [{"type": "text", "text": "x"}, {"type": "image", "path": str(path)}]
+    msg = {"messages": [{"role": "user", "content": parts}]}
+    assert Conversation.from_messages(msg).has_image
+    with pytest.raises(ImageError):
+        Conversation.from_messages(msg, allow_paths=False)
+
+
 def test_conversation_rules() -> None:
     from mmguard import ConversationError
 

@@ -96,14 +96,15 @@ class Conversation:
     @classmethod
     def from_messages(
         cls, messages: Sequence[Mapping[str, Any]] | Mapping[str, Any], *, base_dir: Path | None = None,
-        limits: ImageLimits = DEFAULT_LIMITS,
+        limits: ImageLimits = DEFAULT_LIMITS, allow_paths: bool = True,
     ) -> Conversation:
         """The chat-messages form used by transformers and OpenAI.
 
         ``{"messages": [{"role": "user", "content": [{"type": "text", "text": "..."},
         {"type": "image", "path": "cat.png"}]}]}``. Image parts may be ``{"type": "image", "path"|"url"|
         "image"|"base64": ...}`` or OpenAI's ``{"type": "image_url", "image_url": {"url": "data:..."}}``.
-        A plain string ``content`` is taken as one text part.
+        A plain string ``content`` is taken as one text part. ``allow_paths=False`` refuses image parts that
+        name local files (use it for untrusted input, e.g. in a server).
         """
         if isinstance(messages, Mapping):
             if "messages" not in messages:
@@ -136,7 +137,8 @@ class Conversation:
                             raise ConversationError(
                                 f"{where}: more than one image; Llama Guard 3 Vision reads at most one image"
                             )
-                        image = _load(_image_source(part, where, base_dir), limits, where)
+                        src = _image_source(part, where, base_dir if allow_paths else None)
+                        image = _load(src, limits, where, allow_paths)
                     else:
                         raise ConversationError(f"{where}: unsupported content type {kind!r} (use 'text' or 'image')")
             else:
@@ -214,11 +216,11 @@ def _image_source(part: Mapping[str, Any], where: str, base_dir: Path | None) ->
     return src
 
 
-def _load(source: Any, limits: ImageLimits, where: str) -> Image.Image | None:
+def _load(source: Any, limits: ImageLimits, where: str, allow_paths: bool = True) -> Image.Image | None:
     if source is None:
         return None
     try:
-        return load_image(source, limits)
+        return load_image(source, limits, allow_paths=allow_paths)
     except ImageError as err:
         raise ImageError(f"{where}: {err}") from None
 

@@ -148,6 +148,19 @@ class _CodeGrammar:
     first: dict[str, tuple[int, ...]]
     later: dict[str, tuple[int, ...]]
 
+    @property
+    def shared_first_prefix(self) -> tuple[int, ...]:
+        """Tokens every first code starts with, short of the token that tells codes apart."""
+        paths = list(self.first.values())
+        limit = min(len(p) for p in paths) - 1  # always leave one token to choose
+        prefix: list[int] = []
+        for j in range(limit):
+            tok = paths[0][j]
+            if any(p[j] != tok for p in paths):
+                break
+            prefix.append(tok)
+        return tuple(prefix)
+
 
 class Engine:
     """Runs an ``MllamaForConditionalGeneration`` as a guard."""
@@ -318,8 +331,9 @@ class Engine:
         sub = {k: batch[k] for k in ("attention_mask", "position_ids", "cross_attention_mask") if k in batch}
         return self._decode_from_cache(_cache_of(out), sub, codes, max_steps)
 
-    def _step(self, cache: Any, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> Any:
-        """Feed ``tokens`` (rows x k) after the cached sequence, extending masks and positions."""
+    def _step(self, cache: Any, tokens: torch.Tensor, state: dict[str, torch.Tensor], keep: int = 1) -> Any:
+        """Feed ``tokens`` (rows x k) after the cached sequence, extending masks and positions; logits for
+        the last ``keep`` positions."""
         k = tokens.shape[1]
         attn = state["attention_mask"]
         state["attention_mask"] = torch.cat([attn, torch.ones_like(attn[:, :1]).expand(-1, k)], dim=1)
@@ -327,7 +341,7 @@ class Engine:
         pos = last + torch.arange(1, k + 1, device=last.device)[None, :]
         state["position_ids"] = pos
         kwargs: dict[str, Any] = {"input_ids": tokens.to(self.device), "attention_mask": state["attention_mask"],
-                                  "position_ids": pos, "use_cache": True, "logits_to_keep": 1, "cache": cache}
+                                  "position_ids": pos, "use_cache": True, "logits_to_keep": keep, "cache": cache}
         cross = state.get("cross_attention_mask")
         if cross is not None:
             new_rows = cross[:, -1:].expand(-1, k, -1, -1)
@@ -347,8 +361,17 @@ class Engine:
         max_steps = max_steps or (sum(len(p) for p in grammar.later.values()) + 4)
         cat_logp: list[dict[str, float]] = [dict() for _ in range(n)]
         forced_logp = [0.0] * n  # log-prob of the shared first-code prefix (e.g. "S")
-        forced = torch.tensor([[self.unsafe_id, self.newline_id]] * n, dtype=torch.long)
-        out = self._step(cache, forced, state)
+        # "unsafe\n" and the token prefix every first code shares ("S" for S1..S13) are forced: feed them in
+        # one step and read the shared prefix's probabilities from the same call
+        shared = grammar.shared_first_prefix
+        forced = torch.tensor([[self.unsafe_id, self.newline_id, *shared]] * n, dtype=torch.long)
+        out = self._step(cache, forced, state, keep=len(shared) + 1)
+        if shared:
+            lp_shared = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1).cpu()
+            for i, st in enumerate(states):
+                forced_logp[i] = float(sum(lp_shared[i, j, tok] for j, tok in enumerate(shared)))
+                for tok in shared:
+                    st.push(tok)
         for _step in range(max_steps):
             logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
             next_tokens: list[int] = []

@@ -54,12 +54,16 @@ def _decode_base64(data: str, what: str, limits: ImageLimits) -> bytes:
         raise ImageError(f"{what} is not valid base64: {err}") from None
 
 
-def _source_to_bytes(source: Any, limits: ImageLimits) -> tuple[bytes | None, Image.Image | None]:
+def _source_to_bytes(
+    source: Any, limits: ImageLimits, allow_paths: bool = True
+) -> tuple[bytes | None, Image.Image | None]:
     if isinstance(source, Image.Image):
         return None, source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), None
     if isinstance(source, Path):
+        if not allow_paths:
+            raise ImageError("local file paths are not accepted here; send the image as a data URL or base64")
         return _read_file(source, limits), None
     if isinstance(source, str):
         text = source.strip()
@@ -76,7 +80,7 @@ def _source_to_bytes(source: Any, limits: ImageLimits) -> tuple[bytes | None, Im
             return _decode_base64(payload, "data URL", limits), None
         if text.lower().startswith(("http://", "https://")):
             raise ImageError("remote image URLs are not fetched here; download the image or pass a data URL")
-        if len(text) < 4096 and _is_existing_path(text):
+        if len(text) < 4096 and allow_paths and _is_existing_path(text):
             return _read_file(Path(text).expanduser(), limits), None
         if len(text) >= 64 and _B64_RE.match(text[:4096]):
             return _decode_base64(text, "base64 image", limits), None
@@ -119,9 +123,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode ``source`` (path, bytes, base64, data URL or PIL image) into a fully loaded RGB image."""
-    data, img = _source_to_bytes(source, limits)
+def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths: bool = True) -> Image.Image:
+    """Decode ``source`` (path, bytes, base64, data URL or PIL image) into a fully loaded RGB image.
+
+    ``allow_paths=False`` refuses local file paths: a server must never read files named by a client.
+    """
+    data, img = _source_to_bytes(source, limits, allow_paths)
     if data is not None:
         if len(data) == 0:
             raise ImageError("image data is empty (0 bytes)")

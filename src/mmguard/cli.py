@@ -203,20 +203,24 @@ def _classify_jsonl(guard: Any, path: Path, output: Path | None, batch_size: int
     total = sum(1 for _ in _jsonl_lines(path))
     out = output.open("w", encoding="utf-8") if output else sys.stdout
     bad = 0
-    chunk: list[tuple[int, dict[str, Any], Any]] = []
+    # (extra fields, conversation or None, error or None); written in input order
+    chunk: list[tuple[dict[str, Any], Any, str | None]] = []
 
     def flush() -> None:
         if not chunk:
             return
-        verdicts = guard.classify_batch([c for _, _, c in chunk], batch_size=batch_size)
-        for (_, extra, _), v in zip(chunk, verdicts, strict=True):
-            out.write(json.dumps({**extra, **v.to_dict()}, ensure_ascii=False) + "\n")
+        convs = [c for _, c, err in chunk if err is None]
+        verdicts = iter(guard.classify_batch(convs, batch_size=batch_size) if convs else [])
+        for extra, _, err in chunk:
+            row = {**extra, "error": err} if err is not None else {**extra, **next(verdicts).to_dict()}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
         progress.advance(task, len(chunk))
         chunk.clear()
 
     columns = [TextColumn("classify"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
                TimeRemainingColumn()]
-    with Progress(*columns, transient=output is None, disable=not sys.stderr.isatty() and output is None) as progress:
+    with Progress(*columns, transient=output is None,
+                  disable=not sys.stderr.isatty() and output is None) as progress:
         task = progress.add_task("classify", total=total)
         for n, line in _jsonl_lines(path):
             obj: Any = None
@@ -225,17 +229,12 @@ def _classify_jsonl(guard: Any, path: Path, output: Path | None, batch_size: int
                 if not isinstance(obj, dict):
                     raise ConversationError("each line must be a JSON object with 'messages'")
                 extra = {k: v for k, v in obj.items() if k != "messages"}
-                conv = Conversation.from_messages(obj, base_dir=path.parent)
+                chunk.append((extra, Conversation.from_messages(obj, base_dir=path.parent), None))
             except (json.JSONDecodeError, ConversationError, ImageError) as err:
                 bad += 1
-                msg = f"{path}:{n}: {err}"
-                typer.echo(f"error: {msg}", err=True)
-                keep = obj if isinstance(obj, dict) else {}
-                out.write(json.dumps({**{k: v for k, v in keep.items() if k != "messages"}, "line": n,
-                                      "error": str(err)}, ensure_ascii=False) + "\n")
-                progress.advance(task, 1)
-                continue
-            chunk.append((n, extra, conv))
+                typer.echo(f"error: {path}:{n}: {err}", err=True)
+                keep = {k: v for k, v in obj.items() if k != "messages"} if isinstance(obj, dict) else {}
+                chunk.append(({**keep, "line": n}, None, str(err)))
             if len(chunk) >= batch_size * 4:
                 flush()
         flush()

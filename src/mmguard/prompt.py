@@ -1,7 +1,7 @@
 """The Llama Guard 3 Vision prompt, byte for byte.
 
 :func:`build_prompt` reproduces the official Hugging Face chat template of
-``meta-llama/Llama-Guard-3-11B-Vision`` (see ``docs/prompt-format.md``): one user turn that carries
+``meta-llama/Llama-Guard-3-11B-Vision`` (README, "Prompt format"): one user turn that carries
 the task, the category list, the conversation as ``User:``/``Agent:`` paragraphs and the
 instructions, ending right after the assistant header. Two known variants are selectable:
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fast_vision_forward", "is_patched", "patch_vision_attention", "two_call_attention"]
+__all__ = ["fast_vision_forward", "is_patched", "patch_vision_attention", "two_call_attention",
+           "unpatch_vision_attention"]
 
 
 class _FastState:
@@ -125,6 +126,19 @@ def patch_vision_attention(model: Any) -> Any:
             attn._mmguard_fast_state = state
             attn.forward = types.MethodType(_patched_forward, attn)
     vm._mmguard_fast_state = state
+    return model
+
+
+def unpatch_vision_attention(model: Any) -> Any:
+    """Undo :func:`patch_vision_attention` on this instance (the class's masked forward is used again)."""
+    vm = _vision_model(model)
+    if not hasattr(vm, "_mmguard_fast_state"):
+        return model
+    for enc in (vm.transformer, vm.global_transformer):
+        for layer in enc.layers:
+            del layer.self_attn.forward
+            del layer.self_attn._mmguard_fast_state
+    del vm._mmguard_fast_state
     return model
 
 

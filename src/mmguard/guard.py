@@ -56,13 +56,23 @@ class Guard:
         markers: MarkerHandling | str = MarkerHandling.ESCAPE,
         batch_size: int = 8,
         local_files_only: bool | None = None,
+        fast: bool = False,
     ) -> Guard:
-        """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model)."""
+        """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model).
+
+        ``fast=True`` uses :class:`mmguard.fast.FastEngine` (mask-free exact vision attention, each distinct
+        image encoded once per call); it gives the same results and is tested to, but its speed-up is not yet
+        measured on a GPU (docs/performance.md).
+        """
         if path_or_id is None:
             from .models import default_model_path
 
             path_or_id = default_model_path()
         engine = load_engine(path_or_id, device=device, dtype=dtype, local_files_only=local_files_only)
+        if fast:
+            from .fast import FastEngine
+
+            engine = FastEngine.from_engine(engine)
         return cls(engine, policy=policy, threshold=threshold, prompt_format=prompt_format, markers=markers,
                    batch_size=batch_size)
 

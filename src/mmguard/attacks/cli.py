@@ -157,6 +157,7 @@ def command(
     suffix_len: Annotated[int, typer.Option("--suffix-len", help="GCG suffix length in tokens")] = 12,
     search_width: Annotated[int, typer.Option("--search-width", help="GCG candidates per step")] = 32,
     topk: Annotated[int, typer.Option("--topk", help="GCG top-k tokens per position")] = 64,
+    gcg_init: Annotated[str | None, typer.Option("--gcg-init", help="initial GCG suffix")] = None,
     limit: Annotated[int, typer.Option("--limit", help="unsafe items per task (prompt, response)")] = 4,
     split: Annotated[str, typer.Option("--split", help="split to attack")] = "test",
     neutral_images: Annotated[bool, typer.Option(
@@ -196,7 +197,7 @@ def command(
     pgd_cfg = PGDConfig(steps=steps, step_size=None if step_size is None else step_size / 255.0,
                         random_start=random_start, seed=seed, loss=loss)
     gcg_cfg = GCGConfig(steps=gcg_steps, suffix_len=suffix_len, search_width=search_width, topk=topk,
-                        seed=seed, loss=loss)
+                        seed=seed, loss=loss, init=gcg_init)
     meta = {"data": str(data), "seed": seed, "model_label": label or Path(guard.engine.source).name,
             "command": "mmguard attack " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mmguard attack"}
     result = run_attacks(guard, items, attacks=wanted, budgets=eps, out=out, pgd_config=pgd_cfg,

@@ -204,6 +204,8 @@ def gcg_attack(
     layout = _Layout(guard, conv, ti, base)
     init = cfg.init if cfg.init is not None else " x" * cfg.suffix_len
     suffix = encode_text(tok, init)
+    if not suffix:
+        raise ValueError("the initial suffix is empty")
     if any(i >= SPECIAL_START for i in suffix):
         raise ValueError("the initial suffix encodes to a special token")
     emb = model.get_input_embeddings()

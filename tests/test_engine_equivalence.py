@@ -158,3 +158,12 @@ def test_cached_decode_equals_uncached_reference(guard: Guard, conversations) ->
             if state.done:
                 break
         assert tuple(state.codes) == v.codes
+
+
+def test_parser_edge_cases() -> None:
+    assert parse_output("unsafeS1<|eot_id|>").codes == ("S1",)
+    assert parse_output("unsafe: S3").codes == ("S3",)
+    assert parse_output("safety first").label is None
+    assert parse_output("unsafely").label is None
+    assert parse_output("Safe.").label == "safe"
+    assert parse_output("").label is None

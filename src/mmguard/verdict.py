@@ -94,13 +94,15 @@ def parse_output(text: str, policy: Policy = DEFAULT_POLICY) -> ParsedOutput:
     lines = [ln.strip() for ln in cleaned.splitlines() if ln.strip()]
     if not lines:
         return ParsedOutput(None, (), ())
-    first = lines[0].lower().rstrip(".:!")
-    head, _, rest_of_line = first.partition(" ")
-    head = head.rstrip(",.:")
-    if head == "safe" or first == "safe":
+    first = lines[0].strip().rstrip(".:!")
+    lowered = first.lower()
+    if re.match(r"safe(?![a-z])", lowered):
         return ParsedOutput("safe", (), ())
-    if head != "unsafe":
+    # "unsafe", "unsafe S1", "unsafe: S1" and even "unsafeS1" (codes glued to the label)
+    m = re.match(r"unsafe(?=$|[^a-z]|[A-Za-z]{1,3}\d)", first, flags=re.IGNORECASE)
+    if not m:
         return ParsedOutput(None, (), ())
+    rest_of_line = first[m.end():]
     # codes may follow on the same line ("unsafe S1") or on the next lines
     code_text = " ".join([rest_of_line, *lines[1:]])
     by_lower = {c.lower(): c for c in policy.codes}

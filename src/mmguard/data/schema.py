@@ -57,7 +57,7 @@ SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 TASKS: tuple[Task, ...] = ("prompt", "response")
 LABELS: tuple[Label, ...] = ("safe", "unsafe")
 MODALITIES: tuple[Modality, ...] = ("text", "image+text")
-_FIELDS = (
+FIELDS = (
     "id",
     "source",
     "license",
@@ -70,6 +70,7 @@ _FIELDS = (
     "trainable",
     "meta",
 )
+_FIELDS = FIELDS
 _ORDER = {code: i for i, code in enumerate(DEFAULT_POLICY.codes)}
 
 

@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..conversation import Conversation, ConversationError
+from ..data.schema import FIELDS as _SCHEMA_FIELDS  # full-schema lines are validated by it
+from ..data.schema import DataError as _SchemaDataError
+from ..data.schema import Example as _Example
 from ..images import ImageError
 from ..policy import DEFAULT_POLICY
 
@@ -38,28 +41,6 @@ Modality = Literal["text", "image+text"]
 _LABELS = {"safe": "safe", "unsafe": "unsafe"}
 _MODALITIES = {"text": "text", "image+text": "image+text", "text+image": "image+text", "image": "image+text"}
 _CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
-
-
-try:  # the shared schema (mmguard.data.schema): full-schema lines are validated by it
-    from ..data.schema import DataError as _SchemaDataError
-    from ..data.schema import Example as _Example
-except ImportError:  # pragma: no cover - the data package is part of mmguard
-    _SchemaDataError = ValueError  # type: ignore[assignment,misc]
-    _Example = None  # type: ignore[assignment,misc]
-
-_SCHEMA_FIELDS = (
-    "id",
-    "source",
-    "license",
-    "split",
-    "task",
-    "messages",
-    "label",
-    "codes",
-    "modality",
-    "trainable",
-    "meta",
-)
 
 
 class DataError(_SchemaDataError):
@@ -160,7 +141,7 @@ def _parse(obj: Any, file: Path, line: int) -> LabeledItem:
         if str(modality) not in _MODALITIES:
             raise DataError(f"{where}: 'modality' must be 'text' or 'image+text', got {modality!r}")
         modality = _MODALITIES[str(modality)]
-    if _Example is not None and all(k in obj for k in _SCHEMA_FIELDS):
+    if all(k in obj for k in _SCHEMA_FIELDS):
         # a full mmguard.data.schema line: its own checks apply (licence, split, roles, modality ...);
         # codes outside the policy are kept here and reported by the evaluation instead of rejected
         known = [c for c in DEFAULT_POLICY.codes if c in codes]

@@ -117,3 +117,20 @@ def test_bundled_mini_is_the_default() -> None:
     assert sum(f.stat().st_size for f in BUNDLED_MINI.iterdir() if f.is_file()) <= 40 * 1024 * 1024
     v = guard.classify(Conversation.prompt("What is a good recipe for pancakes?"))
     assert v.label in ("safe", "unsafe")
+
+
+def test_unsafe_repeat_oversamples_unsafe_items_only(data_file: Path, tmp_path: Path) -> None:
+    from mmguard.tokenizer import load_default_tokenizer
+    from mmguard.train.trainer import load_training_items
+
+    tok = load_default_tokenizer()
+    once, _ = load_training_items([str(data_file)], tok, _cfg(data_file, tmp_path, tmp_path).resolved())
+    thrice, _ = load_training_items([str(data_file)], tok,
+                                    _cfg(data_file, tmp_path, tmp_path, unsafe_repeat=3).resolved())
+    unsafe_id = 39257
+
+    def n_unsafe(items) -> int:
+        return sum(unsafe_id in [t for t in it.labels if t != -100] for it in items)
+
+    assert n_unsafe(once) == 3 and n_unsafe(thrice) == 9
+    assert len(thrice) - n_unsafe(thrice) == len(once) - n_unsafe(once)

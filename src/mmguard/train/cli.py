@@ -40,6 +40,8 @@ def command(
     augment: Annotated[float, typer.Option(help="Probability of each policy augmentation.", min=0.0,
                                            max=1.0)] = 1.0,
     max_items: Annotated[int | None, typer.Option(help="Use at most N train examples.", min=1)] = None,
+    unsafe_repeat: Annotated[int, typer.Option(
+        help="Use each unsafe train example N times (the shared sets are mostly safe).", min=1)] = 1,
     save_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 for the saved weights.")]
     = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -56,7 +58,8 @@ def command(
         data=[str(p) for p in data], out=str(out), base=base, init=init, lora=lora, lora_r=lora_r,
         freeze=list(freeze or []), lr=lr, steps=steps, max_seq_len=max_seq_len, batch_size=batch_size,
         grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, save_every=save_every,
-        eval_every=eval_every, augment=augment, max_items=max_items, save_dtype=save_dtype, device=device,
+        eval_every=eval_every, augment=augment, max_items=max_items, unsafe_repeat=unsafe_repeat,
+        save_dtype=save_dtype, device=device,
         dtype=dtype, threads=threads, log_every=log_every,
     )
     try:

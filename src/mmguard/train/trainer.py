@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     augment: float = 1.0  # probability of each formatter augmentation
     max_items: int | None = None
+    unsafe_repeat: int = 1  # each unsafe train example is used this many times (safe items dominate the sets)
     save_dtype: str = "auto"  # "auto": keep the training dtype; "bfloat16"/"float16" to shrink the files
     device: str = "auto"
     dtype: str = "auto"
@@ -223,7 +224,8 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
             if limit is not None and stats["examples"] >= limit:
                 break
             stats["examples"] += 1
-            for t in formatter.format(ex, base):
+            repeat = cfg.unsafe_repeat if (split == "train" and ex.label == "unsafe") else 1
+            for t in [t for _ in range(repeat) for t in formatter.format(ex, base)]:
                 tok = tokenize(tokenizer, t)
                 assert cfg.max_seq_len is not None
                 cut = _truncate(tok.input_ids, tok.labels, cfg.max_seq_len, IMAGE_ID)

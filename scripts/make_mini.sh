@@ -6,8 +6,8 @@ set -euo pipefail
 DATASETS=${1:-${DATASETS:-shared/datasets}}
 WORK=${2:-${WORK:-build/mini}}
 SEED=${SEED:-0}
-STEPS=${STEPS:-1200}
-MAX_MINUTES=${MAX_MINUTES:-50}
+STEPS=${STEPS:-7000}
+MAX_MINUTES=${MAX_MINUTES:-55}
 PY=${PY:-.venv/bin}
 ASSET=src/mmguard/assets/mmguard-mini
 
@@ -17,7 +17,7 @@ if [ ! -f "$WORK/data/train.jsonl" ]; then
 fi
 "$PY/mmguard" train --data "$WORK/data/train.jsonl" --init mini --out "$WORK/run" \
   --steps "$STEPS" --lr 2e-3 --batch-size 8 --augment 0.15 --max-seq-len 768 --seed "$SEED" --threads 2 \
-  --save-every 400 --log-every 25 --save-dtype bfloat16 --max-minutes "$MAX_MINUTES"
+  --save-every 1000 --log-every 100 --unsafe-repeat 3 --save-dtype bfloat16 --max-minutes "$MAX_MINUTES"
 mkdir -p "$ASSET"
 # No tokenizer files (17 MB): the engine falls back to the identical Llama 3 tokenizer built from llama-models.
 rm -f "$ASSET"/*.json "$ASSET"/*.safetensors

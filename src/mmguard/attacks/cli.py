@@ -200,9 +200,13 @@ def command(
                         seed=seed, loss=loss, init=gcg_init)
     meta = {"data": str(data), "seed": seed, "model_label": label or Path(guard.engine.source).name,
             "command": "mmguard attack " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mmguard attack"}
-    result = run_attacks(guard, items, attacks=wanted, budgets=eps, out=out, pgd_config=pgd_cfg,
-                         gcg_config=gcg_cfg, max_minutes=max_minutes or None, neutral_images=neutral_images,
-                         meta=meta)
+    try:
+        result = run_attacks(guard, items, attacks=wanted, budgets=eps, out=out, pgd_config=pgd_cfg,
+                             gcg_config=gcg_cfg, max_minutes=max_minutes or None, neutral_images=neutral_images,
+                             meta=meta)
+    except ValueError as err:  # bad settings found once the data is seen (e.g. an unusable --gcg-init)
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     typer.echo((out / "report.md").read_text())
     if result["meta"]["skipped"]:
         console.print(f"[yellow]time budget reached; skipped: {result['meta']['skipped']}")

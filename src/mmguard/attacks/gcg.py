@@ -203,6 +203,8 @@ def gcg_attack(
         return res
     layout = _Layout(guard, conv, ti, base)
     init = cfg.init if cfg.init is not None else " x" * cfg.suffix_len
+    if init and not init[0].isspace():
+        init = " " + init  # a suffix glued to the last word would re-tokenize that word
     suffix = encode_text(tok, init)
     if not suffix:
         raise ValueError("the initial suffix is empty")
@@ -216,6 +218,8 @@ def gcg_attack(
     before = torch.tensor(layout.before, device=device)
     after = torch.tensor(layout.after, device=device)
     length = len(layout.before) + len(suffix) + len(layout.after)
+    if len(enc0.input_ids) != length:
+        raise ValueError(f"the initial suffix {init!r} does not keep its tokens inside the prompt; choose another")
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def evaluate(cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ for f in config.json generation_config.json model.safetensors preprocessor_confi
 done
 SIZE=$(du -cb "$ASSET"/* | tail -1 | cut -f1)
 echo "mmguard-mini: $SIZE bytes"
-[ "$SIZE" -le $((40 * 1024 * 1024)) ] || { echo "error: mmguard-mini exceeds 40 MB" >&2; exit 1; }
+[ "$SIZE" -le $((30 * 1024 * 1024)) ] || { echo "error: mmguard-mini exceeds 30 MiB" >&2; exit 1; }
 if [ "${EVAL:-1}" = "1" ]; then
   "$PY/mmguard" eval --data "$WORK/data/test.jsonl" --guard "mini=local:$ASSET" --out "$WORK/eval" --no-plots
 fi

@@ -182,7 +182,6 @@ class Engine:
             )
         self.pad_id = int(cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 128004)
         self.tile_size = int(cfg.vision_config.image_size)
-        self.num_vision_tokens = int(model.model.vision_model.num_patches)
         self._grammar_cache: dict[tuple[str, ...], _CodeGrammar] = {}
         self.is_random_weights = False
         self._decision_ids: dict[str, list[int]] = {}
@@ -262,13 +261,6 @@ class Engine:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     # -- scoring -----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def decision_logprobs(self, items: Sequence[EncodedItem]) -> torch.Tensor:
-        """Log-softmax over the vocabulary at the decision position, one row per item (float32)."""
-        batch = self.collate(items)
-        out = self.model(**batch, use_cache=False, logits_to_keep=1)
-        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-
     def score(
         self,
         items: Sequence[EncodedItem],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,6 +166,3 @@ def _check_threshold(value: float) -> float:
         raise ValueError(f"threshold must be within [0, 1], got {value}")
     return value
 
-
-def _silence_warnings() -> None:
-    warnings.filterwarnings("ignore", module="transformers")

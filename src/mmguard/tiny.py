@@ -12,46 +12,68 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_MARKER", "make_tiny_checkpoint", "tiny_config"]
+__all__ = ["GATE_PARAMS", "TINY_MARKER", "make_tiny_checkpoint", "random_mllama", "small_mllama_config", "tiny_config"]
 
 TINY_MARKER = "mmguard_random_weights"
 
 
-def tiny_config(*, image_size: int = 56, hidden_size: int = 64, text_layers: int = 4, seed: int = 0) -> Any:
+# tanh-gated parameters of Mllama (cross-attention and tile embeddings); the library initialises them to 0
+GATE_PARAMS = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
+
+
+def small_mllama_config(*, text: dict[str, Any], vision: dict[str, Any]) -> Any:
+    """An Mllama config with Llama 3.2 Vision's vocabulary, special ids and tiling, at the given sizes.
+
+    ``text`` and ``vision`` hold only what differs between small models (sizes, layers, tile size)."""
     from transformers import MllamaConfig
 
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 4,
-        "num_global_layers": 2,
-        "attention_heads": 4,
-        "image_size": image_size,
-        "patch_size": 14,
-        "max_num_tiles": 4,
-        "intermediate_layers_indices": [1, 3],
-        "vision_output_dim": 32 * 3,
-        "norm_eps": 1e-5,
-    }
-    text = {
+    vision_cfg = {"patch_size": 14, "max_num_tiles": 4, "norm_eps": 1e-5, "num_global_layers": 2,
+                  "attention_heads": 4, "intermediate_layers_indices": [1, 3], **vision}
+    vision_cfg.setdefault("vision_output_dim",
+                          vision_cfg["hidden_size"] * (len(vision_cfg["intermediate_layers_indices"]) + 1))
+    text_cfg = {
         "vocab_size": 128256,
-        "hidden_size": hidden_size,
-        "num_hidden_layers": text_layers,
-        "cross_attention_layers": [1, 3] if text_layers >= 4 else [text_layers - 1],
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "intermediate_size": hidden_size * 2,
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,
-        "max_position_embeddings": 4096,
         "bos_token_id": 128000,
         "eos_token_id": [128001, 128008, 128009],
         "pad_token_id": 128004,
         "tie_word_embeddings": False,
+        **text,
     }
-    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=128256)
+    cfg = MllamaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=128256)
     cfg.pad_token_id = 128004
     return cfg
+
+
+def tiny_config(*, image_size: int = 56, hidden_size: int = 64, text_layers: int = 4) -> Any:
+    return small_mllama_config(
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "image_size": image_size},
+        text={
+            "hidden_size": hidden_size,
+            "num_hidden_layers": text_layers,
+            "cross_attention_layers": [1, 3] if text_layers >= 4 else [text_layers - 1],
+            "intermediate_size": hidden_size * 2,
+            "max_position_embeddings": 4096,
+        },
+    )
+
+
+def random_mllama(cfg: Any, *, seed: int, gate_init: float) -> Any:
+    """A freshly initialised ``MllamaForConditionalGeneration`` (deterministic given ``seed``) with its
+    tanh gates set to ``gate_init``."""
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(GATE_PARAMS):
+                p.fill_(gate_init)
+    return model
 
 
 def make_tiny_checkpoint(
@@ -68,21 +90,13 @@ def make_tiny_checkpoint(
     ``gate_init`` opens the tanh-gated cross-attention and tile-embedding gates (the library initialises
     them to 0, which would make the image invisible to the text and hide image bugs in tests).
     """
-    import torch
-    from transformers import MllamaForConditionalGeneration
-
     from .engine import make_image_processor
     from .tokenizer import load_default_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    cfg = tiny_config(image_size=image_size, hidden_size=hidden_size, text_layers=text_layers, seed=seed)
-    model = MllamaForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                p.fill_(gate_init)
+    cfg = tiny_config(image_size=image_size, hidden_size=hidden_size, text_layers=text_layers)
+    model = random_mllama(cfg, seed=seed, gate_init=gate_init)
     model.eval()
     model.save_pretrained(directory)
     load_default_tokenizer().save_pretrained(directory)

@@ -50,7 +50,6 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_CHAT_TEMPLATE_NOTE = "mmguard renders prompts itself (mmguard.prompt); this tokenizer carries no chat template."
 
 
 def llama3_special_tokens() -> dict[str, int]:

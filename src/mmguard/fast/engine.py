@@ -157,13 +157,6 @@ class FastEngine(Engine):
                 results[i] = r
         return [r for r in results if r is not None]
 
-    @torch.inference_mode()
-    def decision_logprobs(self, items: Sequence[EncodedItem]) -> torch.Tensor:
-        try:
-            return super().decision_logprobs(items)
-        finally:
-            self.clear_image_cache()
-
     def decode_codes(self, items: Sequence[EncodedItem], codes: Sequence[str],
                      max_steps: int | None = None) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
         try:

@@ -88,56 +88,27 @@ class TrainConfig:
 # -- mmguard-mini architecture -----------------------------------------------------------------------
 def mini_config() -> Any:
     """The mmguard-mini architecture: Llama 3 vocabulary, hidden 64, 56 px tiles (see the model card)."""
-    from transformers import MllamaConfig
+    from ..tiny import small_mllama_config
 
-    vision = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_global_layers": 2,
-        "attention_heads": 4,
-        "image_size": 56,
-        "patch_size": 14,
-        "max_num_tiles": 4,
-        "intermediate_layers_indices": [1, 3],
-        "vision_output_dim": 64 * 3,
-        "norm_eps": 1e-5,
-    }
-    text = {
-        "vocab_size": 128256,
-        "hidden_size": 64,
-        "num_hidden_layers": 10,  # depth is nearly free in bytes: the 128k-row embeddings dominate the size
-        "cross_attention_layers": [2, 5, 8],
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 8192,
-        "bos_token_id": 128000,
-        "eos_token_id": [128001, 128008, 128009],
-        "pad_token_id": 128004,
-        "tie_word_embeddings": False,
-    }
-    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=128256)
-    cfg.pad_token_id = 128004
-    return cfg
+    return small_mllama_config(
+        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "image_size": 56},
+        text={
+            "hidden_size": 64,
+            "num_hidden_layers": 10,  # depth is nearly free in bytes
+            "cross_attention_layers": [2, 5, 8],
+            "intermediate_size": 256,
+            "max_position_embeddings": 8192,
+        },
+    )
 
 
-_GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
 
 
 def build_mini_model(seed: int = 0, gate_init: float = 0.5) -> Any:
     """A freshly initialised mmguard-mini (random weights, deterministic given ``seed``)."""
-    from transformers import MllamaForConditionalGeneration
+    from ..tiny import random_mllama
 
-    torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(mini_config())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(_GATES):
-                p.fill_(gate_init)
-    return model
+    return random_mllama(mini_config(), seed=seed, gate_init=gate_init)
 
 
 # -- freezing / LoRA ---------------------------------------------------------------------------------

@@ -349,8 +349,20 @@ _TOOLS = [
 ]
 
 
-def _register_tools() -> None:
+def _register_tools(argv: list[str]) -> None:
+    """Register the tool commands. Only the tool being run is imported (they pull in torch, FastAPI,
+    scikit-learn...): a core command imports none, the top-level help imports all to list them."""
+    names = {name for _, _, name, _ in _TOOLS}
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in names:
+        wanted = {command}
+    elif command is None:
+        wanted = names
+    else:
+        return
     for module, attr, name, kind in _TOOLS:
+        if name not in wanted:
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -367,7 +379,7 @@ def _register_tools() -> None:
 
 
 def main() -> None:
-    _register_tools()
+    _register_tools(sys.argv[1:])
     app()
 
 

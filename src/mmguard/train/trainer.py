@@ -86,12 +86,19 @@ class TrainConfig:
 
 
 # -- mmguard-mini architecture -----------------------------------------------------------------------
-def mini_config() -> Any:
-    """The mmguard-mini architecture: Llama 3 vocabulary, hidden 48, 56 px tiles (see the model card)."""
+MINI_TILE_SIZE = 112
+
+
+def mini_config(image_size: int = MINI_TILE_SIZE) -> Any:
+    """The mmguard-mini architecture: Llama 3 vocabulary, hidden 48, 112 px tiles (see the model card).
+
+    Four 112 px tiles show a square image at 224 px, where FigStep-size typography is still legible;
+    at 56 px tiles (v1-v3) it was not, and the model learned to ignore images.
+    """
     from ..tiny import small_mllama_config
 
     return small_mllama_config(
-        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "image_size": 56},
+        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "image_size": image_size},
         text={
             "hidden_size": 48,  # the two 128k-row vocabulary matrices are ~95% of the bytes: keep the file < 30 MB
             "num_hidden_layers": 10,  # depth is nearly free in bytes
@@ -100,8 +107,6 @@ def mini_config() -> Any:
             "max_position_embeddings": 8192,
         },
     )
-
-
 
 
 def build_mini_model(seed: int = 0, gate_init: float = 0.5) -> Any:

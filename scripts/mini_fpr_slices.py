@@ -2,7 +2,9 @@
 
 Usage: python scripts/mini_fpr_slices.py EVAL_DIR/predictions.jsonl [GUARD_NAME]
 Prints F1/FPR per task and the false positive rate on XSTest's safe prompts and on benign
-image+text items (per task), at the threshold the eval used (the guard's label).
+image+text items (per task), at the threshold the eval used (the guard's label), then the image
+sources one by one with ROC-AUC: an AUC near 0.5 on FigStep means the model does not read the image
+(its verdicts there follow the instruction text, which is the same for safe and unsafe items).
 """
 
 from __future__ import annotations
@@ -59,6 +61,27 @@ def main() -> None:
         s = stats(sel)
         print(f"| {k} | {s['n']} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} "
               f"| {s['fpr']:.3f} |")
+    print()
+    print("| Image source (prompt) | n | unsafe | Recall | FPR | ROC-AUC |")
+    print("|---|---|---|---|---|---|")
+    for source in ("figstep_safebench", "mm_harmfulbench", "synth_typographic", "synth_request_neutral_image",
+                   "synth_photo_question", "skimage_benign_photos"):
+        sel = [r for r in rows if r["source"] == source and r["task"] == "prompt"]
+        if not sel:
+            continue
+        s = stats(sel)
+        print(f"| {source} | {s['n']} | {sum(r['label'] == 'unsafe' for r in sel)} | {s['recall']:.3f} "
+              f"| {s['fpr']:.3f} | {_auc(sel, name)} |")
+
+
+def _auc(rows: list[dict], name: str) -> str:
+    from sklearn.metrics import roc_auc_score
+
+    pairs = [(r["label"] == "unsafe", r["predictions"][name].get("unsafe_probability")) for r in rows]
+    pairs = [(y, p) for y, p in pairs if p is not None]
+    if len({y for y, _ in pairs}) < 2:
+        return "-"
+    return f"{roc_auc_score([y for y, _ in pairs], [p for _, p in pairs]):.3f}"
 
 
 if __name__ == "__main__":

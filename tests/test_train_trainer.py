@@ -119,18 +119,37 @@ def test_bundled_mini_is_the_default() -> None:
     assert v.label in ("safe", "unsafe")
 
 
-def test_unsafe_repeat_oversamples_unsafe_items_only(data_file: Path, tmp_path: Path) -> None:
+def _rows(source: str, labels: list[str]) -> list[dict]:
+    return [{"id": f"{source}{i}", "source": source, "license": "MIT", "split": "train", "task": "prompt",
+             "messages": [{"role": "user", "content": [{"type": "text", "text": f"{source} request {i}"}]}],
+             "label": label, "codes": ["S1"] if label == "unsafe" else [], "modality": "text", "trainable": True,
+             "meta": {}} for i, label in enumerate(labels)]  # fmt: skip
+
+
+def test_unsafe_repeat_oversamples_unsafe_items_but_keeps_balanced_sources_balanced(tmp_path: Path) -> None:
     from mmguard.tokenizer import load_default_tokenizer
     from mmguard.train.trainer import load_training_items
 
+    rows = _rows("allsafe", ["safe"] * 6) + _rows("mostlysafe", ["safe"] * 5 + ["unsafe"])
+    rows += _rows("typographic", ["safe", "unsafe"] * 2)  # 1:1 by construction
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = load_default_tokenizer()
-    once, _ = load_training_items([str(data_file)], tok, _cfg(data_file, tmp_path, tmp_path).resolved())
-    thrice, _ = load_training_items([str(data_file)], tok,
-                                    _cfg(data_file, tmp_path, tmp_path, unsafe_repeat=3).resolved())
     unsafe_id = 39257
 
-    def n_unsafe(items) -> int:
-        return sum(unsafe_id in [t for t in it.labels if t != -100] for it in items)
+    def counts(repeat: int) -> dict[tuple[str, str], int]:
+        cfg = _cfg(path, tmp_path, tmp_path, unsafe_repeat=repeat).resolved()
+        items, _ = load_training_items([str(path)], tok, cfg)
+        out: dict[tuple[str, str], int] = {}
+        for it in items:  # the source is read back from the prompt text
+            text = tok.decode(it.input_ids)
+            source = next(s for s in ("allsafe", "mostlysafe", "typographic") if f"{s} request" in text)
+            label = "unsafe" if unsafe_id in [t for t in it.labels if t != -100] else "safe"
+            out[(source, label)] = out.get((source, label), 0) + 1
+        return out
 
-    assert n_unsafe(once) == 3 and n_unsafe(thrice) == 9
-    assert len(thrice) - n_unsafe(thrice) == len(once) - n_unsafe(once)
+    once, thrice = counts(1), counts(3)
+    assert thrice[("allsafe", "safe")] == once[("allsafe", "safe")] == 6
+    assert (once[("mostlysafe", "unsafe")], thrice[("mostlysafe", "unsafe")]) == (1, 3)
+    assert thrice[("mostlysafe", "safe")] == 5
+    assert thrice[("typographic", "safe")] == thrice[("typographic", "unsafe")] == 6  # still 1:1

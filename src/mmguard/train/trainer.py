@@ -191,16 +191,17 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
     stats = {"examples": 0, "skipped_untrainable": 0, "truncated": 0, "dropped_long": 0}
     for path in paths:
         base = Path(path).parent
-        for ex in read_examples(path):
-            if ex.split != split:
-                continue
+        examples = [ex for ex in read_examples(path) if ex.split == split]
+        balanced = _balanced_sources(examples)
+        for ex in examples:
             if not ex.trainable:
                 stats["skipped_untrainable"] += 1
                 continue
             if limit is not None and stats["examples"] >= limit:
                 break
             stats["examples"] += 1
-            repeat = cfg.unsafe_repeat if (split == "train" and ex.label == "unsafe") else 1
+            repeated = ex.label == "unsafe" or ex.source in balanced
+            repeat = cfg.unsafe_repeat if (split == "train" and repeated) else 1
             for t in [t for _ in range(repeat) for t in formatter.format(ex, base)]:
                 tok = tokenize(tokenizer, t)
                 assert cfg.max_seq_len is not None
@@ -213,6 +214,22 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
                 items.append(_Item(cut[0], cut[1], tok.image))
     stats["items"] = len(items)
     return items, stats
+
+
+def _balanced_sources(examples: list[Any], min_unsafe_share: float = 0.4) -> set[str]:
+    """Sources whose trainable items are at least ``min_unsafe_share`` unsafe and include safe ones.
+
+    ``--unsafe-repeat`` makes up for the many all-safe sources; inside a source that already holds both
+    labels in similar numbers (the typographic items are 1:1 by construction) it repeats the safe items
+    too. Otherwise repetition would turn the form of such items (typography, a fixed instruction) into a
+    label signal: mini v4 learned "typography means unsafe" that way.
+    """
+    counts: dict[str, list[int]] = {}
+    for ex in examples:
+        if ex.trainable:
+            c = counts.setdefault(ex.source, [0, 0])
+            c[ex.label == "unsafe"] += 1
+    return {src for src, (safe, unsafe) in counts.items() if safe and unsafe / (safe + unsafe) >= min_unsafe_share}
 
 
 def make_batches(items: list[_Item], batch_size: int, seed: int) -> list[list[_Item]]:

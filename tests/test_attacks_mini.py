@@ -46,8 +46,8 @@ def _caught(guard: Guard, convs: list[Conversation]) -> list[Conversation]:
 
 
 def test_pgd_flips_a_measurable_share_of_typographic_requests(mini: Guard, tmp_path: Path) -> None:
-    convs = [Conversation.prompt(TYPOGRAPHIC_INSTRUCTIONS[i % 3], render_typographic(text))
-             for i, text in enumerate(REQUESTS)]  # fmt: skip
+    convs = [Conversation.prompt(instruction, render_typographic(text))
+             for text in REQUESTS for instruction in TYPOGRAPHIC_INSTRUCTIONS]  # fmt: skip
     caught = _caught(mini, convs)
     print(f"mini flags {len(caught)}/{len(convs)} typographic requests clean")
     assert caught, "mmguard-mini must catch some typographic requests for PGD to have work"

@@ -25,6 +25,7 @@ rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
 for f in config.json generation_config.json model.safetensors preprocessor_config.json training_summary.json; do
   [ -f "$WORK/run/$f" ] && cp "$WORK/run/$f" "$ASSET/"
 done
+chmod a+r "$ASSET"/*  # the trainer writes the weights owner-only; the package must be readable by all
 SIZE=$(du -cb "$ASSET"/* | tail -1 | cut -f1)
 echo "mmguard-mini: $SIZE bytes"
 [ "$SIZE" -le $((30 * 1024 * 1024)) ] || { echo "error: mmguard-mini exceeds 30 MiB" >&2; exit 1; }

@@ -41,7 +41,8 @@ def command(
                                            max=1.0)] = 1.0,
     max_items: Annotated[int | None, typer.Option(help="Use at most N train examples.", min=1)] = None,
     unsafe_repeat: Annotated[int, typer.Option(
-        help="Use each unsafe train example N times (the shared sets are mostly safe).", min=1)] = 1,
+        help="Use each unsafe train example N times (the shared sets are mostly safe); sources already "
+        "balanced (>= 40% unsafe, e.g. typographic items) repeat their safe items too.", min=1)] = 1,
     save_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 for the saved weights.")]
     = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",

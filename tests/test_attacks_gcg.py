@@ -5,17 +5,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mmguard.attacks import gcg as gcg_mod
 from mmguard.attacks.common import AttackItem
 from mmguard.attacks.gcg import SPECIAL_START, GCGConfig, allowed_token_mask, gcg_attack
 from mmguard.conversation import Conversation
 from mmguard.guard import Guard
-from mmguard.tiny import synthetic_conversation
+from mmguard.tiny import noise_image, synthetic_conversation
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +62,7 @@ def test_gcg_never_proposes_a_special_token(guard: Guard, location: str,
 
 
 def test_cross_attention_state_reuse_matches_a_full_forward(guard: Guard) -> None:
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (70, 120, 3), dtype=np.uint8), "RGB")
+    img = noise_image(120, 70, seed=0)
     conv = Conversation.prompt("what is this", img)
     enc = guard.engine.encode(guard.render(conv), img)
     batch = guard.engine.collate([enc])

@@ -15,7 +15,7 @@ from mmguard.attacks.common import AttackItem, with_image
 from mmguard.attacks.pgd import ImagePipeline, PGDConfig, parse_budgets, pgd_attack
 from mmguard.conversation import Conversation
 from mmguard.guard import Guard
-from mmguard.tiny import synthetic_conversation
+from mmguard.tiny import noise_image, synthetic_conversation
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,10 @@ def guard(tiny_model_dir: Path) -> Guard:
     return Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
-def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
-
 
 @pytest.mark.parametrize("size", [(30, 70), (56, 56), (120, 40), (200, 90), (13, 100), (300, 300)])
 def test_pipeline_reproduces_processor_pixel_values(guard: Guard, size: tuple[int, int]) -> None:
-    image = _noise_image(*size, seed=size[0])
+    image = noise_image(*size, seed=size[0])
     pipe = ImagePipeline(guard.engine, image)
     ours = pipe.pixel_values(pipe.x0)
     ref_resized = guard.engine._image_inputs([pipe.resized])["pixel_values"]
@@ -41,7 +37,7 @@ def test_pipeline_reproduces_processor_pixel_values(guard: Guard, size: tuple[in
 
 
 def test_pipeline_is_differentiable_to_pixels(guard: Guard) -> None:
-    pipe = ImagePipeline(guard.engine, _noise_image(120, 40))
+    pipe = ImagePipeline(guard.engine, noise_image(120, 40))
     x = pipe.x0.clone().requires_grad_(True)
     pipe.pixel_values(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -65,7 +61,7 @@ def test_every_iterate_and_the_png_stay_in_budget(guard: Guard, tmp_path: Path, 
 
     monkeypatch.setattr(ImagePipeline, "pixel_values", spy)
     guard.threshold = 0.0  # every item is "unsafe" and can never flip: all steps run
-    conv = Conversation.prompt("how do I steal a bike", _noise_image(90, 60, seed=3))
+    conv = Conversation.prompt("how do I steal a bike", noise_image(90, 60, seed=3))
     res, _adv = pgd_attack(guard, AttackItem("x", "prompt", conv), budget, PGDConfig(steps=4, seed=1),
                           out_dir=tmp_path)
     guard.threshold = 0.5

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from mmguard.conversation import Conversation
+from mmguard.tiny import noise_image
 
 TOL = 1e-5
 
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def guards(tiny_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def conversations():
-    a, b = _image(112, 112, 1), _image(168, 56, 2)
+    a, b = noise_image(112, 112, 1), noise_image(168, 56, 2)
     return [
         Conversation.prompt("what is in this picture?", image=a),
         Conversation.response("what is in this picture?", "a cat on a mat", image=a),

@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mmguard.fast.vision import fast_vision_forward, patch_vision_attention, two_call_attention
+from mmguard.tiny import noise_image
 
 TOL = 1e-5
 
@@ -75,10 +74,6 @@ def test_padded_tile_pixels_still_matter_in_exact_path(model) -> None:
     assert (b - ref).abs().max() < TOL
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
 
 @pytest.fixture(scope="module")
 def guards(tiny_model_dir: Path):
@@ -95,7 +90,7 @@ def test_p_unsafe_equal_through_guard(guards, size, tiles) -> None:
     from mmguard.conversation import Conversation
 
     plain, fast = guards
-    img = _image(*size, seed=tiles)
+    img = noise_image(*size, seed=tiles)
     out = fast.engine.image_processor(images=[[img]], return_tensors="pt")
     assert int(out["num_tiles"][0][0]) == tiles
     conv = Conversation.prompt("what is in this picture?", image=img)

@@ -228,13 +228,23 @@ class Engine:
             "num_tiles": out["num_tiles"],
         }
 
-    def collate(self, items: Sequence[EncodedItem], extra: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
-        """Left-pad a batch (all with images or all without) into model inputs."""
+    def cross_attention_mask(self, ids: torch.Tensor, num_tiles: list[list[int]]) -> torch.Tensor:
+        """The dense cross-attention mask for left-padded ``ids`` holding one ``<|image|>`` per row."""
         from transformers.models.mllama.processing_mllama import (
             convert_sparse_cross_attention_mask_to_dense,
             get_cross_attention_token_mask,
         )
 
+        sparse = [get_cross_attention_token_mask(row.tolist(), self.image_token_id) for row in ids.cpu()]
+        if any(len(s) != 1 for s in sparse):
+            raise EngineError("internal: each image prompt must hold exactly one <|image|> token")
+        dense = convert_sparse_cross_attention_mask_to_dense(
+            sparse, num_tiles=num_tiles, max_num_tiles=self.image_processor.max_image_tiles, length=ids.shape[1]
+        )
+        return torch.as_tensor(dense)
+
+    def collate(self, items: Sequence[EncodedItem], extra: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+        """Left-pad a batch (all with images or all without) into model inputs."""
         seqs = [list(it.input_ids) + (list(extra[i]) if extra else []) for i, it in enumerate(items)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -249,14 +259,7 @@ class Engine:
             if not all(with_image):
                 raise EngineError("internal: image and text-only items must be batched separately")
             vis = self._image_inputs([it.image for it in items])  # type: ignore[misc]
-            num_tiles = vis.pop("num_tiles")
-            sparse = [get_cross_attention_token_mask(row.tolist(), self.image_token_id) for row in ids]
-            if any(len(s) != 1 for s in sparse):
-                raise EngineError("internal: each image prompt must hold exactly one <|image|> token")
-            dense = convert_sparse_cross_attention_mask_to_dense(
-                sparse, num_tiles=num_tiles, max_num_tiles=self.image_processor.max_image_tiles, length=width
-            )
-            batch["cross_attention_mask"] = torch.as_tensor(dense)
+            batch["cross_attention_mask"] = self.cross_attention_mask(ids, vis.pop("num_tiles"))
             batch.update(vis)
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GATE_PARAMS", "TINY_MARKER", "make_tiny_checkpoint", "random_mllama", "small_mllama_config", "tiny_config"]
+__all__ = ["GATE_PARAMS", "TINY_MARKER", "make_tiny_checkpoint", "noise_image", "random_mllama", "small_mllama_config",
+           "tiny_config"]
 
 TINY_MARKER = "mmguard_random_weights"
 
@@ -197,3 +198,12 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
                     "seed": seed, "imprint_steps": steps, "final_loss": float(loss.detach())}, indent=2)
     )
     return Path(directory)
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Any:
+    """A uniform-noise RGB image, deterministic given ``seed`` (test input with no content)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")

@@ -99,23 +99,11 @@ class FastEngine(Engine):
             return super().collate(items, extra)
         if not all(it.image is not None for it in items):
             raise EngineError("internal: image and text-only items must be batched separately")
-        from transformers.models.mllama.processing_mllama import (
-            convert_sparse_cross_attention_mask_to_dense,
-            get_cross_attention_token_mask,
-        )
-
         digests = self.encode_images([it.image for it in items])  # type: ignore[misc]
         batch = super().collate([EncodedItem(it.input_ids, None, it.prompt) for it in items], extra)
-        ids = batch["input_ids"].cpu()
-        sparse = [get_cross_attention_token_mask(row.tolist(), self.image_token_id) for row in ids]
-        if any(len(s) != 1 for s in sparse):
-            raise EngineError("internal: each image prompt must hold exactly one <|image|> token")
         enc = [self._encoded[d] for d in digests]
-        dense = convert_sparse_cross_attention_mask_to_dense(
-            sparse, num_tiles=[[e.num_tiles] for e in enc], max_num_tiles=self.image_processor.max_image_tiles,
-            length=ids.shape[1],
-        )
-        batch["cross_attention_mask"] = torch.as_tensor(dense).to(self.device)
+        mask = self.cross_attention_mask(batch["input_ids"], [[e.num_tiles] for e in enc])
+        batch["cross_attention_mask"] = mask.to(self.device)
         batch["cross_attention_states"] = torch.cat([e.states for e in enc], dim=0)
         return batch
 

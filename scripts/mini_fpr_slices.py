@@ -10,7 +10,10 @@ sources one by one with ROC-AUC: an AUC near 0.5 on FigStep means the model does
 from __future__ import annotations
 
 import json
+import math
 import sys
+
+from mmguard.eval.metrics import binary_metrics
 
 
 def main() -> None:
@@ -26,20 +29,11 @@ def main() -> None:
         return None if not p or "label" not in p else p["label"] == "unsafe"
 
     def stats(sel: list[dict]) -> dict:
-        tp = fp = fn = tn = 0
-        for r in sel:
-            y, p = r["label"] == "unsafe", pred(r)
-            if p is None:
-                continue
-            tp += y and p
-            fp += (not y) and p
-            fn += y and not p
-            tn += (not y) and not p
-        prec = tp / (tp + fp) if tp + fp else float("nan")
-        rec = tp / (tp + fn) if tp + fn else float("nan")
-        f1 = 2 * prec * rec / (prec + rec) if tp else 0.0
-        fpr = fp / (fp + tn) if fp + tn else float("nan")
-        return {"n": tp + fp + fn + tn, "precision": prec, "recall": rec, "f1": f1, "fpr": fpr}
+        scored = [(r["label"] == "unsafe", pred(r), r["predictions"][name].get("unsafe_probability"))
+                  for r in sel if pred(r) is not None]  # fmt: skip
+        m = binary_metrics([int(y) for y, _, _ in scored], [int(p) for _, p, _ in scored],
+                           [float(p if s is None else s) for _, p, s in scored])  # fmt: skip
+        return {"n": m.n, "precision": m.precision, "recall": m.recall, "f1": m.f1, "fpr": m.fpr, "auc": m.roc_auc}
 
     slices = {
         "prompt (all)": [r for r in rows if r["task"] == "prompt"],
@@ -71,17 +65,7 @@ def main() -> None:
             continue
         s = stats(sel)
         print(f"| {source} | {s['n']} | {sum(r['label'] == 'unsafe' for r in sel)} | {s['recall']:.3f} "
-              f"| {s['fpr']:.3f} | {_auc(sel, name)} |")
-
-
-def _auc(rows: list[dict], name: str) -> str:
-    from sklearn.metrics import roc_auc_score
-
-    pairs = [(r["label"] == "unsafe", r["predictions"][name].get("unsafe_probability")) for r in rows]
-    pairs = [(y, p) for y, p in pairs if p is not None]
-    if len({y for y, _ in pairs}) < 2:
-        return "-"
-    return f"{roc_auc_score([y for y, _ in pairs], [p for _, p in pairs]):.3f}"
+              f"| {s['fpr']:.3f} | {'-' if math.isnan(s['auc']) else format(s['auc'], '.3f')} |")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import sys
 
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score, precision_score, recall_score
 
 from mmguard.data.schema import Example, read_examples
+from mmguard.eval.metrics import binary_metrics
 
 
 def _text(e: Example) -> str:
@@ -32,17 +32,15 @@ def main() -> None:
         vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
         clf = LogisticRegression(C=10, max_iter=2000, class_weight="balanced")
         clf.fit(vec.fit_transform([_text(e) for e in a]), [e.label == "unsafe" for e in a])
-        pred = clf.predict(vec.transform([_text(e) for e in b]))
+        x_test = vec.transform([_text(e) for e in b])
+        pred, score = clf.predict(x_test), clf.predict_proba(x_test)[:, 1]
         for name, idx in (("all", range(len(b))),
                           ("text", [i for i, e in enumerate(b) if e.modality == "text"]),
                           ("image+text", [i for i, e in enumerate(b) if e.modality == "image+text"])):  # fmt: skip
-            y = [b[i].label == "unsafe" for i in idx]
-            p = [bool(pred[i]) for i in idx]
-            negatives = sum(not v for v in y)
-            fpr = sum(pp and not yy for pp, yy in zip(p, y, strict=True)) / negatives if negatives else float("nan")
-            print(f"| {task} | {name} | {len(y)} | {sum(y)} | {precision_score(y, p, zero_division=0):.3f} "
-                  f"| {recall_score(y, p, zero_division=0):.3f} | {f1_score(y, p, zero_division=0):.3f} | {fpr:.3f} |")
-
+            m = binary_metrics([int(b[i].label == "unsafe") for i in idx], [int(pred[i]) for i in idx],
+                               [float(score[i]) for i in idx])  # fmt: skip
+            print(f"| {task} | {name} | {m.n} | {m.positives} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} "
+                  f"| {m.fpr:.3f} |")
 
 if __name__ == "__main__":
     main()

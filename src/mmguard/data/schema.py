@@ -70,7 +70,6 @@ FIELDS = (
     "trainable",
     "meta",
 )
-_FIELDS = FIELDS
 _ORDER = {code: i for i, code in enumerate(DEFAULT_POLICY.codes)}
 
 
@@ -192,7 +191,7 @@ class Example:
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         """The JSON object of one JSONL line, keys in schema order."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        return {name: getattr(self, name) for name in FIELDS}
 
     def to_line(self) -> str:
         return json.dumps(self.to_json(), ensure_ascii=False, sort_keys=False)
@@ -202,13 +201,13 @@ class Example:
         """Build and validate from a parsed JSONL object; unknown or missing keys are errors."""
         if not isinstance(obj, Mapping):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}")
-        missing = [k for k in _FIELDS if k not in obj]
+        missing = [k for k in FIELDS if k not in obj]
         if missing:
             raise DataError(f"missing field(s) {', '.join(missing)}")
-        extra = sorted(set(obj) - set(_FIELDS))
+        extra = sorted(set(obj) - set(FIELDS))
         if extra:
             raise DataError(f"unknown field(s) {', '.join(extra)} (put extra information in 'meta')")
-        return cls(**{k: obj[k] for k in _FIELDS})
+        return cls(**{k: obj[k] for k in FIELDS})
 
     # -- views -------------------------------------------------------------------------------------
     def to_conversation(self, base_dir: Path | str | None = None) -> Conversation:

@@ -89,7 +89,7 @@ class TrainConfig:
 MINI_TILE_SIZE = 112
 
 
-def mini_config(image_size: int = MINI_TILE_SIZE) -> Any:
+def mini_config() -> Any:
     """The mmguard-mini architecture: Llama 3 vocabulary, hidden 48, 112 px tiles (see the model card).
 
     Four 112 px tiles show a square image at 224 px, where FigStep-size typography is still legible;
@@ -98,7 +98,7 @@ def mini_config(image_size: int = MINI_TILE_SIZE) -> Any:
     from ..tiny import small_mllama_config
 
     return small_mllama_config(
-        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "image_size": image_size},
+        vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "image_size": MINI_TILE_SIZE},
         text={
             "hidden_size": 48,  # the two 128k-row vocabulary matrices are ~95% of the bytes: keep the file < 30 MB
             "num_hidden_layers": 10,  # depth is nearly free in bytes

@@ -33,6 +33,7 @@ from .synth import (
     save_png,
     typographic_prompts,
 )
+from .synth_responses import templated_responses
 
 __all__ = ["BuildConfig", "BuildResult", "build", "cap_per_source", "count_rows", "dedupe"]
 
@@ -50,6 +51,7 @@ class BuildConfig:
     photo_questions: int = 200
     request_with_image: int = 300
     response_with_image: int = 300
+    templated_responses: int = 0
 
 
 @dataclass
@@ -108,9 +110,7 @@ def _materialise(ex: Example, images_dir: Path) -> Example:
             if not src.is_file():
                 raise DataError(f"{ex.id}: image {src} not found")
             with Image.open(src) as im:
-                part["path"] = save_png(
-                    im.convert("RGB"), images_dir, f"source-v1\x00{ex.source}\x00{src.name}"
-                )
+                part["path"] = save_png(im.convert("RGB"), images_dir, f"source-v1\x00{ex.source}\x00{src.name}")
             changed = True
     return replace(ex, messages=messages) if changed else ex
 
@@ -129,11 +129,7 @@ def build(config: BuildConfig, progress: Callable[[str, int], None] | None = Non
     tick = progress or (lambda _name, _n: None)
     out = Path(config.out)
     images_dir = out / "images"
-    names = (
-        config.sources
-        if config.sources is not None
-        else [n for n in CONVERTERS if (config.datasets / n).is_dir()]
-    )
+    names = config.sources if config.sources is not None else [n for n in CONVERTERS if (config.datasets / n).is_dir()]
     if not names:
         raise DataError(f"no dataset folders found in {config.datasets}")
     converted: list[Example] = []
@@ -155,6 +151,7 @@ def build(config: BuildConfig, progress: Callable[[str, int], None] | None = Non
     synth += photo_questions(skimage_items, text_pool, photos, images_dir, n=config.photo_questions, rng=rng)
     synth += harmful_request_with_image(text_pool, photos, images_dir, n=config.request_with_image, rng=rng)
     synth += response_with_image(text_pool, photos, images_dir, n=config.response_with_image, rng=rng)
+    synth += templated_responses(text_pool, n=config.templated_responses, rng=rng)  # last: keeps earlier draws
     synth, dropped_synth = dedupe(synth)
     dropped.update(dropped_synth)
     items += synth
@@ -176,8 +173,6 @@ def build(config: BuildConfig, progress: Callable[[str, int], None] | None = Non
     for split in SPLITS:
         counts[split] = write_examples(out / f"{split}.jsonl", (e for e in kept if e.split == split))
     tick("written", len(kept))
-    result = BuildResult(
-        counts, count_rows(kept), dict(sorted(dropped.items())), dict(sorted(excluded.items()))
-    )
+    result = BuildResult(counts, count_rows(kept), dict(sorted(dropped.items())), dict(sorted(excluded.items())))
     (out / "stats.json").write_text(json.dumps(result.to_json(config), indent=2) + "\n", encoding="utf-8")
     return result

@@ -35,13 +35,9 @@ def _table(rows: list[dict[str, Any]], title: str) -> Table:
 @app.command("build")
 def build_command(
     datasets: Annotated[Path, typer.Option(help="Folder holding the dataset folders (shared/datasets).")],
-    out: Annotated[
-        Path, typer.Option(help="Output folder for {train,validation,test}.jsonl, images/, stats.json.")
-    ],
+    out: Annotated[Path, typer.Option(help="Output folder for {train,validation,test}.jsonl, images/, stats.json.")],
     seed: Annotated[int, typer.Option(help="Seed for sampling and synthesized items.")] = 0,
-    max_per_source: Annotated[
-        int | None, typer.Option(help="Keep at most N items per source (seeded).")
-    ] = None,
+    max_per_source: Annotated[int | None, typer.Option(help="Keep at most N items per source (seeded).")] = None,
     no_noncommercial: Annotated[
         bool, typer.Option("--no-noncommercial", help="Keep non-commercial and test-only items out of train.")
     ] = False,
@@ -53,6 +49,12 @@ def build_command(
     photo_questions: Annotated[int, typer.Option(help="Benign photo + benign question items.")] = 200,
     request_with_image: Annotated[int, typer.Option(help="Harmful request + neutral image items.")] = 300,
     response_with_image: Annotated[int, typer.Option(help="Response items with an image.")] = 300,
+    templated_responses: Annotated[
+        int,
+        typer.Option(
+            help="Templated compliance/refusal replies to train and validation prompts (response items; never in test)."
+        ),
+    ] = 0,
 ) -> None:
     """Convert every dataset, add image items, split by content hash and write the JSONL files."""
     if not datasets.is_dir():
@@ -66,6 +68,7 @@ def build_command(
         exclude_noncommercial=no_noncommercial, exclude_model_outputs=no_model_outputs,
         sources=list(source) if source else None, typographic=typographic, photo_questions=photo_questions,
         request_with_image=request_with_image, response_with_image=response_with_image,
+        templated_responses=templated_responses,
     )  # fmt: skip
     steps = len(config.sources or [n for n in CONVERTERS if (datasets / n).is_dir()]) + 4
     with Progress(
@@ -83,9 +86,7 @@ def build_command(
             _console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from None
     _console.print(_table(result.rows, f"{out}"))
-    _console.print(
-        f"written: {json.dumps(result.counts)}; duplicates dropped: {sum(result.duplicates.values())}"
-    )
+    _console.print(f"written: {json.dumps(result.counts)}; duplicates dropped: {sum(result.duplicates.values())}")
     if result.excluded_from_train:
         _console.print(f"kept out of train: {json.dumps(result.excluded_from_train)}")
     _console.print(f"stats: {out / 'stats.json'}")
@@ -105,8 +106,6 @@ def stats_command(
     rows = count_rows(examples)
     if as_json:
         codes = Counter(c for e in examples for c in e.codes)
-        typer.echo(
-            json.dumps({"total": len(examples), "rows": rows, "codes": dict(sorted(codes.items()))}, indent=2)
-        )
+        typer.echo(json.dumps({"total": len(examples), "rows": rows, "codes": dict(sorted(codes.items()))}, indent=2))
         return
     _console.print(_table(rows, str(file)))

@@ -1,0 +1,110 @@
+"""Response-classification items built from templates: compliance and refusal answers to labeled prompts.
+
+The permissive sets hold few unsafe *responses* (GPTFuzz: answers to 100 questions), so a guard
+trained on them learns the topics of those 100 questions rather than the rule Llama Guard applies to
+an assistant turn: a reply that goes along with a harmful request is unsafe; a refusal, or a reply
+to a benign request, is safe. These items state that rule directly:
+
+* compliance (one of :data:`COMPLIANCE_TEMPLATES`, which restate the request): the prompt's label
+  and codes. Each template is used equally often for harmful and benign prompts, so the template
+  text carries no label; only the request does.
+* refusal (one of :data:`REFUSAL_TEMPLATES`): always safe, for harmful and benign prompts alike.
+
+The replies are ours and deliberately generic (no harmful detail). They are made only from train and
+validation prompts: templated replies are easy and would flatter test metrics, so the test split's
+response items stay the real ones (GPTFuzz, XSTest completions).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from .schema import Example
+from .sources import SourceSpec, make_example
+from .synth import as_list_title
+
+__all__ = ["COMPLIANCE_TEMPLATES", "REFUSAL_TEMPLATES", "templated_responses"]
+
+SOURCE = "synth_response_template"
+
+COMPLIANCE_TEMPLATES = (
+    "Sure, here is a detailed answer.\n\n{title}\n1. First, gather everything you need and plan each step.\n"
+    "2. Then carry it out carefully, one step at a time.\n3. Finally, check the result and adjust as needed.",
+    'Of course! Here\'s how you can approach "{request}"\n\nStep 1: Collect the materials and information '
+    "you will need.\nStep 2: Follow the process in order without skipping anything.\nStep 3: Review what "
+    "you did and repeat if necessary.",
+    "Absolutely, I can help with that. {title} The most reliable way is to prepare well, work through it "
+    "in stages and keep notes as you go. Let me know if you want more detail on any stage.",
+    'Happy to help. To answer "{request}": start small, test your approach on a single case, and once '
+    "it works, repeat it at scale. Here are the key points to keep in mind: timing, resources and "
+    "attention to detail.",
+)
+REFUSAL_TEMPLATES = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with this request. If something difficult is going on, consider talking to someone you trust.",
+    "Sorry, I won't be able to provide that. Is there something else I can help you with?",
+    "I'm not able to help with that, because it could cause harm. I'd be glad to help with something else.",
+    "As an AI assistant, I have to decline this request.",
+)
+REFUSAL_SHARE = 1 / 3  # of each label's prompts; the rest get a compliance reply
+_MAX_PROMPT_CHARS = 300
+
+
+def _title(request: str) -> str:
+    title = as_list_title(request)
+    return title if title != request else f"Here is what to do about: {request.rstrip('?.!')}."
+
+
+def templated_responses(origins: Iterable[Example], *, n: int, rng: random.Random) -> list[Example]:
+    """About ``n`` templated response items from short single-turn text prompts of train and validation.
+
+    Per split, half the items come from harmful prompts and half from benign ones; within each half a
+    third are refusals (safe) and the rest compliance replies (the prompt's label).
+    """
+    pool = [
+        e
+        for e in origins
+        if e.task == "prompt" and e.modality == "text" and len(e.messages) == 1 and e.trainable
+        and e.split in ("train", "validation") and len(e.prompt_text) <= _MAX_PROMPT_CHARS
+    ]  # fmt: skip
+    pool.sort(key=lambda e: e.id)
+    out: list[Example] = []
+    for split in ("train", "validation"):
+        group = [e for e in pool if e.split == split]
+        unsafe = [e for e in group if e.label == "unsafe"]
+        safe = [e for e in group if e.label == "safe"]
+        per_label = min(round(n * len(group) / max(1, len(pool))) // 2, len(unsafe), len(safe))
+        for label_items in (rng.sample(unsafe, per_label), rng.sample(safe, per_label)):
+            n_refusals = round(per_label * REFUSAL_SHARE)
+            for i, origin in enumerate(label_items):
+                out.append(_item(origin, refusal=i < n_refusals, template=i))
+    return out
+
+
+def _item(origin: Example, *, refusal: bool, template: int) -> Example:
+    request = origin.prompt_text
+    if refusal:
+        reply, label, kind = REFUSAL_TEMPLATES[template % len(REFUSAL_TEMPLATES)], "safe", "refusal"
+    else:
+        tpl = COMPLIANCE_TEMPLATES[template % len(COMPLIANCE_TEMPLATES)]
+        reply, label, kind = tpl.format(request=request, title=_title(request)), origin.label, "compliance"
+    meta: dict[str, Any] = {"origin_id": origin.id, "origin_source": origin.source, "kind": kind}
+    for key in ("weak_label", "borderline", "model_outputs"):
+        if key in origin.meta:
+            meta[key] = origin.meta[key]
+    unsafe = label == "unsafe"
+    ex = make_example(
+        SOURCE,
+        prompt=request,
+        response=reply,
+        label=label,  # type: ignore[arg-type]
+        codes=origin.codes if unsafe else (),
+        candidates=origin.meta.get("candidate_codes", []) if unsafe else (),
+        meta=meta,
+        spec=SourceSpec(license=origin.license),
+        id_extra=[origin.id, kind],
+    )
+    return replace(ex, split=origin.split)  # the split of the prompt it answers

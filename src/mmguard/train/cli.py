@@ -43,6 +43,9 @@ def command(
     unsafe_repeat: Annotated[int, typer.Option(
         help="Use each unsafe train example N times (the shared sets are mostly safe); sources already "
         "balanced (>= 40% unsafe, e.g. typographic items) repeat their safe items too.", min=1)] = 1,
+    reading: Annotated[int, typer.Option(
+        help="Add N reading-practice items: train prompts rendered as typography, the target is the text "
+        "(teaches a from-scratch model's vision side to read; see mmguard.train.reading).", min=0)] = 0,
     save_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 for the saved weights.")]
     = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -60,6 +63,7 @@ def command(
         freeze=list(freeze or []), lr=lr, steps=steps, max_seq_len=max_seq_len, batch_size=batch_size,
         grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, save_every=save_every,
         eval_every=eval_every, augment=augment, max_items=max_items, unsafe_repeat=unsafe_repeat,
+        reading=reading,
         save_dtype=save_dtype, device=device,
         dtype=dtype, threads=threads, log_every=log_every,
     )

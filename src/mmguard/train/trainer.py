@@ -62,6 +62,7 @@ class TrainConfig:
     augment: float = 1.0  # probability of each formatter augmentation
     max_items: int | None = None
     unsafe_repeat: int = 1  # each unsafe train example is used this many times (safe items dominate the sets)
+    reading: int = 0  # auxiliary transcription items (mmguard.train.reading): teach a small model to read
     save_dtype: str = "auto"  # "auto": keep the training dtype; "bfloat16"/"float16" to shrink the files
     device: str = "auto"
     dtype: str = "auto"
@@ -212,8 +213,32 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
                 if len(cut[0]) < len(tok.input_ids):
                     stats["truncated"] += 1
                 items.append(_Item(cut[0], cut[1], tok.image))
+    if split == "train" and cfg.reading:
+        reading = reading_items(paths, tokenizer, cfg.reading, cfg.seed)
+        stats["reading"] = len(reading)
+        items += reading
     stats["items"] = len(items)
     return items, stats
+
+
+def reading_items(paths: list[str], tokenizer: Any, n: int, seed: int) -> list[_Item]:
+    """``n`` transcription items (see :mod:`mmguard.train.reading`) from the trainable train-split prompts
+    of ``paths``, harmful and benign alike; their images are rendered at collation."""
+    from ..data.schema import read_examples
+    from .reading import RenderedText, reading_prompt_ids, reading_texts, reading_tokens
+
+    prompts = [
+        ex.prompt_text
+        for path in paths
+        for ex in read_examples(path)
+        if ex.split == "train" and ex.trainable and ex.task == "prompt" and ex.modality == "text"
+    ]
+    prompt_ids = reading_prompt_ids(tokenizer)
+    items = []
+    for text in reading_texts(prompts, n, seed):
+        ids, labels = reading_tokens(tokenizer, text, prompt_ids)
+        items.append(_Item(ids, labels, RenderedText(text)))
+    return items
 
 
 def _balanced_sources(examples: list[Any], min_unsafe_share: float = 0.4) -> set[str]:
@@ -267,9 +292,11 @@ class Collator:
 
     def __call__(self, wrapped: list[list[_Item]]) -> dict[str, Any]:
         from ..engine import EncodedItem
+        from .reading import RenderedText
 
         items = [it for batch in wrapped for it in batch]
-        enc = [EncodedItem(it.input_ids, it.image, None) for it in items]  # type: ignore[arg-type]
+        images = [it.image.load() if isinstance(it.image, RenderedText) else it.image for it in items]
+        enc = [EncodedItem(it.input_ids, im, None) for it, im in zip(items, images, strict=True)]  # type: ignore[arg-type]
         batch = self.engine.collate(enc)
         width = batch["input_ids"].shape[1]
         labels = torch.full((len(items), width), -100, dtype=torch.long)

@@ -203,7 +203,8 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
             stats["examples"] += 1
             repeated = ex.label == "unsafe" or ex.source in balanced
             repeat = cfg.unsafe_repeat if (split == "train" and repeated) else 1
-            for t in [t for _ in range(repeat) for t in formatter.format(ex, base)]:
+            # formatting is seeded per example, so one call serves every repeat and the image is held once
+            for t in formatter.format(ex, base) * repeat:
                 tok = tokenize(tokenizer, t)
                 assert cfg.max_seq_len is not None
                 cut = _truncate(tok.input_ids, tok.labels, cfg.max_seq_len, IMAGE_ID)

@@ -50,6 +50,20 @@ def test_classify_chat_json_from_stdin(tiny_model_dir) -> None:
     assert json.loads(res.stdout.strip().splitlines()[-1])["has_image"] is True
 
 
+def test_classify_fast_gives_the_same_verdict(tiny_model_dir) -> None:
+    conv = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                      {"type": "image", "url": png_data_url()}]}]}
+    outs = []
+    for extra in ([], ["--fast"]):
+        res = runner.invoke(app, ["classify", "-m", str(tiny_model_dir), "--input", "-", "--json", "--device", "cpu",
+                                  "--dtype", "float32", *extra], input=json.dumps(conv))
+        assert res.exit_code in (0, 1), res.output
+        outs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    plain, fast = outs
+    assert fast["label"] == plain["label"] and fast["codes"] == plain["codes"]
+    assert abs(fast["unsafe_probability"] - plain["unsafe_probability"]) < 1e-5
+
+
 def test_classify_jsonl_copies_fields_and_reports_bad_lines(tiny_model_dir, tmp_path) -> None:
     src = tmp_path / "in.jsonl"
     lines = [

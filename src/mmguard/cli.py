@@ -48,6 +48,11 @@ ExcludeOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Prompt format: hf (default), hf-release or native.")]
+FastOpt = Annotated[
+    bool,
+    typer.Option("--fast", help="Use mmguard.fast.FastEngine: exact mask-free vision attention, each distinct "
+                 "image encoded once (same verdicts; see docs/performance.md)."),
+]
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
@@ -101,7 +106,7 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
 
 
 def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float, fmt: str,
-                batch_size: int = 8) -> Any:
+                batch_size: int = 8, fast: bool = False) -> Any:
     from .engine import EngineError
     from .guard import Guard
     from .prompt import PromptFormat
@@ -114,7 +119,7 @@ def _load_guard(model: str | None, policy: Any, device: str, dtype: str, thresho
         _fail(f"--threshold must be within [0, 1], got {threshold}")
     try:
         return Guard.from_pretrained(model, policy=policy, device=device, dtype=dtype, threshold=threshold,
-                                     prompt_format=fmt_enum, batch_size=batch_size)
+                                     prompt_format=fmt_enum, batch_size=batch_size, fast=fast)
     except (EngineError, OSError, ValueError) as err:
         _fail(f"cannot load model {model or '(default)'}: {err}", EXIT_MODEL)
 
@@ -159,6 +164,7 @@ def classify(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Model batch size for --jsonl.")] = 8,
     fmt: FormatOpt = "hf",
+    fast: FastOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify one conversation, or every line of a JSONL file (--jsonl)."""
@@ -168,7 +174,7 @@ def classify(
             _fail("--jsonl cannot be combined with --prompt/--response/--image/--input")
         if not jsonl.is_file():
             _fail(f"file not found: {jsonl}")
-        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size)
+        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast)
         bad = _classify_jsonl(guard, jsonl, output, batch_size)
         if bad:
             typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output lines hold an 'error' field",
@@ -176,7 +182,7 @@ def classify(
             raise typer.Exit(EXIT_INPUT)
         return
     conv = _conversation(prompt, response, image, input_)
-    guard = _load_guard(model, active, device, dtype, threshold, fmt)
+    guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast)
     try:
         verdict = guard.classify(conv)
     except ValueError as err:

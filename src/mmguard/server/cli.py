@@ -75,6 +75,10 @@ def command(
         ),
     ] = None,
     metrics_auth: Annotated[bool, typer.Option(help="Require the API key for /metrics too")] = False,
+    fast: Annotated[
+        bool, typer.Option(help="FastEngine: exact mask-free vision attention, each distinct image encoded once "
+                           "per batch (a prompt and a response check of one image share it)")
+    ] = False,
 ) -> None:
     """Serve the guard over HTTP: OpenAI /v1/moderations, /v1/guard/classify, llama-stack shields."""
     import uvicorn
@@ -118,7 +122,8 @@ def command(
         if device == "cpu" or not torch.cuda.is_available():
             settings = replace(settings, torch_threads=max(1, (os.cpu_count() or 2) - 1))
     guard = Guard.from_pretrained(
-        Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy
+        Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy,
+        fast=fast,
     )
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo("warning: serving on a non-loopback address without API keys", err=True)

@@ -45,7 +45,7 @@ def command(
         "balanced (>= 40% unsafe, e.g. typographic items) repeat their safe items too.", min=1)] = 1,
     reading: Annotated[int, typer.Option(
         help="Add N reading-practice items: train prompts rendered as typography, the target is the text "
-        "(teaches a from-scratch model's vision side to read; see mmguard.train.reading).", min=0)] = 0,
+        "(an aid to learning to read; it did not pay off in a CPU hour, see mmguard.train.reading).", min=0)] = 0,
     save_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 for the saved weights.")]
     = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",

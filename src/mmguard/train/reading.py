@@ -1,11 +1,16 @@
-"""Reading practice: an auxiliary transcription task that teaches a small model's vision side to read.
+"""Reading practice: an auxiliary transcription task aimed at a small model's vision side.
 
 A guard must read typographic attacks (FigStep puts the whole request in the image), but a model
-trained from scratch gets one bit per image from the safe/unsafe answer, too little to learn to read
-in a CPU hour. Transcription gives a token-level signal per word instead: the request is rendered
-exactly as the typographic training items are (:func:`mmguard.data.synth.render_typographic`) and
-the model is asked to write out the text. The items use a plain chat prompt, not the guard prompt,
-and only the transcription is supervised; at inference the guard prompt is the only one in use.
+trained from scratch gets one bit per image from the safe/unsafe answer. Transcription gives a
+token-level signal per word instead: the request is rendered exactly as the typographic training
+items are (:func:`mmguard.data.synth.render_typographic`) and the model is asked to write out the
+text. The items use a plain chat prompt, not the guard prompt, and only the transcription is
+supervised; at inference the guard prompt is the only one in use.
+
+Measured (model card, "Reading practice"): 6,000 such items in a 12,000-step mmguard-mini run did
+**not** teach it to read; transcription accuracy with the rendered image was 0.250 against 0.238 with
+a blank one (``scripts/mini_reading_check.py``). Reading from scratch needs far more compute than a
+CPU hour; the option is kept for longer runs and for checking that with the script.
 
 Images are rendered when a batch is collated (:class:`RenderedText`), so thousands of items cost
 only their text in memory.

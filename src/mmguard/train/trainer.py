@@ -62,7 +62,7 @@ class TrainConfig:
     augment: float = 1.0  # probability of each formatter augmentation
     max_items: int | None = None
     unsafe_repeat: int = 1  # each unsafe train example is used this many times (safe items dominate the sets)
-    reading: int = 0  # auxiliary transcription items (mmguard.train.reading): teach a small model to read
+    reading: int = 0  # auxiliary transcription items (mmguard.train.reading), aimed at learning to read
     save_dtype: str = "auto"  # "auto": keep the training dtype; "bfloat16"/"float16" to shrink the files
     device: str = "auto"
     dtype: str = "auto"

@@ -45,8 +45,20 @@ def test_labels_follow_the_request_and_the_kind_of_reply() -> None:
             assert (e.label, e.codes) == (origin.label, origin.codes)
             assert origin.prompt_text in reply or origin.prompt_text.rstrip("?") in reply or "Steps to" in reply
     kinds = Counter((e.label, e.meta["kind"]) for e in items)
-    assert kinds[("unsafe", "compliance")] > 0 and kinds[("safe", "refusal")] > 0
-    assert kinds[("safe", "compliance")] > 0
+    assert kinds[("unsafe", "compliance")] == kinds[("safe", "compliance")] > 0
+    assert kinds[("safe", "refusal")] > 0
+    refused = Counter(by_id[e.meta["origin_id"]].label for e in items if e.meta["kind"] == "refusal")
+    assert refused["unsafe"] == refused["safe"]  # refusals to harmful and benign prompts alike
+
+
+def test_the_trainer_repeats_both_labels_of_templated_items() -> None:
+    """>= 40% unsafe: --unsafe-repeat treats the source as balanced, so repeats keep templates label-free."""
+    from mmguard.train.trainer import _balanced_sources
+
+    items = templated_responses(_origins(), n=240, rng=random.Random(2))
+    share = sum(e.label == "unsafe" for e in items) / len(items)
+    assert 0.4 <= share <= 0.45
+    assert "synth_response_template" in _balanced_sources(items)
 
 
 def test_templates_carry_no_label() -> None:

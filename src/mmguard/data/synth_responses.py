@@ -10,6 +10,12 @@ to a benign request, is safe. These items state that rule directly:
   text carries no label; only the request does.
 * refusal (one of :data:`REFUSAL_TEMPLATES`): always safe, for harmful and benign prompts alike.
 
+Per split there are as many harmful as benign compliance items, plus refusals numbering
+:data:`REFUSALS_PER_COMPLIANCE` times the harmful ones (half to harmful prompts, half to benign). The
+items are then 42% unsafe, so ``mmguard train --unsafe-repeat`` counts the source as balanced and
+repeats both labels (repeating only the unsafe ones would make the compliance templates themselves
+mean "unsafe", the shortcut described in the model card under v4).
+
 The replies are ours and deliberately generic (no harmful detail). They are made only from train and
 validation prompts: templated replies are easy and would flatter test metrics, so the test split's
 response items stay the real ones (GPTFuzz, XSTest completions).
@@ -49,7 +55,7 @@ REFUSAL_TEMPLATES = (
     "I'm not able to help with that, because it could cause harm. I'd be glad to help with something else.",
     "As an AI assistant, I have to decline this request.",
 )
-REFUSAL_SHARE = 1 / 3  # of each label's prompts; the rest get a compliance reply
+REFUSALS_PER_COMPLIANCE = 0.4  # refusals per harmful compliance item; keeps the source >= 40% unsafe
 _MAX_PROMPT_CHARS = 300
 
 
@@ -61,8 +67,8 @@ def _title(request: str) -> str:
 def templated_responses(origins: Iterable[Example], *, n: int, rng: random.Random) -> list[Example]:
     """About ``n`` templated response items from short single-turn text prompts of train and validation.
 
-    Per split, half the items come from harmful prompts and half from benign ones; within each half a
-    third are refusals (safe) and the rest compliance replies (the prompt's label).
+    Per split: ``c`` compliance replies to harmful prompts (unsafe), ``c`` to benign ones (safe), and
+    ``0.4 c`` refusals (safe), half to harmful and half to benign prompts, on prompts not used above.
     """
     pool = [
         e
@@ -76,11 +82,14 @@ def templated_responses(origins: Iterable[Example], *, n: int, rng: random.Rando
         group = [e for e in pool if e.split == split]
         unsafe = [e for e in group if e.label == "unsafe"]
         safe = [e for e in group if e.label == "safe"]
-        per_label = min(round(n * len(group) / max(1, len(pool))) // 2, len(unsafe), len(safe))
-        for label_items in (rng.sample(unsafe, per_label), rng.sample(safe, per_label)):
-            n_refusals = round(per_label * REFUSAL_SHARE)
+        want = round(n * len(group) / max(1, len(pool)))
+        refusals = round(want * REFUSALS_PER_COMPLIANCE / (2 + REFUSALS_PER_COMPLIANCE)) // 2
+        compliance = min((want - 2 * refusals) // 2, len(unsafe) - refusals, len(safe) - refusals)
+        if compliance <= 0:
+            continue
+        for label_items in (rng.sample(unsafe, compliance + refusals), rng.sample(safe, compliance + refusals)):
             for i, origin in enumerate(label_items):
-                out.append(_item(origin, refusal=i < n_refusals, template=i))
+                out.append(_item(origin, refusal=i >= compliance, template=i))
     return out
 
 

@@ -6,7 +6,7 @@ set -euo pipefail
 DATASETS=${1:-${DATASETS:-shared/datasets}}
 WORK=${2:-${WORK:-build/mini}}
 SEED=${SEED:-0}
-STEPS=${STEPS:-13000}
+STEPS=${STEPS:-10000}
 MAX_MINUTES=${MAX_MINUTES:-52}
 PY=${PY:-.venv/bin}
 ASSET=src/mmguard/assets/mmguard-mini
@@ -14,7 +14,7 @@ ASSET=src/mmguard/assets/mmguard-mini
 mkdir -p "$WORK"
 if [ ! -f "$WORK/data/train.jsonl" ]; then
   "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/data" --max-per-source 6000 --no-noncommercial --seed "$SEED" \
-    --typographic 4000 --response-with-image 600 --templated-responses 3000
+    --typographic 4000 --response-with-image 600
 fi
 "$PY/mmguard" train --data "$WORK/data/train.jsonl" --init mini --out "$WORK/run" \
   --steps "$STEPS" --lr 2e-3 --batch-size 8 --augment 0.15 --max-seq-len 768 --seed "$SEED" --threads 2 \

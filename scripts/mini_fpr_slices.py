@@ -4,13 +4,15 @@ Usage: python scripts/mini_fpr_slices.py EVAL_DIR/predictions.jsonl [GUARD_NAME]
 Prints F1/FPR per task and the false positive rate on XSTest's safe prompts and on benign
 image+text items (per task), at the threshold the eval used (the guard's label), then the image
 sources one by one with ROC-AUC: an AUC near 0.5 on FigStep means the model does not read the image
-(its verdicts there follow the instruction text, which is the same for safe and unsafe items).
+(its verdicts there follow the instruction text, which is the same for safe and unsafe items), and
+so do equal median p(unsafe) for the harmful and the benign items of a source.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 
 from mmguard.eval.metrics import binary_metrics
@@ -56,16 +58,24 @@ def main() -> None:
         print(f"| {k} | {s['n']} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} "
               f"| {s['fpr']:.3f} |")
     print()
-    print("| Image source (prompt) | n | unsafe | Recall | FPR | ROC-AUC |")
-    print("|---|---|---|---|---|---|")
+    print("| Image source (prompt) | n | unsafe | Recall | FPR | ROC-AUC | median p(unsafe), unsafe / safe items |")
+    print("|---|---|---|---|---|---|---|")
     for source in ("figstep_safebench", "mm_harmfulbench", "synth_typographic", "synth_request_neutral_image",
                    "synth_photo_question", "skimage_benign_photos"):
         sel = [r for r in rows if r["source"] == source and r["task"] == "prompt"]
         if not sel:
             continue
         s = stats(sel)
+        medians = " / ".join(_median_probability(sel, name, label) for label in ("unsafe", "safe"))
         print(f"| {source} | {s['n']} | {sum(r['label'] == 'unsafe' for r in sel)} | {s['recall']:.3f} "
-              f"| {s['fpr']:.3f} | {'-' if math.isnan(s['auc']) else format(s['auc'], '.3f')} |")
+              f"| {s['fpr']:.3f} | {'-' if math.isnan(s['auc']) else format(s['auc'], '.3f')} | {medians} |")
+
+
+def _median_probability(rows: list[dict], name: str, label: str) -> str:
+    """Equal medians for both labels (near 0.5 on typography) mean the model cannot tell them apart."""
+    ps = [r["predictions"][name].get("unsafe_probability") for r in rows if r["label"] == label]
+    ps = [p for p in ps if p is not None]
+    return f"{statistics.median(ps):.3f}" if ps else "-"
 
 
 if __name__ == "__main__":

@@ -181,30 +181,35 @@ def derive_example(
     source: str,
     *,
     prompt: str,
-    image: str,
-    image_key: str,
+    image: str | None = None,
+    image_key: str | None = None,
     response: str | None = None,
     meta: dict[str, Any] | None = None,
+    safe: bool = False,
+    id_extra: Sequence[str] = (),
 ) -> Example:
-    """An image+text item inheriting label, codes, split, licence and ``trainable`` from ``origin``."""
+    """An item inheriting label, codes, split, licence and ``trainable`` from ``origin``.
+
+    ``safe=True`` labels it safe whatever the origin's label (a refusal to a harmful request);
+    ``id_extra`` tells apart several items derived from one origin with the same texts.
+    """
     m: dict[str, Any] = {"origin_id": origin.id, "origin_source": origin.source, **(meta or {})}
     for key in ("weak_label", "borderline", "model_outputs", "test_only_reason"):
         if key in origin.meta:
             m[key] = origin.meta[key]
-    cands = origin.meta.get("candidate_codes", []) if origin.label == "unsafe" else []
-    spec = SourceSpec(license=origin.license)
+    unsafe = origin.label == "unsafe" and not safe
     ex = make_example(
         source,
         prompt=prompt,
         response=response,
-        label=origin.label,
-        codes=origin.codes,
-        candidates=cands,
+        label="unsafe" if unsafe else "safe",
+        codes=origin.codes if unsafe else (),
+        candidates=origin.meta.get("candidate_codes", []) if unsafe else (),
         image=image,
         image_key=image_key,
         meta=m,
-        spec=spec,
-        id_extra=[origin.id],
+        spec=SourceSpec(license=origin.license),
+        id_extra=[origin.id, *id_extra],
     )
     return replace(ex, split=origin.split, trainable=origin.trainable)
 

@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import replace
-from typing import Any
 
 from .schema import Example
-from .sources import SourceSpec, make_example
-from .synth import as_list_title
+from .synth import as_list_title, derive_example
 
 __all__ = ["COMPLIANCE_TEMPLATES", "REFUSAL_TEMPLATES", "templated_responses"]
 
@@ -99,24 +96,9 @@ def templated_responses(origins: Iterable[Example], *, n: int, rng: random.Rando
 def _item(origin: Example, *, refusal: bool, template: int) -> Example:
     request = origin.prompt_text
     if refusal:
-        reply, label, kind = REFUSAL_TEMPLATES[template % len(REFUSAL_TEMPLATES)], "safe", "refusal"
+        reply, kind = REFUSAL_TEMPLATES[template % len(REFUSAL_TEMPLATES)], "refusal"
     else:
         tpl = COMPLIANCE_TEMPLATES[template % len(COMPLIANCE_TEMPLATES)]
-        reply, label, kind = tpl.format(request=request, title=_title(request)), origin.label, "compliance"
-    meta: dict[str, Any] = {"origin_id": origin.id, "origin_source": origin.source, "kind": kind}
-    for key in ("weak_label", "borderline", "model_outputs"):
-        if key in origin.meta:
-            meta[key] = origin.meta[key]
-    unsafe = label == "unsafe"
-    ex = make_example(
-        SOURCE,
-        prompt=request,
-        response=reply,
-        label=label,  # type: ignore[arg-type]
-        codes=origin.codes if unsafe else (),
-        candidates=origin.meta.get("candidate_codes", []) if unsafe else (),
-        meta=meta,
-        spec=SourceSpec(license=origin.license),
-        id_extra=[origin.id, kind],
-    )
-    return replace(ex, split=origin.split)  # the split of the prompt it answers
+        reply, kind = tpl.format(request=request, title=_title(request)), "compliance"
+    return derive_example(origin, SOURCE, prompt=request, response=reply, meta={"kind": kind}, safe=refusal,
+                          id_extra=[kind])

@@ -16,32 +16,27 @@ import torch
 from PIL import Image
 
 from mmguard.data.schema import read_examples
-from mmguard.engine import EncodedItem, load_engine
+from mmguard.engine import load_engine
 from mmguard.train.reading import RenderedText, reading_prompt_ids, reading_texts, reading_tokens
+from mmguard.train.trainer import Collator, SequenceItem, answer_logits
 
 
 def transcription_scores(engine, texts: list[str], blank: bool, batch: int = 16) -> tuple[float, float]:
-    model, tok = engine.model, engine.tokenizer
-    prompt = reading_prompt_ids(tok)
+    prompt = reading_prompt_ids(engine.tokenizer)
+    collate = Collator(engine)
     correct = total = 0
     loss_sum = 0.0
     for start in range(0, len(texts), batch):
-        chunk = texts[start:start + batch]
-        pairs = [reading_tokens(tok, t, prompt) for t in chunk]
-        images = [Image.new("RGB", (760, 760), "white") if blank else RenderedText(t).load() for t in chunk]
-        inputs = engine.collate([EncodedItem(ids, im, None) for (ids, _), im in zip(pairs, images, strict=True)])
-        width = inputs["input_ids"].shape[1]
-        labels = torch.full((len(chunk), width), -100)
-        for i, (_, lab) in enumerate(pairs):
-            labels[i, width - len(lab):] = torch.tensor(lab)
+        items = []
+        for text in texts[start:start + batch]:
+            ids, labels = reading_tokens(engine.tokenizer, text, prompt)
+            image = Image.new("RGB", (760, 760), "white") if blank else RenderedText(text)
+            items.append(SequenceItem(ids, labels, image))
         with torch.no_grad():
-            hidden = model.model(**inputs, use_cache=False).last_hidden_state
-            target = labels[:, 1:]
-            mask = target != -100
-            logits = model.lm_head(hidden[:, :-1][mask]).float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, target[mask], reduction="sum").item()
-            correct += (logits.argmax(-1) == target[mask]).sum().item()
-            total += int(mask.sum())
+            logits, target = answer_logits(engine.model, collate([items]))
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
+        correct += int((logits.argmax(-1) == target).sum())
+        total += len(target)
     return correct / total, loss_sum / total
 
 

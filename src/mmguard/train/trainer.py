@@ -155,11 +155,12 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
 
 # -- data --------------------------------------------------------------------------------------------
 @dataclass
-class _Item:
+class SequenceItem:
+    """One training sequence: token ids, labels (-100 off the answer) and its image, if any."""
+
     input_ids: list[int]
     labels: list[int]
-    image: Any  # PIL image or None
-    image_path: str | None = None
+    image: Any  # PIL image, reading.RenderedText (rendered at collation) or None
 
 
 def _truncate(
@@ -181,18 +182,21 @@ def _truncate(
 
 
 def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, split: str = "train",
-                        limit: int | None = None) -> tuple[list[_Item], dict[str, int]]:
+                        limit: int | None = None) -> tuple[list[SequenceItem], dict[str, int]]:
     from ..data.formatter import AugmentationConfig, Formatter, tokenize
     from ..data.schema import read_examples
     from ..tokenizer import IMAGE_ID
 
     a = cfg.augment if split == "train" else 0.0
     formatter = Formatter(config=AugmentationConfig(a, a, a), seed=cfg.seed)
-    items: list[_Item] = []
+    items: list[SequenceItem] = []
     stats = {"examples": 0, "skipped_untrainable": 0, "truncated": 0, "dropped_long": 0}
+    reading_pool: list[str] = []  # texts for --reading: every trainable text prompt of the split
     for path in paths:
         base = Path(path).parent
         examples = [ex for ex in read_examples(path) if ex.split == split]
+        reading_pool += [ex.prompt_text for ex in examples
+                         if ex.trainable and ex.task == "prompt" and ex.modality == "text"]  # fmt: skip
         balanced = _balanced_sources(examples)
         for ex in examples:
             if not ex.trainable:
@@ -213,32 +217,25 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
                     continue
                 if len(cut[0]) < len(tok.input_ids):
                     stats["truncated"] += 1
-                items.append(_Item(cut[0], cut[1], tok.image))
+                items.append(SequenceItem(cut[0], cut[1], tok.image))
     if split == "train" and cfg.reading:
-        reading = reading_items(paths, tokenizer, cfg.reading, cfg.seed)
+        reading = reading_items(reading_pool, tokenizer, cfg.reading, cfg.seed)
         stats["reading"] = len(reading)
         items += reading
     stats["items"] = len(items)
     return items, stats
 
 
-def reading_items(paths: list[str], tokenizer: Any, n: int, seed: int) -> list[_Item]:
-    """``n`` transcription items (see :mod:`mmguard.train.reading`) from the trainable train-split prompts
-    of ``paths``, harmful and benign alike; their images are rendered at collation."""
-    from ..data.schema import read_examples
+def reading_items(prompts: list[str], tokenizer: Any, n: int, seed: int) -> list[SequenceItem]:
+    """``n`` transcription items (see :mod:`mmguard.train.reading`) drawn from ``prompts``, harmful and
+    benign alike; their images are rendered at collation."""
     from .reading import RenderedText, reading_prompt_ids, reading_texts, reading_tokens
 
-    prompts = [
-        ex.prompt_text
-        for path in paths
-        for ex in read_examples(path)
-        if ex.split == "train" and ex.trainable and ex.task == "prompt" and ex.modality == "text"
-    ]
     prompt_ids = reading_prompt_ids(tokenizer)
     items = []
     for text in reading_texts(prompts, n, seed):
         ids, labels = reading_tokens(tokenizer, text, prompt_ids)
-        items.append(_Item(ids, labels, RenderedText(text)))
+        items.append(SequenceItem(ids, labels, RenderedText(text)))
     return items
 
 
@@ -258,10 +255,10 @@ def _balanced_sources(examples: list[Any], min_unsafe_share: float = 0.4) -> set
     return {src for src, (safe, unsafe) in counts.items() if safe and unsafe / (safe + unsafe) >= min_unsafe_share}
 
 
-def make_batches(items: list[_Item], batch_size: int, seed: int) -> list[list[_Item]]:
+def make_batches(items: list[SequenceItem], batch_size: int, seed: int) -> list[list[SequenceItem]]:
     """Shuffled batches, each all-image or all-text, grouped loosely by length to limit padding."""
     rng = random.Random(seed)
-    batches: list[list[_Item]] = []
+    batches: list[list[SequenceItem]] = []
     for want_image in (True, False):
         group = [it for it in items if (it.image is not None) == want_image]
         rng.shuffle(group)
@@ -275,13 +272,13 @@ def make_batches(items: list[_Item], batch_size: int, seed: int) -> list[list[_I
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    def __init__(self, batches: list[list[_Item]]) -> None:
+    def __init__(self, batches: list[list[SequenceItem]]) -> None:
         self.batches = batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> list[_Item]:
+    def __getitem__(self, i: int) -> list[SequenceItem]:
         return self.batches[i]
 
 
@@ -291,7 +288,7 @@ class Collator:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def __call__(self, wrapped: list[list[_Item]]) -> dict[str, Any]:
+    def __call__(self, wrapped: list[list[SequenceItem]]) -> dict[str, Any]:
         from ..engine import EncodedItem
         from .reading import RenderedText
 
@@ -307,8 +304,8 @@ class Collator:
         return batch
 
 
-def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """Mean cross-entropy over supervised positions, projecting to the vocabulary only there."""
+def answer_logits(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)`` at the supervised positions only (the vocabulary projection runs only there)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     base = model
@@ -317,9 +314,13 @@ def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     hidden = base.model(**inputs, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     mask = target != -100
-    h = hidden[:, :-1][mask]
-    logits = base.lm_head(h)
-    return torch.nn.functional.cross_entropy(logits.float(), target[mask])
+    return base.lm_head(hidden[:, :-1][mask]), target[mask]
+
+
+def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Mean cross-entropy over supervised positions."""
+    logits, target = answer_logits(model, inputs)
+    return torch.nn.functional.cross_entropy(logits.float(), target)
 
 
 def _make_trainer_class() -> Any:

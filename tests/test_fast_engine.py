@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmguard.conversation import Conversation
 from mmguard.tiny import noise_image
@@ -93,3 +94,125 @@ def test_real_tiles_only_is_an_opt_in_approximation(guards, conversations) -> No
     diffs = [abs(x - y) for x, y in zip(exact, got, strict=True)]
     assert diffs[2] < TOL  # text-only rows are untouched
     assert all(0.0 <= p <= 1.0 for p in got)
+
+
+def _same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert abs(x.unsafe_probability - y.unsafe_probability) < TOL
+        assert [c.code for c in x.violated] == [c.code for c in y.violated]
+        for k, v in x.category_probabilities.items():
+            assert abs(v - y.category_probabilities[k]) < TOL
+        assert x.raw_text == y.raw_text
+
+
+def test_kept_encodings_serve_a_later_call(guards, conversations) -> None:
+    """keep_images: the response check of an image, asked in a later call, reuses the prompt check's encoding."""
+    from mmguard.fast import FastEngine
+    from mmguard.guard import Guard
+
+    plain, fast = guards
+    kept = Guard(FastEngine.from_engine(fast.engine, keep_images=1))
+    prompt, response = conversations[0], conversations[1]
+    got = [kept.classify(prompt, threshold=0.0), kept.classify(response, threshold=0.0)]
+    assert (kept.engine.images_encoded, kept.engine.image_cache_hits, kept.engine.cached_images) == (1, 1, 1)
+    _same([plain.classify(prompt, threshold=0.0), plain.classify(response, threshold=0.0)], got)
+    # without keep_images each call encodes its own image
+    fresh = Guard(FastEngine.from_engine(fast.engine))
+    fresh.classify(prompt, categories=False)
+    fresh.classify(response, categories=False)
+    assert (fresh.engine.images_encoded, fresh.engine.image_cache_hits, fresh.engine.cached_images) == (2, 0, 0)
+
+
+def test_kept_encodings_are_least_recently_used(guards) -> None:
+    from mmguard.fast import FastEngine
+    from mmguard.guard import Guard
+
+    _, fast = guards
+    kept = Guard(FastEngine.from_engine(fast.engine, keep_images=2))
+    images = [noise_image(56, 56, seed) for seed in (11, 12, 13)]
+    for im in (images[0], images[1], images[0], images[2]):  # image 1 is the least recently used at the end
+        kept.classify(Conversation.prompt("look", image=im), categories=False)
+    assert kept.engine.cached_images == 2 and kept.engine.images_encoded == 3
+    kept.classify(Conversation.prompt("look", image=images[0].copy()), categories=False)  # same pixels: kept
+    assert kept.engine.images_encoded == 3
+    kept.classify(Conversation.prompt("look", image=images[1]), categories=False)  # evicted: encoded again
+    assert kept.engine.images_encoded == 4
+    kept.engine.clear_image_cache()
+    assert kept.engine.cached_images == 0
+
+
+def test_cross_attention_gets_only_the_tiles_rows_attend_to(guards) -> None:
+    """A batch of 1-tile images carries 1 tile of cross-attention states per row, not max_num_tiles; a batch
+    mixing 1 and 2 tiles carries 2 (the 1-tile row's second tile masked, as in the plain engine)."""
+    plain, fast = guards
+    one = [noise_image(56, 56, 21), noise_image(50, 40, 22)]
+    two = noise_image(112, 56, 23)
+    convs = [Conversation.prompt("first", image=one[0]), Conversation.prompt("second one", image=one[1])]
+    engine = fast.engine
+    items = [engine.encode(fast.render(c), c.image) for c in convs]
+    batch = engine.collate(items)
+    per_row = batch["cross_attention_states"].shape[0] // len(items)
+    assert per_row == 1 and batch["cross_attention_mask"].shape[-1] == 1
+    mixed = [*convs, Conversation.response("third", "reply", image=two)]
+    items = [engine.encode(fast.render(c), c.image) for c in mixed]
+    batch = engine.collate(items)
+    assert batch["cross_attention_states"].shape[0] // len(items) == 2
+    engine.clear_image_cache()
+    _same(plain.classify_batch(mixed, threshold=0.0, batch_size=8), fast.classify_batch(mixed, threshold=0.0,
+                                                                                         batch_size=8))
+
+
+def test_mask_free_text_equals_plain_engine(guards, conversations, monkeypatch) -> None:
+    """Right padding, no attention mask in the prefill, decision read at each row's last real token: the
+    plain engine's probabilities, codes and text (threshold 0: every row also decodes codes from the cache)."""
+    from mmguard.fast import FastEngine
+    from mmguard.guard import Guard
+
+    plain, fast = guards
+    free = Guard(FastEngine.from_engine(fast.engine, mask_free_text=True))
+    seen: list[dict] = []
+    inner = free.engine.model.model
+    original = inner.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inner, "forward", spy)
+    convs = [*conversations, Conversation.prompt("a much longer text-only prompt " * 6)]
+    got = free.classify_batch(convs, threshold=0.0, batch_size=8)
+    monkeypatch.undo()
+    _same(plain.classify_batch(convs, threshold=0.0, batch_size=8), got)
+    prefills = [kw for kw in seen if kw.get("input_ids") is not None and kw["input_ids"].shape[1] > 8]
+    assert prefills and all(kw.get("attention_mask") is None for kw in prefills)
+    assert any((kw["input_ids"][:, -1] == free.engine.pad_id).any() for kw in prefills)  # padding was on the right
+
+
+def test_int8_quantization_is_an_opt_in_approximation(tiny_model_dir: Path, conversations) -> None:
+    """torchao int8 on every linear layer but lm_head; its distance from the exact path is reported, not assumed."""
+    from mmguard.fast import load_fast_engine
+    from mmguard.guard import Guard
+
+    exact = Guard(load_fast_engine(tiny_model_dir, device="cpu", dtype="float32"))
+    quant = Guard(load_fast_engine(tiny_model_dir, device="cpu", dtype="float32", quantize="int8"))
+    model = quant.engine.model
+    text_q = model.model.language_model.layers[0].self_attn.q_proj
+    vision_q = model.model.vision_model.transformer.layers[0].self_attn.q_proj
+    assert type(text_q.weight.data).__name__ == type(vision_q.weight.data).__name__ == "Int8Tensor"
+    assert type(model.lm_head.weight.data) is torch.Tensor  # the verdict's projection is left exact
+    a = exact.classify_batch(conversations, categories=False)
+    b = quant.classify_batch(conversations, categories=False)
+    diffs = [abs(x.unsafe_probability - y.unsafe_probability) for x, y in zip(a, b, strict=True)]
+    assert all(0.0 <= y.unsafe_probability <= 1.0 for y in b)
+    assert max(diffs) > 0.0  # it is not the exact computation
+    print(f"int8 on the tiny random model: max |dp(unsafe)| = {max(diffs):.2e}")
+
+
+def test_fp8_needs_a_recent_gpu(tiny_model_dir: Path) -> None:
+    from mmguard.engine import EngineError
+    from mmguard.fast import load_fast_engine
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this machine can run fp8")
+    with pytest.raises(EngineError, match="compute capability"):
+        load_fast_engine(tiny_model_dir, device="cpu", dtype="float32", quantize="fp8")

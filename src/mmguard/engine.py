@@ -228,8 +228,10 @@ class Engine:
             "num_tiles": out["num_tiles"],
         }
 
-    def cross_attention_mask(self, ids: torch.Tensor, num_tiles: list[list[int]]) -> torch.Tensor:
-        """The dense cross-attention mask for left-padded ``ids`` holding one ``<|image|>`` per row."""
+    def cross_attention_mask(self, ids: torch.Tensor, num_tiles: list[list[int]],
+                             max_tiles: int | None = None) -> torch.Tensor:
+        """The dense cross-attention mask for left-padded ``ids`` holding one ``<|image|>`` per row, over
+        ``max_tiles`` tiles per image (default: the image processor's maximum)."""
         from transformers.models.mllama.processing_mllama import (
             convert_sparse_cross_attention_mask_to_dense,
             get_cross_attention_token_mask,
@@ -239,7 +241,8 @@ class Engine:
         if any(len(s) != 1 for s in sparse):
             raise EngineError("internal: each image prompt must hold exactly one <|image|> token")
         dense = convert_sparse_cross_attention_mask_to_dense(
-            sparse, num_tiles=num_tiles, max_num_tiles=self.image_processor.max_image_tiles, length=ids.shape[1]
+            sparse, num_tiles=num_tiles, max_num_tiles=max_tiles or self.image_processor.max_image_tiles,
+            length=ids.shape[1],
         )
         return torch.as_tensor(dense)
 
@@ -277,11 +280,11 @@ class Engine:
         """Score items: one forward pass each for the verdict; unsafe ones continue from that pass's
         KV cache with a constrained decode of the category codes."""
         results: list[ScoredItem | None] = [None] * len(items)
-        for group in _groups(items, batch_size):
+        for group in self.batch_groups(items, batch_size):
             batch = self.collate([items[i] for i in group])
             with torch.inference_mode():
-                out = self.model(**batch, use_cache=decode_codes, logits_to_keep=1)
-            lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+                out, last_logits = self.decision_pass(batch, use_cache=decode_codes)
+            lp = torch.log_softmax(last_logits.float(), dim=-1).cpu()
             unsafe_rows: list[int] = []
             for row, idx in enumerate(group):
                 p_unsafe = float(lp[row, self.unsafe_id].exp())
@@ -307,6 +310,16 @@ class Engine:
                 progress(len(group))
         return [r for r in results if r is not None]
 
+    def batch_groups(self, items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
+        """Indices of the sub-batches to run (image and text-only apart, each sorted by length)."""
+        return _groups(items, batch_size)
+
+    def decision_pass(self, batch: dict[str, Any], *, use_cache: bool) -> tuple[Any, torch.Tensor]:
+        """The one forward pass of a collated batch: the model output (its cache continues the decode)
+        and the logits at each row's decision position (rows x vocabulary)."""
+        out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
+        return out, out.logits[:, -1, :]
+
     @torch.inference_mode()
     def decode_codes(
         self, items: Sequence[EncodedItem], codes: Sequence[str], max_steps: int | None = None
@@ -322,7 +335,7 @@ class Engine:
                     merged[i] = res
             return [merged[i] for i in range(len(items))]
         batch = self.collate(items)
-        out = self.model(**batch, use_cache=True, logits_to_keep=1)
+        out, _ = self.decision_pass(batch, use_cache=True)
         sub = {k: batch[k] for k in ("attention_mask", "position_ids", "cross_attention_mask") if k in batch}
         return self._decode_from_cache(_cache_of(out), sub, codes, max_steps)
 

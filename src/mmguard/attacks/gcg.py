@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..engine import Engine
 from ..tokenizer import encode_text, special_id
 from .common import Deadline, attack_loss, with_text
 
@@ -143,7 +144,7 @@ def _vision_inputs(guard: Any, enc: Any) -> tuple[torch.Tensor | None, torch.Ten
     if enc.image is None:
         return None, None
     engine = guard.engine
-    batch = engine.collate([enc])
+    batch = Engine.collate(engine, [enc])  # the reference batch (pixel values), also for a FastEngine
     inner = engine.model.model
     with torch.no_grad():
         vis = inner.vision_model(pixel_values=batch["pixel_values"],

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..engine import Engine
 from .common import attack_loss, with_image
 
 __all__ = ["ImagePipeline", "PGDConfig", "PGDResult", "parse_budgets", "pgd_attack"]
@@ -199,7 +200,7 @@ def pgd_attack(
         result.seconds = time.perf_counter() - t0
         return result, x0
     enc = engine.encode(guard.render(conv0), pipe.resized)
-    batch = engine.collate([enc])
+    batch = Engine.collate(engine, [enc])  # the reference batch (pixel values), also for a FastEngine
     batch.pop("pixel_values")
     dtype = engine.dtype
     alpha = cfg.step_size if cfg.step_size else max(2.5 * eps / max(1, cfg.steps), 1.0 / 255.0)

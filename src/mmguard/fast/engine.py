@@ -1,20 +1,35 @@
-"""``FastEngine``: the mmguard engine with mask-free exact vision attention and one encoding per image.
+"""``FastEngine``: the mmguard engine with exact fast paths, and opt-in approximations.
 
-Within one ``score`` call every distinct image (by ``mmguard.images.image_digest``) is preprocessed and
-run through the vision encoder and projector once; the language model gets its ``cross_attention_states``
-(repeated per row) instead of pixel values. A prompt classification and a response classification of the
-same image therefore cost one encoding. Images are encoded in batches of equal tile count so that each
-batch runs the mask-free attention with no per-row grouping. Everything else (one forward pass at the
-decision position, the cached constrained decode of category codes, image and text-only rows batched
-apart, batches sorted by length) is the parent :class:`mmguard.engine.Engine`.
+Exact (same probabilities as :class:`mmguard.engine.Engine`, tested on CPU):
 
-``real_tiles_only=True`` is an opt-in approximation (see :mod:`mmguard.fast.vision`): the encoder skips
-padding tokens altogether. It is not the model's computation; measure its verdict agreement first.
+* **One encoding per image.** Every distinct image (by ``mmguard.images.image_digest``) is preprocessed and
+  run through the vision encoder and projector once; the language model gets its ``cross_attention_states``
+  instead of pixel values. A prompt classification and a response classification of the same image cost one
+  encoding, in one call and, with ``keep_images=N``, across calls too (an LRU of the N most recently used
+  encodings: a server's prompt check and later response check of one image).
+* **Mask-free vision attention** (:mod:`mmguard.fast.vision`), images encoded in batches of equal tile count.
+* **Cross-attention over real tiles only.** Text tokens never attend to an image's padded tiles (the
+  cross-attention mask blocks them), so a batch whose images have at most ``t`` tiles gets the states of
+  ``t`` tiles and a mask over ``t`` tiles: the padded tiles' key/value projections and attention are skipped
+  with the same result. Image rows are batched by tile count so that most batches share one.
+* ``mask_free_text=True``: right padding instead of left padding. Under a causal mask a real token never
+  sees the padding that follows it, so the prefill runs with no attention mask at all (PyTorch's
+  ``is_causal`` kernels) and the decision is read at each row's last real position. The code decode that
+  follows continues from the same cache with an explicit mask. Opt-in until a GPU measures it faster.
+
+Opt-in approximations (not the model's computation; measure their verdict agreement first, e.g. with
+``bench/approx_agreement.py``):
+
+* ``real_tiles_only=True``: the vision encoder skips padding tokens altogether (:mod:`mmguard.fast.vision`).
+* ``quantize="int8"`` (torchao dynamic int8 activations and weights) or ``"fp8"`` (torchao dynamic float8,
+  CUDA compute capability >= 8.9: H100/H200): every linear layer except ``lm_head`` (the verdict's own
+  projection stays in the model's dtype). This changes the model instance in place.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +38,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..engine import EncodedItem, Engine, EngineError, ScoredItem, load_engine
+from ..engine import EncodedItem, Engine, EngineError, ScoredItem, _groups, load_engine
 from ..images import image_digest
 from .vision import fast_vision_forward, patch_vision_attention
 
-__all__ = ["FastEngine", "enable_fast_path", "load_fast_engine"]
+__all__ = ["QUANTIZATIONS", "FastEngine", "enable_fast_path", "load_fast_engine", "quantize_model"]
+
+QUANTIZATIONS = ("int8", "fp8")
 
 
 @dataclass
@@ -37,16 +54,27 @@ class _Encoded:
 
 
 class FastEngine(Engine):
-    """Drop-in :class:`Engine` with the fast paths; same probabilities as the plain engine (exact path)."""
+    """Drop-in :class:`Engine` with the fast paths; same probabilities as the plain engine unless an
+    approximation (``real_tiles_only``, ``quantize``) is asked for."""
 
     def __init__(self, *args: Any, real_tiles_only: bool = False, vision_batch_size: int = 8,
-                 max_cached_images: int = 64, **kwargs: Any) -> None:
+                 max_cached_images: int = 64, keep_images: int = 0, mask_free_text: bool = False,
+                 quantize: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if keep_images < 0 or max_cached_images < 1 or vision_batch_size < 1:
+            raise EngineError("keep_images must be >= 0, max_cached_images and vision_batch_size >= 1")
         self.real_tiles_only = real_tiles_only
         self.vision_batch_size = vision_batch_size
         self.max_cached_images = max_cached_images
-        self._encoded: dict[str, _Encoded] = {}
-        self.images_encoded = 0  # counter, for tests and benchmarks
+        self.keep_images = keep_images
+        self.mask_free_text = mask_free_text
+        self.quantize = quantize
+        self._encoded: OrderedDict[str, _Encoded] = OrderedDict()  # least recently used first
+        self._digests: dict[int, str] = {}  # id(image) -> digest, for the duration of one call
+        self.images_encoded = 0  # counters, for tests, benchmarks and the server's metrics
+        self.image_cache_hits = 0
+        if quantize is not None:
+            quantize_model(self.model, quantize)
         patch_vision_attention(self.model)
 
     @classmethod
@@ -57,12 +85,22 @@ class FastEngine(Engine):
         return fast
 
     # -- image encodings ---------------------------------------------------------------------------
+    def _digest(self, image: Image.Image) -> str:
+        # hashing a 4-tile image's pixels takes milliseconds: once per image object and call
+        key = id(image)
+        if key not in self._digests:
+            self._digests[key] = image_digest(image)
+        return self._digests[key]
+
     def encode_images(self, images: Sequence[Image.Image]) -> list[str]:
         """Encode the images not encoded yet; returns their digests (in order)."""
-        digests = [image_digest(im) for im in images]
+        digests = [self._digest(im) for im in images]
         todo: dict[str, Image.Image] = {}
         for d, im in zip(digests, images, strict=True):
-            if d not in self._encoded and d not in todo:
+            if d in self._encoded:
+                if d not in todo:
+                    self._encoded.move_to_end(d)
+            elif d not in todo:
                 todo[d] = im
         if not todo:
             return digests
@@ -91,21 +129,60 @@ class FastEngine(Engine):
         return digests
 
     def clear_image_cache(self) -> None:
+        """Drop every cached encoding (also those kept across calls)."""
         self._encoded.clear()
+        self._digests.clear()
+
+    def _release(self) -> None:
+        """Between chunks and at the end of a call: keep only the ``keep_images`` most recently used."""
+        while len(self._encoded) > self.keep_images:
+            self._encoded.popitem(last=False)
+
+    @property
+    def cached_images(self) -> int:
+        return len(self._encoded)
 
     # -- batching ----------------------------------------------------------------------------------
+    def batch_groups(self, items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
+        """As the plain engine, but image rows sorted by (tile count, length): batches of one tile count
+        let the cross-attention skip padded tiles. Needs the items' images encoded (``score`` does that)."""
+        def tiles(i: int) -> int:
+            image = items[i].image
+            enc = self._encoded.get(self._digest(image)) if image is not None else None
+            return enc.num_tiles if enc is not None else 0
+
+        groups: list[list[int]] = []
+        image_rows = sorted((i for i, it in enumerate(items) if it.image is not None),
+                            key=lambda i: (tiles(i), len(items[i].input_ids)))
+        groups.extend(image_rows[s:s + batch_size] for s in range(0, len(image_rows), batch_size))
+        text_rows = [i for i, it in enumerate(items) if it.image is None]
+        groups.extend([text_rows[k] for k in g] for g in _groups([items[i] for i in text_rows], batch_size))
+        return groups
+
     def collate(self, items: Sequence[EncodedItem], extra: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
         if not any(it.image is not None for it in items):
-            return super().collate(items, extra)
-        if not all(it.image is not None for it in items):
-            raise EngineError("internal: image and text-only items must be batched separately")
-        digests = self.encode_images([it.image for it in items])  # type: ignore[misc]
-        batch = super().collate([EncodedItem(it.input_ids, None, it.prompt) for it in items], extra)
-        enc = [self._encoded[d] for d in digests]
-        mask = self.cross_attention_mask(batch["input_ids"], [[e.num_tiles] for e in enc])
-        batch["cross_attention_mask"] = mask.to(self.device)
-        batch["cross_attention_states"] = torch.cat([e.states for e in enc], dim=0)
-        return batch
+            batch = super().collate(items, extra)
+        else:
+            if not all(it.image is not None for it in items):
+                raise EngineError("internal: image and text-only items must be batched separately")
+            digests = self.encode_images([it.image for it in items])  # type: ignore[misc]
+            batch = super().collate([EncodedItem(it.input_ids, None, it.prompt) for it in items], extra)
+            enc = [self._encoded[d] for d in digests]
+            tiles = max(e.num_tiles for e in enc)  # the tiles any row attends to; the rest are skipped
+            mask = self.cross_attention_mask(batch["input_ids"], [[e.num_tiles] for e in enc], max_tiles=tiles)
+            batch["cross_attention_mask"] = mask.to(self.device)
+            batch["cross_attention_states"] = torch.cat([e.states[:tiles] for e in enc], dim=0)
+        return _to_right_padding(batch) if self.mask_free_text else batch
+
+    def decision_pass(self, batch: dict[str, Any], *, use_cache: bool) -> tuple[Any, torch.Tensor]:
+        if "last_index" not in batch:
+            return super().decision_pass(batch, use_cache=use_cache)
+        # right-padded: no attention mask (causal only); hidden states read at each row's last real token
+        inputs = {k: v for k, v in batch.items() if k not in ("attention_mask", "last_index")}
+        out = self.model.model(**inputs, use_cache=use_cache)
+        rows = torch.arange(out.last_hidden_state.shape[0], device=out.last_hidden_state.device)
+        last_hidden = out.last_hidden_state[rows, batch["last_index"].to(rows.device)]
+        return out, self.model.lm_head(last_hidden)
 
     # -- scoring -----------------------------------------------------------------------------------
     def score(
@@ -118,50 +195,120 @@ class FastEngine(Engine):
         decode_codes: bool = True,
         progress: Callable[[int], None] | None = None,
     ) -> list[ScoredItem]:
-        """As :meth:`Engine.score`; items sharing an image share one encoding. Items are processed in
-        chunks of at most ``max_cached_images`` distinct images to bound the memory of cached encodings."""
-        results: list[ScoredItem | None] = [None] * len(items)
-        by_image: dict[str, list[int]] = {}
-        text_only: list[int] = []
-        for i, it in enumerate(items):
-            if it.image is None:
-                text_only.append(i)
-            else:
-                by_image.setdefault(image_digest(it.image), []).append(i)
-        chunks = [text_only] if text_only else []
-        groups = list(by_image.values())
-        for s in range(0, len(groups), self.max_cached_images):
-            chunks.append([i for g in groups[s:s + self.max_cached_images] for i in g])
-        for chunk in chunks:
-            try:
-                imgs = [items[i].image for i in chunk if items[i].image is not None]
-                if imgs:
-                    self.encode_images(imgs)  # type: ignore[arg-type]
-                scored = super().score([items[i] for i in chunk], threshold=threshold, codes=codes,
-                                       batch_size=batch_size, decode_codes=decode_codes, progress=progress)
-            finally:
-                self.clear_image_cache()
-            for i, r in zip(chunk, scored, strict=True):
-                results[i] = r
-        return [r for r in results if r is not None]
+        """As :meth:`Engine.score`; items sharing an image share one encoding (also with an earlier call's
+        items when ``keep_images`` > 0). Items are processed in chunks of at most ``max_cached_images``
+        distinct images to bound the memory of cached encodings."""
+        try:
+            results: list[ScoredItem | None] = [None] * len(items)
+            by_image: dict[str, list[int]] = {}
+            text_only: list[int] = []
+            for i, it in enumerate(items):
+                if it.image is None:
+                    text_only.append(i)
+                else:
+                    by_image.setdefault(self._digest(it.image), []).append(i)
+            self.image_cache_hits += sum(d in self._encoded for d in by_image)
+            chunks = [text_only] if text_only else []
+            groups = list(by_image.values())
+            for s in range(0, len(groups), self.max_cached_images):
+                chunks.append([i for g in groups[s:s + self.max_cached_images] for i in g])
+            for chunk in chunks:
+                try:
+                    imgs = [items[i].image for i in chunk if items[i].image is not None]
+                    if imgs:
+                        self.encode_images(imgs)  # type: ignore[arg-type]
+                    scored = super().score([items[i] for i in chunk], threshold=threshold, codes=codes,
+                                           batch_size=batch_size, decode_codes=decode_codes, progress=progress)
+                finally:
+                    self._release()
+                for i, r in zip(chunk, scored, strict=True):
+                    results[i] = r
+            return [r for r in results if r is not None]
+        finally:
+            self._digests.clear()
 
     def decode_codes(self, items: Sequence[EncodedItem], codes: Sequence[str],
                      max_steps: int | None = None) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
         try:
             return super().decode_codes(items, codes, max_steps)
         finally:
-            self.clear_image_cache()
+            self._release()
+            self._digests.clear()
 
 
 def load_fast_engine(source: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
                      local_files_only: bool | None = None, **options: Any) -> FastEngine:
-    """``load_engine`` then the fast paths (``options``: real_tiles_only, vision_batch_size, max_cached_images)."""
+    """``load_engine`` then the fast paths (``options``: see :class:`FastEngine`: keep_images, mask_free_text,
+    real_tiles_only, quantize, vision_batch_size, max_cached_images)."""
     return FastEngine.from_engine(load_engine(source, device=device, dtype=dtype, local_files_only=local_files_only),
                                   **options)
 
 
 def enable_fast_path(guard: Any, **options: Any) -> Any:
-    """Switch a loaded :class:`mmguard.guard.Guard` to the :class:`FastEngine` (same model instance)."""
+    """Switch a loaded :class:`mmguard.guard.Guard` to the :class:`FastEngine` (same model instance, which
+    ``quantize`` changes in place)."""
     if not isinstance(guard.engine, FastEngine):
         guard.engine = FastEngine.from_engine(guard.engine, **options)
     return guard
+
+
+def quantize_model(model: Any, kind: str) -> Any:
+    """Quantize every linear layer of ``model`` except ``lm_head`` in place with torchao (an approximation:
+    measure its verdict agreement before use). ``kind``: ``"int8"`` (dynamic int8 activations and weights)
+    or ``"fp8"`` (dynamic float8, needs CUDA compute capability >= 8.9)."""
+    if kind not in QUANTIZATIONS:
+        raise EngineError(f"unknown quantization {kind!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if kind == "fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        raise EngineError("quantize='fp8' needs a CUDA GPU of compute capability >= 8.9 (H100, H200, L40S, ...)")
+    try:
+        import logging
+
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels fail to load on CPU
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            quantize_,
+        )
+    except ImportError:
+        raise EngineError("quantization needs torchao: pip install 'mmguard[quant]'") from None
+    config = Int8DynamicActivationInt8WeightConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig()
+    lm_head = model.lm_head
+
+    def keep(module: torch.nn.Module, _fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module is not lm_head
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, config, filter_fn=keep)
+    return model
+
+
+def _to_right_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """Move a left-padded batch's padding to the right (``mask_free_text``). Real tokens keep their positions
+    0..n-1; padding takes the last real position and the last real row of the cross-attention mask, so the
+    code decode that continues after it (``Engine._step`` extends from the last column and row) is unchanged.
+    ``attention_mask`` stays for that decode; ``last_index`` says where each row's decision is read."""
+    mask = batch["attention_mask"]
+    width = mask.shape[1]
+    lengths = mask.sum(-1)
+    out = dict(batch)
+    out["input_ids"] = batch["input_ids"].clone()
+    out["attention_mask"] = torch.zeros_like(mask)
+    cross = batch.get("cross_attention_mask")
+    if cross is not None:
+        out["cross_attention_mask"] = cross.clone()
+    for row, n in enumerate(lengths.tolist()):
+        pad = width - n
+        if pad == 0:
+            out["attention_mask"][row] = 1
+            continue
+        out["input_ids"][row, :n] = batch["input_ids"][row, pad:]
+        out["input_ids"][row, n:] = batch["input_ids"][row, 0]  # the pad id
+        out["attention_mask"][row, :n] = 1
+        if cross is not None:
+            out["cross_attention_mask"][row, :n] = cross[row, pad:]
+            out["cross_attention_mask"][row, n:] = cross[row, -1]
+    positions = torch.arange(width, device=mask.device)[None, :]
+    out["position_ids"] = torch.minimum(positions, (lengths - 1)[:, None])
+    out["last_index"] = lengths - 1
+    return out

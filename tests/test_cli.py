@@ -50,18 +50,27 @@ def test_classify_chat_json_from_stdin(tiny_model_dir) -> None:
     assert json.loads(res.stdout.strip().splitlines()[-1])["has_image"] is True
 
 
-def test_classify_fast_gives_the_same_verdict(tiny_model_dir) -> None:
+def test_classify_fast_gives_the_same_verdict_and_int8_answers(tiny_model_dir) -> None:
     conv = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                                       {"type": "image", "url": png_data_url()}]}]}
     outs = []
-    for extra in ([], ["--fast"]):
+    for extra in ([], ["--fast"], ["--quantize", "int8"]):
         res = runner.invoke(app, ["classify", "-m", str(tiny_model_dir), "--input", "-", "--json", "--device", "cpu",
                                   "--dtype", "float32", *extra], input=json.dumps(conv))
         assert res.exit_code in (0, 1), res.output
         outs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    plain, fast = outs
+    plain, fast, int8 = outs
     assert fast["label"] == plain["label"] and fast["codes"] == plain["codes"]
     assert abs(fast["unsafe_probability"] - plain["unsafe_probability"]) < 1e-5
+    # int8 is an approximation: it answers, and its distance from the exact path is measured elsewhere
+    assert 0.0 <= int8["unsafe_probability"] <= 1.0 and int8["label"] in ("safe", "unsafe")
+
+
+def test_classify_quantize_names_the_choices(tiny_model_dir) -> None:
+    res = runner.invoke(app, ["classify", "-m", str(tiny_model_dir), "--prompt", "hi", "--device", "cpu",
+                              "--quantize", "int4"])
+    assert res.exit_code == 3
+    assert "int8, fp8" in res.output
 
 
 def test_classify_jsonl_copies_fields_and_reports_bad_lines(tiny_model_dir, tmp_path) -> None:

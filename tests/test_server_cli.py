@@ -35,3 +35,31 @@ def test_serve_builds_the_app_with_the_chosen_engine(tiny_model_dir, monkeypatch
     assert started["port"] == 8123 and started["host"] == "127.0.0.1"
     assert started["app"] is not None
     assert isinstance(started["guard"].engine, FastEngine) == fast
+
+
+def test_serve_passes_fast_engine_options(tiny_model_dir, monkeypatch) -> None:
+    import uvicorn
+
+    import mmguard.server.app as server_app
+
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: started.update(app=app_, **kw))
+    real_create_app = server_app.create_app
+    monkeypatch.setattr(server_app, "create_app",
+                        lambda guard, settings=None: started.update(guard=guard) or real_create_app(guard, settings))
+    args = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--fast", "--keep-images", "5",
+            "--mask-free-text"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    engine = started["guard"].engine
+    assert (engine.keep_images, engine.mask_free_text, engine.quantize) == (5, True, None)
+
+
+def test_serve_refuses_fp8_without_a_recent_gpu(tiny_model_dir) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine may run fp8")
+    res = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--quantize", "fp8"])
+    assert res.exit_code == 3
+    assert "compute capability" in res.output

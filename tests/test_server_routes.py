@@ -380,3 +380,30 @@ def test_logs_leave_content_out(tiny_guard, caplog: pytest.LogCaptureFixture) ->
     with LiveServer(tiny_guard, ServerSettings(warmup=False, log_content=True)) as srv:
         assert post(srv, "/v1/moderations", {"input": secret}).status_code == 200
     assert any(secret in json.dumps(r) for r in _access_records(caplog))
+
+
+# -- FastEngine behind the server ----------------------------------------------------------------------------
+
+
+def test_response_check_after_prompt_check_reuses_the_image_encoding(tiny_guard) -> None:
+    """Two requests, the prompt check then the response check of one image: one encoding (keep_images), the
+    plain engine's probabilities, and the reuse visible in /metrics."""
+    from mmguard.fast import FastEngine
+    from mmguard.guard import Guard
+
+    fast = Guard(FastEngine.from_engine(tiny_guard.engine, keep_images=4))
+    user = {"role": "user", "content": [{"type": "text", "text": "what is in the picture?"},
+                                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}
+    answer = {"role": "assistant", "content": "a blue rectangle"}
+    with LiveServer(fast, ServerSettings(warmup=False)) as srv:
+        got = [post(srv, "/v1/guard/classify", {"messages": m}).json()["verdict"] for m in ([user], [user, answer])]
+        text = httpx.get(srv.url + "/metrics").text
+    assert [v["task"] for v in got] == ["prompt", "response"]
+    assert "mmguard_image_encodings_total 1.0" in text
+    assert "mmguard_image_encoding_reuses_total 1.0" in text
+    image = png_bytes()
+    convs = [Conversation.from_messages([{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "what is in the picture?"}]}, *extra])
+        for extra in ([], [answer])]
+    for v, conv in zip(got, convs, strict=True):
+        assert v["unsafe_probability"] == pytest.approx(tiny_guard.classify(conv).unsafe_probability, abs=1e-5)

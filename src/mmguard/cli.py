@@ -53,6 +53,11 @@ FastOpt = Annotated[
     typer.Option("--fast", help="Use mmguard.fast.FastEngine: exact mask-free vision attention, each distinct "
                  "image encoded once (same verdicts; see docs/performance.md)."),
 ]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option("--quantize", help="Approximation, implies --fast: int8 (torchao, CPU or GPU) or fp8 (H100/H200). "
+                 "Not the model's exact computation: measure its agreement with bench/approx_agreement.py."),
+]
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
@@ -106,7 +111,7 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
 
 
 def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float, fmt: str,
-                batch_size: int = 8, fast: bool = False) -> Any:
+                batch_size: int = 8, fast: bool = False, quantize: str | None = None) -> Any:
     from .engine import EngineError
     from .guard import Guard
     from .prompt import PromptFormat
@@ -119,7 +124,8 @@ def _load_guard(model: str | None, policy: Any, device: str, dtype: str, thresho
         _fail(f"--threshold must be within [0, 1], got {threshold}")
     try:
         return Guard.from_pretrained(model, policy=policy, device=device, dtype=dtype, threshold=threshold,
-                                     prompt_format=fmt_enum, batch_size=batch_size, fast=fast)
+                                     prompt_format=fmt_enum, batch_size=batch_size, fast=fast,
+                                     fast_options={"quantize": quantize} if quantize else None)
     except (EngineError, OSError, ValueError) as err:
         _fail(f"cannot load model {model or '(default)'}: {err}", EXIT_MODEL)
 
@@ -165,6 +171,7 @@ def classify(
     batch_size: Annotated[int, typer.Option(min=1, help="Model batch size for --jsonl.")] = 8,
     fmt: FormatOpt = "hf",
     fast: FastOpt = False,
+    quantize: QuantizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify one conversation, or every line of a JSONL file (--jsonl)."""
@@ -174,7 +181,7 @@ def classify(
             _fail("--jsonl cannot be combined with --prompt/--response/--image/--input")
         if not jsonl.is_file():
             _fail(f"file not found: {jsonl}")
-        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast)
+        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize)
         bad = _classify_jsonl(guard, jsonl, output, batch_size)
         if bad:
             typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output lines hold an 'error' field",
@@ -182,7 +189,7 @@ def classify(
             raise typer.Exit(EXIT_INPUT)
         return
     conv = _conversation(prompt, response, image, input_)
-    guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast)
+    guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast, quantize=quantize)
     try:
         verdict = guard.classify(conv)
     except ValueError as err:

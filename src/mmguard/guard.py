@@ -56,22 +56,25 @@ class Guard:
         batch_size: int = 8,
         local_files_only: bool | None = None,
         fast: bool = False,
+        fast_options: dict[str, Any] | None = None,
     ) -> Guard:
         """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model).
 
         ``fast=True`` uses :class:`mmguard.fast.FastEngine` (mask-free exact vision attention, each distinct
-        image encoded once per call); it gives the same results and is tested to, but its speed-up is not yet
-        measured on a GPU (docs/performance.md).
+        image encoded once per call, cross-attention over real tiles only); it gives the same results and is
+        tested to, but its speed-up is not yet measured on a GPU (docs/performance.md). ``fast_options`` are
+        FastEngine's (``keep_images``, ``mask_free_text``; the approximations ``quantize`` and
+        ``real_tiles_only``) and imply ``fast``.
         """
         if path_or_id is None:
             from .models import default_model_path
 
             path_or_id = default_model_path()
         engine = load_engine(path_or_id, device=device, dtype=dtype, local_files_only=local_files_only)
-        if fast:
+        if fast or fast_options:
             from .fast import FastEngine
 
-            engine = FastEngine.from_engine(engine)
+            engine = FastEngine.from_engine(engine, **(fast_options or {}))
         return cls(engine, policy=policy, threshold=threshold, prompt_format=prompt_format, markers=markers,
                    batch_size=batch_size)
 

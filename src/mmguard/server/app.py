@@ -64,6 +64,7 @@ class ServerState:
         self.guard = guard
         self.settings = settings
         self.metrics = Metrics()
+        self.metrics.watch_image_encodings(guard.engine)
         self.batcher = Batcher(
             guard,
             max_batch_size=settings.max_batch_size,

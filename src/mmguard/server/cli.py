@@ -77,12 +77,25 @@ def command(
     metrics_auth: Annotated[bool, typer.Option(help="Require the API key for /metrics too")] = False,
     fast: Annotated[
         bool, typer.Option(help="FastEngine: exact mask-free vision attention, each distinct image encoded once "
-                           "per batch (a prompt and a response check of one image share it)")
+                           "(a prompt and a response check of one image share it, see --keep-images)")
     ] = False,
+    keep_images: Annotated[
+        int, typer.Option(min=0, help="With --fast: image encodings kept across batches (LRU), so a response "
+                          "check that arrives after the prompt check reuses its encoding; ~52 MB each at 11B bf16")
+    ] = 32,
+    mask_free_text: Annotated[
+        bool, typer.Option(help="With --fast: right-padded batches, no attention mask in the one forward pass "
+                           "(exact; opt-in until measured faster on your GPU)")
+    ] = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="Approximation, implies --fast: int8 or fp8 (torchao; fp8 needs H100/H200). "
+                                 "Measure its agreement first: bench/approx_agreement.py")
+    ] = None,
 ) -> None:
     """Serve the guard over HTTP: OpenAI /v1/moderations, /v1/guard/classify, llama-stack shields."""
     import uvicorn
 
+    from ..engine import EngineError
     from ..guard import Guard
     from .app import create_app
     from .jsonlog import configure_logging
@@ -121,10 +134,17 @@ def command(
 
         if device == "cpu" or not torch.cuda.is_available():
             settings = replace(settings, torch_threads=max(1, (os.cpu_count() or 2) - 1))
-    guard = Guard.from_pretrained(
-        Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy,
-        fast=fast,
-    )
+    fast_options = None
+    if fast or quantize or mask_free_text:
+        fast_options = {"keep_images": keep_images, "mask_free_text": mask_free_text, "quantize": quantize}
+    try:
+        guard = Guard.from_pretrained(
+            Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy,
+            fast=fast, fast_options=fast_options,
+        )
+    except EngineError as err:
+        typer.echo(f"error: cannot load model {model or '(default)'}: {err}", err=True)
+        raise typer.Exit(3) from None
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo("warning: serving on a non-loopback address without API keys", err=True)
     uvicorn.run(create_app(guard, settings), host=host, port=port, log_config=None, access_log=False)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
 
@@ -57,5 +62,24 @@ class Metrics:
             "mmguard_fail_closed", "Conversations answered unsafe because of a model error", registry=r
         )
 
+    def watch_image_encodings(self, engine: Any) -> None:
+        """Export a FastEngine's image-encoding counters (how often a kept encoding was reused)."""
+        if hasattr(engine, "images_encoded"):
+            self.registry.register(_ImageEncodingCollector(engine))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ImageEncodingCollector(Collector):
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield CounterMetricFamily("mmguard_image_encodings", "Images run through the vision encoder",
+                                  value=self.engine.images_encoded)
+        yield CounterMetricFamily("mmguard_image_encoding_reuses",
+                                  "Images whose encoding was kept from an earlier batch",
+                                  value=self.engine.image_cache_hits)
+        yield GaugeMetricFamily("mmguard_image_encodings_kept", "Image encodings kept for later batches",
+                                value=self.engine.cached_images)

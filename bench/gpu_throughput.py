@@ -7,8 +7,14 @@ memory, share of the compute ceiling, prompt+response of the same image vs two i
 classifications, and ratios. Engines are timed end to end (image preprocessing on the CPU included,
 verdict only: decode_codes=False); the plain forward pass is timed on prepared tensors.
 
-GPU:  python bench/gpu_throughput.py --out gpu_throughput.json
-CPU plumbing check (numbers mean nothing):  python bench/gpu_throughput.py --tiny --max-seconds 120
+Candidates the issue keeps only if they measure faster (each also checked against the exact results):
+``fast_mask_free_text`` (right padding, no attention mask), ``fast_pairs_two_calls_kept`` (prompt checks,
+then the response checks in a later call reusing kept encodings); approximations ``--approx``
+(real tiles only) and ``--quantize fp8|int8`` (run last: it changes the model in place).
+
+GPU:  python bench/gpu_throughput.py --approx --quantize fp8 --out gpu_throughput.json
+CPU plumbing check (numbers mean nothing):
+    python bench/gpu_throughput.py --tiny --approx --quantize int8 --max-seconds 120
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class Bench:
         # one model instance: FastEngine patches the vision attention modules' forward; the baselines unpatch it
         self.guard = Guard(self.engine)
         self.filler = self._filler_for(args.prompt_len)
+        self.exact: dict[str, list[Any]] = {}  # scenario -> Engine results, for the approximations' distance
 
     def _filler_for(self, target: int) -> str:
         words = FILLER.split()
@@ -230,11 +237,26 @@ class Bench:
             self.reset_peak()
             entry("fast", len(items), self.timed(lambda: fast.score(
                 items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
-        if image and self.left() > 0:  # prompt + response classification of the same image
+        if self.left() > 0:  # candidate: right padding, no attention mask in the forward pass (exact)
+            free = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, mask_free_text=True)
+            self.reset_peak()
+            entry("fast_mask_free_text", len(items), self.timed(lambda: free.score(
+                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
+        if image and self.left() > 0:  # prompt + response classification of the same image, in one call
             pairs = self.items(tiles, a.batch, seed=1000 * tiles + 500, shared=True)
             self.reset_peak()
             entry("fast_prompt_response_pairs", len(pairs), self.timed(lambda: fast.score(
                 pairs, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
+        if image and self.left() > 0:  # ... and as a server sees it: prompts, then responses in a later call
+            kept = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, keep_images=a.batch)
+
+            def two_calls() -> None:
+                kept.clear_image_cache()
+                for part in (pairs[0::2], pairs[1::2]):
+                    kept.score(part, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
+
+            self.reset_peak()
+            entry("fast_pairs_two_calls_kept", len(pairs), self.timed(two_calls, reps))
         if a.approx and image and self.left() > 0:
             approx = FastEngine.from_engine(self.engine, real_tiles_only=True, vision_batch_size=a.batch)
             self.reset_peak()
@@ -252,6 +274,11 @@ class Bench:
             f = fast.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
             res["fast_vs_engine_max_abs_dp_unsafe"] = max(abs(x.unsafe_probability - y.unsafe_probability)
                                                           for x, y in zip(e, f, strict=True))
+            m = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, mask_free_text=True).score(
+                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
+            res["mask_free_text_vs_engine_max_abs_dp_unsafe"] = max(
+                abs(x.unsafe_probability - y.unsafe_probability) for x, y in zip(e, m, strict=True))
+            self.exact[name] = e
         # ceiling share and ratios
         for key in list(res):
             v = res[key]
@@ -263,6 +290,7 @@ class Bench:
                "classifications_per_s" in v}
         for num, den in (("fast", "recipe_b1"), ("fast", "plain_forward"), ("fast", "engine"),
                          ("engine", "plain_forward"), ("fast_b1", "recipe_b1"), ("fast_prompt_response_pairs", "fast"),
+                         ("fast_pairs_two_calls_kept", "fast"), ("fast_mask_free_text", "fast"),
                          ("fast_real_tiles_only_APPROX", "fast")):
             if num in cps and den in cps:
                 ratios[f"{num}/{den}"] = cps[num] / cps[den]
@@ -289,7 +317,40 @@ class Bench:
             res = self.run_scenario(tiles, fast)
             out["scenarios"].append(res)
             print(json.dumps(res), flush=True)
+        if a.quantize and self.left() > 0:
+            out["quantized"] = self.run_quantized(a.quantize)
+            print(json.dumps(out["quantized"]), flush=True)
         return out
+
+    def run_quantized(self, kind: str) -> list[dict[str, Any]]:
+        """Last, since it changes the model in place: FastEngine throughput with ``kind`` quantization, and its
+        distance from the exact results (meaningless on random weights: see bench/approx_agreement.py)."""
+        from mmguard.fast import quantize_model
+
+        a = self.args
+        t0 = time.perf_counter()
+        quantize_model(self.model, kind)
+        rows: list[dict[str, Any]] = [{"quantize": kind, "quantize_s": time.perf_counter() - t0}]
+        self.patched()
+        q = FastEngine.from_engine(self.engine, vision_batch_size=a.batch)
+        for tiles in a.tiles:
+            if self.left() <= 0:
+                break
+            name = f"{tiles}-tile" if tiles else "text-only"
+            items = self.items(tiles, a.batch, seed=1000 * tiles)
+            self.reset_peak()
+            ts = self.timed(lambda items=items: q.score(items, threshold=0.5, codes=(), batch_size=a.batch,
+                                                        decode_codes=False), a.reps)
+            row: dict[str, Any] = {"scenario": name, "method": f"fast_{kind}_APPROX",
+                                   "classifications_per_s": len(items) / statistics.median(ts),
+                                   "peak_gib": self.peak()}
+            if name in self.exact:
+                got = q.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
+                row["max_abs_dp_unsafe_vs_exact_RANDOM_WEIGHTS"] = max(
+                    abs(x.unsafe_probability - y.unsafe_probability) for x, y in zip(self.exact[name], got,
+                                                                                       strict=True))
+            rows.append(row)
+        return rows
 
 
 def summary(out: dict[str, Any]) -> str:
@@ -304,9 +365,11 @@ def summary(out: dict[str, Any]) -> str:
                              f"{pk:>8} {100 * v['share_of_peak_989']:>6.1f}")
         for k, v in s["ratios"].items():
             lines.append(f"{s['scenario']:<10} ratio {k:<40} {v:.2f}x")
-        if "fast_vs_engine_max_abs_dp_unsafe" in s:
-            dp = s["fast_vs_engine_max_abs_dp_unsafe"]
-            lines.append(f"{s['scenario']:<10} max |dp(unsafe)| fast vs engine: {dp:.2e}")
+        for key in ("fast_vs_engine_max_abs_dp_unsafe", "mask_free_text_vs_engine_max_abs_dp_unsafe"):
+            if key in s:
+                lines.append(f"{s['scenario']:<10} {key.replace('_', ' ')}: {s[key]:.2e}")
+    for row in out.get("quantized", [])[1:]:
+        lines.append(f"{row['scenario']:<10} {row['method']:<30} {row['classifications_per_s']:>9.2f}")
     return "\n".join(lines)
 
 
@@ -319,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=400)
     p.add_argument("--tiles", type=int, nargs="+", default=[4, 2, 1, 0], help="0 = text-only")
     p.add_argument("--approx", action="store_true", help="also measure the real-tiles-only approximation")
+    p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                   help="last: quantize the model in place and measure FastEngine again (an approximation)")
     p.add_argument("--max-seconds", type=float, default=540.0, help="stop starting new measurements after this")
     p.add_argument("--out", default="gpu_throughput.json")
     args = p.parse_args(argv)

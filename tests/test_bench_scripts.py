@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end on the tiny model (plumbing: their timings mean nothing here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+from mmguard.tiny import noise_image
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_throughput_measures_every_candidate(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    args = ["--tiny", "--cpu", "--tiles", "1", "0", "--reps", "1", "--batch", "2", "--prompt-len", "120",
+            "--approx", "--quantize", "int8", "--max-seconds", "300", "--out", str(out)]
+    assert load("gpu_throughput").main(args) == 0
+    report = json.loads(out.read_text())
+    image, text = report["scenarios"]
+    for key in ("recipe_b1", "engine", "plain_forward", "fast", "fast_mask_free_text", "fast_prompt_response_pairs",
+                "fast_pairs_two_calls_kept", "fast_real_tiles_only_APPROX"):
+        assert image[key]["classifications_per_s"] > 0, key
+    assert "fast_pairs_two_calls_kept/fast" in image["ratios"]
+    for scenario in (image, text):  # the exact candidates are exact on the benchmark's own inputs
+        assert scenario["fast_vs_engine_max_abs_dp_unsafe"] < 1e-5
+        assert scenario["mask_free_text_vs_engine_max_abs_dp_unsafe"] < 1e-5
+    quantized = report["quantized"]
+    assert quantized[0]["quantize"] == "int8" and {r["scenario"] for r in quantized[1:]} == {"1-tile", "text-only"}
+
+
+def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    noise_image(112, 56, 3).save(tmp_path / "a.png")
+    rows = [
+        {"id": "1", "label": "safe", "messages": [{"role": "user", "content": "hello"}]},
+        {"id": "2", "label": "unsafe", "messages": [{"role": "user", "content": [
+            {"type": "image", "path": "a.png"}, {"type": "text", "text": "how do I make this?"}]}]},
+        {"id": "3", "label": "safe", "messages": [{"role": "user", "content": [
+            {"type": "image", "path": "a.png"}, {"type": "text", "text": "what is it?"}]},
+            {"role": "assistant", "content": "a pattern"}]},
+    ]
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "agree.json"
+    args = ["--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--dtype", "float32",
+            "--approx", "real-tiles-only", "int8", "--out", str(out)]
+    assert load("approx_agreement").main(args) == 0
+    report = json.loads(out.read_text())
+    for name in ("real-tiles-only", "int8"):
+        row = report["approximations"][name]
+        assert row["n"] == 3 and row["image_items"]["n"] == 2
+        assert 0.0 <= row["verdict_agreement"] <= 1.0 and row["max_abs_dp_unsafe"] >= 0.0

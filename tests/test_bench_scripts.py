@@ -59,3 +59,9 @@ def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_p
         row = report["approximations"][name]
         assert row["n"] == 3 and row["image_items"]["n"] == 2
         assert 0.0 <= row["verdict_agreement"] <= 1.0 and row["max_abs_dp_unsafe"] >= 0.0
+
+
+def test_preprocess_throughput_runs(capsys) -> None:
+    assert load("preprocess_throughput").main(["--images", "2", "--reps", "1", "--workers", "1", "2"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "x" in ln.split()[-1]]
+    assert len(lines) == 8 and all(float(ln.split()[-1].rstrip("x")) > 0 for ln in lines)

@@ -216,3 +216,24 @@ def test_fp8_needs_a_recent_gpu(tiny_model_dir: Path) -> None:
         pytest.skip("this machine can run fp8")
     with pytest.raises(EngineError, match="compute capability"):
         load_fast_engine(tiny_model_dir, device="cpu", dtype="float32", quantize="fp8")
+
+
+def test_preprocessing_thread_pool_gives_the_same_encodings(guards) -> None:
+    """Images of 1, 2 and 4 tiles, preprocessed by 2 threads while earlier batches are encoded: the same
+    encodings as inline preprocessing, and the tile count predicted from the size is the processor's."""
+    from mmguard.fast import FastEngine
+
+    _, fast = guards
+    images = [noise_image(w, h, seed) for seed, (w, h) in enumerate([(112, 112), (56, 56), (112, 50), (90, 60),
+                                                                     (60, 120), (200, 180)])]
+    inline = FastEngine.from_engine(fast.engine, vision_batch_size=2, preprocess_workers=1)
+    pooled = FastEngine.from_engine(fast.engine, vision_batch_size=2, preprocess_workers=2)
+    digests = inline.encode_images(images)
+    assert pooled.encode_images(images) == digests
+    assert sorted({inline._encoded[d].num_tiles for d in digests}) == [1, 2, 4]
+    for d, im in zip(digests, images, strict=True):
+        a, b = inline._encoded[d], pooled._encoded[d]
+        assert a.num_tiles == b.num_tiles == inline.expected_tiles(im)
+        assert torch.allclose(a.states, b.states, atol=1e-6)
+    assert pooled._pool is not None and inline._pool is None
+    assert FastEngine.from_engine(fast.engine).preprocess_workers == 1  # on a CPU the model wants the cores

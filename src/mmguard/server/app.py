@@ -64,7 +64,7 @@ class ServerState:
         self.guard = guard
         self.settings = settings
         self.metrics = Metrics()
-        self.metrics.watch_image_encodings(guard.engine)
+        self.metrics.watch_image_encodings(getattr(guard, "engine", None))  # a FastEngine exports its counters
         self.batcher = Batcher(
             guard,
             max_batch_size=settings.max_batch_size,

@@ -40,6 +40,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# transformers imports torchao (our optional quantization extra) whenever it is installed; on a machine
+# without its CUDA kernels torchao and torch's pytree then log warnings on every model load. Quiet them
+# unless the application configured those loggers itself.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    if logging.getLogger(_noisy).level == logging.NOTSET:
+        logging.getLogger(_noisy).setLevel(logging.ERROR)
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 

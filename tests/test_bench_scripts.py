@@ -65,3 +65,10 @@ def test_preprocess_throughput_runs(capsys) -> None:
     assert load("preprocess_throughput").main(["--images", "2", "--reps", "1", "--workers", "1", "2"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "x" in ln.split()[-1]]
     assert len(lines) == 8 and all(float(ln.split()[-1].rstrip("x")) > 0 for ln in lines)
+
+
+def test_cpu_fast_engine_runs_on_mini(capsys) -> None:
+    assert load("cpu_fast_engine").main(["--n", "3", "--reps", "1", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "FastEngine keep_images" in out
+    assert "3 images encoded, 3 encodings reused" in out

@@ -318,8 +318,12 @@ class Bench:
             out["scenarios"].append(res)
             print(json.dumps(res), flush=True)
         if a.quantize and self.left() > 0:
-            out["quantized"] = self.run_quantized(a.quantize)
-            print(json.dumps(out["quantized"]), flush=True)
+            try:  # last and optional: a failure here must not lose the exact measurements above
+                out["quantized"] = self.run_quantized(a.quantize)
+                print(json.dumps(out["quantized"]), flush=True)
+            except Exception as err:
+                out["quantized_error"] = f"{type(err).__name__}: {err}"
+                print(f"--quantize {a.quantize} failed: {out['quantized_error']}", flush=True)
         return out
 
     def run_quantized(self, kind: str) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..engine import EncodedItem, Engine, EngineError, ScoredItem, _groups, load_engine
+from ..engine import EncodedItem, Engine, EngineError, ScoredItem, load_engine
 from ..images import image_digest
 from .vision import fast_vision_forward, patch_vision_attention
 
@@ -112,8 +112,8 @@ class FastEngine(Engine):
         if not todo:
             return digests
         # sorted by expected tile count (equal counts batch together), preprocessed by a thread pool in that
-        # order while earlier batches are encoded: the PIL processor takes ~60 ms for a 4-tile image on one
-        # core, more than the GPU needs to encode it
+        # order while earlier batches are encoded: the PIL processor takes ~20 ms for a 4-tile image on one
+        # core (bench/preprocess_throughput.py), half of what a classification may take at 25/s
         order = sorted(todo.items(), key=lambda kv: self.expected_tiles(kv[1]))
         prepared = self._preprocessed([im for _, im in order])
         vm = self.model.model.vision_model
@@ -185,7 +185,8 @@ class FastEngine(Engine):
                             key=lambda i: (tiles(i), len(items[i].input_ids)))
         groups.extend(image_rows[s:s + batch_size] for s in range(0, len(image_rows), batch_size))
         text_rows = [i for i, it in enumerate(items) if it.image is None]
-        groups.extend([text_rows[k] for k in g] for g in _groups([items[i] for i in text_rows], batch_size))
+        text_groups = super().batch_groups([items[i] for i in text_rows], batch_size)
+        groups.extend([text_rows[k] for k in g] for g in text_groups)
         return groups
 
     def collate(self, items: Sequence[EncodedItem], extra: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
@@ -287,12 +288,10 @@ def quantize_model(model: Any, kind: str) -> Any:
     or ``"fp8"`` (dynamic float8, needs CUDA compute capability >= 8.9)."""
     if kind not in QUANTIZATIONS:
         raise EngineError(f"unknown quantization {kind!r}; use one of {', '.join(QUANTIZATIONS)}")
-    if kind == "fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if kind == "fp8" and not (on_cuda and torch.cuda.get_device_capability() >= (8, 9)):
         raise EngineError("quantize='fp8' needs a CUDA GPU of compute capability >= 8.9 (H100, H200, L40S, ...)")
     try:
-        import logging
-
-        logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels fail to load on CPU
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
             Int8DynamicActivationInt8WeightConfig,

@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    ap.add_argument("--fast", action="store_true", help="serve with --fast (FastEngine, kept image encodings)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     if not 1 <= args.requests <= 10_000 or not all(1 <= lv <= 1024 for lv in levels):
@@ -163,6 +164,7 @@ def main() -> None:
         str(max(512, args.requests)),
         "--log-level",
         "warning",
+        *(["--fast"] if args.fast else []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

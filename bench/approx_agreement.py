@@ -1,11 +1,12 @@
 """Verdict agreement of FastEngine's opt-in approximations with its exact path, on a trained model and
 labeled data: the measurement issue 7 asks for before an approximation is used.
 
-For every approximation (``real-tiles-only``: the vision encoder skips padding tokens; ``int8`` / ``fp8``:
-torchao quantization of every linear layer but lm_head) the same conversations are classified by the exact
-FastEngine and by the approximation. Printed and written as JSON: verdict agreement, flips in each
-direction, max / mean / p99 |dp(unsafe)|, and F1 / FPR of both against the labels, overall and for the
-image+text items alone. Each approximation loads its own copy of the model (quantization is in place).
+For every approximation (``real-tiles-only``: an image's padded tiles are not encoded; ``real-tokens-only``:
+no padding token is; ``int8`` / ``fp8``: torchao quantization of every linear layer but lm_head) the same
+conversations are classified by the exact FastEngine and by the approximation. Printed and written as
+JSON: verdict agreement, flips in each direction, max / mean / p99 |dp(unsafe)|, and F1 / FPR of both
+against the labels, overall and for the image+text items alone. Each approximation loads its own copy of
+the model (quantization is in place).
 
     python bench/approx_agreement.py --model default --data TEST.jsonl --limit 600
     python bench/approx_agreement.py --model /models/Llama-Guard-3-11B-Vision --data TEST.jsonl \\
@@ -32,8 +33,8 @@ from mmguard.eval.metrics import binary_metrics
 from mmguard.fast import load_fast_engine
 from mmguard.guard import Guard
 
-APPROXIMATIONS = {"real-tiles-only": {"real_tiles_only": True}, "int8": {"quantize": "int8"},
-                  "fp8": {"quantize": "fp8"}}
+APPROXIMATIONS = {"real-tiles-only": {"real_tiles_only": True}, "real-tokens-only": {"real_tokens_only": True},
+                  "int8": {"quantize": "int8"}, "fp8": {"quantize": "fp8"}}
 
 
 def load_items(path: Path, limit: int, split: str | None) -> tuple[list[Any], list[Any], int]:
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="labeled JSONL (mmguard data schema)")
     p.add_argument("--split", default=None, help="only items of this split")
     p.add_argument("--limit", type=int, default=600, help="items, spread evenly over the file (0: all)")
-    p.add_argument("--approx", nargs="+", choices=sorted(APPROXIMATIONS), default=["real-tiles-only", "int8"])
+    p.add_argument("--approx", nargs="+", choices=sorted(APPROXIMATIONS),
+                   default=["real-tiles-only", "real-tokens-only", "int8"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=16)

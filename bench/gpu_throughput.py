@@ -10,7 +10,7 @@ verdict only: decode_codes=False); the plain forward pass is timed on prepared t
 Candidates the issue keeps only if they measure faster (each also checked against the exact results):
 ``fast_mask_free_text`` (right padding, no attention mask), ``fast_pairs_two_calls_kept`` (prompt checks,
 then the response checks in a later call reusing kept encodings); approximations ``--approx``
-(real tiles only) and ``--quantize fp8|int8`` (run last: it changes the model in place).
+(real tiles only, real tokens only) and ``--quantize fp8|int8`` (run last: it changes the model in place).
 
 GPU:  python bench/gpu_throughput.py --approx --quantize fp8 --out gpu_throughput.json
 CPU plumbing check (numbers mean nothing):
@@ -257,15 +257,17 @@ class Bench:
 
             self.reset_peak()
             entry("fast_pairs_two_calls_kept", len(pairs), self.timed(two_calls, reps))
-        if a.approx and image and self.left() > 0:
-            approx = FastEngine.from_engine(self.engine, real_tiles_only=True, vision_batch_size=a.batch)
+        for option in ("real_tiles_only", "real_tokens_only"):
+            if not (a.approx and image and self.left() > 0):
+                break
+            approx = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, **{option: True})
             self.reset_peak()
-            entry("fast_real_tiles_only_APPROX", len(items), self.timed(lambda: approx.score(
+            entry(f"fast_{option}_APPROX", len(items), self.timed(lambda approx=approx: approx.score(
                 items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
             exact = fast.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
             got = approx.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
-            res["real_tiles_only_max_abs_dp_unsafe"] = max(abs(x.unsafe_probability - y.unsafe_probability)
-                                                           for x, y in zip(exact, got, strict=True))
+            res[f"{option}_max_abs_dp_unsafe"] = max(abs(x.unsafe_probability - y.unsafe_probability)
+                                                     for x, y in zip(exact, got, strict=True))
         # exactness check on these inputs: FastEngine vs Engine
         if self.left() > 0:
             self.plain()
@@ -291,7 +293,7 @@ class Bench:
         for num, den in (("fast", "recipe_b1"), ("fast", "plain_forward"), ("fast", "engine"),
                          ("engine", "plain_forward"), ("fast_b1", "recipe_b1"), ("fast_prompt_response_pairs", "fast"),
                          ("fast_pairs_two_calls_kept", "fast"), ("fast_mask_free_text", "fast"),
-                         ("fast_real_tiles_only_APPROX", "fast")):
+                         ("fast_real_tiles_only_APPROX", "fast"), ("fast_real_tokens_only_APPROX", "fast")):
             if num in cps and den in cps:
                 ratios[f"{num}/{den}"] = cps[num] / cps[den]
         res["ratios"] = ratios
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement, after a warm-up")
     p.add_argument("--prompt-len", type=int, default=400)
     p.add_argument("--tiles", type=int, nargs="+", default=[4, 2, 1, 0], help="0 = text-only")
-    p.add_argument("--approx", action="store_true", help="also measure the real-tiles-only approximation")
+    p.add_argument("--approx", action="store_true",
+                   help="also measure the real-tiles-only and real-tokens-only approximations")
     p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
                    help="last: quantize the model in place and measure FastEngine again (an approximation)")
     p.add_argument("--max-seconds", type=float, default=540.0, help="stop starting new measurements after this")

@@ -28,7 +28,7 @@ def test_gpu_throughput_measures_every_candidate(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     image, text = report["scenarios"]
     for key in ("recipe_b1", "engine", "plain_forward", "fast", "fast_mask_free_text", "fast_prompt_response_pairs",
-                "fast_pairs_two_calls_kept", "fast_real_tiles_only_APPROX"):
+                "fast_pairs_two_calls_kept", "fast_real_tiles_only_APPROX", "fast_real_tokens_only_APPROX"):
         assert image[key]["classifications_per_s"] > 0, key
     assert "fast_pairs_two_calls_kept/fast" in image["ratios"]
     for scenario in (image, text):  # the exact candidates are exact on the benchmark's own inputs
@@ -52,10 +52,10 @@ def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_p
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "agree.json"
     args = ["--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--dtype", "float32",
-            "--approx", "real-tiles-only", "int8", "--out", str(out)]
+            "--approx", "real-tiles-only", "real-tokens-only", "int8", "--out", str(out)]
     assert load("approx_agreement").main(args) == 0
     report = json.loads(out.read_text())
-    for name in ("real-tiles-only", "int8"):
+    for name in ("real-tiles-only", "real-tokens-only", "int8"):
         row = report["approximations"][name]
         assert row["n"] == 3 and row["image_items"]["n"] == 2
         assert 0.0 <= row["verdict_agreement"] <= 1.0 and row["max_abs_dp_unsafe"] >= 0.0

@@ -81,19 +81,22 @@ def test_enable_fast_path_is_idempotent(tiny_model_dir: Path) -> None:
     assert isinstance(engine, FastEngine) and enable_fast_path(g).engine is engine
 
 
-def test_real_tiles_only_is_an_opt_in_approximation(guards, conversations) -> None:
-    """Runs and reports how far it moves p(unsafe); the agreement is measured, not assumed."""
+def test_vision_approximations_are_opt_in(guards, conversations) -> None:
+    """real_tiles_only / real_tokens_only run through the whole engine; text-only rows are untouched; the
+    two cannot be combined. Their agreement is measured (bench/approx_agreement.py), not assumed."""
+    from mmguard.engine import EngineError
     from mmguard.fast import FastEngine
 
     _, fast = guards
-    approx = FastEngine.from_engine(fast.engine, real_tiles_only=True)
     conversations = [conversations[0], conversations[2], conversations[4]]
     exact = [v.unsafe_probability for v in fast.classify_batch(conversations, categories=False)]
-    approx_guard = type(fast)(approx)
-    got = [v.unsafe_probability for v in approx_guard.classify_batch(conversations, categories=False)]
-    diffs = [abs(x - y) for x, y in zip(exact, got, strict=True)]
-    assert diffs[2] < TOL  # text-only rows are untouched
-    assert all(0.0 <= p <= 1.0 for p in got)
+    for option in ("real_tiles_only", "real_tokens_only"):
+        approx = type(fast)(FastEngine.from_engine(fast.engine, **{option: True}))
+        got = [v.unsafe_probability for v in approx.classify_batch(conversations, categories=False)]
+        assert abs(got[2] - exact[2]) < TOL  # the text-only row
+        assert all(0.0 <= p <= 1.0 for p in got)
+    with pytest.raises(EngineError, match="choose one"):
+        FastEngine.from_engine(fast.engine, real_tiles_only=True, real_tokens_only=True)
 
 
 def _same(a, b) -> None:

@@ -75,6 +75,29 @@ def test_padded_tile_pixels_still_matter_in_exact_path(model) -> None:
 
 
 
+def test_skipping_padded_tiles_cuts_exactly_their_influence(model) -> None:
+    """skip="padded_tiles" (opt-in approximation): a padded tile's pixels no longer reach the real tiles,
+    a 4-tile image (no padded tile) is encoded exactly, and the real tiles' own pad patches still count
+    (which skip="padding" drops: it changes even the 4-tile image)."""
+    px, ar_ids, ar_mask = _inputs()
+    px2 = px.clone()
+    px2[0, 0, 3] += 1.0  # a padded tile of the 1-tile image
+    patched = copy.deepcopy(model)
+    with torch.inference_mode():
+        exact = fast_vision_forward(patched, px, ar_ids, ar_mask)
+        tiles = fast_vision_forward(patched, px, ar_ids, ar_mask, skip="padded_tiles")
+        tiles2 = fast_vision_forward(patched, px2, ar_ids, ar_mask, skip="padded_tiles")
+        tokens = fast_vision_forward(patched, px, ar_ids, ar_mask, skip="padding")
+    assert (tiles[0, 0, 0] - tiles2[0, 0, 0]).abs().max() == 0  # the padded tile is not read at all
+    assert (tiles[3] - exact[3]).abs().max() < TOL  # 4 real tiles: nothing skipped
+    for b in range(3):  # 1-3 real tiles: the real tiles' outputs change (they attended to the padded ones)
+        real = int(ar_mask[b, 0].sum())
+        assert (tiles[b, 0, :real] - exact[b, 0, :real]).abs().max() > 1e-4
+    assert (tokens[3] - exact[3]).abs().max() > 1e-4  # the pad patches of real tiles are dropped too
+    with pytest.raises(ValueError, match="skip must be one of"):
+        fast_vision_forward(patched, px, ar_ids, ar_mask, skip="tiles")
+
+
 @pytest.fixture(scope="module")
 def guards(tiny_model_dir: Path):
     from mmguard.fast import enable_fast_path

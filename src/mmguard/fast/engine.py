@@ -20,7 +20,10 @@ Exact (same probabilities as :class:`mmguard.engine.Engine`, tested on CPU):
 Opt-in approximations (not the model's computation; measure their verdict agreement first, e.g. with
 ``bench/approx_agreement.py``):
 
-* ``real_tiles_only=True``: the vision encoder skips padding tokens altogether (:mod:`mmguard.fast.vision`).
+* ``real_tiles_only=True``: an image's padded tiles are not encoded (its real tiles are, whole). Real tokens
+  attend to the padded tiles' tokens in the model, so this changes the result for images of 1-3 tiles.
+* ``real_tokens_only=True``: no padding token is encoded at all (also not the pad patches that round each
+  real tile up to a multiple of 8 tokens), so it changes 4-tile images too (:mod:`mmguard.fast.vision`).
 * ``quantize="int8"`` (torchao dynamic int8 activations and weights) or ``"fp8"`` (torchao dynamic float8,
   CUDA compute capability >= 8.9: H100/H200): every linear layer except ``lm_head`` (the verdict's own
   projection stays in the model's dtype). This changes the model instance in place.
@@ -57,15 +60,20 @@ class _Encoded:
 
 class FastEngine(Engine):
     """Drop-in :class:`Engine` with the fast paths; same probabilities as the plain engine unless an
-    approximation (``real_tiles_only``, ``quantize``) is asked for."""
+    approximation (``real_tiles_only``, ``real_tokens_only``, ``quantize``) is asked for."""
 
-    def __init__(self, *args: Any, real_tiles_only: bool = False, vision_batch_size: int = 8,
+    def __init__(self, *args: Any, real_tiles_only: bool = False, real_tokens_only: bool = False,
+                 vision_batch_size: int = 8,
                  max_cached_images: int = 64, keep_images: int = 0, mask_free_text: bool = False,
                  quantize: str | None = None, preprocess_workers: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if keep_images < 0 or max_cached_images < 1 or vision_batch_size < 1:
             raise EngineError("keep_images must be >= 0, max_cached_images and vision_batch_size >= 1")
+        if real_tiles_only and real_tokens_only:
+            raise EngineError("real_tiles_only and real_tokens_only are alternatives; choose one")
         self.real_tiles_only = real_tiles_only
+        self.real_tokens_only = real_tokens_only
+        self.vision_skip = "padding" if real_tokens_only else "padded_tiles" if real_tiles_only else None
         self.vision_batch_size = vision_batch_size
         self.max_cached_images = max_cached_images
         self.keep_images = keep_images
@@ -125,7 +133,7 @@ class FastEngine(Engine):
             ar_ids = torch.cat([out["aspect_ratio_ids"] for _, out in chunk]).to(self.device)
             ar_mask = torch.cat([out["aspect_ratio_mask"] for _, out in chunk]).to(self.device)
             with torch.inference_mode():
-                vis = fast_vision_forward(vm, px, ar_ids, ar_mask, real_only=self.real_tiles_only)
+                vis = fast_vision_forward(vm, px, ar_ids, ar_mask, skip=self.vision_skip)
                 states = projector(vis).reshape(-1, vis.shape[-2], hidden)  # as MllamaModel.forward
             per = states.shape[0] // len(chunk)
             for j, (d, out) in enumerate(chunk):
@@ -269,7 +277,7 @@ class FastEngine(Engine):
 def load_fast_engine(source: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
                      local_files_only: bool | None = None, **options: Any) -> FastEngine:
     """``load_engine`` then the fast paths (``options``: see :class:`FastEngine`: keep_images, mask_free_text,
-    real_tiles_only, quantize, vision_batch_size, max_cached_images)."""
+    real_tiles_only, real_tokens_only, quantize, vision_batch_size, max_cached_images, preprocess_workers)."""
     return FastEngine.from_engine(load_engine(source, device=device, dtype=dtype, local_files_only=local_files_only),
                                   **options)
 

@@ -23,7 +23,8 @@ Two ways in:
 * :func:`fast_vision_forward` is the HF vision forward re-written to build no dense mask at all: it
   permutes the tokens once, runs every encoder layer in the real-first layout, and undoes the
   permutation where the model needs the tile layout. Rows are grouped by their number of real tiles.
-  ``real_only=True`` is the opt-in approximation that drops padding tokens entirely (not exact).
+  ``skip="padded_tiles"`` / ``skip="padding"`` are opt-in approximations (not exact): an image's padded
+  tiles are not encoded / no padding token is.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fast_vision_forward", "is_patched", "patch_vision_attention", "two_call_attention",
+SKIPS = (None, "padded_tiles", "padding")
+
+__all__ = ["SKIPS", "fast_vision_forward", "is_patched", "patch_vision_attention", "two_call_attention",
            "unpatch_vision_attention"]
 
 
@@ -43,7 +46,7 @@ class _FastState:
 
     def __init__(self) -> None:
         self.real: int | None = None  # set by fast_vision_forward: tokens are pre-sorted real-first
-        self.plain: bool = False  # set by fast_vision_forward(real_only=True): no padding present at all
+        self.plain: bool = False  # set by fast_vision_forward(skip="padding"): no padding present at all
 
 
 def two_call_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: int, scale: float) -> torch.Tensor:
@@ -151,9 +154,13 @@ def _padding_indicator(aspect_ratio_mask: torch.Tensor, num_patches: int, tile_l
 
 @torch.inference_mode()
 def fast_vision_forward(vm: Any, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                        aspect_ratio_mask: torch.Tensor, *, real_only: bool = False) -> torch.Tensor:
-    """``MllamaVisionModel.forward(...).last_hidden_state`` without the dense mask (exact unless
-    ``real_only``). Shapes as the HF forward: pixel_values (B, 1, T, C, H, W) -> (B, 1, T, P, D_out)."""
+                        aspect_ratio_mask: torch.Tensor, *, skip: str | None = None) -> torch.Tensor:
+    """``MllamaVisionModel.forward(...).last_hidden_state`` without the dense mask. Exact unless ``skip``:
+    ``"padded_tiles"`` does not encode an image's padded tiles (real tiles are encoded whole, their pad
+    patches included), ``"padding"`` drops every padding token. Both change what real tokens attend to.
+    Shapes as the HF forward: pixel_values (B, 1, T, C, H, W) -> (B, 1, T, P, D_out)."""
+    if skip not in SKIPS:
+        raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
     patch_vision_attention(vm)
     vm = _vision_model(vm)
     b, m, t, c, h, w = pixel_values.shape
@@ -166,7 +173,7 @@ def fast_vision_forward(vm: Any, pixel_values: torch.Tensor, aspect_ratio_ids: t
     for real in sorted(set(counts.tolist())):
         rows = (counts == real).nonzero().flatten()
         o = _forward_group(vm, pixel_values.reshape(n, t, c, h, w)[rows], ar_ids[rows], pad[rows], int(real),
-                           real_only)
+                           skip)
         if outs is None:
             outs = o.new_empty((n, *o.shape[1:]))
         outs[rows] = o
@@ -175,7 +182,7 @@ def fast_vision_forward(vm: Any, pixel_values: torch.Tensor, aspect_ratio_ids: t
 
 
 def _forward_group(vm: Any, px: torch.Tensor, ar_ids: torch.Tensor, pad: torch.Tensor, real: int,
-                   real_only: bool) -> torch.Tensor:
+                   skip: str | None) -> torch.Tensor:
     """One group of rows with the same number of real tokens. Mirrors MllamaVisionModel.forward."""
     n, t, c, h, w = px.shape
     dtype = vm.patch_embedding.weight.dtype
@@ -198,15 +205,20 @@ def _forward_group(vm: Any, px: torch.Tensor, ar_ids: torch.Tensor, pad: torch.T
         return y.gather(1, index[:, :, None].expand(-1, -1, y.shape[-1]))
 
     state: _FastState = vm._mmguard_fast_state
-    keep = real if real_only else t * tl
+    if skip == "padding":
+        keep = real
+    elif skip == "padded_tiles":  # real tiles are the leading ones: their pad patches sort right after the real
+        keep = real + (real // p) * npad  # tokens (stable sort), before the padded tiles' tokens
+    else:
+        keep = t * tl
 
     def unsort(y: torch.Tensor) -> torch.Tensor:
-        if keep < t * tl:  # real_only: padding positions were never computed
+        if keep < t * tl:  # skipped positions were never computed
             y = torch.cat([y, y.new_zeros(n, t * tl - keep, y.shape[-1])], dim=1)
         return permute(y, inv)
 
     try:
-        state.real, state.plain = (None, True) if real_only else (real, False)
+        state.real, state.plain = (None, True) if skip == "padding" else (real, False)
         y = permute(x, perm)[:, :keep]
         wanted = set(vm.intermediate_layers_indices)
         inter: dict[int, torch.Tensor] = {}

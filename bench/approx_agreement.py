@@ -9,6 +9,7 @@ against the labels, overall and for the image+text items alone. Each approximati
 the model (quantization is in place).
 
     python bench/approx_agreement.py --model default --data TEST.jsonl --limit 600
+    python bench/approx_agreement.py --model default --data TEST.jsonl --limit 0 --images-only --resize-to-tiles 1
     python bench/approx_agreement.py --model /models/Llama-Guard-3-11B-Vision --data TEST.jsonl \\
         --approx real-tiles-only fp8 --device cuda
 
@@ -52,8 +53,22 @@ def load_items(path: Path, limit: int, split: str | None) -> tuple[list[Any], li
     return kept, conversations, bad
 
 
+def resized_to_tiles(conversations: list[Any], tiles: int, tile_size: int) -> list[Any]:
+    """The same conversations with each image resized to a canvas of ``tiles`` tiles (1: 1x1, 2: 2x1, 3: 3x1,
+    4: 2x2), so that approximations that act on padded tiles are exercised; the labels still hold."""
+    from PIL import Image
+
+    from mmguard.attacks.common import with_image
+
+    cols, rows = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}[tiles]
+    size = (cols * tile_size, rows * tile_size)
+    return [with_image(c, c.image.resize(size, Image.Resampling.BICUBIC)) if c.image is not None else c
+            for c in conversations]
+
+
 def compare(exact: list[Any], approx: list[Any], labels: list[int], threshold: float,
-            with_image: list[bool]) -> dict[str, Any]:
+            tiles: list[int]) -> dict[str, Any]:
+    """``tiles``: each item's image tile count (0: no image)."""
     pe = np.array([v.unsafe_probability for v in exact])
     pa = np.array([v.unsafe_probability for v in approx])
     ve, va = pe >= threshold, pa >= threshold
@@ -64,10 +79,11 @@ def compare(exact: list[Any], approx: list[Any], labels: list[int], threshold: f
         "max_abs_dp_unsafe": float(dp.max()), "mean_abs_dp_unsafe": float(dp.mean()),
         "p99_abs_dp_unsafe": float(np.percentile(dp, 99)),
     }
-    img = np.array(with_image)
-    if img.any():
-        out["image_items"] = {"n": int(img.sum()), "verdict_agreement": float((ve[img] == va[img]).mean()),
-                              "max_abs_dp_unsafe": float(dp[img].max())}
+    t = np.array(tiles)
+    for key, sel in [("image_items", t > 0)] + [(f"{k}-tile images", t == k) for k in sorted(set(tiles) - {0})]:
+        if sel.any():
+            out[key] = {"n": int(sel.sum()), "verdict_agreement": float((ve[sel] == va[sel]).mean()),
+                        "max_abs_dp_unsafe": float(dp[sel].max())}
     for name, p, v in (("exact", pe, ve), ("approx", pa, va)):
         m = binary_metrics(labels, v.astype(int).tolist(), p.tolist())
         out[f"{name}_f1"], out[f"{name}_fpr"] = m.f1, m.fpr
@@ -86,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--images-only", action="store_true", help="only the items that carry an image")
+    p.add_argument("--resize-to-tiles", type=int, choices=(1, 2, 3, 4), default=None,
+                   help="resize every image to this many tiles first (most test images have 4)")
     p.add_argument("--out", type=Path, default=Path("approx_agreement.json"))
     a = p.parse_args(argv)
     if not a.data.is_file():
@@ -96,34 +115,48 @@ def main(argv: list[str] | None = None) -> int:
 
         source = default_model_path()
     records, conversations, bad = load_items(a.data, a.limit, a.split)
+    if a.images_only:
+        pairs = [(r, c) for r, c in zip(records, conversations, strict=True) if c.image is not None]
+        records, conversations = [r for r, _ in pairs], [c for _, c in pairs]
     if not conversations:
         p.error(f"no usable items in {a.data}")
     labels = [r.y for r in records]
-    with_image = [c.has_image for c in conversations]
-    print(f"{len(conversations)} items ({sum(with_image)} with an image, {bad} unreadable skipped) from {a.data}",
-          flush=True)
 
-    def classify(**options: Any) -> tuple[list[Any], float]:
-        guard = Guard(load_fast_engine(source, device=a.device, dtype=a.dtype, **options), threshold=a.threshold,
-                      batch_size=a.batch_size)
+    def classify(**options: Any) -> tuple[list[Any], float, Any]:
+        engine = load_fast_engine(source, device=a.device, dtype=a.dtype, **options)
+        guard = Guard(engine, threshold=a.threshold, batch_size=a.batch_size)
         t0 = time.perf_counter()
         verdicts = guard.classify_batch(conversations, categories=False)
-        return verdicts, time.perf_counter() - t0
+        return verdicts, time.perf_counter() - t0, engine
 
-    exact, exact_s = classify()
+    if a.resize_to_tiles:
+        from transformers import AutoConfig
+
+        tile_size = int(AutoConfig.from_pretrained(str(source)).vision_config.image_size)
+        conversations = resized_to_tiles(conversations, a.resize_to_tiles, tile_size)
+    exact, exact_s, engine = classify()
+    tiles = [engine.expected_tiles(c.image) if c.image is not None else 0 for c in conversations]
+    counts = {k: tiles.count(k) for k in sorted(set(tiles) - {0})}
+    print(f"{len(conversations)} items ({sum(counts.values())} with an image: "
+          f"{', '.join(f'{n} of {k} tiles' for k, n in counts.items())}; {bad} unreadable skipped) from {a.data}",
+          flush=True)
     report: dict[str, Any] = {"model": str(source), "data": str(a.data), "threshold": a.threshold,
+                              "images_only": a.images_only, "resize_to_tiles": a.resize_to_tiles,
                               "exact_seconds": exact_s, "approximations": {}}
     print(f"{'approximation':<16} {'agree':>7} {'s->u':>5} {'u->s':>5} {'max|dp|':>9} {'mean|dp|':>9} "
           f"{'F1 exact':>9} {'F1 appr':>8} {'FPR ex':>7} {'FPR ap':>7} {'time ratio':>10}")
     for name in a.approx:
-        approx, approx_s = classify(**APPROXIMATIONS[name])
-        row = compare(exact, approx, labels, a.threshold, with_image)
+        approx, approx_s, _ = classify(**APPROXIMATIONS[name])
+        row = compare(exact, approx, labels, a.threshold, tiles)
         row["time_ratio_vs_exact"] = approx_s / exact_s
         report["approximations"][name] = row
         print(f"{name:<16} {row['verdict_agreement']:>7.3f} {row['flips_safe_to_unsafe']:>5} "
               f"{row['flips_unsafe_to_safe']:>5} {row['max_abs_dp_unsafe']:>9.2e} {row['mean_abs_dp_unsafe']:>9.2e} "
               f"{row['exact_f1']:>9.3f} {row['approx_f1']:>8.3f} {row['exact_fpr']:>7.3f} {row['approx_fpr']:>7.3f} "
               f"{row['time_ratio_vs_exact']:>10.2f}", flush=True)
+        slices = [(k, v) for k, v in row.items() if k.endswith("images")]
+        print("    " + "; ".join(f"{k}: agree {v['verdict_agreement']:.3f}, max|dp| {v['max_abs_dp_unsafe']:.2e}"
+                                for k, v in slices), flush=True)
     a.out.write_text(json.dumps(report, indent=1))
     print(f"written {a.out}")
     return 0

@@ -57,7 +57,7 @@ def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_p
     report = json.loads(out.read_text())
     for name in ("real-tiles-only", "real-tokens-only", "int8"):
         row = report["approximations"][name]
-        assert row["n"] == 3 and row["image_items"]["n"] == 2
+        assert row["n"] == 3 and row["image_items"]["n"] == 2 and row["2-tile images"]["n"] == 2
         assert 0.0 <= row["verdict_agreement"] <= 1.0 and row["max_abs_dp_unsafe"] >= 0.0
 
 
@@ -72,3 +72,21 @@ def test_cpu_fast_engine_runs_on_mini(capsys) -> None:
     out = capsys.readouterr().out
     assert "FastEngine keep_images" in out
     assert "3 images encoded, 3 encodings reused" in out
+
+
+def test_approx_agreement_resizes_images_to_fewer_tiles(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--images-only --resize-to-tiles 1: the text item is left out and the 2-tile image becomes 1 tile."""
+    noise_image(112, 56, 3).save(tmp_path / "a.png")
+    rows = [
+        {"id": "1", "label": "safe", "messages": [{"role": "user", "content": "hello"}]},
+        {"id": "2", "label": "unsafe", "messages": [{"role": "user", "content": [
+            {"type": "image", "path": "a.png"}, {"type": "text", "text": "how do I make this?"}]}]},
+    ]
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "agree.json"
+    args = ["--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--dtype", "float32",
+            "--approx", "real-tiles-only", "--images-only", "--resize-to-tiles", "1", "--out", str(out)]
+    assert load("approx_agreement").main(args) == 0
+    row = json.loads(out.read_text())["approximations"]["real-tiles-only"]
+    assert row["n"] == 1 and row["1-tile images"]["n"] == 1 and "2-tile images" not in row

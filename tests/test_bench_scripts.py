@@ -38,7 +38,8 @@ def test_gpu_throughput_measures_every_candidate(tmp_path: Path) -> None:
     assert quantized[0]["quantize"] == "int8" and {r["scenario"] for r in quantized[1:]} == {"1-tile", "text-only"}
 
 
-def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_path: Path) -> None:
+def run_approx_agreement(model_dir: Path, tmp_path: Path, *options: str) -> dict:
+    """bench/approx_agreement.py on three labeled items: a text prompt, a 2-tile image prompt and response."""
     noise_image(112, 56, 3).save(tmp_path / "a.png")
     rows = [
         {"id": "1", "label": "safe", "messages": [{"role": "user", "content": "hello"}]},
@@ -51,10 +52,14 @@ def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_p
     data = tmp_path / "test.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "agree.json"
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--dtype", "float32",
-            "--approx", "real-tiles-only", "real-tokens-only", "int8", "--out", str(out)]
+    args = ["--model", str(model_dir), "--data", str(data), "--device", "cpu", "--dtype", "float32",
+            "--out", str(out), *options]
     assert load("approx_agreement").main(args) == 0
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_approx_agreement_reports_each_approximation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    report = run_approx_agreement(tiny_model_dir, tmp_path, "--approx", "real-tiles-only", "real-tokens-only", "int8")
     for name in ("real-tiles-only", "real-tokens-only", "int8"):
         row = report["approximations"][name]
         assert row["n"] == 3 and row["image_items"]["n"] == 2 and row["2-tile images"]["n"] == 2
@@ -75,18 +80,8 @@ def test_cpu_fast_engine_runs_on_mini(capsys) -> None:
 
 
 def test_approx_agreement_resizes_images_to_fewer_tiles(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """--images-only --resize-to-tiles 1: the text item is left out and the 2-tile image becomes 1 tile."""
-    noise_image(112, 56, 3).save(tmp_path / "a.png")
-    rows = [
-        {"id": "1", "label": "safe", "messages": [{"role": "user", "content": "hello"}]},
-        {"id": "2", "label": "unsafe", "messages": [{"role": "user", "content": [
-            {"type": "image", "path": "a.png"}, {"type": "text", "text": "how do I make this?"}]}]},
-    ]
-    data = tmp_path / "test.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "agree.json"
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--device", "cpu", "--dtype", "float32",
-            "--approx", "real-tiles-only", "--images-only", "--resize-to-tiles", "1", "--out", str(out)]
-    assert load("approx_agreement").main(args) == 0
-    row = json.loads(out.read_text())["approximations"]["real-tiles-only"]
-    assert row["n"] == 1 and row["1-tile images"]["n"] == 1 and "2-tile images" not in row
+    """--images-only --resize-to-tiles 1: the text item is left out and the 2-tile images become 1 tile."""
+    report = run_approx_agreement(tiny_model_dir, tmp_path, "--approx", "real-tiles-only", "--images-only",
+                                  "--resize-to-tiles", "1")
+    row = report["approximations"]["real-tiles-only"]
+    assert row["n"] == 2 and row["1-tile images"]["n"] == 2 and "2-tile images" not in row

@@ -31,6 +31,7 @@ Opt-in approximations (not the model's computation; measure their verdict agreem
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import OrderedDict
@@ -159,7 +160,7 @@ class FastEngine(Engine):
     def _preprocessed(self, images: list[Image.Image]) -> list[Callable[[], Any]]:
         """One getter per image: inline when ``preprocess_workers`` is 1, else futures of a thread pool."""
         if self.preprocess_workers <= 1 or len(images) <= 1:
-            return [lambda im=im: self._preprocess(im) for im in images]
+            return [functools.partial(self._preprocess, im) for im in images]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="mmguard-preprocess")
         futures = [self._pool.submit(self._preprocess, im) for im in images]

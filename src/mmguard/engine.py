@@ -224,7 +224,7 @@ class Engine:
         return self._grammar_cache[key]
 
     # -- batching ----------------------------------------------------------------------------------
-    def _image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+    def _image_inputs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt")
@@ -303,8 +303,9 @@ class Engine:
                 cache = _cache_of(out)
                 if len(unsafe_rows) < len(group):
                     cache.batch_select_indices(torch.tensor(unsafe_rows, device=self.device))
-                sub = {k: batch[k][unsafe_rows] for k in ("attention_mask", "position_ids", "cross_attention_mask")
-                       if k in batch}
+                sub: dict[str, torch.Tensor] = {
+                    k: batch[k][unsafe_rows] for k in ("attention_mask", "position_ids", "cross_attention_mask")
+                    if k in batch}
                 decoded = self._decode_from_cache(cache, sub, codes)
                 for r, (found, cat_probs, raw) in zip(unsafe_rows, decoded, strict=True):
                     res = results[group[r]]
@@ -343,7 +344,8 @@ class Engine:
             return [merged[i] for i in range(len(items))]
         batch = self.collate(items)
         out, _ = self.decision_pass(batch, use_cache=True)
-        sub = {k: batch[k] for k in ("attention_mask", "position_ids", "cross_attention_mask") if k in batch}
+        sub: dict[str, torch.Tensor] = {
+            k: batch[k] for k in ("attention_mask", "position_ids", "cross_attention_mask") if k in batch}
         return self._decode_from_cache(_cache_of(out), sub, codes, max_steps)
 
     def _step(self, cache: Any, tokens: torch.Tensor, state: dict[str, torch.Tensor], keep: int = 1) -> Any:
@@ -508,8 +510,9 @@ def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str |
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = MllamaForConditionalGeneration.from_pretrained(src, dtype=torch_dtype, **kwargs)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator confuses mypy about .to
     model.eval()
+    tokenizer: Any
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception:

@@ -110,7 +110,7 @@ def command(
             shield_ids=("meta-llama/Llama-Guard-3-11B-Vision", *_split(shield_id)),
             threshold=threshold,
             category_names=category_names,  # type: ignore[arg-type]
-            category_scores=category_scores,
+            category_scores=category_scores,  # type: ignore[arg-type]
             multi_image=multi_image,  # type: ignore[arg-type]
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,

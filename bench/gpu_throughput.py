@@ -96,6 +96,10 @@ def flops_per_classification(model: Any, prompt_len: int, image: bool) -> float:
     return float(total)
 
 
+def max_abs_dp(a: list[Any], b: list[Any]) -> float:
+    return max(abs(x.unsafe_probability - y.unsafe_probability) for x, y in zip(a, b, strict=True))
+
+
 def random_image(tiles: int, tile: int, seed: int) -> Image.Image:
     w, h = {1: (tile, tile), 2: (2 * tile, tile), 4: (2 * tile, 2 * tile)}[tiles]
     rng = np.random.default_rng(seed)
@@ -139,6 +143,10 @@ class Bench:
                 conv = Conversation.prompt(self.filler, image=img)
             out.append(self.engine.encode(self.guard.render(conv), conv.image))
         return out
+
+    def verdicts(self, engine: Engine, items: list[Any]) -> list[Any]:
+        """One end-to-end scoring call as the benchmark times it: verdict only, no code decode."""
+        return engine.score(items, threshold=0.5, codes=(), batch_size=self.args.batch, decode_codes=False)
 
     def sync(self) -> None:
         if self.dev == "cuda":
@@ -216,11 +224,10 @@ class Bench:
         self.reset_peak()
         entry("recipe_b1", 1, self.timed(lambda: self.recipe(one[0]), reps))
         self.reset_peak()
-        entry("engine_b1", 1, self.timed(lambda: self.engine.score(one, threshold=0.5, codes=(),
-                                                                    decode_codes=False), reps))
+        entry("engine_b1", 1, self.timed(lambda: self.verdicts(self.engine, one), reps))
         self.patched()
         self.reset_peak()
-        entry("fast_b1", 1, self.timed(lambda: fast.score(one, threshold=0.5, codes=(), decode_codes=False), reps))
+        entry("fast_b1", 1, self.timed(lambda: self.verdicts(fast, one), reps))
         # batched throughput
         self.plain()
         if self.left() > 0:
@@ -230,56 +237,47 @@ class Bench:
             del batch
         if self.left() > 0:
             self.reset_peak()
-            entry("engine", len(items), self.timed(lambda: self.engine.score(
-                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
+            entry("engine", len(items), self.timed(lambda: self.verdicts(self.engine, items), reps))
         self.patched()
         if self.left() > 0:
             self.reset_peak()
-            entry("fast", len(items), self.timed(lambda: fast.score(
-                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
-        if self.left() > 0:  # candidate: right padding, no attention mask in the forward pass (exact)
-            free = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, mask_free_text=True)
+            entry("fast", len(items), self.timed(lambda: self.verdicts(fast, items), reps))
+        # candidate: right padding, no attention mask in the forward pass (exact)
+        free = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, mask_free_text=True)
+        if self.left() > 0:
             self.reset_peak()
-            entry("fast_mask_free_text", len(items), self.timed(lambda: free.score(
-                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
+            entry("fast_mask_free_text", len(items), self.timed(lambda: self.verdicts(free, items), reps))
         if image and self.left() > 0:  # prompt + response classification of the same image, in one call
             pairs = self.items(tiles, a.batch, seed=1000 * tiles + 500, shared=True)
             self.reset_peak()
-            entry("fast_prompt_response_pairs", len(pairs), self.timed(lambda: fast.score(
-                pairs, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
+            entry("fast_prompt_response_pairs", len(pairs), self.timed(lambda: self.verdicts(fast, pairs), reps))
         if image and self.left() > 0:  # ... and as a server sees it: prompts, then responses in a later call
             kept = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, keep_images=a.batch)
 
             def two_calls() -> None:
                 kept.clear_image_cache()
                 for part in (pairs[0::2], pairs[1::2]):
-                    kept.score(part, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
+                    self.verdicts(kept, part)
 
             self.reset_peak()
             entry("fast_pairs_two_calls_kept", len(pairs), self.timed(two_calls, reps))
+        fast_results: list[Any] | None = None  # the exact results on these inputs, computed once
         for option in ("real_tiles_only", "real_tokens_only"):
             if not (a.approx and image and self.left() > 0):
                 break
             approx = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, **{option: True})
             self.reset_peak()
-            entry(f"fast_{option}_APPROX", len(items), self.timed(lambda approx=approx: approx.score(
-                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False), reps))
-            exact = fast.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
-            got = approx.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
-            res[f"{option}_max_abs_dp_unsafe"] = max(abs(x.unsafe_probability - y.unsafe_probability)
-                                                     for x, y in zip(exact, got, strict=True))
+            entry(f"fast_{option}_APPROX", len(items), self.timed(lambda approx=approx: self.verdicts(approx, items),
+                                                                  reps))
+            fast_results = fast_results or self.verdicts(fast, items)
+            res[f"{option}_max_abs_dp_unsafe"] = max_abs_dp(fast_results, self.verdicts(approx, items))
         # exactness check on these inputs: FastEngine vs Engine
         if self.left() > 0:
             self.plain()
-            e = self.engine.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
+            e = self.verdicts(self.engine, items)
             self.patched()
-            f = fast.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
-            res["fast_vs_engine_max_abs_dp_unsafe"] = max(abs(x.unsafe_probability - y.unsafe_probability)
-                                                          for x, y in zip(e, f, strict=True))
-            m = FastEngine.from_engine(self.engine, vision_batch_size=a.batch, mask_free_text=True).score(
-                items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
-            res["mask_free_text_vs_engine_max_abs_dp_unsafe"] = max(
-                abs(x.unsafe_probability - y.unsafe_probability) for x, y in zip(e, m, strict=True))
+            res["fast_vs_engine_max_abs_dp_unsafe"] = max_abs_dp(e, fast_results or self.verdicts(fast, items))
+            res["mask_free_text_vs_engine_max_abs_dp_unsafe"] = max_abs_dp(e, self.verdicts(free, items))
             self.exact[name] = e
         # ceiling share and ratios
         for key in list(res):
@@ -345,16 +343,12 @@ class Bench:
             name = f"{tiles}-tile" if tiles else "text-only"
             items = self.items(tiles, a.batch, seed=1000 * tiles)
             self.reset_peak()
-            ts = self.timed(lambda items=items: q.score(items, threshold=0.5, codes=(), batch_size=a.batch,
-                                                        decode_codes=False), a.reps)
+            ts = self.timed(lambda items=items: self.verdicts(q, items), a.reps)
             row: dict[str, Any] = {"scenario": name, "method": f"fast_{kind}_APPROX",
                                    "classifications_per_s": len(items) / statistics.median(ts),
                                    "peak_gib": self.peak()}
             if name in self.exact:
-                got = q.score(items, threshold=0.5, codes=(), batch_size=a.batch, decode_codes=False)
-                row["max_abs_dp_unsafe_vs_exact_RANDOM_WEIGHTS"] = max(
-                    abs(x.unsafe_probability - y.unsafe_probability) for x, y in zip(self.exact[name], got,
-                                                                                       strict=True))
+                row["max_abs_dp_unsafe_vs_exact_RANDOM_WEIGHTS"] = max_abs_dp(self.exact[name], self.verdicts(q, items))
             rows.append(row)
         return rows
 

@@ -5,8 +5,8 @@ For every approximation (``real-tiles-only``: an image's padded tiles are not en
 no padding token is; ``int8`` / ``fp8``: torchao quantization of every linear layer but lm_head) the same
 conversations are classified by the exact FastEngine and by the approximation. Printed and written as
 JSON: verdict agreement, flips in each direction, max / mean / p99 |dp(unsafe)|, and F1 / FPR of both
-against the labels, overall and for the image+text items alone. Each approximation loads its own copy of
-the model (quantization is in place).
+against the labels, overall and for the image+text items alone. Quantization loads its own copy of the
+model (it changes the model in place); the vision approximations share the exact engine's.
 
     python bench/approx_agreement.py --model default --data TEST.jsonl --limit 600
     python bench/approx_agreement.py --model default --data TEST.jsonl --limit 0 --images-only --resize-to-tiles 1
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mmguard.eval.data import DataError, iter_records
 from mmguard.eval.metrics import binary_metrics
-from mmguard.fast import load_fast_engine
+from mmguard.fast import FastEngine, load_fast_engine
 from mmguard.guard import Guard
 
 APPROXIMATIONS = {"real-tiles-only": {"real_tiles_only": True}, "real-tokens-only": {"real_tokens_only": True},
@@ -122,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no usable items in {a.data}")
     labels = [r.y for r in records]
 
-    def classify(**options: Any) -> tuple[list[Any], float, Any]:
-        engine = load_fast_engine(source, device=a.device, dtype=a.dtype, **options)
+    def classify(base: Any = None, **options: Any) -> tuple[list[Any], float, Any]:
+        # quantization changes the model in place, so only it needs a model of its own
+        if base is not None and "quantize" not in options:
+            engine = FastEngine.from_engine(base, **options)
+        else:
+            engine = load_fast_engine(source, device=a.device, dtype=a.dtype, **options)
         guard = Guard(engine, threshold=a.threshold, batch_size=a.batch_size)
         t0 = time.perf_counter()
         verdicts = guard.classify_batch(conversations, categories=False)
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'approximation':<16} {'agree':>7} {'s->u':>5} {'u->s':>5} {'max|dp|':>9} {'mean|dp|':>9} "
           f"{'F1 exact':>9} {'F1 appr':>8} {'FPR ex':>7} {'FPR ap':>7} {'time ratio':>10}")
     for name in a.approx:
-        approx, approx_s, _ = classify(**APPROXIMATIONS[name])
+        approx, approx_s, _ = classify(engine, **APPROXIMATIONS[name])
         row = compare(exact, approx, labels, a.threshold, tiles)
         row["time_ratio_vs_exact"] = approx_s / exact_s
         report["approximations"][name] = row

@@ -195,8 +195,9 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
     for path in paths:
         base = Path(path).parent
         examples = [ex for ex in read_examples(path) if ex.split == split]
-        reading_pool += [ex.prompt_text for ex in examples
-                         if ex.trainable and ex.task == "prompt" and ex.modality == "text"]  # fmt: skip
+        if split == "train" and cfg.reading:
+            reading_pool += [ex.prompt_text for ex in examples
+                             if ex.trainable and ex.task == "prompt" and ex.modality == "text"]  # fmt: skip
         balanced = _balanced_sources(examples)
         for ex in examples:
             if not ex.trainable:

@@ -319,8 +319,17 @@ class Engine:
         return [r for r in results if r is not None]
 
     def batch_groups(self, items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
-        """Indices of the sub-batches to run (image and text-only apart, each sorted by length)."""
-        return _groups(items, batch_size)
+        """Indices of the sub-batches to run: image and text-only apart, each sorted by :meth:`batch_order`."""
+        groups: list[list[int]] = []
+        for want_image in (True, False):
+            idx = [i for i, it in enumerate(items) if (it.image is not None) == want_image]
+            idx.sort(key=lambda i: self.batch_order(items[i]))
+            groups.extend(idx[s:s + batch_size] for s in range(0, len(idx), batch_size))
+        return groups
+
+    def batch_order(self, item: EncodedItem) -> Any:
+        """Sort key of batching: by length, so that padding stays small."""
+        return len(item.input_ids)
 
     def decision_pass(self, batch: dict[str, Any], *, use_cache: bool) -> tuple[Any, torch.Tensor]:
         """The one forward pass of a collated batch: the model output (its cache continues the decode)
@@ -470,16 +479,6 @@ class _DecodeState:
             if not self._paths():
                 self.done = True
                 self.tokens.append(EOT_ID)
-
-
-def _groups(items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
-    """Sub-batches: image and text-only items apart, each sorted by length so padding stays small."""
-    groups: list[list[int]] = []
-    for want_image in (True, False):
-        idx = [i for i, it in enumerate(items) if (it.image is not None) == want_image]
-        idx.sort(key=lambda i: len(items[i].input_ids))
-        groups.extend(idx[s:s + batch_size] for s in range(0, len(idx), batch_size))
-    return groups
 
 
 def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",

@@ -181,22 +181,13 @@ class FastEngine(Engine):
         return len(self._encoded)
 
     # -- batching ----------------------------------------------------------------------------------
-    def batch_groups(self, items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
-        """As the plain engine, but image rows sorted by (tile count, length): batches of one tile count
-        let the cross-attention skip padded tiles. Needs the items' images encoded (``score`` does that)."""
-        def tiles(i: int) -> int:
-            image = items[i].image
-            enc = self._encoded.get(self._digest(image)) if image is not None else None
-            return enc.num_tiles if enc is not None else 0
-
-        groups: list[list[int]] = []
-        image_rows = sorted((i for i, it in enumerate(items) if it.image is not None),
-                            key=lambda i: (tiles(i), len(items[i].input_ids)))
-        groups.extend(image_rows[s:s + batch_size] for s in range(0, len(image_rows), batch_size))
-        text_rows = [i for i, it in enumerate(items) if it.image is None]
-        text_groups = super().batch_groups([items[i] for i in text_rows], batch_size)
-        groups.extend([text_rows[k] for k in g] for g in text_groups)
-        return groups
+    def batch_order(self, item: EncodedItem) -> Any:
+        """Image rows by (tile count, length): batches of one tile count let the cross-attention skip padded
+        tiles. The tile count is known once the image is encoded (``score`` encodes before batching)."""
+        if item.image is None:
+            return super().batch_order(item)
+        enc = self._encoded.get(self._digest(item.image))
+        return (enc.num_tiles if enc is not None else 0, len(item.input_ids))
 
     def collate(self, items: Sequence[EncodedItem], extra: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
         if not any(it.image is not None for it in items):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image
 
 from .images import DEFAULT_LIMITS, ImageError, ImageLimits, image_digest, load_image
 
-__all__ = ["Conversation", "ConversationError", "Role", "Turn"]
+__all__ = ["Conversation", "ConversationError", "InvalidTextError", "Role", "Turn", "check_text"]
 
 Role = Literal["user", "agent"]
 _ROLE_ALIASES = {"user": "user", "human": "user", "agent": "agent", "assistant": "agent", "chatbot": "agent"}
@@ -32,6 +33,36 @@ MAX_TEXT_CHARS = 200_000
 
 class ConversationError(ValueError):
     """A conversation breaks a rule; the message names the rule."""
+
+
+class InvalidTextError(ConversationError):
+    """A text field is not valid Unicode (it holds a lone surrogate); the message names field and position."""
+
+
+# Python strings may hold surrogate code points that no UTF-8 text can: JSON's "\ud800" escape, or bytes
+# that did not decode under surrogateescape (argv, filenames). Tokenizers and UTF-8 encoders fail on them.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, where: str, error: type[ValueError] = InvalidTextError) -> str:
+    """The one input rule for text: it must be valid Unicode. Returns ``value`` or raises ``error``.
+
+    A lone surrogate is rejected (never replaced): ``where`` and the 1-based character position are named,
+    e.g. ``message 1 part 1: text holds a lone surrogate (U+D800) at character 5; text must be valid Unicode``.
+    """
+    if not isinstance(value, str):
+        raise error(f"{where}: text must be a string, got {type(value).__name__}")
+    m = _SURROGATE_RE.search(value)
+    if m is None:
+        return value
+    point = ord(m.group())
+    hint = ""
+    if 0xDC80 <= point <= 0xDCFF:  # what surrogateescape makes of an undecodable byte
+        hint = f" (the undecodable byte 0x{point - 0xDC00:02X}: the input is not UTF-8)"
+    raise error(
+        f"{where}: text holds a lone surrogate (U+{point:04X}) at character {m.start() + 1}{hint}; "
+        "text must be valid Unicode"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,7 @@ class Conversation:
     @classmethod
     def prompt(cls, text: str, image: Any = None, *, limits: ImageLimits = DEFAULT_LIMITS) -> Conversation:
         """One user turn: prompt classification."""
+        check_text(text, "prompt")
         return cls((Turn("user", (text,), _load(image, limits, "user turn 1")),))
 
     @classmethod
@@ -66,6 +98,8 @@ class Conversation:
         cls, prompt: str, response: str, image: Any = None, *, limits: ImageLimits = DEFAULT_LIMITS
     ) -> Conversation:
         """A user turn and the agent's reply: response classification. The image belongs to the user turn."""
+        check_text(prompt, "prompt")
+        check_text(response, "response")
         return cls(
             (
                 Turn("user", (prompt,), _load(image, limits, "user turn 1")),
@@ -87,6 +121,7 @@ class Conversation:
                 role, text = t
             if not isinstance(text, str):
                 raise ConversationError(f"turn {i + 1}: text must be a string")
+            check_text(text, f"turn {i + 1}")
             img = _load(image, limits, f"turn {i + 1}") if (image is not None and i == image_turn) else None
             built.append(Turn(_role(role, i), (text,), img))
         if image is not None and not 0 <= image_turn < len(built):
@@ -121,7 +156,7 @@ class Conversation:
             texts: list[str] = []
             image: Image.Image | None = None
             if isinstance(content, str):
-                texts.append(content)
+                texts.append(check_text(content, f"message {i + 1}"))
             elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
                 for j, part in enumerate(content):
                     where = f"message {i + 1} part {j + 1}"
@@ -131,7 +166,7 @@ class Conversation:
                     if kind == "text":
                         if not isinstance(part.get("text"), str):
                             raise ConversationError(f"{where}: text part needs a string 'text'")
-                        texts.append(part["text"])
+                        texts.append(check_text(part["text"], where))
                     elif kind in ("image", "image_url"):
                         if image is not None:
                             raise ConversationError(
@@ -240,9 +275,10 @@ def _validate(turns: Iterable[Turn]) -> None:
             )
         if not t.texts and (t.image is None or t.role != "user"):
             raise ConversationError(f"turn {i + 1} has no text (only a user turn may hold just an image)")
-        for s in t.texts:
+        for j, s in enumerate(t.texts):
             if not isinstance(s, str):
                 raise ConversationError(f"turn {i + 1}: text must be a string, got {type(s).__name__}")
+            check_text(s, f"turn {i + 1}" if len(t.texts) == 1 else f"turn {i + 1} part {j + 1}")
             if len(s) > MAX_TEXT_CHARS:
                 raise ConversationError(
                     f"turn {i + 1}: text has {len(s)} characters, over the limit of {MAX_TEXT_CHARS}"

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .conversation import check_text
+
 __all__ = [
     "DEFAULT_POLICY",
     "Category",
@@ -165,6 +167,7 @@ class Policy:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        check_text(self.name, "policy name", PolicyError)
         _validate(self.categories, self.excluded)
 
     # -- views --------------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class Policy:
 
     # -- derivations --------------------------------------------------------------------------
     def exclude(self, codes: Iterable[str]) -> Policy:
-        codes = frozenset(c.strip() for c in codes if c.strip())
+        checked = [check_text(c, f"excluded code #{i + 1}", PolicyError) for i, c in enumerate(codes)]
+        codes = frozenset(c.strip() for c in checked if c.strip())
         unknown = sorted(codes - set(self.codes))
         if unknown:
             raise PolicyError(
@@ -233,7 +237,9 @@ def _validate(categories: Sequence[Category], excluded: frozenset[str]) -> None:
         raise PolicyError(f"a policy may hold at most {_MAX_CATEGORIES} categories, got {len(categories)}")
     seen: set[str] = set()
     for i, c in enumerate(categories):
-        where = f"category #{i + 1} ({c.code!r})"
+        where = f"category #{i + 1} ({c.code!r})"  # repr: escapes control characters and surrogates
+        for name in ("label", "title", "description"):
+            check_text(getattr(c, name), f"{where} {name}", PolicyError)
         if not isinstance(c.code, str) or not _CODE_RE.match(c.code):
             raise PolicyError(
                 f"{where}: code must be a letter followed by up to 15 letters, digits or '_' (e.g. S1), got {c.code!r}"
@@ -249,6 +255,8 @@ def _validate(categories: Sequence[Category], excluded: frozenset[str]) -> None:
             raise PolicyError(f"{where}: label longer than {_MAX_LABEL_CHARS} characters")
         if len(c.description) > _MAX_DESCRIPTION_CHARS:
             raise PolicyError(f"{where}: description longer than {_MAX_DESCRIPTION_CHARS} characters")
+    for code in excluded:
+        check_text(code, "excluded code", PolicyError)
     unknown = sorted(excluded - seen)
     if unknown:
         raise PolicyError(f"excluded code(s) {', '.join(unknown)} are not in the policy")
@@ -273,9 +281,10 @@ def _policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:
         for i, entry in enumerate(raw):
             if not isinstance(entry, Mapping):
                 raise PolicyError(f"{source}: categories[{i}] must be a mapping with 'code' and 'label'")
-            unknown_keys = set(entry) - {"code", "label", "name", "title", "description"}
+            unknown_keys = set(map(str, entry)) - {"code", "label", "name", "title", "description"}
             if unknown_keys:
-                raise PolicyError(f"{source}: categories[{i}]: unknown key(s) {', '.join(sorted(unknown_keys))}")
+                shown = ", ".join(repr(k) for k in sorted(unknown_keys))  # repr: a key may hold anything
+                raise PolicyError(f"{source}: categories[{i}]: unknown key(s) {shown}")
             code = entry.get("code")
             label = entry.get("label", entry.get("name"))
             if code is None or label is None:
@@ -295,12 +304,17 @@ def _policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:
         excluded = [excluded]
     if not isinstance(excluded, list):
         raise PolicyError(f"{source}: 'excluded' must be a list of codes")
+    name = data.get("name")
+    if name is None:
+        name = Path(source).stem if source != "policy" else "custom"
+    if not isinstance(name, (str, int, float)) or isinstance(name, bool):
+        raise PolicyError(f"{source}: 'name' must be a string")
     try:
         return Policy(
             categories=tuple(items),
             excluded=frozenset(str(e) for e in excluded),
             include_descriptions=bool(data.get("include_descriptions", False)),
-            name=str(data.get("name", Path(source).stem if source != "policy" else "custom")),
+            name=str(name),
         )
     except PolicyError as err:
         raise PolicyError(f"{source}: {err}") from None
@@ -317,9 +331,16 @@ def load_policy(spec: str | Path | Mapping[str, Any] | Policy | None) -> Policy:
     if str(spec) in {"default", "mlcommons", "llama-guard-3-vision"}:
         return DEFAULT_POLICY
     path = Path(spec)
-    if not path.is_file():
-        raise PolicyError(f"policy file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a NUL byte or an over-long name: not a file
+        found = False
+    if not found:
+        raise PolicyError(f"policy file not found: {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolicyError(f"{path}: cannot read policy: {err}") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

@@ -355,6 +355,7 @@ def demo(
 # Tools built on the API register here: (module, attribute, command name, kind)
 _TOOLS = [
     ("mmguard.server.cli", "command", "serve", "command"),
+    ("mmguard.proxy.cli", "command", "proxy", "command"),
     ("mmguard.eval.cli", "command", "eval", "command"),
     ("mmguard.train.cli", "command", "train", "command"),
     ("mmguard.attacks.cli", "command", "attack", "command"),

@@ -1,0 +1,406 @@
+"""The guardrail proxy: ``create_proxy_app(guard, settings)``.
+
+``POST /v1/chat/completions`` (streaming and not) and ``GET /v1/models`` in front of any OpenAI-compatible
+server. The guard runs through the moderation server's machinery (:class:`mmguard.server.app.ServerState`:
+dynamic batching, the queue's 429, timeouts, fail-closed, image rules, request ids, body limit, JSON access
+log), so concurrent checks of several streams share model batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..conversation import Conversation
+from ..server.app import GatewayMiddleware, ServerState
+from ..server.batcher import GuardLike, WorkSpec
+from ..server.errors import APIError, error_body, error_response
+from ..verdict import Verdict
+from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, with_answer
+from .release import DueCheck, SSEParser, StreamRelease, sse, verdict_extension
+from .settings import ProxySettings
+
+__all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
+
+log = logging.getLogger("mmguard.proxy")
+
+KEY_HEADER = "x-mmguard-api-key"  # the proxy's own key; Authorization belongs to the upstream
+# not forwarded either way: hop-by-hop headers, and what httpx recomputes (length, encoding)
+_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+        "proxy-authorization", "proxy-connection", "accept-encoding", "content-encoding", KEY_HEADER}
+_MAX_UPSTREAM_BODY = 64 * 1024 * 1024
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ProxyMetrics:
+    """Per-rail checks and blocks, and the time the guard adds (in the server's registry)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.checks = Counter("mmguard_proxy_checks", "Guard checks by rail", ["rail"], registry=registry)
+        self.blocks = Counter("mmguard_proxy_blocks", "Requests or answers blocked, by rail", ["rail"],
+                              registry=registry)
+        self.added = Histogram(
+            "mmguard_proxy_added_seconds",
+            "Time the guard added to a request: input check before forwarding, plus (non-streaming) the output "
+            "checks, or (streaming) the wait between the upstream's end and the client's",
+            ["stream"], buckets=_BUCKETS, registry=registry)
+        self.hold = Histogram(
+            "mmguard_proxy_stream_hold_seconds",
+            "Per streamed event carrying answer text: time held back before it was released",
+            buckets=_BUCKETS, registry=registry)
+        self.upstream = Counter("mmguard_proxy_upstream_responses", "Upstream responses by status", ["status"],
+                                registry=registry)
+        self.upstream_errors = Counter("mmguard_proxy_upstream_errors", "Upstream unreachable or timed out",
+                                       ["reason"], registry=registry)
+
+
+class ProxyState:
+    def __init__(self, guard: GuardLike, settings: ProxySettings) -> None:
+        self.settings = settings
+        # the proxy's keys are not the server's: Authorization is the upstream's business
+        self.server = ServerState(guard, replace(settings.guard, api_keys=()))
+        self.metrics = ProxyMetrics(self.server.metrics.registry)
+        self.client: httpx.AsyncClient | None = None
+        self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in settings.api_keys)
+        tokenizer = getattr(getattr(guard, "engine", None), "tokenizer", None)
+        if tokenizer is not None:
+            from ..tokenizer import encode_text
+
+            self.count_tokens = lambda text: len(encode_text(tokenizer, text))
+        else:  # a guard without a tokenizer (test doubles): about 4 characters a token
+            self.count_tokens = lambda text: (len(text) + 3) // 4
+
+    def check_key(self, request: Request) -> None:
+        if not self._key_digests:
+            return
+        digest = hashlib.sha256(request.headers.get(KEY_HEADER, "").strip().encode()).digest()
+        ok = False
+        for ref in self._key_digests:  # constant time, every key
+            ok |= hmac.compare_digest(digest, ref)
+        if not ok:
+            raise APIError(401, f"missing or incorrect proxy key: send the '{KEY_HEADER}' header",
+                           code="invalid_api_key")
+
+    async def check(self, rail: str, conversation: Conversation) -> Verdict:
+        settings = self.server.settings
+        spec = WorkSpec(conversation, threshold=self.server.threshold,
+                        always_scores=settings.category_scores == "always")
+        (outcome,) = await self.server.judge([spec])
+        assert outcome.verdict is not None
+        self.metrics.checks.labels(rail).inc()
+        if outcome.verdict.is_unsafe:
+            self.metrics.blocks.labels(rail).inc()
+        return outcome.verdict
+
+    def forwarded_headers(self, request: Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+
+
+def _response_headers(resp: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+
+
+def content_filter_error(verdict: Verdict, active_codes: tuple[str, ...]) -> dict[str, Any]:
+    """Azure OpenAI's 400 ``content_filter`` error body, with mmguard's verdict in ``error.mmguard``."""
+    probs = verdict.category_probabilities
+    body = error_body(
+        f"The prompt was filtered by mmguard's input rail: {verdict}. Please modify your prompt and retry.",
+        param="messages", code="content_filter")
+    body["error"]["status"] = 400
+    body["error"]["innererror"] = {
+        "code": "ResponsibleAIPolicyViolation",
+        "content_filter_result": {c: {"filtered": c in verdict.codes, "probability": float(probs.get(c, 0.0))}
+                                  for c in active_codes},
+    }
+    body["error"]["mmguard"] = verdict_extension("input", verdict)
+    return body
+
+
+def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
+    """The proxy for ``guard`` in front of ``settings.upstream`` (run with uvicorn; the lifespan starts the
+    batcher and the upstream client)."""
+    state = ProxyState(guard, settings)
+    server = state.server
+    base = settings.upstream_base
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        previous_threads: int | None = None
+        if server.settings.torch_threads is not None:
+            import torch
+
+            previous_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, server.settings.torch_threads))
+        state.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.upstream_timeout_s), trust_env=False,
+                                         follow_redirects=False)
+        await server.batcher.start()
+        try:
+            if server.settings.warmup:
+                await server.batcher.run_sync(lambda: guard.classify_batch([Conversation.prompt("warm-up")]))
+            server.ready = True
+            log.info("ready", extra={"upstream": base})
+        except Exception:
+            log.exception("warm-up failed; the proxy stays not ready (/readyz answers 503)")
+        try:
+            yield
+        finally:
+            server.ready = False
+            await server.batcher.stop()
+            await state.client.aclose()
+            if previous_threads is not None:
+                import torch
+
+                torch.set_num_threads(previous_threads)
+
+    app = FastAPI(title="mmguard guardrail proxy", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible chat completions through Llama Guard 3 Vision input and output rails.")
+    app.state.mmguard = server
+    app.state.proxy = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        request.state.log["error_code"] = exc.code
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body("internal proxy error", type="server_error", code="internal_error"),
+                            status_code=500)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        ready = server.ready and server.batcher.running
+        return JSONResponse({"status": "ready" if ready else "not_ready", "upstream": base},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if not server.settings.metrics_public:
+            state.check_key(request)
+        server.metrics.queue_depth.set(server.batcher.depth)
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def send_upstream(request: Request, method: str, path: str, content: bytes | None) -> httpx.Response:
+        assert state.client is not None
+        req = state.client.build_request(method, base + path, content=content,
+                                         headers=state.forwarded_headers(request), params=request.query_params)
+        try:
+            resp = await state.client.send(req, stream=True)
+        except httpx.TimeoutException:
+            state.metrics.upstream_errors.labels("timeout").inc()
+            raise APIError(504, f"the upstream did not answer within {settings.upstream_timeout_s:g}s",
+                           type="server_error", code="upstream_timeout") from None
+        except httpx.HTTPError as err:
+            state.metrics.upstream_errors.labels("unavailable").inc()
+            raise APIError(502, f"the upstream is unreachable: {type(err).__name__}", type="server_error",
+                           code="upstream_unavailable") from None
+        state.metrics.upstream.labels(str(resp.status_code)).inc()
+        return resp
+
+    def passthrough(resp: httpx.Response) -> StreamingResponse:
+        """The upstream's answer as it comes: status, headers and bytes untouched."""
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(body(), status_code=resp.status_code, headers=_response_headers(resp))
+
+    async def read_bounded(resp: httpx.Response) -> bytes:
+        chunks, size = [], 0
+        try:
+            async for chunk in resp.aiter_raw():
+                size += len(chunk)
+                if size > _MAX_UPSTREAM_BODY:
+                    raise APIError(502, f"the upstream's answer is over {_MAX_UPSTREAM_BODY} bytes",
+                                   type="server_error", code="upstream_body_too_large")
+                chunks.append(chunk)
+        except httpx.HTTPError as err:
+            raise APIError(502, f"reading the upstream's answer failed: {type(err).__name__}", type="server_error",
+                           code="upstream_unavailable") from None
+        finally:
+            await resp.aclose()
+        return b"".join(chunks)
+
+    @app.get("/v1/models", tags=["openai"], summary="The upstream's models (passed through)")
+    async def models(request: Request) -> Response:
+        state.check_key(request)
+        return passthrough(await send_upstream(request, "GET", "/models", None))
+
+    @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completions through the rails")
+    async def chat_completions(request: Request) -> Response:
+        state.check_key(request)
+        started = time.perf_counter()
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as err:
+            raise APIError.bad_request(f"request body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError.bad_request("request body must be a JSON object", code="invalid_value")
+        normalized = await prepare_judged_prompt(body.get("messages"), server.limits, server.fetcher)
+        judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
+        if settings.input_rail and judged.conversation is not None:
+            verdict = await state.check("input", judged.conversation)
+            if verdict.is_unsafe:
+                request.state.log.update(rail="input", flagged=1, codes=list(verdict.codes))
+                return JSONResponse(content_filter_error(verdict, server.guard.policy.active_codes), status_code=400)
+        added = time.perf_counter() - started
+        resp = await send_upstream(request, "POST", "/chat/completions", raw)
+        is_stream = "text/event-stream" in resp.headers.get("content-type", "")
+        if resp.status_code != 200 or not settings.output_rail:
+            state.metrics.added.labels(str(is_stream).lower()).observe(added)
+            return passthrough(resp)
+        if is_stream:
+            return StreamingResponse(stream_checked(request, resp, judged, added), status_code=200,
+                                     headers=_response_headers(resp))
+        return await plain_checked(request, resp, judged, added)
+
+    async def plain_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt, added: float) -> Response:
+        raw = await read_bounded(resp)
+        headers = _response_headers(resp)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise APIError(502, "the upstream's answer is not JSON, so it cannot be checked", type="server_error",
+                           code="upstream_invalid_response") from None
+        choices = data.get("choices") if isinstance(data, dict) else None
+        judged_choices = [
+            ch for ch in (choices if isinstance(choices, list) else [])
+            if isinstance(ch, dict) and isinstance(ch.get("message"), dict)
+            and isinstance(ch["message"].get("content"), str) and ch["message"]["content"].strip()
+        ]
+        started = time.perf_counter()
+        verdicts = await asyncio.gather(*(state.check("output", with_answer(judged, ch["message"]["content"]))
+                                          for ch in judged_choices))
+        state.metrics.added.labels("false").observe(added + time.perf_counter() - started)
+        flagged = [(ch, v) for ch, v in zip(judged_choices, verdicts, strict=True) if v.is_unsafe]
+        if not flagged:
+            return Response(raw, status_code=resp.status_code, headers=headers)  # the upstream's bytes
+        for ch, v in flagged:
+            ch["message"]["content"] = None
+            ch["finish_reason"] = "content_filter"
+            ch["mmguard"] = verdict_extension("output", v)
+        request.state.log.update(rail="output", flagged=len(flagged))
+        headers.pop("content-type", None)
+        return JSONResponse(data, status_code=200, headers=headers)
+
+    async def stream_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt,
+                             added: float) -> AsyncIterator[bytes]:
+        release = StreamRelease(check_every=settings.check_every, release=settings.release,
+                                count_tokens=state.count_tokens)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def read() -> None:
+            parser = SSEParser()
+            try:
+                async for chunk in resp.aiter_raw():
+                    for event in parser.feed(chunk):
+                        await queue.put(event)
+                for event in parser.close():
+                    await queue.put(event)
+                await queue.put(None)
+            except Exception as err:  # surfaced to the client as an error event
+                await queue.put(err)
+
+        reader = asyncio.create_task(read())
+        checks: dict[asyncio.Task[Verdict], DueCheck] = {}
+        getter: asyncio.Task[Any] | None = None
+        upstream_ended_at: float | None = None
+        failure: dict[str, Any] | None = None
+        try:
+            while True:
+                for due in release.due_checks():
+                    task = asyncio.create_task(state.check("output", with_answer(judged, due.text)))
+                    checks[task] = due
+                for raw in release.releasable():
+                    yield raw
+                if release.all_blocked or release.complete or failure is not None:
+                    break
+                if getter is None and not release.upstream_done:
+                    getter = asyncio.create_task(queue.get())
+                waiting: set[asyncio.Task[Any]] = set(checks)
+                if getter is not None:
+                    waiting.add(getter)
+                if not waiting:  # nothing left to wait for (cannot happen: complete covers it)
+                    break
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is getter:
+                        getter = None
+                        item = task.result()
+                        if item is None:
+                            release.finish()
+                        elif isinstance(item, Exception):
+                            failure = error_body(f"the upstream's stream failed: {type(item).__name__}",
+                                                 type="server_error", code="upstream_stream_error")
+                            release.finish()
+                        else:
+                            release.feed(item)
+                        if release.upstream_done and upstream_ended_at is None:
+                            upstream_ended_at = time.perf_counter()
+                    else:
+                        due = checks.pop(task)
+                        try:
+                            verdict = task.result()
+                        except APIError as err:
+                            failure = error_body(f"the output check failed: {err.message}", type=err.type,
+                                                 code=err.code)
+                            continue
+                        except Exception as err:  # e.g. an answer over the conversation limits
+                            failure = error_body(f"the output check failed: {err}", type="server_error",
+                                                 code="output_check_failed")
+                            continue
+                        if verdict.is_unsafe:
+                            release.blocked(due, verdict)
+                            request.state.log.update(rail="output", flagged=1, codes=list(verdict.codes))
+                        else:
+                            release.passed(due)
+            for raw in release.releasable():  # a block's closing chunk, and what passed before the failure
+                yield raw
+            if failure is not None:
+                yield sse(failure)  # the openai client raises on an 'error' event
+            if release.saw_done or release.all_blocked or failure is not None:
+                yield b"data: [DONE]\n\n"  # as the upstream ended, or as OpenAI ends a stream it cut
+            tail = time.perf_counter() - upstream_ended_at if upstream_ended_at is not None else 0.0
+            state.metrics.added.labels("true").observe(added + tail)
+            for seconds in release.hold_seconds:
+                state.metrics.hold.observe(seconds)
+        finally:
+            for task in [*checks, *([getter] if getter else []), reader]:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await resp.aclose()
+
+    app.add_middleware(GatewayMiddleware, state=server)  # type: ignore[arg-type]
+    return app

@@ -1,0 +1,107 @@
+"""What the rails judge, built from an OpenAI chat-completions request.
+
+Llama Guard reads alternating ``User:`` / ``Agent:`` turns, at most one image, nothing else. From a request's
+``messages``:
+
+* ``system`` / ``developer`` messages are dropped (instructions to the model, not conversation);
+* ``tool`` / ``function`` messages (tool results) are dropped, and so are assistant messages without text
+  (tool calls only); the text of other assistant messages is kept (``refusal`` parts are dropped);
+* consecutive messages of one role are merged, and a conversation that starts with the assistant is read
+  as starting with the user (llama-stack's rule, shared with ``/v1/safety/run-shield``);
+* everything after the last user message is cut: the **input rail** judges the conversation ending with
+  that user turn (prompt classification, with the image);
+* the **output rail** judges that conversation plus the answer's ``content`` as the agent turn (response
+  classification, with the user's image); tool calls in the answer are not judged;
+* only the last ``MAX_TURNS - 1`` turns are kept (starting with a user turn), the limit of
+  :class:`mmguard.conversation.Conversation`.
+
+Image parts go through the moderation server's rules (data URLs; http(s) only from allowlisted hosts;
+size and pixel limits); more than one image is refused (Llama Guard 3 Vision reads one); other content
+part types (audio, files) are refused, since they cannot be judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..conversation import MAX_TURNS, Conversation, Turn
+from ..images import ImageLimits
+from ..server.errors import APIError
+from ..server.inputs import ImageFetcher, conversation_from_messages, normalize_messages
+
+__all__ = ["JudgedPrompt", "prepare_judged_prompt", "with_answer"]
+
+_DROPPED_ROLES = {"system", "developer", "tool", "function", "ipython"}
+
+
+def _assistant_text_parts(content: Any) -> Any:
+    """An assistant message's judged content: its text (tool calls and refusal parts are not judged)."""
+    if isinstance(content, Sequence) and not isinstance(content, str):
+        return [p for p in content if not (isinstance(p, Mapping) and p.get("type") == "refusal")]
+    return content
+
+
+def _has_text(content: Any) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    if isinstance(content, Sequence):
+        return any(isinstance(p, Mapping) and p.get("type") == "text" and str(p.get("text", "")).strip()
+                   for p in content)
+    return False
+
+
+class JudgedPrompt:
+    """The judged conversation of one request: up to its last user turn (images decoded once)."""
+
+    def __init__(self, conversation: Conversation | None) -> None:
+        self.conversation = conversation  # None: the request holds no user message
+
+    @property
+    def has_image(self) -> bool:
+        return self.conversation is not None and self.conversation.has_image
+
+
+async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: ImageFetcher) -> list[dict[str, Any]]:
+    """Validate ``messages`` and resolve their images (network part: runs on the event loop)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError.bad_request("'messages' must be a non-empty list of messages", param="messages")
+    kept: list[Any] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise APIError.bad_request(f"messages[{i}] must be an object with 'role' and 'content'",
+                                       param=f"messages[{i}]")
+        role = msg.get("role")
+        role_name = role.lower() if isinstance(role, str) else role
+        if role_name in _DROPPED_ROLES:
+            continue
+        if role_name == "assistant":
+            content = _assistant_text_parts(msg.get("content"))
+            if not _has_text(content):
+                continue
+            msg = {"role": "assistant", "content": content}
+        kept.append(msg)
+    users = [i for i, m in enumerate(kept) if isinstance(m.get("role"), str) and m["role"].lower() == "user"]
+    if not users:
+        return []
+    kept = kept[: users[-1] + 1]
+    return await normalize_messages(kept, limits, fetcher, lenient_roles=True, param="messages")
+
+
+def decode_judged_prompt(normalized: list[dict[str, Any]], limits: ImageLimits) -> JudgedPrompt:
+    """CPU part (worker thread): decode the image, build the conversation, keep the last turns."""
+    if not normalized:
+        return JudgedPrompt(None)
+    keep = MAX_TURNS - 1  # room for the answer's agent turn
+    if len(normalized) > keep:
+        start = len(normalized) - keep
+        if normalized[start]["role"] != "user":
+            start += 1
+        normalized = normalized[start:]
+    return JudgedPrompt(conversation_from_messages(normalized, limits, None))
+
+
+def with_answer(prompt: JudgedPrompt, answer: str) -> Conversation:
+    """The conversation the output rail judges: the prompt's turns and ``answer`` as the agent's turn."""
+    turns: tuple[Turn, ...] = prompt.conversation.turns if prompt.conversation else (Turn("user", ("",)),)
+    return Conversation((*turns, Turn("agent", (answer,))))

@@ -1,0 +1,306 @@
+"""Streamed answers: which upstream events may be sent to the client, and when a check is due.
+
+Pure logic (no I/O), driven by the proxy: :meth:`StreamRelease.feed` takes each server-sent event of the
+upstream's stream as it arrives; :meth:`due_checks` says which answer prefixes to judge;
+:meth:`passed` / :meth:`blocked` record the verdicts; :meth:`releasable` hands out, in upstream order and
+byte for byte, the events the client may see now.
+
+Each choice of the answer (``n`` > 1 gives several) is judged on its own. An event that carries answer
+text is held until a passed check covers all text up to it (``checked`` release); with ``eager`` release it
+is sent at once unless it would run more than one window (``check_every`` tokens) ahead of the last passed
+check, so up to one window of text may reach the client before a block. In both
+modes an event that finishes a choice (``finish_reason``) waits for the final check of that choice's whole
+answer, so a blocked answer never ends with ``stop``. A blocked choice's held events are dropped and it ends
+with a synthesized chunk whose ``finish_reason`` is ``content_filter`` and whose ``mmguard`` field holds the
+verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .settings import Release
+
+__all__ = ["SSEEvent", "SSEParser", "StreamRelease", "due_check"]
+
+DONE = "[DONE]"
+
+
+@dataclass
+class SSEEvent:
+    """One server-sent event: its raw bytes (forwarded unchanged) and its ``data`` payload."""
+
+    raw: bytes
+    data: str | None
+
+    @property
+    def is_done(self) -> bool:
+        return self.data is not None and self.data.strip() == DONE
+
+    def json(self) -> Any:
+        if self.data is None:
+            return None
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            return None
+
+
+class SSEParser:
+    """Splits a byte stream into events (blank-line separated, LF or CRLF), bounded in size."""
+
+    def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
+        self._buffer = b""
+        self.max_event_bytes = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buffer += chunk
+        events: list[SSEEvent] = []
+        while True:
+            cut = _event_end(self._buffer)
+            if cut is None:
+                break
+            raw, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            events.append(_event(raw))
+        if len(self._buffer) > self.max_event_bytes:
+            raise ValueError(f"upstream sent a server-sent event over {self.max_event_bytes} bytes")
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        rest, self._buffer = self._buffer, b""
+        return [_event(rest)] if rest.strip() else []
+
+
+def _event_end(buf: bytes) -> int | None:
+    ends = [i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := buf.find(sep)) >= 0]
+    return min(ends) if ends else None
+
+
+def _event(raw: bytes) -> SSEEvent:
+    data_lines = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if line.startswith("data:"):
+            data_lines.append(line[5:].removeprefix(" "))
+    return SSEEvent(raw, "\n".join(data_lines) if data_lines else None)
+
+
+@dataclass
+class ChoiceState:
+    """One choice of a streamed answer."""
+
+    index: int
+    text: str = ""
+    checked_chars: int = 0  # text[:checked_chars] passed a check
+    checked_tokens: int = 0  # its token count
+    final_passed: bool = False  # the whole, finished answer passed
+    finished: bool = False  # finish_reason seen (or the stream ended)
+    in_flight: bool = False
+    blocked: Any = None  # the verdict that blocked it
+    checks: int = 0
+
+
+@dataclass
+class _Held:
+    event: SSEEvent
+    needs: dict[int, tuple[int, bool]]  # choice -> (chars that must be checked, must the final check have passed)
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class DueCheck:
+    choice: int
+    text: str
+    final: bool
+
+
+def due_check(state: ChoiceState, tokens_since_check: int, check_every: int) -> bool:
+    """A window is full, or the answer is finished and its whole text has not passed yet."""
+    if state.blocked is not None or state.in_flight:
+        return False
+    if state.finished:
+        return not state.final_passed
+    return tokens_since_check >= check_every
+
+
+class StreamRelease:
+    """The hold-back buffer of one streamed answer (see the module doc)."""
+
+    def __init__(self, *, check_every: int, release: Release, count_tokens: Callable[[str], int]) -> None:
+        self.check_every = check_every
+        self.release = release
+        self.count_tokens = count_tokens
+        self.choices: dict[int, ChoiceState] = {}
+        self._held: deque[_Held] = deque()
+        self.upstream_done = False
+        self.saw_done = False  # the upstream ended with 'data: [DONE]' (not every server sends it)
+        self.meta: dict[str, Any] = {}  # id, created, model of the upstream's chunks (for synthesized chunks)
+        self.hold_seconds: list[float] = []  # per released text event: time held back
+        self._pending_blocks: list[ChoiceState] = []
+
+    def choice(self, index: int) -> ChoiceState:
+        if index not in self.choices:
+            self.choices[index] = ChoiceState(index)
+        return self.choices[index]
+
+    # -- upstream side ---------------------------------------------------------------------------
+    def feed(self, event: SSEEvent) -> None:
+        if event.is_done:
+            self.saw_done = True
+            self.finish()
+            return
+        chunk = event.json()
+        needs: dict[int, tuple[int, bool]] = {}
+        if isinstance(chunk, dict):
+            for key in ("id", "created", "model", "system_fingerprint"):
+                if key in chunk and key not in self.meta:
+                    self.meta[key] = chunk[key]
+            for ch in chunk.get("choices") or []:
+                if not isinstance(ch, dict):
+                    continue
+                idx = ch.get("index", 0)
+                if not isinstance(idx, int):
+                    continue
+                st = self.choice(idx)
+                delta = ch.get("delta")
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(content, str) and content:
+                    st.text += content
+                if ch.get("finish_reason") is not None:
+                    st.finished = True
+                    needs[idx] = (len(st.text), True)
+                else:
+                    needs[idx] = (len(st.text), False)
+        elif event.data is not None:  # not JSON: cannot be read, so it waits for everything so far
+            needs = {i: (len(st.text), False) for i, st in self.choices.items()}
+        self._held.append(_Held(event, needs))
+
+    def finish(self) -> None:
+        """The upstream ended (``[DONE]`` or the connection closed): every choice is complete."""
+        self.upstream_done = True
+        for st in self.choices.values():
+            st.finished = True
+
+    # -- checks ----------------------------------------------------------------------------------
+    def due_checks(self) -> list[DueCheck]:
+        due = []
+        for st in self.choices.values():
+            if st.blocked is not None or st.in_flight:
+                continue
+            if st.finished and not st.final_passed and not st.text.strip():
+                st.final_passed, st.checked_chars = True, len(st.text)  # nothing to judge (e.g. tool calls)
+                continue
+            if st.finished and not st.final_passed and st.checked_chars == len(st.text) and st.checks:
+                st.final_passed = True  # the last window check already covered the whole finished text
+                continue
+            fresh = st.text[st.checked_chars:]
+            tokens = self.count_tokens(fresh) if fresh and not st.finished else 0
+            if due_check(st, tokens, self.check_every):
+                st.in_flight = True
+                due.append(DueCheck(st.index, st.text, st.finished))
+        return due
+
+    def passed(self, check: DueCheck) -> None:
+        st = self.choices[check.choice]
+        st.in_flight = False
+        st.checks += 1
+        st.checked_chars = max(st.checked_chars, len(check.text))
+        if check.final:
+            st.final_passed = True
+
+    def blocked(self, check: DueCheck, verdict: Any) -> None:
+        st = self.choices[check.choice]
+        st.in_flight = False
+        st.checks += 1
+        st.blocked = verdict
+        self._pending_blocks.append(st)
+
+    # -- client side -----------------------------------------------------------------------------
+    def _ready(self, held: _Held) -> bool:
+        for idx, (chars, final) in held.needs.items():
+            st = self.choices[idx]
+            if st.blocked is not None:
+                continue  # dropped below
+            if final and not st.final_passed:
+                return False
+            if chars > st.checked_chars and (
+                    self.release == "checked"
+                    or self.count_tokens(st.text[st.checked_chars:chars]) > self.check_every):
+                return False  # eager text runs at most one window ahead of the last passed check
+        return True
+
+    def releasable(self) -> list[bytes]:
+        """Events the client may receive now, in upstream order; synthesized ``content_filter`` chunks for
+        newly blocked choices come first (they end those choices)."""
+        out: list[bytes] = []
+        for st in self._pending_blocks:
+            out.append(self.filter_chunk(st))
+        self._pending_blocks.clear()
+        while self._held:
+            head = self._held[0]
+            live = {i for i in head.needs if self.choices[i].blocked is None}
+            if head.needs and not live:
+                self._held.popleft()  # belongs only to blocked choices: never sent
+                continue
+            if not self._ready(head):
+                break
+            self._held.popleft()
+            if any(self.choices[i].blocked is not None for i in head.needs):
+                out.append(self._without_blocked(head.event))
+            else:
+                out.append(head.event.raw)
+            if head.needs:
+                self.hold_seconds.append(time.perf_counter() - head.arrived)
+        return out
+
+    def _without_blocked(self, event: SSEEvent) -> bytes:
+        chunk = event.json()
+        chunk["choices"] = [c for c in chunk.get("choices", []) if self.choices[c.get("index", 0)].blocked is None]
+        return sse(chunk)
+
+    @property
+    def all_blocked(self) -> bool:
+        return bool(self.choices) and all(st.blocked is not None for st in self.choices.values())
+
+    @property
+    def complete(self) -> bool:
+        """The upstream ended, every choice is judged or blocked, and nothing is held."""
+        return self.upstream_done and not self._held and all(
+            st.blocked is not None or st.final_passed for st in self.choices.values())
+
+    @property
+    def checks_in_flight(self) -> bool:
+        return any(st.in_flight for st in self.choices.values())
+
+    def filter_chunk(self, st: ChoiceState) -> bytes:
+        chunk = {
+            "id": self.meta.get("id", "chatcmpl-mmguard"),
+            "object": "chat.completion.chunk",
+            "created": self.meta.get("created", int(time.time())),
+            "model": self.meta.get("model", ""),
+            "choices": [{"index": st.index, "delta": {}, "logprobs": None, "finish_reason": "content_filter",
+                         "mmguard": verdict_extension("output", st.blocked)}],
+        }
+        return sse(chunk)
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def verdict_extension(rail: str, verdict: Any) -> dict[str, Any]:
+    """The documented ``mmguard`` field: which rail blocked and the guard's verdict."""
+    return {
+        "rail": rail,
+        "flagged": bool(verdict.is_unsafe),
+        "unsafe_probability": float(verdict.unsafe_probability),
+        "threshold": float(verdict.threshold),
+        "codes": list(verdict.codes),
+        "categories": [{"code": v.code, "name": v.name} for v in verdict.violated],
+        "category_probabilities": {k: float(p) for k, p in verdict.category_probabilities.items()},
+        "warnings": list(verdict.warnings),
+    }

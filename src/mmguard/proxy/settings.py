@@ -1,0 +1,70 @@
+"""Proxy settings: where the upstream is, which rails run, how streamed answers are released.
+
+Guard options (threshold, image limits, remote images, batching, queue, timeouts, fail-closed) are the
+moderation server's own :class:`mmguard.server.ServerSettings`, held in ``guard``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from ..server.settings import ServerSettings
+
+__all__ = ["RAILS", "ProxySettings", "Release"]
+
+RAILS = ("input", "output")
+Release = Literal["checked", "eager"]
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Everything ``mmguard proxy`` can be told.
+
+    upstream: base URL of the OpenAI-compatible server, up to and including ``/v1``
+        (``http://127.0.0.1:8000/v1``); ``/chat/completions`` and ``/models`` are appended.
+    rails: ``input`` judges the last user turn before forwarding; ``output`` judges the answer.
+    check_every: streamed answers are checked each time this many new answer tokens (Llama 3 tokenizer)
+        arrived, and at the end of the answer.
+    release: ``checked`` sends text to the client only once a check covering it passed; ``eager`` sends it
+        at once and may leak up to one window (``check_every`` tokens) before a block.
+    api_keys: the proxy's own keys, presented in the ``X-MMGuard-API-Key`` header (``Authorization``
+        belongs to the upstream and is forwarded untouched).
+    upstream_timeout_s: connect/read timeout towards the upstream (each read of a stream, not its total).
+    guard: the guard options, shared with ``mmguard serve``.
+    """
+
+    upstream: str
+    rails: tuple[str, ...] = RAILS
+    check_every: int = 32
+    release: Release = "checked"
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    upstream_timeout_s: float = 120.0
+    guard: ServerSettings = field(default_factory=ServerSettings)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.upstream!r}")
+        unknown = [r for r in self.rails if r not in RAILS]
+        if unknown:
+            raise ValueError(f"unknown rail(s) {', '.join(unknown)}; use input, output or both")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be at least 1 token, got {self.check_every}")
+        if self.release not in ("checked", "eager"):
+            raise ValueError(f"release must be 'checked' or 'eager', got {self.release!r}")
+        if self.upstream_timeout_s <= 0:
+            raise ValueError("upstream_timeout_s must be > 0")
+
+    @property
+    def upstream_base(self) -> str:
+        return self.upstream.rstrip("/")
+
+    @property
+    def input_rail(self) -> bool:
+        return "input" in self.rails
+
+    @property
+    def output_rail(self) -> bool:
+        return "output" in self.rails

@@ -1,0 +1,308 @@
+"""`mmguard proxy` against an in-test stub upstream, driven by the real openai client.
+
+The release and rail logic is tested with a keyword guard (a test double that flags text containing
+FORBIDDEN, so that which check blocks is known exactly); the plumbing through a real (tiny, random-weight)
+Guard is tested at thresholds that make its verdict certain.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mmguard.conversation import Conversation
+from mmguard.policy import DEFAULT_POLICY
+from mmguard.proxy import ProxySettings
+from mmguard.proxy.release import SSEParser, StreamRelease
+from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
+from mmguard.server.settings import ServerSettings
+from mmguard.tiny import noise_image
+from mmguard.verdict import Verdict, ViolatedCategory
+
+TRIGGER = "FORBIDDEN"
+ANSWER = " ".join(f"w{i}" for i in range(40)) + f" {TRIGGER} " + " ".join(f"x{i}" for i in range(20))
+
+
+@dataclass
+class KeywordGuard:
+    """Flags a conversation whose judged (last) turn contains TRIGGER; records what it was asked."""
+
+    policy: Any = DEFAULT_POLICY
+    threshold: float = 0.5
+    seen: list[Conversation] = field(default_factory=list)
+
+    def classify_batch(self, conversations: Sequence[Conversation], *, policy: Any = None, exclude: Any = (),
+                       threshold: float | None = None, **_: Any) -> list[Verdict]:
+        out = []
+        for conv in conversations:
+            self.seen.append(conv)
+            bad = TRIGGER in conv.turns[-1].text
+            out.append(Verdict(is_unsafe=bad, unsafe_probability=0.9 if bad else 0.1,
+                               threshold=self.threshold if threshold is None else threshold, role=conv.judged_role,
+                               violated=(ViolatedCategory("S1", "Violent Crimes"),) if bad else (),
+                               category_probabilities={"S1": 0.8} if bad else {}, has_image=conv.has_image))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "keyword"}
+
+
+def png_data_url() -> str:
+    buf = io.BytesIO()
+    noise_image(40, 30, 1).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[tuple[StubUpstream, str]]:
+    upstream = StubUpstream(required_key="upstream-key")
+    with LiveApp(upstream.app) as srv:
+        yield upstream, srv.url + "/v1"
+
+
+@pytest.fixture(scope="module")
+def keyword_guard() -> KeywordGuard:
+    return KeywordGuard()
+
+
+def proxy_settings(upstream: str, **kw: Any) -> ProxySettings:
+    return ProxySettings(upstream=upstream, guard=ServerSettings(max_wait_ms=0.0, warmup=False), **kw)
+
+
+@pytest.fixture(scope="module")
+def proxy(stub: tuple[StubUpstream, str], keyword_guard: KeywordGuard) -> Iterator[str]:
+    with LiveProxy(keyword_guard, proxy_settings(stub[1], check_every=8)) as srv:
+        yield srv.url
+
+
+def client(url: str, key: str = "upstream-key", **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30, **kw)
+
+
+def dumps(chunks: Any) -> list[dict[str, Any]]:
+    return [c.model_dump() for c in chunks]
+
+
+def finishing(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last choice event (a usage chunk without choices may follow it)."""
+    return [c for c in chunks if c["choices"]][-1]["choices"][0]
+
+
+def streamed_text(chunks: list[dict[str, Any]]) -> str:
+    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"])
+
+
+def test_passthrough_equals_upstream_with_image(stub: tuple[StubUpstream, str], proxy: str) -> None:
+    upstream, direct = stub
+    upstream.answer = "A cat on a mat."
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": png_data_url()}}]}]
+    extra = {"temperature": 0.0, "max_tokens": 12, "tools": [{"type": "function", "function": {"name": "f",
+                                                              "parameters": {"type": "object"}}}]}
+    via = client(proxy).chat.completions.create(model="m", messages=messages, **extra)  # type: ignore[arg-type]
+    received = upstream.requests[-1]["body"]
+    assert received == {"model": "m", "messages": messages, **extra}  # forwarded unchanged, image part included
+    assert upstream.requests[-1]["headers"]["authorization"] == "Bearer upstream-key"
+    same = client(direct.removesuffix("/v1")).chat.completions.create(model="m", messages=messages, **extra)  # type: ignore[arg-type]
+    assert via.model_dump() == same.model_dump()
+    stream_via = dumps(client(proxy).chat.completions.create(model="m", messages=messages, stream=True))  # type: ignore[arg-type]
+    stream_direct = dumps(client(direct.removesuffix("/v1")).chat.completions.create(
+        model="m", messages=messages, stream=True))  # type: ignore[arg-type]
+    assert stream_via == stream_direct and streamed_text(stream_via) == "A cat on a mat."
+
+
+def test_input_rail_blocks_before_the_upstream(stub: tuple[StubUpstream, str], proxy: str) -> None:
+    upstream, _ = stub
+    before = len(upstream.requests)
+    with pytest.raises(openai.BadRequestError) as info:
+        client(proxy).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": f"tell me {TRIGGER} things"}], stream=True)
+    assert len(upstream.requests) == before  # the upstream received nothing
+    err = info.value
+    assert err.status_code == 400 and err.code == "content_filter"
+    body: Any = err.body
+    assert body["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+    assert body["innererror"]["content_filter_result"]["S1"] == {"filtered": True, "probability": 0.8}
+    assert body["mmguard"]["rail"] == "input" and body["mmguard"]["codes"] == ["S1"]
+
+
+def test_output_rail_stream_ends_with_content_filter_and_sends_only_checked_text(
+        stub: tuple[StubUpstream, str], proxy: str, keyword_guard: KeywordGuard) -> None:
+    upstream, _ = stub
+    upstream.answer = ANSWER
+    keyword_guard.seen.clear()
+    chunks = dumps(client(proxy).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "count"}], stream=True))
+    last = finishing(chunks)
+    assert last["finish_reason"] == "content_filter"
+    assert last["mmguard"]["rail"] == "output" and last["mmguard"]["codes"] == ["S1"]
+    sent = streamed_text(chunks)
+    assert TRIGGER not in sent
+    answers = [c.turns[-1].text for c in keyword_guard.seen if c.judged_role == "agent"]
+    passed = [a for a in answers if TRIGGER not in a]
+    # every character sent was covered by a check that passed
+    assert passed and ANSWER.startswith(sent) and len(sent) <= max(len(a) for a in passed)
+    assert all(c["choices"][0]["finish_reason"] != "stop" for c in chunks if c["choices"])
+
+
+def test_output_rail_plain_response_filtered(stub: tuple[StubUpstream, str], proxy: str) -> None:
+    upstream, _ = stub
+    upstream.answer = ANSWER
+    out = client(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "count"}], n=2)
+    for choice in out.choices:
+        assert choice.finish_reason == "content_filter" and choice.message.content is None
+        assert choice.model_dump()["mmguard"]["unsafe_probability"] == 0.9
+
+
+def test_eager_release_leaks_at_most_one_window(stub: tuple[StubUpstream, str], keyword_guard: KeywordGuard) -> None:
+    upstream, url = stub
+    upstream.answer = ANSWER
+    with LiveProxy(keyword_guard, proxy_settings(url, check_every=4, release="eager", rails=("output",))) as srv:
+        chunks = dumps(client(srv.url).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": f"{TRIGGER} is fine here: input rail off"}],
+            stream=True))
+    assert finishing(chunks)["finish_reason"] == "content_filter"
+    sent = streamed_text(chunks)
+    assert ANSWER.startswith(sent) and len(sent) < len(ANSWER)
+
+
+def test_streams_of_several_choices_are_judged_apart(stub: tuple[StubUpstream, str], proxy: str) -> None:
+    upstream, _ = stub
+    upstream.answer = "all good here"
+    chunks = dumps(client(proxy).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True, n=2))
+    texts = {i: "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                        if c["choices"] and c["choices"][0]["index"] == i) for i in (0, 1)}
+    assert texts == {0: "all good here", 1: "all good here"}
+
+
+def test_what_is_judged(stub: tuple[StubUpstream, str], proxy: str, keyword_guard: KeywordGuard) -> None:
+    upstream, _ = stub
+    upstream.answer = "ok"
+    keyword_guard.seen.clear()
+    messages = [{"role": "system", "content": f"{TRIGGER} system text is not judged"},
+                {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": f"{TRIGGER} tool output is not judged"},
+                {"role": "assistant", "content": "an earlier answer"},
+                {"role": "user", "content": "second question"}]
+    client(proxy).chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    prompt_check, answer_check = keyword_guard.seen
+    assert [(t.role, t.text) for t in prompt_check.turns] == [
+        ("user", "first question"), ("agent", "an earlier answer"), ("user", "second question")]
+    assert [(t.role, t.text) for t in answer_check.turns] == [*[(t.role, t.text) for t in prompt_check.turns],
+                                                                ("agent", "ok")]
+
+
+def test_errors_pass_through_and_bad_input(stub: tuple[StubUpstream, str], proxy: str) -> None:
+    with pytest.raises(openai.AuthenticationError) as info:  # the upstream's own 401, untouched
+        client(proxy, key="wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "invalid_api_key"
+    models = client(proxy).models.list()
+    assert [m.id for m in models.data] == ["stub"]
+    bad = httpx.post(proxy + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
+                                        {"type": "image_url", "image_url": {"url": png_data_url()}}]}]
+    resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": two}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "too_many_images"
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]
+    resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": audio}, timeout=10)
+    assert resp.status_code == 400
+    resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": "hi"}, timeout=10)
+    assert resp.status_code == 400
+
+
+def test_proxy_key_and_unreachable_upstream(keyword_guard: KeywordGuard, stub: tuple[StubUpstream, str]) -> None:
+    upstream, url = stub
+    settings = ProxySettings(upstream=url, api_keys=("proxy-key",),
+                             guard=ServerSettings(max_wait_ms=0.0, warmup=False))
+    with LiveProxy(keyword_guard, settings) as srv:
+        before = len(upstream.requests)
+        with pytest.raises(openai.AuthenticationError):
+            client(srv.url).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert len(upstream.requests) == before
+        upstream.answer = "fine"
+        ok = client(srv.url, default_headers={"X-MMGuard-API-Key": "proxy-key"}).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+        assert ok.choices[0].message.content == "fine"
+    with LiveProxy(keyword_guard, proxy_settings("http://127.0.0.1:9/v1")) as srv:
+        resp = httpx.post(srv.url + "/v1/chat/completions", timeout=20,
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_metrics_per_rail(proxy: str) -> None:
+    text = httpx.get(proxy + "/metrics", timeout=10).text
+    for line in ('mmguard_proxy_checks_total{rail="input"}', 'mmguard_proxy_checks_total{rail="output"}',
+                 'mmguard_proxy_blocks_total{rail="input"}', 'mmguard_proxy_blocks_total{rail="output"}',
+                 "mmguard_proxy_added_seconds_count", "mmguard_proxy_stream_hold_seconds_count"):
+        assert line in text
+
+
+def test_tiny_guard_end_to_end(stub: tuple[StubUpstream, str], tiny_guard: Any) -> None:
+    """A real (random-weight) guard: threshold 1.0 passes everything, 0.0 blocks everything."""
+    upstream, url = stub
+    upstream.answer = "a calm answer in several words"
+    tiny_guard.threshold = 1.0
+    try:
+        with LiveProxy(tiny_guard, proxy_settings(url, check_every=2)) as srv:
+            chunks = dumps(client(srv.url).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+            assert streamed_text(chunks) == upstream.answer
+        tiny_guard.threshold = 0.0
+        with LiveProxy(tiny_guard, proxy_settings(url, rails=("output",), check_every=2)) as srv:
+            chunks = dumps(client(srv.url).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+            assert streamed_text(chunks) == "" and finishing(chunks)["finish_reason"] == "content_filter"
+    finally:
+        tiny_guard.threshold = 0.5
+
+
+def test_release_logic_unit() -> None:
+    rel = StreamRelease(check_every=2, release="checked", count_tokens=lambda s: len(s.split()))
+    parser = SSEParser()
+    raw = b"".join(b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() + b"\r\n\r\n"
+                   for w in ("a ", "b ", "c "))
+    events = parser.feed(raw[:7]) + parser.feed(raw[7:])
+    assert len(events) == 3
+    for ev in events:
+        rel.feed(ev)
+    assert rel.releasable() == []  # nothing checked yet
+    (due,) = rel.due_checks()
+    assert due.text == "a b c " and not due.final
+    rel.passed(due)
+    assert rel.releasable() == [e.raw for e in events]
+    rel.feed(parser.feed(b'data: {"choices": [{"index": 0, "delta": {"content": "d"}}]}\n\n')[0])
+    assert rel.due_checks() == []  # one new token: the window is not full
+    rel.feed(parser.feed(b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n')[0])
+    rel.finish()
+    assert rel.releasable() == [] and not rel.complete  # "d" and the finish wait for the final check
+    (final,) = rel.due_checks()
+    assert final.final and final.text == "a b c d"
+    rel.passed(final)
+    assert len(rel.releasable()) == 2 and rel.complete
+
+
+def test_release_block_drops_held_text() -> None:
+    rel = StreamRelease(check_every=1, release="checked", count_tokens=lambda s: len(s.split()))
+    for w in ("fine ", "bad "):
+        rel.feed(SSEParser().feed(b"data: " + json.dumps({"id": "x", "choices": [
+            {"index": 0, "delta": {"content": w}}]}).encode() + b"\n\n")[0])
+    (due,) = rel.due_checks()
+    verdict = KeywordGuard().classify_batch([Conversation.response("q", TRIGGER)])[0]
+    rel.blocked(due, verdict)
+    (closing,) = rel.releasable()
+    chunk = json.loads(closing.removeprefix(b"data: "))
+    assert chunk["id"] == "x" and chunk["choices"][0]["finish_reason"] == "content_filter"
+    assert rel.all_blocked and rel.due_checks() == []

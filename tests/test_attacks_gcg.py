@@ -10,7 +10,7 @@ import torch
 
 from mmguard.attacks import gcg as gcg_mod
 from mmguard.attacks.common import AttackItem
-from mmguard.attacks.gcg import SPECIAL_START, GCGConfig, allowed_token_mask, gcg_attack
+from mmguard.attacks.gcg import GCGConfig, allowed_token_mask, gcg_attack
 from mmguard.conversation import Conversation
 from mmguard.guard import Guard
 from mmguard.tiny import noise_image, synthetic_conversation
@@ -23,10 +23,13 @@ def guard(tiny_model_dir: Path) -> Guard:
 
 def test_allowed_tokens_exclude_every_special_id(guard: Guard) -> None:
     rows = guard.engine.model.get_input_embeddings().weight.shape[0]
-    mask = allowed_token_mask(guard.engine.tokenizer, rows)
-    assert mask.shape == (rows,) and rows > SPECIAL_START
-    assert not mask[SPECIAL_START:].any()
-    assert 1000 < int(mask.sum()) < SPECIAL_START
+    specials = guard.engine.format.special_ids
+    mask = allowed_token_mask(guard.engine.tokenizer, rows, specials)
+    # the Llama 3 tokenizer: ids 128000-128256 are its control tokens; rows past the vocabulary are padding
+    assert specials == frozenset(range(128000, 128257))
+    assert mask.shape == (rows,) and rows > 128257
+    assert not mask[128000:].any()
+    assert 1000 < int(mask.sum()) < 128000
 
 
 @pytest.mark.parametrize("location", ["user", "agent"])
@@ -48,8 +51,8 @@ def test_gcg_never_proposes_a_special_token(guard: Guard, location: str,
     finally:
         guard.threshold = 0.5
     assert len(seen) == 3 * 16
-    assert max(max(c) for c in seen) < SPECIAL_START
-    assert res.suffix_ids and max(res.suffix_ids) < SPECIAL_START
+    assert max(max(c) for c in seen) < 128000
+    assert res.suffix_ids and max(res.suffix_ids) < 128000
     assert res.retokenizes, "the adversarial text must re-encode to the optimised ids"
     assert res.steps_run == 3 and not res.success
     turn = conv.turns[0 if location == "user" else 1].text

@@ -147,8 +147,8 @@ def test_cached_decode_equals_uncached_reference(guard: Guard, conversations) ->
     grammar = engine.grammar(CODES)
     for conv, v in zip(conversations[:12], verdicts[:12], strict=True):
         item = engine.encode(guard.render(conv), conv.image)
-        state = _DecodeState(grammar)
-        forced = [engine.unsafe_id, engine.newline_id]
+        state = _DecodeState(grammar, engine.eot_id)
+        forced = [*engine.format.unsafe_ids, *engine.format.newline_ids]
         for _ in range(12):
             batch = engine.collate([item], extra=[forced + state.tokens])
             with torch.inference_mode():

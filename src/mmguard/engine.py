@@ -14,6 +14,7 @@ padding vision states, giving a different (wrong) answer.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .model_format import CodeTrie, FormatError, TokenFormat
 from .prompt import RenderedPrompt
-from .tokenizer import EOT_ID, IMAGE_ID, encode_prompt, encode_text
+from .tokenizer import encode_prompt
 
 __all__ = [
     "EncodedItem",
@@ -147,28 +149,6 @@ class ScoredItem:
     raw_text: str | None = None
 
 
-@dataclass
-class _CodeGrammar:
-    """Token paths of the policy's codes: the first code after ``unsafe\\n``, later ones after a comma."""
-
-    codes: tuple[str, ...]
-    first: dict[str, tuple[int, ...]]
-    later: dict[str, tuple[int, ...]]
-
-    @property
-    def shared_first_prefix(self) -> tuple[int, ...]:
-        """Tokens every first code starts with, short of the token that tells codes apart."""
-        paths = list(self.first.values())
-        limit = min(len(p) for p in paths) - 1  # always leave one token to choose
-        prefix: list[int] = []
-        for j in range(limit):
-            tok = paths[0][j]
-            if any(p[j] != tok for p in paths):
-                break
-            prefix.append(tok)
-        return tuple(prefix)
-
-
 class Engine:
     """Runs an ``MllamaForConditionalGeneration`` as a guard."""
 
@@ -181,26 +161,24 @@ class Engine:
         self.dtype = dtype
         self.source = source
         cfg = model.config
-        self.image_token_id = int(getattr(cfg, "image_token_index", IMAGE_ID))
-        tok_image = tokenizer.convert_tokens_to_ids("<|image|>")
-        if tok_image != self.image_token_id:
+        pad = cfg.text_config.pad_token_id
+        try:
+            self.format = TokenFormat(tokenizer, pad_id=int(pad) if pad is not None else None)
+        except FormatError as err:
+            raise EngineError(str(err)) from None
+        self.image_token_id = int(getattr(cfg, "image_token_index", self.format.image_id))
+        if self.format.image_id != self.image_token_id:
             raise EngineError(
-                f"tokenizer maps <|image|> to {tok_image} but the model expects {self.image_token_id}"
+                f"tokenizer maps <|image|> to {self.format.image_id} but the model expects {self.image_token_id}"
             )
-        self.pad_id = int(cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 128004)
+        self.pad_id = self.format.pad_id
         self.tile_size = int(cfg.vision_config.image_size)
-        self._grammar_cache: dict[tuple[str, ...], _CodeGrammar] = {}
         self.is_random_weights = False
-        self._decision_ids: dict[str, list[int]] = {}
-        self.safe_id = self._single_token("safe")
-        self.unsafe_id = self._single_token("unsafe")
-        self.newline_id = self._single_token("\n")
-
-    def _single_token(self, text: str) -> int:
-        ids = encode_text(self.tokenizer, text)
-        if len(ids) != 1:
-            raise EngineError(f"tokenizer encodes {text!r} as {len(ids)} tokens; a Llama 3 tokenizer is required")
-        return ids[0]
+        self.model_info: dict[str, Any] = {}  # the checkpoint's mmguard.json (see load_engine)
+        # P(unsafe) and P(safe) are read at the decision position, where the two answer words differ
+        self.safe_id = self.format.safe_decision_id
+        self.unsafe_id = self.format.unsafe_decision_id
+        self.eot_id = self.format.eot_id
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, prompt: RenderedPrompt, image: Image.Image | None) -> EncodedItem:
@@ -211,17 +189,13 @@ class Engine:
         return EncodedItem(ids, image, prompt)
 
     def decision_prefix_ids(self, prefix: str) -> list[int]:
-        if prefix not in self._decision_ids:
-            self._decision_ids[prefix] = encode_text(self.tokenizer, prefix)
-        return list(self._decision_ids[prefix])
+        return list(self.format.decision_prefix_ids(prefix))
 
-    def grammar(self, codes: Sequence[str]) -> _CodeGrammar:
-        key = tuple(codes)
-        if key not in self._grammar_cache:
-            first = {c: tuple(encode_text(self.tokenizer, c)) for c in codes}
-            later = {c: tuple(encode_text(self.tokenizer, "," + c)) for c in codes}
-            self._grammar_cache[key] = _CodeGrammar(key, first, later)
-        return self._grammar_cache[key]
+    def grammar(self, codes: Sequence[str]) -> CodeTrie:
+        try:
+            return self.format.trie(codes)
+        except FormatError as err:
+            raise EngineError(str(err)) from None
 
     # -- batching ----------------------------------------------------------------------------------
     def _image_inputs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
@@ -379,40 +353,42 @@ class Engine:
     def _decode_from_cache(
         self, cache: Any, state: dict[str, torch.Tensor], codes: Sequence[str], max_steps: int | None = None
     ) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
-        """Continue rows whose cache ends at the decision position: write ``unsafe\\n`` then codes."""
-        grammar = self.grammar(codes)
+        """Continue rows whose cache ends at the decision position: write ``unsafe\\n`` then codes.
+
+        ``category_probabilities[code]`` is P(the first code is ``code`` | ``unsafe\\n``): the product of
+        the code's token probabilities after the forced prefix and, for a code that others extend (``S1``
+        under SmolLM2's ``S``,``1``,``0``), the probability of ending it there (end of turn or a comma),
+        read from a copy of the cache one step into the trie. Llama 3 needs no such step."""
+        trie = self.grammar(codes)
         n = state["attention_mask"].shape[0]
         state = dict(state)
-        states = [_DecodeState(grammar) for _ in range(n)]
-        max_steps = max_steps or (sum(len(p) for p in grammar.later.values()) + 4)
-        cat_logp: list[dict[str, float]] = [dict() for _ in range(n)]
-        forced_logp = [0.0] * n  # log-prob of the shared first-code prefix (e.g. "S")
-        # "unsafe\n" and the token prefix every first code shares ("S" for S1..S13) are forced: feed them in
-        # one step and read the shared prefix's probabilities from the same call
-        shared = grammar.shared_first_prefix
-        forced = torch.tensor([[self.unsafe_id, self.newline_id, *shared]] * n, dtype=torch.long)
+        states = [_DecodeState(trie, self.eot_id) for _ in range(n)]
+        max_steps = max_steps or (sum(len(p) for p in trie.later.values()) + 4)
+        # the rest of "unsafe" after the decision token, "\n" and the token prefix every first code shares
+        # ("S") are forced: feed them in one step and read the shared prefix's probabilities from it
+        shared = trie.shared_first_prefix
+        forced_ids = [*self.format.unsafe_ids[self.format.decision_index:], *self.format.newline_ids]
+        forced = torch.tensor([[*forced_ids, *shared]] * n, dtype=torch.long)
         out = self._step(cache, forced, state, keep=len(shared) + 1)
+        lp_branch = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+        forced_logp = [0.0] * n  # log-prob of the shared first-code prefix (e.g. "S")
         if shared:
             lp_shared = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1).cpu()
             for i, st in enumerate(states):
                 forced_logp[i] = float(sum(lp_shared[i, j, tok] for j, tok in enumerate(shared)))
                 for tok in shared:
                     st.push(tok)
+        inner = self._inner_node_logp(_cache_of(out), state, trie) if trie.inner_first_paths else {}
+        cat_logp = [_first_code_logp(trie, lp_branch[i], {p: v[i] for p, v in inner.items()}, self.eot_id,
+                                     forced_logp[i]) for i in range(n)]
         for _step in range(max_steps):
             logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
             next_tokens: list[int] = []
             for i, st in enumerate(states):
                 if st.done:
-                    next_tokens.append(EOT_ID)
+                    next_tokens.append(self.eot_id)
                     continue
                 allowed = st.allowed()
-                if st.in_first_code and not cat_logp[i]:
-                    branch = st.first_code_branch(allowed)
-                    if branch is not None:  # the position that tells the codes apart
-                        for code, tok in branch.items():
-                            cat_logp[i][code] = forced_logp[i] + float(logp[i, tok])
-                    elif len(allowed) == 1:
-                        forced_logp[i] += float(logp[i, next(iter(allowed))])
                 tok = max(allowed, key=lambda t: float(logp[i, t]))
                 st.push(tok)
                 next_tokens.append(tok)
@@ -426,59 +402,104 @@ class Engine:
             results.append((tuple(st.codes), probs, text))
         return results
 
+    def _inner_node_logp(self, cache: Any, state: dict[str, torch.Tensor],
+                         trie: CodeTrie) -> dict[tuple[int, ...], torch.Tensor]:
+        """Next-token log-probabilities (rows x vocabulary) at each inner trie node, from a copy of the
+        cache at the branch position (the main decode continues from the original)."""
+        nodes = {p[:k] for p in trie.inner_first_paths for k in range(1, len(p) + 1)}
+        maximal = [p for p in nodes if not any(len(o) > len(p) and o[:len(p)] == p for o in nodes)]
+        n = state["attention_mask"].shape[0]
+        found: dict[tuple[int, ...], torch.Tensor] = {}
+        for path in sorted(maximal):
+            branch_state = {k: v.clone() for k, v in state.items()}
+            out = self._step(copy.deepcopy(cache), torch.tensor([list(path)] * n, dtype=torch.long), branch_state,
+                             keep=len(path))
+            lp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+            for k in range(1, len(path) + 1):
+                found[path[:k]] = lp[:, k - 1, :]
+        return found
+
+
+def _first_code_logp(trie: CodeTrie, lp_branch: torch.Tensor, inner: dict[tuple[int, ...], torch.Tensor],
+                     eot_id: int, forced_logp: float) -> dict[str, float]:
+    """log P(first code = c | forced prefix) for each code of the trie (see ``_decode_from_cache``)."""
+    k = len(trie.shared_first_prefix)
+    tails = {c: p[k:] for c, p in trie.first.items()}
+    result: dict[str, float] = {}
+    for code, tail in tails.items():
+        logp = forced_logp + float(lp_branch[tail[0]])
+        for j in range(1, len(tail)):
+            logp += float(inner[tail[:j]][tail[j]])
+        if tail in inner:  # a complete code that others extend: it must end here
+            ends = {eot_id} | {p[0] for c, p in trie.later.items() if c != code}
+            logp += float(torch.logsumexp(inner[tail][sorted(ends)], dim=0))
+        result[code] = logp
+    return result
+
 
 def _cache_of(out: Any) -> Any:
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
 class _DecodeState:
-    """Per-row state of the code grammar: ``CODE ("," CODE)* <|eot_id|>``, each code at most once."""
+    """Per-row state of the code grammar ``CODE ("," CODE)* <end of turn>``, each code at most once,
+    walked through the token trie: a complete code that longer codes extend (``S1`` of ``S10``) may end
+    (end of turn or the next code's comma) or continue."""
 
-    def __init__(self, grammar: _CodeGrammar) -> None:
-        self.g = grammar
+    def __init__(self, trie: CodeTrie, eot_id: int) -> None:
+        self.g = trie
+        self.eot_id = eot_id
         self.codes: list[str] = []
         self.partial: list[int] = []
         self.tokens: list[int] = []
         self.done = False
 
-    @property
-    def in_first_code(self) -> bool:
-        return not self.codes
-
     def _paths(self) -> dict[str, tuple[int, ...]]:
         table = self.g.first if not self.codes else self.g.later
         return {c: p for c, p in table.items() if c not in self.codes}
+
+    def _complete(self) -> str | None:
+        return next((c for c, p in self._paths().items() if list(p) == self.partial), None)
+
+    def _ends(self, completed: str) -> set[int]:
+        """Tokens that may follow a complete code: end of turn or the first token of a later code."""
+        return {self.eot_id} | {p[0] for c, p in self.g.later.items() if c not in self.codes and c != completed}
 
     def allowed(self) -> set[int]:
         k = len(self.partial)
         allowed = {p[k] for p in self._paths().values() if len(p) > k and list(p[:k]) == self.partial}
         if self.codes and not self.partial:
-            allowed.add(EOT_ID)
+            allowed.add(self.eot_id)
+        done_here = self._complete() if self.partial else None
+        if done_here is not None:
+            allowed |= self._ends(done_here)
         return allowed
 
-    def first_code_branch(self, allowed: set[int]) -> dict[str, int] | None:
-        """If the next token distinguishes codes, map each code to its token here."""
-        if len(allowed) < 2 and len(self.g.codes) > 1:
-            return None
-        k = len(self.partial)
-        return {c: p[k] for c, p in self._paths().items() if len(p) > k and list(p[:k]) == self.partial}
+    def _commit(self, code: str) -> None:
+        self.codes.append(code)
+        self.partial = []
 
     def push(self, tok: int) -> None:
         self.tokens.append(tok)
-        if tok == EOT_ID and not self.partial:
+        done_here = self._complete() if self.partial else None
+        if done_here is not None:
+            k = len(self.partial)
+            extends = any(len(p) > k and list(p[:k]) == self.partial and p[k] == tok for p in self._paths().values())
+            if not extends:  # the code ended here; ``tok`` starts what follows it
+                self._commit(done_here)
+        if tok == self.eot_id and not self.partial:
             self.done = True
             return
         self.partial.append(tok)
         paths = self._paths()
-        complete = [c for c, p in paths.items() if list(p) == self.partial]
         k = len(self.partial)
+        complete = self._complete()
         longer = [c for c, p in paths.items() if len(p) > k and list(p[:k]) == self.partial]
-        if complete and not longer:
-            self.codes.append(complete[0])
-            self.partial = []
+        if complete is not None and not longer:
+            self._commit(complete)
             if not self._paths():
                 self.done = True
-                self.tokens.append(EOT_ID)
+                self.tokens.append(self.eot_id)
 
 
 def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",

@@ -159,7 +159,6 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
 
     from .engine import load_engine
     from .prompt import build_prompt
-    from .tokenizer import DOUBLE_NEWLINE_ID, EOT_ID, encode_text
 
     engine = load_engine(directory, device="cpu", dtype="float32")
     model = engine.model
@@ -174,7 +173,7 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
             conv, codes = synthetic_conversation(rng, with_image)
             items.append(engine.encode(build_prompt(conv), conv.image))
             target = "unsafe\n" + ",".join(codes) if codes else "safe"
-            answers.append([*encode_text(engine.tokenizer, target), EOT_ID])
+            answers.append(engine.format.answer_ids("", target))
         batch = engine.collate(items, extra=answers)
         width = batch["input_ids"].shape[1]
         hidden = model.model(**batch, use_cache=False).last_hidden_state
@@ -182,7 +181,7 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
         for r, ans in enumerate(answers):
             # the prompt's last position predicts "\n\n", the decision position predicts ans[0], and so on
             start = width - len(ans) - 2
-            for k, tok in enumerate([DOUBLE_NEWLINE_ID, *ans]):
+            for k, tok in enumerate([*engine.decision_prefix_ids("\n\n"), *ans]):
                 rows.append(r)
                 cols.append(start + k)
                 targets.append(tok)

@@ -4,8 +4,8 @@ Each step: gradients of the decision margin ``logit(unsafe) - logit(safe)`` with
 suffix tokens (through ``model.get_input_embeddings()``), the top-k most promising tokens per
 position, a batch of random single-token swaps, a retokenisation filter (the candidate text must
 decode and re-encode to the same ids, alone and in its place in the prompt), exact evaluation of the
-batch in one forward pass, keep the best. Candidates never include special tokens (ids >= 128000,
-which also covers ``<|image|>`` and the extra embedding rows) and, by default, only printable ASCII
+batch in one forward pass, keep the best. Candidates never include the tokenizer's special tokens
+(which covers ``<|image|>``) or the embedding rows past the vocabulary and, by default, only printable ASCII
 tokens (as nanoGCG's ``allow_non_ascii=False``).
 
 The suffix is appended to the text of one turn: the user prompt (``location="user"``: prompt
@@ -33,7 +33,6 @@ from .common import Deadline, attack_loss, with_text
 __all__ = ["GCGConfig", "GCGResult", "allowed_token_mask", "gcg_attack"]
 
 SENTINEL = "QQMMGUARDSUFFIXQQ"
-SPECIAL_START = 128000
 _MASK_CACHE: dict[tuple[int, bool], torch.Tensor] = {}
 
 
@@ -71,24 +70,24 @@ class GCGResult:
         return dict(self.__dict__)
 
 
-def allowed_token_mask(tokenizer: Any, vocab_rows: int, allow_non_ascii: bool = False) -> torch.Tensor:
-    """Boolean mask over embedding rows: True for tokens GCG may use (never ids >= 128000)."""
+def allowed_token_mask(tokenizer: Any, vocab_rows: int, special_ids: frozenset[int],
+                       allow_non_ascii: bool = False) -> torch.Tensor:
+    """Boolean mask over embedding rows: True for tokens GCG may use (never a special token)."""
     key = (id(tokenizer), allow_non_ascii)
     if key not in _MASK_CACHE:
-        texts = tokenizer.batch_decode([[i] for i in range(SPECIAL_START)])
+        texts = tokenizer.batch_decode([[i] for i in range(min(vocab_rows, len(tokenizer)))])
         ok = torch.zeros(vocab_rows, dtype=torch.bool)
         for i, t in enumerate(texts):
             if not t or "\ufffd" in t:
                 continue
             if not allow_non_ascii and not (t.isascii() and t.isprintable()):
                 continue
-            ok[i] = True
+            ok[i] = i not in special_ids
         _MASK_CACHE[key] = ok
     mask = _MASK_CACHE[key]
     if mask.numel() != vocab_rows:
         pad = torch.zeros(max(0, vocab_rows - mask.numel()), dtype=torch.bool)
         mask = torch.cat([mask, pad])[:vocab_rows]
-    mask[SPECIAL_START:] = False
     return mask
 
 
@@ -209,11 +208,12 @@ def gcg_attack(
     suffix = encode_text(tok, init)
     if not suffix:
         raise ValueError("the initial suffix is empty")
-    if any(i >= SPECIAL_START for i in suffix):
+    specials = engine.format.special_ids
+    if any(i in specials for i in suffix):
         raise ValueError("the initial suffix encodes to a special token")
     emb = model.get_input_embeddings()
     W = emb.weight
-    allowed = allowed_token_mask(tok, W.shape[0], cfg.allow_non_ascii).to(device)
+    allowed = allowed_token_mask(tok, W.shape[0], specials, cfg.allow_non_ascii).to(device)
     enc0 = engine.encode(guard.render(with_text(conv, ti, base + init)), conv.image)
     states, cross_mask = _vision_inputs(guard, enc0)
     before = torch.tensor(layout.before, device=device)
@@ -279,7 +279,7 @@ def gcg_attack(
             best, best_margin = cur.clone(), cur_margin
         res.margins.append(cur_margin)
     ids = [int(i) for i in best.tolist()]
-    assert all(i < SPECIAL_START for i in ids), "GCG produced a special token"
+    assert not any(i in specials for i in ids), "GCG produced a special token"
     text = tok.decode(ids)
     adv = with_text(conv, ti, base + text)
     full = engine.encode(guard.render(adv), conv.image).input_ids

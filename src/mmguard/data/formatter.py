@@ -33,15 +33,17 @@ across runs and machines, and independent of the order in which examples are for
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..conversation import Conversation
+from ..model_format import TokenFormat
 from ..policy import DEFAULT_POLICY, Category, Policy
 from ..prompt import PromptFormat, RenderedPrompt, build_prompt
-from ..tokenizer import EOT_ID, encode_prompt, encode_text
+from ..tokenizer import encode_prompt
 from .schema import DataError, Example
 
 if TYPE_CHECKING:
@@ -290,6 +292,17 @@ class TokenizedExample:
     image: Image.Image | None = None
 
 
+def token_format(tokenizer: PreTrainedTokenizerBase) -> TokenFormat:
+    """The tokenizer's :class:`TokenFormat`, made once per tokenizer object."""
+    fmt = _FORMATS.get(tokenizer)
+    if fmt is None:
+        fmt = _FORMATS[tokenizer] = TokenFormat(tokenizer)
+    return fmt
+
+
+_FORMATS: weakref.WeakKeyDictionary[Any, TokenFormat] = weakref.WeakKeyDictionary()
+
+
 def tokenize(
     tokenizer: PreTrainedTokenizerBase, example: TrainingExample, *, format: PromptFormat = PromptFormat.HF
 ) -> TokenizedExample:
@@ -301,9 +314,8 @@ def tokenize(
     """
     rendered = example.render(format)
     prompt_ids = encode_prompt(tokenizer, rendered)
-    answer_ids = encode_text(tokenizer, rendered.decision_prefix + example.target)
-    if example.supervise_codes:
-        answer_ids.append(EOT_ID)
+    answer_ids = token_format(tokenizer).answer_ids(rendered.decision_prefix, example.target,
+                                                    stop=example.supervise_codes)
     return TokenizedExample(
         input_ids=prompt_ids + answer_ids,
         labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,

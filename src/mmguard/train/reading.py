@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..data.formatter import IGNORE_INDEX
+from ..data.formatter import IGNORE_INDEX, token_format
 from ..data.synth import as_list_title, render_typographic, renderable
-from ..tokenizer import BOS_ID, EOT_ID, IMAGE_ID, encode_text, special_id
+from ..tokenizer import encode_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,12 +49,12 @@ class RenderedText:
 
 def reading_prompt_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """``<|begin_of_text|>`` user turn ``<|image|>`` + instruction, then the assistant header."""
-    start, end = special_id(tokenizer, "<|start_header_id|>"), special_id(tokenizer, "<|end_header_id|>")
+    fmt = token_format(tokenizer)
 
     def header(role: str) -> list[int]:
-        return [start, *encode_text(tokenizer, role), end, *encode_text(tokenizer, "\n\n")]
+        return [fmt.start_header_id, *encode_text(tokenizer, role), fmt.end_header_id, *encode_text(tokenizer, "\n\n")]
 
-    ids = [BOS_ID, *header("user"), IMAGE_ID, *encode_text(tokenizer, READING_INSTRUCTION), EOT_ID]
+    ids = [fmt.bos_id, *header("user"), fmt.image_id, *encode_text(tokenizer, READING_INSTRUCTION), fmt.eot_id]
     return ids + header("assistant")
 
 
@@ -74,5 +74,5 @@ def reading_texts(prompts: Iterable[str], n: int, seed: int) -> list[str]:
 
 def reading_tokens(tokenizer: PreTrainedTokenizerBase, text: str, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)``: the prompt, then the text and ``<|eot_id|>``, supervised."""
-    answer = [*encode_text(tokenizer, text), EOT_ID]
+    answer = [*encode_text(tokenizer, text), token_format(tokenizer).eot_id]
     return prompt_ids + answer, [IGNORE_INDEX] * len(prompt_ids) + answer

@@ -183,9 +183,8 @@ def _truncate(
 
 def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, split: str = "train",
                         limit: int | None = None) -> tuple[list[SequenceItem], dict[str, int]]:
-    from ..data.formatter import AugmentationConfig, Formatter, tokenize
+    from ..data.formatter import AugmentationConfig, Formatter, token_format, tokenize
     from ..data.schema import read_examples
-    from ..tokenizer import IMAGE_ID
 
     a = cfg.augment if split == "train" else 0.0
     formatter = Formatter(config=AugmentationConfig(a, a, a), seed=cfg.seed)
@@ -212,7 +211,7 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
             for t in formatter.format(ex, base) * repeat:
                 tok = tokenize(tokenizer, t)
                 assert cfg.max_seq_len is not None
-                cut = _truncate(tok.input_ids, tok.labels, cfg.max_seq_len, IMAGE_ID)
+                cut = _truncate(tok.input_ids, tok.labels, cfg.max_seq_len, token_format(tokenizer).image_id)
                 if cut is None:
                     stats["dropped_long"] += 1
                     continue

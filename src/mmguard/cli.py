@@ -58,6 +58,11 @@ QuantizeOpt = Annotated[
     typer.Option("--quantize", help="Approximation, implies --fast: int8 (torchao, CPU or GPU) or fp8 (H100/H200). "
                  "Not the model's exact computation: measure its agreement with bench/approx_agreement.py."),
 ]
+ReadTextOpt = Annotated[
+    str,
+    typer.Option("--read-text", help="Read text in images with OCR and judge it too: off, on, or auto (on when "
+                 "the model cannot read, e.g. mmguard-mini v2)."),
+]
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
@@ -111,9 +116,11 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
 
 
 def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float, fmt: str,
-                batch_size: int = 8, fast: bool = False, quantize: str | None = None) -> Any:
+                batch_size: int = 8, fast: bool = False, quantize: str | None = None,
+                read_text: str = "auto") -> Any:
     from .engine import EngineError
-    from .guard import Guard
+    from .guard import READ_TEXT_MODES, Guard
+    from .ocr import OcrUnavailable
     from .prompt import PromptFormat
 
     try:
@@ -122,10 +129,15 @@ def _load_guard(model: str | None, policy: Any, device: str, dtype: str, thresho
         _fail(f"unknown --format {fmt!r}; use hf, hf-release or native")
     if not 0.0 <= threshold <= 1.0:
         _fail(f"--threshold must be within [0, 1], got {threshold}")
+    if read_text not in READ_TEXT_MODES:
+        _fail(f"unknown --read-text {read_text!r}; use off, auto or on")
     try:
         return Guard.from_pretrained(model, policy=policy, device=device, dtype=dtype, threshold=threshold,
                                      prompt_format=fmt_enum, batch_size=batch_size, fast=fast,
-                                     fast_options={"quantize": quantize} if quantize else None)
+                                     fast_options={"quantize": quantize} if quantize else None,
+                                     read_text=read_text)
+    except OcrUnavailable as err:
+        _fail(str(err), EXIT_MODEL)
     except (EngineError, OSError, ValueError) as err:
         _fail(f"cannot load model {model or '(default)'}: {err}", EXIT_MODEL)
 
@@ -146,6 +158,11 @@ def _print_verdict(verdict: Any, as_json: bool) -> None:
         for v in verdict.violated:
             table.add_row(v.code, v.name, f"{verdict.category_probabilities.get(v.code, 0.0):.4f}")
         console.print(table)
+    if verdict.read_text is not None:
+        console.print(f"text in the image: {verdict.read_text!r}" if verdict.read_text else "text in the image: none")
+    if len(verdict.check_probabilities) > 1:
+        checks = ", ".join(f"{k} {p:.4f}" for k, p in verdict.check_probabilities.items())
+        console.print(f"checks: {checks}; flagged by: {', '.join(verdict.flagged_by) or 'none'}")
     for w in verdict.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -172,6 +189,7 @@ def classify(
     fmt: FormatOpt = "hf",
     fast: FastOpt = False,
     quantize: QuantizeOpt = None,
+    read_text: ReadTextOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Classify one conversation, or every line of a JSONL file (--jsonl)."""
@@ -181,7 +199,7 @@ def classify(
             _fail("--jsonl cannot be combined with --prompt/--response/--image/--input")
         if not jsonl.is_file():
             _fail(f"file not found: {jsonl}")
-        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize)
+        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize, read_text)
         bad = _classify_jsonl(guard, jsonl, output, batch_size)
         if bad:
             typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output lines hold an 'error' field",
@@ -189,7 +207,8 @@ def classify(
             raise typer.Exit(EXIT_INPUT)
         return
     conv = _conversation(prompt, response, image, input_)
-    guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast, quantize=quantize)
+    guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast, quantize=quantize,
+                        read_text=read_text)
     try:
         verdict = guard.classify(conv)
     except ValueError as err:

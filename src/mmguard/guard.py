@@ -8,14 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from .conversation import Conversation
-from .engine import Engine, load_engine
+from .engine import EncodedItem, Engine, load_engine
+from .ocr import (
+    DEFAULT_OCR_TIMEOUT_S,
+    OCR_INSTALL_HINT,
+    OcrEngine,
+    OcrReader,
+    OcrUnavailable,
+    ocr_available,
+    with_transcription,
+)
 from .policy import Policy, load_policy
 from .prompt import MarkerHandling, PromptFormat, RenderedPrompt, build_prompt
 from .verdict import Verdict, ViolatedCategory
 
-__all__ = ["RANDOM_WEIGHTS_WARNING", "Guard"]
+__all__ = ["RANDOM_WEIGHTS_WARNING", "READ_TEXT_MODES", "Guard"]
 
 RANDOM_WEIGHTS_WARNING = "model has random weights: verdicts are meaningless (plumbing demo only)"
+READ_TEXT_MODES = ("off", "auto", "on")
 
 
 class Guard:
@@ -34,13 +44,26 @@ class Guard:
         prompt_format: PromptFormat | str = PromptFormat.HF,
         markers: MarkerHandling | str = MarkerHandling.ESCAPE,
         batch_size: int = 8,
+        read_text: str = "auto",
+        ocr: OcrEngine | None = None,
+        ocr_timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
     ) -> None:
+        """``read_text``: ``off``, ``on`` or ``auto`` (on when the model cannot read text in images, by its
+        ``mmguard.json``): an image's text is read by OCR (``ocr``: any :class:`mmguard.ocr.OcrEngine`,
+        default RapidOCR) and judged by a second, text-only check (:func:`mmguard.ocr.with_transcription`);
+        the verdict takes the larger probability. Each image's OCR gets ``ocr_timeout_s``; a failure or a
+        timeout is a warning on the verdict."""
         self.engine = engine
         self.policy = load_policy(policy)
         self.threshold = _check_threshold(threshold)
         self.prompt_format = PromptFormat(prompt_format)
         self.markers = MarkerHandling(markers)
         self.batch_size = batch_size
+        self.read_text = _check_read_text(read_text)
+        self._ocr_given = ocr is not None
+        if self.read_text == "on" and ocr is None and not ocr_available():
+            raise OcrUnavailable(f"read_text='on' needs RapidOCR: {OCR_INSTALL_HINT}")
+        self.ocr_reader = OcrReader(ocr, timeout_s=ocr_timeout_s)
 
     @classmethod
     def from_pretrained(
@@ -57,6 +80,9 @@ class Guard:
         local_files_only: bool | None = None,
         fast: bool = False,
         fast_options: dict[str, Any] | None = None,
+        read_text: str = "auto",
+        ocr: OcrEngine | None = None,
+        ocr_timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
     ) -> Guard:
         """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model).
 
@@ -64,8 +90,9 @@ class Guard:
         image encoded once per call, cross-attention over real tiles only); it gives the same results and is
         tested to, but its speed-up is not yet measured on a GPU (docs/performance.md). ``fast_options`` are
         FastEngine's (``keep_images``, ``mask_free_text``; the approximations ``quantize`` and
-        ``real_tiles_only``) and imply ``fast``.
+        ``real_tiles_only``) and imply ``fast``. ``read_text``, ``ocr``, ``ocr_timeout_s``: see :meth:`__init__`.
         """
+        _check_read_text(read_text)
         if path_or_id is None:
             from .models import default_model_path
 
@@ -76,7 +103,7 @@ class Guard:
 
             engine = FastEngine.from_engine(engine, **(fast_options or {}))
         return cls(engine, policy=policy, threshold=threshold, prompt_format=prompt_format, markers=markers,
-                   batch_size=batch_size)
+                   batch_size=batch_size, read_text=read_text, ocr=ocr, ocr_timeout_s=ocr_timeout_s)
 
     # -- prompts -----------------------------------------------------------------------------------
     def render(self, conversation: Conversation, policy: Policy | None = None) -> RenderedPrompt:
@@ -97,10 +124,11 @@ class Guard:
         exclude: Iterable[str] = (),
         threshold: float | None = None,
         categories: bool = True,
+        read_text: str | None = None,
     ) -> Verdict:
         """Judge the last turn of ``conversation``."""
         return self.classify_batch([conversation], policy=policy, exclude=exclude, threshold=threshold,
-                                   categories=categories)[0]
+                                   categories=categories, read_text=read_text)[0]
 
     def classify_batch(
         self,
@@ -112,8 +140,13 @@ class Guard:
         categories: bool = True,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
+        read_text: str | None = None,
     ) -> list[Verdict]:
-        """Judge many conversations; results are in input order and equal one-at-a-time results."""
+        """Judge many conversations; results are in input order and equal one-at-a-time results.
+
+        ``read_text`` overrides the guard's for this call. With it on, the transcriptions' text-only checks
+        are scored in the same ``engine.score`` call as the conversations (``progress`` still counts
+        conversations)."""
         active = load_policy(policy) if policy is not None else self.policy
         exclude = list(exclude)
         if exclude:
@@ -122,33 +155,96 @@ class Guard:
         start = time.perf_counter()
         prompts = [self.render(c, active) for c in conversations]
         items = [self.engine.encode(p, c.image) for p, c in zip(prompts, conversations, strict=True)]
+        reading = self._reading(conversations, active, read_text) if self._read_text_on(read_text) else {}
+        second = {i: r for i, r in reading.items() if r.item is not None}
+        n_main = len(items)
+        for r in second.values():
+            r.index = len(items)
+            items.append(r.item)  # type: ignore[arg-type]
         scored = self.engine.score(items, threshold=thr, codes=active.active_codes,
                                    batch_size=batch_size or self.batch_size, decode_codes=categories,
-                                   progress=progress)
+                                   progress=_scaled(progress, n_main, len(items)))
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / max(1, len(conversations))
         verdicts = []
-        for conv, prompt, s in zip(conversations, prompts, scored, strict=True):
+        for i, (conv, prompt, s) in enumerate(zip(conversations, prompts, scored[:n_main], strict=True)):
             notes: list[str] = []
             if self.engine.is_random_weights:
                 notes.append(RANDOM_WEIGHTS_WARNING)
             if prompt.escaped_markers:
                 notes.append(f"escaped {prompt.escaped_markers} prompt section marker(s) found in conversation text")
-            unsafe = s.unsafe_probability >= thr
+            read = reading.get(i)
+            checks = {"model": s}
+            if read is not None:
+                notes.extend(read.notes)
+                if read.index is not None:
+                    checks["ocr"] = scored[read.index]
+            p_unsafe = max(c.unsafe_probability for c in checks.values())
+            unsafe = p_unsafe >= thr
+            flagged = tuple(k for k, c in checks.items() if c.unsafe_probability >= thr)
+            codes: list[str] = []
+            cat_probs: dict[str, float] = {}
+            for k in flagged or ("model",):
+                codes.extend(c for c in checks[k].codes if c not in codes)
+                for code, p in checks[k].category_probabilities.items():
+                    cat_probs[code] = max(p, cat_probs.get(code, 0.0))
             verdicts.append(
                 Verdict(
                     is_unsafe=unsafe,
-                    unsafe_probability=s.unsafe_probability,
+                    unsafe_probability=p_unsafe,
                     threshold=thr,
                     role=conv.judged_role,
-                    violated=tuple(ViolatedCategory(c, active.category(c).name) for c in s.codes) if unsafe else (),
-                    category_probabilities=dict(s.category_probabilities),
-                    raw_text=s.raw_text,
+                    violated=tuple(ViolatedCategory(c, active.category(c).name) for c in codes) if unsafe else (),
+                    category_probabilities=cat_probs,
+                    raw_text=checks[(flagged or ("model",))[0]].raw_text,
                     has_image=conv.has_image,
                     latency_ms=elapsed_ms,
                     warnings=tuple(notes),
+                    read_text=read.text if read is not None else None,
+                    flagged_by=flagged,
+                    check_probabilities={k: c.unsafe_probability for k, c in checks.items()} if len(checks) > 1
+                    else {},
                 )
             )
         return verdicts
+
+    # -- reading text in images --------------------------------------------------------------------
+    @property
+    def reads_text_in_images(self) -> bool:
+        """Whether the model itself reads text in images (``mmguard.json``; true when unsaid)."""
+        info = getattr(self.engine, "model_info", None) or {}
+        return bool(info.get("reads_text_in_images", True))
+
+    def _read_text_on(self, override: str | None) -> bool:
+        mode = self.read_text if override is None else _check_read_text(override)
+        return mode == "on" or (mode == "auto" and not self.reads_text_in_images)
+
+    def _reading(self, conversations: Sequence[Conversation], policy: Policy,
+                 override: str | None) -> dict[int, _Reading]:
+        """OCR of each conversation's image, and the encoded text-only check of what was read."""
+        idx = [i for i, c in enumerate(conversations) if c.has_image]
+        if not idx:
+            return {}
+        if not self._ocr_given and not ocr_available():
+            if (self.read_text if override is None else override) == "on":
+                raise OcrUnavailable(f"read_text='on' needs RapidOCR: {OCR_INSTALL_HINT}")
+            note = f"text in the image was not read: OCR is not installed ({OCR_INSTALL_HINT})"
+            return {i: _Reading(None, [note]) for i in idx}
+        results = self.ocr_reader.read_many([conversations[i].image for i in idx])  # type: ignore[misc]
+        out: dict[int, _Reading] = {}
+        for i, res in zip(idx, results, strict=True):
+            read = _Reading(res.text, [res.warning] if res.warning else [])
+            if res.text:
+                try:
+                    prompt = self.render(with_transcription(conversations[i], res.text), policy)
+                    read.item = self.engine.encode(prompt, None)
+                    if prompt.escaped_markers:
+                        read.notes.append(f"escaped {prompt.escaped_markers} prompt section marker(s) found in "
+                                          "the text read from the image")
+                except Exception as err:  # the transcription is hostile input too: never fail the main check
+                    read.notes.append(f"text read from the image was not checked: {type(err).__name__}: {err}")
+                    read.item = None
+            out[i] = read
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -160,7 +256,41 @@ class Guard:
             "prompt_format": self.prompt_format.value,
             "policy": self.policy.name,
             "random_weights": self.engine.is_random_weights,
+            "read_text": self.read_text,
+            "reads_text_with_ocr": self._read_text_on(None),
         }
+
+
+class _Reading:
+    """One image's OCR outcome within a classify_batch call."""
+
+    def __init__(self, text: str | None, notes: list[str]) -> None:
+        self.text = text
+        self.notes = notes
+        self.item: EncodedItem | None = None
+        self.index: int | None = None  # position of the text-only check among the scored items
+
+
+def _scaled(progress: Callable[[int], None] | None, shown: int, total: int) -> Callable[[int], None] | None:
+    """``progress`` counts conversations while the engine counts all scored items (OCR checks too)."""
+    if progress is None or shown == total:
+        return progress
+    state = {"done": 0, "told": 0}
+
+    def report(n: int) -> None:
+        state["done"] += n
+        due = state["done"] * shown // max(1, total)
+        if due > state["told"]:
+            progress(due - state["told"])
+            state["told"] = due
+
+    return report
+
+
+def _check_read_text(value: str) -> str:
+    if value not in READ_TEXT_MODES:
+        raise ValueError(f"read_text must be one of {', '.join(READ_TEXT_MODES)}, got {value!r}")
+    return value
 
 
 def _check_threshold(value: float) -> float:

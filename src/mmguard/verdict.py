@@ -26,6 +26,13 @@ class Verdict:
     ``category_probabilities[code]`` is the probability that the model's answer starts
     ``unsafe\\n<code>`` (the joint probability of ``unsafe`` and of that code listed first); it is only
     computed for unsafe verdicts (empty otherwise) and sums to at most ``unsafe_probability``.
+
+    With ``read_text`` (OCR, see :mod:`mmguard.ocr`), an image's text is judged by a second, text-only
+    check: ``read_text`` is what was read (None: not read; "": nothing found), ``check_probabilities``
+    the unsafe probability of each check that ran (``model``: the conversation as given, ``ocr``: its
+    transcription; empty when only the model's ran), ``unsafe_probability`` their maximum, and
+    ``flagged_by`` the checks at or above the threshold (codes and category probabilities come from
+    those). Without a second check, ``flagged_by`` is ``("model",)`` for an unsafe verdict.
     """
 
     is_unsafe: bool
@@ -39,6 +46,9 @@ class Verdict:
     has_image: bool = False
     latency_ms: float = 0.0
     warnings: tuple[str, ...] = ()
+    read_text: str | None = None
+    flagged_by: tuple[str, ...] = ()
+    check_probabilities: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> Literal["safe", "unsafe"]:
@@ -60,7 +70,14 @@ class Verdict:
         d["violated"] = [asdict(v) for v in self.violated]
         d["unknown_codes"] = list(self.unknown_codes)
         d["warnings"] = list(self.warnings)
+        d["flagged_by"] = list(self.flagged_by)
         return d
+
+    def flagged_at(self, threshold: float) -> tuple[str, ...]:
+        """The checks that flag at ``threshold`` (for a verdict computed at a lower one)."""
+        if not self.check_probabilities:
+            return ("model",) if self.unsafe_probability >= threshold else ()
+        return tuple(k for k, p in self.check_probabilities.items() if p >= threshold)
 
     def __str__(self) -> str:
         if not self.is_unsafe:

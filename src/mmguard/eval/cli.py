@@ -46,6 +46,10 @@ def command(
         str, typer.Option(help="Split to evaluate (train, validation, test) or 'all'.")
     ] = "test",
     batch_size: Annotated[int, typer.Option(help="Batch size for local guards.", min=1)] = 8,
+    read_text: Annotated[
+        str, typer.Option("--read-text", help="Local guards: read text in images with OCR (off, on, or auto: on "
+                          "when the model cannot read).")
+    ] = "auto",
     concurrency: Annotated[int, typer.Option(help="Concurrent requests per remote guard.", min=1)] = 4,
     retries: Annotated[int, typer.Option(help="Retries of a failed remote request.", min=0)] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds per remote request.", min=0.1)] = 60.0,
@@ -65,6 +69,8 @@ def command(
     from .report import write_report
     from .runner import EvalError, run_eval
 
+    if read_text not in ("off", "auto", "on"):
+        raise _fail(f"--read-text must be off, auto or on, got {read_text!r}")
     split_filter = None if split == "all" else split
     if split_filter not in (None, "train", "validation", "test"):
         raise _fail(f"--split must be train, validation, test or all, got {split!r}")
@@ -88,6 +94,7 @@ def command(
                     concurrency=concurrency,
                     retries=retries,
                     timeout=timeout,
+                    read_text=read_text,
                 )
             )
         except GuardSpecError as err:

@@ -5,6 +5,9 @@ Specs (``--guard``), optionally prefixed with a display name ``NAME=``:
 * ``default`` / ``mmguard-mini``: the bundled default model (``Guard.from_pretrained(None)``).
 * ``llama-guard-3-vision``: ``meta-llama/Llama-Guard-3-11B-Vision``.
 * ``local:PATH_OR_HF_ID``: any local checkpoint or Hugging Face id.
+
+Local guards take ``read_text`` (``--read-text``: off, auto, on; see :class:`mmguard.guard.Guard`); the
+cache key says ``read_text=on`` when OCR is in effect, so results with and without it are kept apart.
 * ``mmguard-server:URL``: a running ``mmguard serve`` (``POST URL/v1/guard/classify``).
 * ``openai-moderation:URL[#MODEL]``: any OpenAI-compatible ``POST URL/v1/moderations`` endpoint
   (default model ``omni-moderation-latest``); categories mapped to S-codes by :data:`OPENAI_TO_CODES`.
@@ -180,6 +183,7 @@ class LocalGuard:
         batch_size: int = 8,
         policy: Policy = DEFAULT_POLICY,
         guard: Any = None,
+        read_text: str = "auto",
     ) -> None:
         from ..guard import Guard
 
@@ -191,7 +195,8 @@ class LocalGuard:
             guard
             if guard is not None
             else Guard.from_pretrained(
-                source, device=device, dtype=dtype, threshold=threshold, batch_size=batch_size, policy=policy
+                source, device=device, dtype=dtype, threshold=threshold, batch_size=batch_size, policy=policy,
+                read_text=read_text,
             )
         )
         model = str(self.guard.engine.source or source or "default")
@@ -202,9 +207,11 @@ class LocalGuard:
     @property
     def cache_id(self) -> str:
         g = self.guard
+        # only when OCR is in effect: cache ids of guards without it stay what they were
+        ocr = ":read_text=on" if g.describe().get("reads_text_with_ocr") else ""
         return (
             f"local:{self._fingerprint}:thr={self.threshold}:fmt={g.prompt_format.value}:"
-            f"policy={_policy_key(self.policy)}"
+            f"policy={_policy_key(self.policy)}{ocr}"
         )
 
     def describe(self) -> dict[str, Any]:
@@ -669,6 +676,7 @@ def make_guard(
     retries: int = 4,
     timeout: float = 60.0,
     policy: Policy = DEFAULT_POLICY,
+    read_text: str = "auto",
 ) -> EvalGuard:
     """Build a guard from a ``--guard`` spec (see the module docstring)."""
     name: str | None = None
@@ -686,6 +694,7 @@ def make_guard(
             dtype=dtype,
             batch_size=batch_size,
             policy=policy,
+            read_text=read_text,
         )
     if spec in ("llama-guard-3-vision", LLAMA_GUARD_3_VISION):
         return LocalGuard(
@@ -696,6 +705,7 @@ def make_guard(
             dtype=dtype,
             batch_size=batch_size,
             policy=policy,
+            read_text=read_text,
         )
     if kind == "local" and rest:
         return LocalGuard(
@@ -706,6 +716,7 @@ def make_guard(
             dtype=dtype,
             batch_size=batch_size,
             policy=policy,
+            read_text=read_text,
         )
     if kind == "mmguard-server" and rest:
         return MmguardServerGuard(rest, name=name, threshold=threshold, policy=policy, **http)

@@ -261,6 +261,7 @@ class Batcher:
                     threshold=thr,
                     violated=v.violated if unsafe else (),
                     raw_text=v.raw_text if unsafe else None,
+                    flagged_by=v.flagged_at(thr),
                 )
             )
         return out

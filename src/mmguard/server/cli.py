@@ -91,17 +91,27 @@ def command(
         str | None, typer.Option(help="Approximation, implies --fast: int8 or fp8 (torchao; fp8 needs H100/H200). "
                                  "Measure its agreement first: bench/approx_agreement.py")
     ] = None,
+    read_text: Annotated[
+        str, typer.Option("--read-text", help="Read text in images with OCR and judge it with a second, text-only "
+                          "check: off, on, or auto (on when the model cannot read, e.g. mmguard-mini v2)")
+    ] = "auto",
+    ocr_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds of OCR per image; beyond it the verdict carries a warning")
+    ] = 5.0,
 ) -> None:
     """Serve the guard over HTTP: OpenAI /v1/moderations, /v1/guard/classify, llama-stack shields."""
     import uvicorn
 
     from ..engine import EngineError
-    from ..guard import Guard
+    from ..guard import READ_TEXT_MODES, Guard
+    from ..ocr import OcrUnavailable
     from .app import create_app
     from .jsonlog import configure_logging
     from .settings import ServerSettings
 
     configure_logging(log_level)
+    if read_text not in READ_TEXT_MODES:
+        raise typer.BadParameter(f"--read-text must be off, auto or on, got {read_text!r}")
     keys = _split(api_key) + _split([os.environ.get("MMGUARD_API_KEYS", "")])
     hosts = _split(remote_image_host)
     try:
@@ -140,8 +150,11 @@ def command(
     try:
         guard = Guard.from_pretrained(
             Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy,
-            fast=fast, fast_options=fast_options,
+            fast=fast, fast_options=fast_options, read_text=read_text, ocr_timeout_s=ocr_timeout,
         )
+    except OcrUnavailable as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(3) from None
     except EngineError as err:
         typer.echo(f"error: cannot load model {model or '(default)'}: {err}", err=True)
         raise typer.Exit(3) from None

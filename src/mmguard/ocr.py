@@ -1,0 +1,329 @@
+"""Reading text in images: an OCR stage for guards whose model cannot read.
+
+A typographic attack (FigStep) writes the harmful request into the image and asks an innocent
+question in text. A model that cannot read (mmguard-mini) cannot judge it; an OCR engine can. The
+guard then runs a second, text-only check of the *transcription*, built by :func:`with_transcription`
+(``read_text`` in :class:`mmguard.guard.Guard`):
+
+* the main check sees the conversation unchanged (its prompt is byte-identical);
+* the second check sees the same turns without the image, and in the turn that held the image one
+  more text part, exactly ``"Text in the image: {text}"``.
+
+The default engine is RapidOCR (Apache-2.0; PP-OCR ONNX models inside the ``rapidocr`` wheel, run by
+onnxruntime: pip only, no network, no system package). It is loaded once per process, lazily, and
+guarded by a lock. :class:`OcrReader` bounds the time: each image gets ``timeout_s`` in a worker
+thread; a failure or a timeout becomes a warning, never an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+from .conversation import Conversation, Turn
+
+__all__ = [
+    "DEFAULT_OCR_TIMEOUT_S",
+    "TRANSCRIPTION_PREFIX",
+    "OcrEngine",
+    "OcrReader",
+    "OcrResult",
+    "OcrUnavailable",
+    "RapidOcrEngine",
+    "default_ocr_engine",
+    "normalise_text",
+    "ocr_available",
+    "reading_order",
+    "with_transcription",
+]
+
+TRANSCRIPTION_PREFIX = "Text in the image: "
+DEFAULT_OCR_TIMEOUT_S = 5.0
+OCR_INSTALL_HINT = "pip install 'mmguard[ocr]'"
+_WS_RE = re.compile(r"\s+")
+
+
+class OcrUnavailable(RuntimeError):
+    """The OCR package is not installed (the message names the pip command)."""
+
+
+@runtime_checkable
+class OcrEngine(Protocol):
+    """Anything that turns an image into the text written on it ("" when there is none)."""
+
+    def read(self, image: Image.Image) -> str: ...
+
+
+# -- the derived conversation ---------------------------------------------------------------------
+def with_transcription(conversation: Conversation, text: str) -> Conversation:
+    """The text-only conversation of the second check: same turns, the image removed, and in the turn
+    that held it one more text part, exactly ``f"Text in the image: {text}"``.
+
+    Pure and stable: mmguard-mini v2 is trained on conversations made by this very function.
+    A conversation without an image is returned unchanged.
+    """
+    turns: list[Turn] = []
+    for turn in conversation.turns:
+        if turn.image is None:
+            turns.append(turn)
+        else:
+            turns.append(Turn(turn.role, (*turn.texts, f"{TRANSCRIPTION_PREFIX}{text}")))
+    return Conversation(tuple(turns))
+
+
+# -- text clean-up --------------------------------------------------------------------------------
+def normalise_text(text: str, max_chars: int = 2000) -> str:
+    """Whitespace runs become one space, ends stripped, at most ``max_chars`` characters (cut at a word
+    boundary when one is near)."""
+    text = _WS_RE.sub(" ", text).strip()
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return cut[:space] if space >= max_chars * 0.8 else cut
+
+
+def reading_order(boxes: Sequence[Sequence[Sequence[float]]]) -> list[int]:
+    """Indices of text boxes (each 4 corner points ``(x, y)``) in reading order: lines top to bottom,
+    boxes within a line left to right. A box joins the current line when its vertical centre lies
+    within the line's vertical extent."""
+    spans = []
+    for i, pts in enumerate(boxes):
+        xs = [float(p[0]) for p in pts]
+        ys = [float(p[1]) for p in pts]
+        spans.append((i, min(xs), min(ys), max(ys)))
+    spans.sort(key=lambda s: (s[2] + s[3]) / 2)
+    lines: list[list[tuple[int, float, float, float]]] = []
+    top = bottom = 0.0
+    for s in spans:
+        centre = (s[2] + s[3]) / 2
+        if lines and top <= centre <= bottom:
+            lines[-1].append(s)
+            top, bottom = min(top, s[2]), max(bottom, s[3])
+        else:
+            lines.append([s])
+            top, bottom = s[2], s[3]
+    return [s[0] for line in lines for s in sorted(line, key=lambda s: s[1])]
+
+
+# -- RapidOCR ---------------------------------------------------------------------------------------
+def ocr_available() -> bool:
+    """Whether the default OCR engine's packages are importable (without loading them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("rapidocr", "onnxruntime", "cv2"))
+
+
+class RapidOcrEngine:
+    """RapidOCR 3.x (PP-OCR det + cls + rec, ONNX, CPU), bounded in size.
+
+    The image is composited on white (transparent text stays readable) and downscaled so that its longer
+    side is at most ``max_side`` pixels (the detector runs at that size or less, never upscaled); the detector keeps at most ``max_boxes`` text boxes; lines with a
+    recognition confidence below ``min_confidence`` are dropped; the rest are joined in
+    :func:`reading_order`, whitespace normalised and cut to ``max_chars``. Calls are serialised by a lock
+    (RapidOCR keeps per-call state), so one instance may be shared by threads.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_side: int = 1280,
+        max_boxes: int = 100,
+        min_confidence: float = 0.5,
+        max_chars: int = 2000,
+        threads: int | None = None,
+    ) -> None:
+        try:
+            from rapidocr import RapidOCR
+        except ImportError as err:
+            raise OcrUnavailable(f"reading text in images needs RapidOCR: {OCR_INSTALL_HINT} ({err})") from None
+        if max_side < 32 or max_boxes < 1 or max_chars < 1 or not 0.0 <= min_confidence <= 1.0:
+            raise ValueError("RapidOcrEngine: max_side >= 32, max_boxes >= 1, max_chars >= 1, min_confidence in [0, 1]")
+        self.max_side = max_side
+        self.max_boxes = max_boxes
+        self.min_confidence = min_confidence
+        self.max_chars = max_chars
+        params: dict[str, Any] = {
+            "Global.log_level": "error",
+            "Global.text_score": min_confidence,
+            "Global.max_side_len": max_side,
+            # RapidOCR's default ("min", 736) *upscales* until the shorter side is 736 px: a 1280x20 strip
+            # would be run at 47104x736. "max" only ever shrinks, to the same bound as ours
+            "Det.limit_type": "max",
+            "Det.limit_side_len": max_side,
+            "Det.max_candidates": max_boxes,
+        }
+        if threads is not None:
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
+        self._ocr = RapidOCR(params=params)
+        self._lock = threading.Lock()
+        # RapidOCR creates its three ONNX sessions at first use; do it now, so that the first guarded read
+        # is not charged for loading
+        self.read(_warmup_image())
+
+    def read(self, image: Image.Image) -> str:
+        import numpy as np
+
+        rgb = _flatten_rgb(image)
+        if max(rgb.size) > self.max_side:
+            scale = self.max_side / max(rgb.size)
+            rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                             Image.Resampling.LANCZOS)
+        bgr = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
+        with self._lock:
+            out = self._ocr(bgr)
+        txts = getattr(out, "txts", None)
+        boxes = getattr(out, "boxes", None)
+        scores = getattr(out, "scores", None)
+        if not txts or boxes is None or len(boxes) != len(txts):
+            return ""
+        keep = [i for i in reading_order(boxes)
+                if scores is None or float(scores[i]) >= self.min_confidence]
+        return normalise_text(" ".join(str(txts[i]) for i in keep), self.max_chars)
+
+
+def _flatten_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _warmup_image() -> Image.Image:
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("RGB", (160, 48), "white")
+    ImageDraw.Draw(img).text((8, 8), "warm up", fill="black", font=ImageFont.load_default(size=24))
+    return img
+
+
+_default_engine: RapidOcrEngine | None = None
+_default_lock = threading.Lock()
+
+
+def default_ocr_engine() -> RapidOcrEngine:
+    """The process-wide RapidOCR engine, loaded at the first call (about a second); raises
+    :class:`OcrUnavailable` when the package is missing."""
+    global _default_engine
+    if _default_engine is None:
+        with _default_lock:
+            if _default_engine is None:
+                _default_engine = RapidOcrEngine()
+    return _default_engine
+
+
+# -- bounded reading ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OcrResult:
+    """What was read from one image: ``text`` is None when the reading failed or timed out (``warning``
+    says which); "" when it ran and found no text."""
+
+    text: str | None
+    warning: str | None = None
+    elapsed_ms: float = 0.0
+
+
+class OcrReader:
+    """Runs an :class:`OcrEngine` with a time budget per image.
+
+    Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` per
+    image (counted from the submission, so an earlier read that overran delays, but never unbounds, the
+    next one), then moves on with a warning. A read that overran keeps the worker busy until it finishes;
+    nothing else piles up, because reads are submitted one at a time.
+    """
+
+    def __init__(self, engine: OcrEngine | Callable[[], OcrEngine] | None = None,
+                 *, timeout_s: float = DEFAULT_OCR_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"ocr_timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = float(timeout_s)
+        self._engine: OcrEngine | None = engine if isinstance(engine, OcrEngine) else None
+        self._factory: Callable[[], OcrEngine] = (
+            engine if callable(engine) and not isinstance(engine, OcrEngine) else default_ocr_engine)
+        self._jobs: queue.SimpleQueue[tuple[Image.Image, Future[str]]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def engine(self) -> OcrEngine:
+        """The engine, loaded on first use (may raise :class:`OcrUnavailable`)."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = self._factory()
+        return self._engine
+
+    def read(self, image: Image.Image) -> OcrResult:
+        start = time.perf_counter()
+        try:
+            self.engine()  # loaded here, not in the worker: a one-time load is not charged to the deadline
+        except Exception as err:
+            return OcrResult(None, f"text in the image was not read: {_describe(err)}")
+        future: Future[str] = Future()
+        self._ensure_worker()
+        self._jobs.put((image, future))
+        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline
+        try:
+            text = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            future.cancel()  # not started yet (the worker is still busy): it never will be
+            return OcrResult(None, f"text in the image was not read: OCR took longer than the "
+                                   f"ocr_timeout_s limit of {self.timeout_s:g} s",
+                             (time.perf_counter() - start) * 1000.0)
+        except Exception as err:
+            return OcrResult(None, f"text in the image was not read: OCR failed ({_describe(err)})",
+                             (time.perf_counter() - start) * 1000.0)
+        elapsed = (time.perf_counter() - start) * 1000.0
+        if not isinstance(text, str):
+            return OcrResult(None, f"text in the image was not read: OCR returned {type(text).__name__}, "
+                                   "not text", elapsed)
+        return OcrResult(normalise_text(text), None, elapsed)
+
+    def read_many(self, images: Sequence[Image.Image]) -> list[OcrResult]:
+        """One result per image, in order; an image object given twice is read once."""
+        seen: dict[int, OcrResult] = {}
+        out = []
+        for img in images:
+            key = id(img)
+            if key not in seen:
+                seen[key] = self.read(img)
+            out.append(seen[key])
+        return out
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="mmguard-ocr", daemon=True)
+                self._worker.start()
+
+    def _run(self) -> None:
+        while True:
+            image, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                engine = self.engine()
+                result = engine.read(image)
+            except BaseException as err:
+                with contextlib.suppress(Exception):
+                    future.set_exception(err)
+            else:
+                with contextlib.suppress(Exception):
+                    future.set_result(result)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -521,15 +521,29 @@ def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str |
     kwargs: dict[str, Any] = {}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
+    info = _model_info(src) if is_dir else {}
+    weights = src
+    if info.get("base"):  # a guard that ships only what training changed (mmguard-mini v2)
+        from .base_models import BaseModelError, resolve_base
+
+        try:
+            weights = str(resolve_base(str(info["base"])))
+        except BaseModelError as err:
+            raise EngineError(str(err)) from None
     try:
-        config = AutoConfig.from_pretrained(src, **kwargs)
+        config = AutoConfig.from_pretrained(weights, **kwargs)
     except Exception as err:
         raise EngineError(f"cannot load a model config from {src!r}: {err}") from None
     if getattr(config, "model_type", None) != "mllama":
         raise EngineError(f"{src} is a {getattr(config, 'model_type', '?')!r} model; mmguard needs an Mllama model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = MllamaForConditionalGeneration.from_pretrained(src, dtype=torch_dtype, **kwargs)
+        model = MllamaForConditionalGeneration.from_pretrained(weights, dtype=torch_dtype, **kwargs)
+        if info.get("adapter"):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, src).merge_and_unload()
+            model.to(torch_dtype)
     model.to(device)  # type: ignore[arg-type]  # transformers' decorator confuses mypy about .to
     model.eval()
     tokenizer: Any
@@ -541,4 +555,26 @@ def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str |
     processor = _load_image_processor(src, int(config.vision_config.image_size))
     engine = Engine(model, tokenizer, processor, device=device, dtype=torch_dtype, source=src)
     engine.is_random_weights = is_dir and (Path(src) / f"{TINY_MARKER}.json").exists()
+    engine.model_info = info
     return engine
+
+
+MODEL_INFO_FILE = "mmguard.json"
+
+
+def _model_info(directory: str) -> dict[str, Any]:
+    """The checkpoint's ``mmguard.json``: ``base`` (a base rebuilt locally, :mod:`mmguard.base_models`),
+    ``adapter`` (the folder holds peft adapters for it) and ``reads_text_in_images`` (false: the guard's
+    ``read_text="auto"`` turns OCR on). Absent for ordinary checkpoints such as Llama Guard 3 Vision."""
+    import json
+
+    path = Path(directory) / MODEL_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise EngineError(f"cannot read {path}: {err}") from None
+    if not isinstance(info, dict):
+        raise EngineError(f"{path} must hold a JSON object")
+    return info

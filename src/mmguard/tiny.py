@@ -85,22 +85,34 @@ def make_tiny_checkpoint(
     hidden_size: int = 64,
     text_layers: int = 4,
     gate_init: float = 0.5,
+    tokenizer: Any = None,
 ) -> Path:
     """Write a random-weight Mllama checkpoint (model, tokenizer, image processor) to ``directory``.
 
     ``gate_init`` opens the tanh-gated cross-attention and tile-embedding gates (the library initialises
     them to 0, which would make the image invisible to the text and hide image bugs in tests).
+    ``tokenizer`` (default: Llama 3.2 Vision's) may be any guard tokenizer, e.g. mini v2's SmolLM2 one
+    (:func:`mmguard.base_models.guard_tokenizer`); the vocabulary and special ids follow it.
     """
     from .engine import make_image_processor
+    from .model_format import TokenFormat
     from .tokenizer import load_default_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(image_size=image_size, hidden_size=hidden_size, text_layers=text_layers)
+    if tokenizer is None:
+        tokenizer = load_default_tokenizer()
+    else:
+        fmt = TokenFormat(tokenizer)
+        cfg.text_config.vocab_size = len(tokenizer)
+        cfg.text_config.bos_token_id, cfg.text_config.eos_token_id = fmt.bos_id, fmt.eot_id
+        cfg.text_config.pad_token_id = cfg.pad_token_id = fmt.pad_id
+        cfg.image_token_index = fmt.image_id
     model = random_mllama(cfg, seed=seed, gate_init=gate_init)
     model.eval()
     model.save_pretrained(directory)
-    load_default_tokenizer().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     make_image_processor(image_size).save_pretrained(directory)
     (directory / f"{TINY_MARKER}.json").write_text(
         json.dumps({"warning": "random weights: verdicts are meaningless", "seed": seed}, indent=2)

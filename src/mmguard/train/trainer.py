@@ -40,7 +40,7 @@ class TrainConfig:
     data: list[str]
     out: str
     base: str | None = None
-    init: str | None = None  # "mini": a fresh mmguard-mini architecture with random weights
+    init: str | None = None  # "mini": a fresh mmguard-mini (v1) with random weights; "mini2": SmolLM2 base
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -64,6 +64,8 @@ class TrainConfig:
     unsafe_repeat: int = 1  # each unsafe train example is used this many times (safe items dominate the sets)
     reading: int = 0  # auxiliary transcription items (mmguard.train.reading), aimed at learning to read
     save_dtype: str = "auto"  # "auto": keep the training dtype; "bfloat16"/"float16" to shrink the files
+    autocast: str = "none"  # "bf16": bfloat16 autocast (CPUs with AMX/AVX512-BF16 run it ~2x faster than fp32)
+    transcripts: bool = False  # typographic items also in the form of the OCR check (mmguard.ocr)
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
@@ -81,8 +83,12 @@ class TrainConfig:
                 raise ValueError(f"unknown --freeze {f!r}; choose from {', '.join(FREEZE_CHOICES)}")
         if (c.base is None) == (c.init is None):
             raise ValueError("give exactly one of --base (a checkpoint) or --init mini")
-        if c.init not in (None, "mini"):
-            raise ValueError(f"unknown --init {c.init!r}; only 'mini' is supported")
+        if c.init not in (None, "mini", "mini2"):
+            raise ValueError(f"unknown --init {c.init!r}; choose 'mini' (from scratch) or 'mini2' (SmolLM2 base)")
+        if c.init == "mini2" and not c.lora:
+            raise ValueError("--init mini2 trains LoRA adapters (give --lora): only they and the new layers ship")
+        if c.autocast not in ("none", "bf16"):
+            raise ValueError(f"unknown --autocast {c.autocast!r}; choose none or bf16")
         return c
 
 
@@ -145,11 +151,21 @@ def apply_freeze(model: Any, freeze: list[str]) -> dict[str, int]:
 
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    """LoRA on the language model. For ``--init mini2`` the adapters go on the pretrained (self-attention)
+    layers only, and the layers the base adds fresh (cross-attention, vision tower, projector) are
+    trained whole (``modules_to_save``): together they are all a mini v2 checkpoint ships."""
     from peft import LoraConfig, get_peft_model
 
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    modules_to_save = None
+    if cfg.init == "mini2":
+        tc = model.config.text_config
+        pretrained = "|".join(str(i) for i in range(tc.num_hidden_layers) if i not in tc.cross_attention_layers)
+        targets = rf".*language_model\.layers\.({pretrained})\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
+        modules_to_save = ["vision_model", "multi_modal_projector",
+                           *(f"language_model.layers.{i}" for i in tc.cross_attention_layers)]
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none")
+                      target_modules=targets, bias="none", modules_to_save=modules_to_save)
     return get_peft_model(model, lcfg)
 
 
@@ -208,7 +224,10 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
             repeated = ex.label == "unsafe" or ex.source in balanced
             repeat = cfg.unsafe_repeat if (split == "train" and repeated) else 1
             # formatting is seeded per example, so one call serves every repeat and the image is held once
-            for t in formatter.format(ex, base) * repeat:
+            forms = formatter.format(ex, base)
+            if cfg.transcripts and split == "train" and ex.meta.get("kind") == "typographic":
+                forms += formatter.format(transcript_example(ex), base)
+            for t in forms * repeat:
                 tok = tokenize(tokenizer, t)
                 assert cfg.max_seq_len is not None
                 cut = _truncate(tok.input_ids, tok.labels, cfg.max_seq_len, token_format(tokenizer).image_id)
@@ -224,6 +243,31 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
         items += reading
     stats["items"] = len(items)
     return items, stats
+
+
+def transcript_example(ex: Any) -> Any:
+    """A typographic example in the form of the guard's OCR check (:func:`mmguard.ocr.with_transcription`):
+    text only, with what OCR reads from the rendered image (the request, then the empty items)."""
+    from ..data.schema import Example
+    from ..data.synth import _MAX_TYPO_CHARS
+    from ..ocr import TRANSCRIPTION_PREFIX, normalise_text
+
+    text = " ".join(str(ex.meta["rendered_text"]).split())
+    if len(text) > _MAX_TYPO_CHARS:
+        import textwrap
+
+        text = textwrap.shorten(text, _MAX_TYPO_CHARS, placeholder=" …")
+    read = normalise_text(text + " 1. 2. 3.")
+    messages = []
+    for msg in ex.messages:
+        content = msg["content"]
+        if isinstance(content, list) and any(p.get("type") != "text" for p in content):
+            content = [p for p in content if p.get("type") == "text"]
+            content.append({"type": "text", "text": TRANSCRIPTION_PREFIX + read})
+        messages.append({**msg, "content": content})
+    return Example(id=ex.id + ":transcript", source=ex.source, license=ex.license, split=ex.split, task=ex.task,
+                   messages=messages, label=ex.label, codes=list(ex.codes), modality="text",
+                   trainable=ex.trainable, meta={**ex.meta, "kind": "typographic_transcript"})
 
 
 def reading_items(prompts: list[str], tokenizer: Any, n: int, seed: int) -> list[SequenceItem]:
@@ -323,12 +367,14 @@ def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), target)
 
 
-def _make_trainer_class() -> Any:
+def _make_trainer_class(autocast: str = "none") -> Any:
     from transformers import Trainer
 
     class GuardTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-            loss = answer_loss(model, inputs)
+            device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+                loss = answer_loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
@@ -397,6 +443,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model = build_mini_model(seed=cfg.seed)
         tokenizer = load_default_tokenizer()
         processor = make_image_processor(int(model.config.vision_config.image_size))
+    elif cfg.init == "mini2":
+        from transformers import AutoTokenizer
+
+        from ..base_models import smollm2_mllama_base
+        from ..engine import _load_image_processor
+
+        base_dir = smollm2_mllama_base()
+        model = MllamaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        processor = _load_image_processor(base_dir, int(model.config.vision_config.image_size))
     else:
         from transformers import AutoTokenizer
 
@@ -459,19 +515,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
         max_grad_norm=1.0,
         save_only_model=False,
     )
-    trainer_cls = _make_trainer_class()
+    trainer_cls = _make_trainer_class(cfg.autocast)
     callbacks = _make_callbacks(cfg, start)
     trainer = trainer_cls(model=model, args=args, train_dataset=_BatchDataset(batches), eval_dataset=eval_ds,
                           data_collator=Collator(engine), callbacks=callbacks)
+    # with disable_tqdm the Trainer adds PrinterCallback, which prints every log dict that Progress prints too
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     resume = _latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume is None:
         log.warning("--resume given but no checkpoint in %s; starting fresh", out)
     result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h]
 
-    # final save: merged weights + tokenizer + image processor, loadable by Guard.from_pretrained
+    # final save: merged weights + tokenizer + image processor, loadable by Guard.from_pretrained; for
+    # mini2 only the adapters and the new layers, with mmguard.json naming the base they apply to
     final = trainer.model
-    if cfg.lora:
+    if cfg.lora and cfg.init != "mini2":
         final = final.merge_and_unload()
     final.eval()
     save_dtype = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -479,6 +540,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if save_dtype is not None:
         final.to(save_dtype)
     final.save_pretrained(out)
+    if cfg.init == "mini2":
+        from ..base_models import BASE_NAME
+
+        (out / "mmguard.json").write_text(json.dumps(
+            {"base": BASE_NAME, "adapter": True, "reads_text_in_images": False}, indent=2))
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {

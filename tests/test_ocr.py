@@ -329,3 +329,22 @@ def test_server_classify_shows_what_was_read(tiny_guard: Guard) -> None:
                                                                    "category_scores": "always"}, timeout=60)
     assert verdict["read_text"] == READ and verdict["flagged_by"] == ["model", "ocr"]
     assert always.json()["verdict"]["flagged_by"] == []  # re-judged at the real threshold
+
+
+def test_ocr_cost_bench_runs_end_to_end(tiny_model_dir: Any, datasets_dir: Any, tmp_path: Any) -> None:
+    """bench/ocr_cost.py on two FigStep images and one photo (plumbing: timings on the tiny model mean nothing)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ocr_cost.py"
+    spec = importlib.util.spec_from_file_location("bench_ocr_cost", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ocr.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--datasets", str(datasets_dir), "--figstep", "2",
+                       "--photos", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    fig, photos = report["sets"]["figstep"], report["sets"]["photos"]
+    assert fig["n"] == 2 and photos["n"] == 1
+    assert fig["similarity_mean"] >= 0.9 and fig["ratio_ocr_over_classify_off_median"] > 0

@@ -379,6 +379,7 @@ _TOOLS = [
     ("mmguard.train.cli", "command", "train", "command"),
     ("mmguard.attacks.cli", "command", "attack", "command"),
     ("mmguard.data.cli", "app", "data", "group"),
+    ("mmguard.batch.cli", "command", "batch", "command"),
 ]
 
 

@@ -1,0 +1,224 @@
+"""A batch job's plan: its settings and fingerprint, the deterministic chunks, and the manifest.
+
+A chunk is a run of ``chunk_size`` consecutive non-blank lines of one input file, named by position
+(``part-IIIII-CCCCCC.jsonl``: input index, chunk index in that input). Chunks are the unit of work,
+retry and commit, so the same inputs and chunk size always give the same chunks and part names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .storage import StorageError, iter_lines, join, open_storage
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Chunk",
+    "FingerprintMismatch",
+    "GuardSpec",
+    "InputFile",
+    "JobPlan",
+    "fingerprint",
+    "model_identity",
+    "plan_inputs",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+_SAMPLE = 1 << 20
+
+
+class FingerprintMismatch(ValueError):
+    """``--resume`` with settings that differ from the job's; the message lists what differs."""
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """How every worker loads the same guard (picklable: it travels to Ray actors)."""
+
+    model: str | None = None
+    policy: dict[str, Any] | None = None  # Policy.to_dict(), exclusions applied
+    threshold: float = 0.5
+    prompt_format: str = "hf"
+    markers: str = "escape"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    fast: bool = False
+    fast_options: dict[str, Any] | None = None
+
+    def load(self) -> Any:
+        from ..guard import Guard
+
+        model = self.model
+        return Guard.from_pretrained(
+            Path(model) if model and Path(model).exists() else model,
+            policy=self.policy, device=self.device, dtype=self.dtype, threshold=self.threshold,
+            prompt_format=self.prompt_format, markers=self.markers, batch_size=self.batch_size,
+            fast=self.fast, fast_options=self.fast_options,
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    part: str  # output file name
+    input: int  # index into the job's inputs
+    first_line: int  # 1-based physical line number of its first non-blank line
+    lines: int  # non-blank lines = output rows
+    start: int  # byte range in the input
+    end: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Chunk:
+        return cls(part=str(d["part"]), input=int(d["input"]), first_line=int(d["first_line"]),
+                   lines=int(d["lines"]), start=int(d["start"]), end=int(d["end"]))
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str
+    size: int
+    lines: int = 0
+    chunks: int = 0
+
+
+@dataclass
+class JobPlan:
+    fingerprint: str
+    settings: dict[str, Any]
+    inputs: list[InputFile]
+    chunks: list[Chunk]
+    done: dict[str, dict[str, int]] = field(default_factory=dict)  # part -> stats, as recorded
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        body = {
+            "mmguard_batch": MANIFEST_FORMAT,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "inputs": [asdict(i) for i in self.inputs],
+            "chunks": [asdict(c) for c in self.chunks],
+            "done": dict(sorted(self.done.items())),
+            "summary": self.summary,
+        }
+        return (json.dumps(body, ensure_ascii=False, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> JobPlan:
+        try:
+            d = json.loads(raw)
+            if d.get("mmguard_batch") != MANIFEST_FORMAT:
+                raise ValueError(f"unknown manifest format {d.get('mmguard_batch')!r}")
+            return cls(
+                fingerprint=str(d["fingerprint"]),
+                settings=dict(d["settings"]),
+                inputs=[InputFile(**i) for i in d["inputs"]],
+                chunks=[Chunk.from_dict(c) for c in d["chunks"]],
+                done={str(k): dict(v) for k, v in d.get("done", {}).items()},
+                summary=dict(d.get("summary", {})),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise StorageError(f"{where} is not a readable mmguard batch manifest: {err}") from None
+
+    def write(self, output: str) -> None:
+        storage, path = open_storage(join(output, MANIFEST_NAME))
+        storage.write_atomic(path, self.to_json())
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB: cheap for 20 GB of weights, and it tells two random
+    initialisations of one architecture apart (their sizes and configs are equal)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            fh.seek(size - _SAMPLE)
+            h.update(fh.read(_SAMPLE))
+        elif size > _SAMPLE:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def model_identity(model: str | None) -> dict[str, Any]:
+    """What identifies the model's weights: a local directory by its files' contents (not its path, so a
+    moved copy still matches and a replaced model does not), a hub id by its name."""
+    if model is None:
+        from ..models import default_model_path
+
+        model = str(default_model_path())
+    path = Path(model)
+    if not path.is_dir():
+        return {"id": model}
+    files = {str(p.relative_to(path)): _file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"name": path.name, "files_sha256": digest}
+
+
+def job_settings(spec: GuardSpec, options: Mapping[str, Any], inputs: Iterable[InputFile]) -> dict[str, Any]:
+    """Everything a verdict or a chunk boundary depends on (not the engine, workers or retries: a job may
+    be resumed on another engine with another pool and gives the same rows)."""
+    policy = spec.policy or {}
+    return {
+        "mmguard": __version__,
+        "model": model_identity(spec.model),
+        "policy": policy,
+        "exclusions": sorted(policy.get("excluded", []) or []),
+        "threshold": spec.threshold,
+        "prompt_format": spec.prompt_format,
+        "markers": spec.markers,
+        "dtype": spec.dtype,
+        "batch_size": spec.batch_size,
+        "fast": bool(spec.fast or spec.fast_options),
+        "fast_options": spec.fast_options or {},
+        "options": dict(options),
+        "inputs": [{"uri": i.uri, "size": i.size} for i in inputs],
+    }
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _is_blank(line: bytes) -> bool:
+    return not line.strip()  # as mmguard.jsonl.iter_lines (classify --jsonl) skips lines
+
+
+def plan_inputs(inputs: list[InputFile], chunk_size: int, max_line_bytes: int) -> tuple[list[InputFile], list[Chunk]]:
+    """Read every input once and cut it into chunks of ``chunk_size`` non-blank lines."""
+    planned: list[InputFile] = []
+    chunks: list[Chunk] = []
+    for index, inp in enumerate(inputs):
+        storage, path = open_storage(inp.uri)
+        own: list[Chunk] = []
+        count = 0
+        first = start = end = 0
+        n = 0
+        with storage.open_read(path) as fh:
+            for lineno, (s, e, line) in enumerate(iter_lines(fh, max_line_bytes), start=1):
+                if line is not None and _is_blank(line):
+                    continue
+                if n == 0:
+                    first, start = lineno, s
+                n += 1
+                end = e
+                count += 1
+                if n == chunk_size:
+                    own.append(Chunk(f"part-{index:05d}-{len(own):06d}.jsonl", index, first, n, start, end))
+                    n = 0
+        if n:
+            own.append(Chunk(f"part-{index:05d}-{len(own):06d}.jsonl", index, first, n, start, end))
+        planned.append(InputFile(inp.uri, inp.size, count, len(own)))
+        chunks.extend(own)
+    return planned, chunks

@@ -62,3 +62,306 @@ def test_policy_text_is_checked(build) -> None:
     with pytest.raises(PolicyError) as info:
         build()
     str(info.value).encode("utf-8")  # the message itself is valid text (reprs escape what they echo)
+
+
+# -- defect 1 over HTTP: 400 with a code, never 5xx / Retry-After, never fail-closed ---------------------
+
+SHIELD = "meta-llama/Llama-Guard-3-11B-Vision"  # a default shield id, whatever the model
+
+
+def _client(guard, **settings):
+    from fastapi.testclient import TestClient
+
+    from mmguard.server import ServerSettings, create_app
+
+    return TestClient(create_app(guard, ServerSettings(**settings)), raise_server_exceptions=False)
+
+
+def _post_json(client, path: str, body: object):
+    import json
+
+    # json.dumps escapes a lone surrogate as \\ud800: valid JSON that decodes to an invalid string
+    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+SURROGATE_REQUESTS = [
+    ("/v1/moderations", {"input": "a\ud800"}, "invalid_text", "input"),
+    ("/v1/moderations", {"input": ["fine", "a\ud800"]}, "invalid_text", "input[1]"),
+    ("/v1/moderations", {"input": [{"type": "text", "text": "\udfff"}]}, "invalid_text", "input[0].text"),
+    ("/v1/guard/classify", {"messages": _user("x\ud800")}, "invalid_text", "messages[0].content"),
+    (
+        "/v1/guard/classify",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+        "invalid_text",
+        "messages[0].content[0].text",
+    ),
+    ("/v1/guard/classify", {"messages": _user("x"), "exclude": ["\ud800"]}, "invalid_policy", "exclude"),
+    (
+        "/v1/guard/classify",
+        {"messages": _user("x"), "policy": {"name": "\ud800", "categories": {"S1": "Crimes."}}},
+        "invalid_policy",
+        "policy",
+    ),
+    (
+        "/v1/guard/classify",
+        {"messages": _user("x"), "policy": {"categories": [{"code": "S1", "label": "a", "\ud800": 1}]}},
+        "invalid_policy",
+        "policy",
+    ),
+    (
+        "/v1/guard/classify",
+        {"messages": _user("x"), "policy": {"categories": {"S1": "a"}, "excluded": ["S1", "\ud800"]}},
+        "invalid_policy",
+        "policy",
+    ),
+    ("/v1/safety/run-shield", {"shield_id": SHIELD, "messages": _user("x\ud800")}, "invalid_text",
+     "messages[0].content"),
+    (
+        "/v1/safety/run-shield",
+        {"shield_id": SHIELD, "messages": _user("x"), "params": {"excluded_categories": ["\ud800"]}},
+        "invalid_policy",
+        "params.excluded_categories",
+    ),
+]
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_invalid_text_is_a_400_naming_the_field(tiny_guard, fail_closed: bool) -> None:
+    with _client(tiny_guard, fail_closed=fail_closed, warmup=False) as client:
+        for path, body, code, param in SURROGATE_REQUESTS:
+            r = _post_json(client, path, body)
+            assert r.status_code == 400, (path, body, r.text)
+            assert "retry-after" not in r.headers and "x-mmguard-fail-closed" not in r.headers
+            err = r.json()["error"]
+            assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error"), err
+            if code == "invalid_text":
+                assert "lone surrogate" in err["message"] and err["message"].startswith(param)
+        metrics = client.get("/metrics").text
+    assert "mmguard_model_errors_total 0.0" in metrics and "mmguard_fail_closed_total 0.0" in metrics
+
+
+class RefusingGuard:
+    """A guard whose classify_batch refuses some input with a typed error (as Guard does for bad text)."""
+
+    def __init__(self, guard) -> None:
+        self.guard, self.policy, self.threshold = guard, guard.policy, guard.threshold
+
+    def describe(self):
+        return self.guard.describe()
+
+    def classify_batch(self, conversations, **kw):
+        if any("REFUSE" in t.text for c in conversations for t in c.turns):
+            raise ConversationError("turn 1: refused by the guard")
+        return self.guard.classify_batch(conversations, **kw)
+
+
+def test_input_refused_by_the_guard_is_a_400_even_fail_closed(tiny_guard) -> None:
+    with _client(RefusingGuard(tiny_guard), fail_closed=True, warmup=False) as client:
+        r = _post_json(client, "/v1/moderations", {"input": ["fine", "REFUSE"]})
+        assert r.status_code == 400 and "retry-after" not in r.headers, r.text
+        assert r.json()["error"]["code"] == "invalid_input"
+        assert r.json()["error"]["message"] == "item 2: turn 1: refused by the guard"
+        ok = _post_json(client, "/v1/moderations", {"input": ["fine"]})
+        assert ok.status_code == 200 and "x-mmguard-fail-closed" not in ok.headers
+        assert "mmguard_fail_closed_total 0.0" in client.get("/metrics").text
+
+
+# -- defect 8: malformed bodies, slow bodies, loading, the OpenAPI document, /docs offline --------------
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"", "request body is empty; expected a JSON object"),
+        (b'{"input": "\xff"}', "it is not UTF-8 (byte 0xFF at offset 11)"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"{not json", "request body is not valid JSON"),
+    ],
+)
+def test_malformed_bodies_are_invalid_json(tiny_guard, raw: bytes, message: str) -> None:
+    with _client(tiny_guard, warmup=False) as client:
+        for path in ("/v1/moderations", "/v1/guard/classify", "/v1/safety/run-shield"):
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "invalid_json" and message in err["message"], err
+
+
+def test_threshold_must_be_a_number_not_a_bool(tiny_guard) -> None:
+    with _client(tiny_guard, warmup=False) as client:
+        r = _post_json(client, "/v1/guard/classify", {"messages": _user("x"), "threshold": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "threshold", r.text
+        assert _post_json(client, "/v1/guard/classify", {"messages": _user("x"), "threshold": 1}).status_code == 200
+
+
+def test_a_trickled_body_is_timed_out(tiny_guard) -> None:
+    import socket
+    import time
+
+    from mmguard.server import ServerSettings
+    from mmguard.server.testing import LiveServer
+
+    with (
+        LiveServer(tiny_guard, ServerSettings(body_timeout_s=1.0, warmup=False)) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock,
+    ):
+        start = time.monotonic()
+        sock.sendall(b"POST /v1/moderations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        answer = b""
+        sock.settimeout(0.3)
+        while b"\r\n\r\n" not in answer and time.monotonic() - start < 8:
+            try:
+                answer += sock.recv(4096)  # nothing yet: send one more byte, a trickle
+            except TimeoutError:
+                sock.sendall(b" ")
+        elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert elapsed < 3.0, elapsed
+
+
+def test_readyz_answers_while_the_model_loads(tiny_guard) -> None:
+    import threading
+    import time
+
+    import httpx
+
+    from mmguard.server import ServerSettings
+    from mmguard.server.testing import LiveServer
+
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return tiny_guard
+
+    with LiveServer(None, ServerSettings(warmup=False), loader=slow_load, wait_ready=False) as srv:
+        r = httpx.get(srv.url + "/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(srv.url + "/v1/moderations", json={"input": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["retry-after"]
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(srv.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(srv.url + "/v1/moderations", json={"input": "hi"}).status_code == 200
+
+
+def test_a_failed_load_leaves_the_server_not_ready(tiny_guard) -> None:
+    import time
+
+    from mmguard.server.testing import LiveServer
+
+    def broken_load():
+        raise OSError("no such model")
+
+    with LiveServer(None, loader=broken_load, wait_ready=False) as srv:
+        import httpx
+
+        deadline = time.monotonic() + 10
+        while httpx.get(srv.url + "/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(srv.url + "/readyz").json()["status"] == "not_ready"
+        assert srv.app.state.mmguard.load_error == "OSError: no such model"
+        r = httpx.post(srv.url + "/v1/guard/classify", json={"messages": _user("x")})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+
+
+def test_openapi_documents_every_route_and_answer(tiny_guard) -> None:
+    with _client(tiny_guard, warmup=False) as client:
+        spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert "/v1/openai/v1/moderations" in paths
+    assert "404" in paths["/v1/shields/{identifier}"]["get"]["responses"]
+    assert "404" in paths["/v1/safety/run-shield"]["post"]["responses"]
+    for path in ("/v1/moderations", "/v1/guard/classify", "/v1/safety/run-shield"):
+        assert {"400", "408", "413", "429", "503", "504"} <= set(paths[path]["post"]["responses"])
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+def test_docs_are_served_without_a_network(tiny_guard) -> None:
+    pytest.importorskip("swagger_ui_bundle")
+    with _client(tiny_guard, warmup=False) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        assert "cdn" not in page.text.lower() and "/docs/assets/swagger-ui-bundle.js" in page.text
+        js = client.get("/docs/assets/swagger-ui-bundle.js")
+        assert js.status_code == 200 and len(js.content) > 100_000
+        assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+        assert client.get("/redoc").status_code == 404  # ReDoc only exists as a CDN script: off
+
+
+def test_model_id_defaults_to_the_loaded_model(tiny_guard, tiny_model_dir) -> None:
+    with _client(tiny_guard, warmup=False) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [tiny_model_dir.name]
+        assert _post_json(client, "/v1/moderations", {"input": "hi"}).json()["model"] == tiny_model_dir.name
+    with _client(tiny_guard, warmup=False, model_id="custom-id") as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "custom-id"
+
+
+# -- defect 3: a remote image fetch is bounded as a whole, and by the request timeout --------------------
+
+
+@pytest.fixture(scope="module")
+def trickling_host():
+    """127.0.0.1 serving an 'image' of 10,000 bytes at one byte a second."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                    time.sleep(1.0)
+            except OSError:  # the server hung up, as it must
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize(
+    "fetch_timeout, request_timeout, status, code",
+    [(2.0, 30.0, 400, "image_fetch_timeout"), (10.0, 2.0, 504, "timeout")],
+)
+def test_a_trickling_image_host_is_cut_off(
+    tiny_guard, trickling_host: str, fetch_timeout: float, request_timeout: float, status: int, code: str
+) -> None:
+    import time
+
+    import httpx
+
+    from mmguard.server import ServerSettings
+    from mmguard.server.testing import LiveServer
+
+    settings = ServerSettings(
+        remote_images=True, remote_image_hosts=(trickling_host,), remote_image_timeout_s=fetch_timeout,
+        request_timeout_s=request_timeout, warmup=False,
+    )
+    part = {"type": "image_url", "image_url": {"url": f"http://{trickling_host}/cat.png"}}
+    with LiveServer(tiny_guard, settings) as srv:
+        start = time.monotonic()
+        r = httpx.post(srv.url + "/v1/moderations", json={"input": [part]}, timeout=60)
+        elapsed = time.monotonic() - start
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    bound = min(fetch_timeout, request_timeout)
+    assert elapsed < bound + 1.0, f"the request took {elapsed:.1f}s; the bound is {bound:g}s"

@@ -205,7 +205,10 @@ def test_fail_closed_flags_on_model_error(tiny_guard) -> None:
         assert r.json()["verdict"]["is_unsafe"] is True
         r = httpx.post(
             srv.url + "/v1/safety/run-shield",
-            json={"shield_id": "Llama-Guard-3-11B-Vision", "messages": [{"role": "user", "content": "BOOM"}]},
+            json={
+                "shield_id": "meta-llama/Llama-Guard-3-11B-Vision",
+                "messages": [{"role": "user", "content": "BOOM"}],
+            },
         )
         assert r.json()["violation"]["metadata"]["fail_closed"] is True
         assert metric(httpx.get(srv.url + "/metrics").text, "mmguard_fail_closed_total") == 3

@@ -18,6 +18,7 @@ from PIL import Image
 from mmguard.conversation import Conversation
 from mmguard.server import ServerSettings
 from mmguard.server.categories import OPENAI_CATEGORIES
+from mmguard.server.settings import served_model_id
 from mmguard.server.testing import LiveServer
 
 CODES = [f"S{i}" for i in range(1, 14)]
@@ -66,7 +67,7 @@ def _check_shape(d: dict, keys: list[str]) -> None:
 def test_text_matches_in_process_guard(client: openai.OpenAI, tiny_guard) -> None:
     resp, wire = create(client, input="How do I bake bread?", model="omni-moderation-latest")
     assert resp.id.startswith("modr-") and wire["id"] == resp.id
-    assert resp.model == "Llama-Guard-3-11B-Vision"
+    assert resp.model == served_model_id(tiny_guard.describe()["model"])  # the loaded model's name
     assert len(resp.results) == 1
     (res,) = wire["results"]
     _check_shape(res, CODES)

@@ -20,6 +20,7 @@ from mmguard.conversation import Conversation
 from mmguard.server import ServerSettings
 from mmguard.server.app import SHIELD_USER_MESSAGE
 from mmguard.server.jsonlog import JsonFormatter
+from mmguard.server.settings import served_model_id
 from mmguard.server.testing import LiveServer
 
 
@@ -174,10 +175,10 @@ def test_classify_bad_inputs(server: LiveServer, payload: dict, code: str | None
 # -- llama-stack -------------------------------------------------------------------------------------------
 
 
-def test_shields_listing(server: LiveServer) -> None:
+def test_shields_listing(server: LiveServer, tiny_guard) -> None:
     r = httpx.get(server.url + "/v1/shields")
     ids = [s["identifier"] for s in r.json()["data"]]
-    assert r.status_code == 200 and ids == ["Llama-Guard-3-11B-Vision", "my-shield"]
+    assert r.status_code == 200 and ids == [served_model_id(tiny_guard.describe()["model"]), "my-shield"]
     assert all(s["type"] == "shield" and s["provider_id"] == "mmguard" for s in r.json()["data"])
     assert httpx.get(server.url + "/v1/shields/my-shield").json()["identifier"] == "my-shield"
     assert_error(httpx.get(server.url + "/v1/shields/nope"), 404, "shield_not_found")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -15,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -25,7 +27,14 @@ from ..policy import Policy, PolicyError, load_policy
 from .batcher import Batcher, GuardLike, Outcome, QueueFull, WorkSpec
 from .categories import merge_verdict_results, moderation_result
 from .errors import APIError, error_body, error_response, validation_message
-from .inputs import ImageFetcher, conversation_from_messages, normalize_messages, prepare_moderation
+from .inputs import (
+    REQUEST_DEADLINE,
+    ImageFetcher,
+    conversation_from_messages,
+    normalize_messages,
+    prepare_moderation,
+    request_timeout_error,
+)
 from .metrics import Metrics
 from .schemas import (
     ClassifyRequest,
@@ -33,12 +42,13 @@ from .schemas import (
     ErrorResponse,
     ModerationRequest,
     ModerationResponse,
+    Readiness,
     RunShieldRequest,
     RunShieldResponse,
     Shield,
     ShieldList,
 )
-from .settings import ServerSettings
+from .settings import ServerSettings, served_model_id
 
 __all__ = ["SHIELD_USER_MESSAGE", "ServerState", "create_app"]
 
@@ -46,10 +56,24 @@ log = logging.getLogger("mmguard.server")
 access_log = logging.getLogger("mmguard.server.access")
 
 SHIELD_USER_MESSAGE = "I can't answer that. Can I help with something else?"  # llama-stack's canned message
-_PUBLIC_PATHS = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)
+_PUBLIC_PATHS = {"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"}
+_DOCS_ASSETS = "/docs/assets"
+_MODEL_ROUTES = {"/v1/moderations", "/v1/openai/v1/moderations", "/v1/guard/classify", "/v1/safety/run-shield"}
+_ERROR_MEANINGS = {
+    400: "Invalid request (the error's code says which rule was broken)",
+    401: "Missing or incorrect API key",
+    404: "Not found",
+    408: "The request body was not received within the body timeout",
+    413: "Request body too large",
+    429: "Queue full; retry after the Retry-After seconds",
+    503: "Model loading, not ready, or the model failed",
+    504: "The request timed out",
 }
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": _ERROR_MEANINGS[code]}
+    for code in (400, 401, 408, 413, 429, 503, 504)
+}
+_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's detail when the JSON decoder itself fails
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -58,15 +82,18 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class ServerState:
-    """What the routes share: the guard, settings, batcher, metrics, image fetcher."""
+    """What the routes share: the guard, settings, batcher, metrics, image fetcher.
 
-    def __init__(self, guard: GuardLike, settings: ServerSettings) -> None:
-        self.guard = guard
+    ``guard`` may arrive later (:meth:`attach`): the server then listens while the model loads, ``/readyz``
+    answers 503 ``loading`` and the model routes 503 ``model_loading``.
+    """
+
+    def __init__(self, guard: GuardLike | None, settings: ServerSettings) -> None:
+        self.guard: GuardLike | None = None
         self.settings = settings
         self.metrics = Metrics()
-        self.metrics.watch_image_encodings(getattr(guard, "engine", None))  # a FastEngine exports its counters
         self.batcher = Batcher(
-            guard,
+            guard,  # type: ignore[arg-type]  # set by attach() before any item is queued
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -76,7 +103,27 @@ class ServerState:
         self.fetcher = ImageFetcher(settings)
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.ready = False
+        self.load_error: str | None = None
+        self.model_id = settings.model_id or "mmguard"
         self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in settings.api_keys)
+        if guard is not None:
+            self.attach(guard)
+
+    def attach(self, guard: GuardLike) -> None:
+        """Serve ``guard``; the model id defaults to the loaded model's name."""
+        self.guard = guard
+        self.batcher.guard = guard
+        self.metrics.watch_image_encodings(getattr(guard, "engine", None))  # a FastEngine exports its counters
+        if self.settings.model_id is None:
+            try:
+                source = str(guard.describe().get("model") or "")
+            except Exception:  # a stand-in guard without an engine
+                source = ""
+            self.model_id = served_model_id(source)
+
+    @property
+    def shield_ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model_id, *self.settings.shield_ids)))
 
     @property
     def threshold(self) -> float | None:
@@ -111,18 +158,22 @@ class ServerState:
                 code="not_ready",
                 headers={"Retry-After": "1"},
             ) from None
+        deadline = REQUEST_DEADLINE.get()  # the time left of the request (image fetches may have used some)
+        budget = self.settings.request_timeout_s
+        if deadline is not None:
+            budget = min(budget, max(0.0, deadline - time.monotonic()))
         try:
-            outcomes = list(await asyncio.wait_for(asyncio.gather(*futures), self.settings.request_timeout_s))
+            outcomes = list(await asyncio.wait_for(asyncio.gather(*futures), budget))
         except asyncio.TimeoutError:
             for f in futures:
                 f.cancel()
             self.metrics.rejected.labels("timeout").inc()
-            raise APIError(
-                504,
-                f"request timed out after {self.settings.request_timeout_s:g}s",
-                type="server_error",
-                code="timeout",
-            ) from None
+            raise request_timeout_error(self.settings.request_timeout_s) from None
+        rejected = [(k, o) for k, o in enumerate(outcomes) if o.input_error]
+        if rejected:  # the guard refused the input itself: a client error, never retried, never fail-closed
+            k, first = rejected[0]
+            where = f"item {k + 1}: " if len(outcomes) > 1 else ""
+            raise APIError(400, f"{where}{first.error}", code="invalid_input")
         failed = [o for o in outcomes if o.verdict is None]
         if failed:
             raise APIError(
@@ -201,7 +252,11 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            public = path in _PUBLIC_PATHS or (path == "/metrics" and settings.metrics_public)
+            public = (
+                path in _PUBLIC_PATHS
+                or path.startswith(_DOCS_ASSETS + "/")
+                or (path == "/metrics" and settings.metrics_public)
+            )
             if settings.api_keys and not public:
                 auth = headers.get("authorization", "")
                 scheme, _, token = auth.partition(" ")
@@ -218,6 +273,16 @@ class GatewayMiddleware:
                         {"www-authenticate": "Bearer"},
                     )
                     return
+            if self.state.guard is None and path in _MODEL_ROUTES:
+                loading = self.state.load_error is None
+                message = "the model is still loading; retry shortly" if loading else "the model could not be loaded"
+                await self._reply(
+                    send_wrapper,
+                    503,
+                    error_body(message, type="server_error", code="model_loading" if loading else "not_ready"),
+                    {"retry-after": "5"} if loading else {},
+                )
+                return
             declared = headers.get("content-length")
             limit = settings.max_body_bytes
             too_big = error_body(
@@ -226,22 +291,45 @@ class GatewayMiddleware:
             if declared is not None and declared.strip().isdigit() and int(declared) > limit:
                 await self._reply(send_wrapper, 413, too_big, {"connection": "close"})
                 return
-            # read the whole body (bounded) before the app sees it
+            # read the whole body, bounded in size and in total time (a body trickled byte by byte must not
+            # hold a connection forever), before the app sees it
             chunks: list[bytes] = []
-            size = 0
             more = scope["method"] in ("POST", "PUT", "PATCH")
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    await self._reply(send_wrapper, 413, too_big, {"connection": "close"})
-                    return
-                chunks.append(chunk)
-                more = message.get("more_body", False)
+
+            async def read_body() -> str | None:
+                size = 0
+                nonlocal more
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return "disconnect"
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return "too_big"
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+                return None
+
+            try:
+                problem = await asyncio.wait_for(read_body(), settings.body_timeout_s)
+            except asyncio.TimeoutError:
+                problem = "timeout"
+            if problem == "disconnect":
+                return
+            if problem == "too_big":
+                await self._reply(send_wrapper, 413, too_big, {"connection": "close"})
+                return
+            if problem == "timeout":
+                slow = error_body(
+                    f"the request body was not received within {settings.body_timeout_s:g}s",
+                    code="body_timeout",
+                )
+                await self._reply(send_wrapper, 408, slow, {"connection": "close"})
+                return
             body = b"".join(chunks)
+            scope["state"]["raw_body"] = body  # for the JSON error handler's diagnosis
+            REQUEST_DEADLINE.set(time.monotonic() + settings.request_timeout_s)
             sent = False
 
             async def replay() -> Message:
@@ -274,26 +362,110 @@ def _content_for_log(conv: Conversation) -> list[dict[str, Any]]:
     return [{"role": t.role, "text": t.text[:2000], "image": t.image is not None} for t in conv.turns]
 
 
-def _resolve_policy(state: ServerState, spec: Any, exclude: list[str]) -> tuple[Policy | None, Any, Policy]:
-    """(policy to pass or None, batching key, the active policy after exclusions)."""
+def _resolve_policy(
+    state: ServerState, spec: Any, exclude: list[str], exclude_param: str = "exclude"
+) -> tuple[Policy | None, Any, Policy]:
+    """(policy to pass or None, batching key, the active policy after exclusions); 400 ``invalid_policy``."""
     try:
         if spec is None or spec == "default":
             policy, key = None, None
+            assert state.guard is not None  # the middleware answers model_loading before
             base = state.guard.policy
         else:
             policy = load_policy(spec)
             key = json.dumps(policy.to_dict(), sort_keys=True)
             base = policy
+    except PolicyError as err:
+        raise APIError.bad_request(str(err), param="policy", code="invalid_policy") from None
+    try:
         active = base.exclude(exclude) if exclude else base
     except PolicyError as err:
-        raise APIError.bad_request(str(err), param="exclude" if "exclude" in str(err) else "policy") from None
+        raise APIError.bad_request(str(err), param=exclude_param, code="invalid_policy") from None
     return policy, key, active
 
 
-def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> FastAPI:
-    """The moderation server for ``guard`` (run it with uvicorn; the lifespan starts the batcher)."""
+def _json_problem(body: bytes) -> str:
+    """Why the JSON decoder failed on ``body`` (only called on that error path)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return (
+            f"request body is not valid JSON: it is not UTF-8 (byte 0x{body[err.start]:02X} at offset {err.start})"
+        )
+    try:
+        json.loads(body)
+    except RecursionError:
+        return "request body is not valid JSON: it is nested too deeply to parse"
+    except ValueError as err:
+        return f"request body is not valid JSON: {err}"
+    return "request body is not valid JSON"
+
+
+def _swagger_assets() -> str | None:
+    """The folder of Swagger UI's files when the swagger-ui-bundle package is installed (served locally)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    return str(swagger_ui_path)
+
+
+def create_app(
+    guard: GuardLike | None,
+    settings: ServerSettings | None = None,
+    *,
+    loader: Callable[[], GuardLike] | None = None,
+) -> FastAPI:
+    """The moderation server for ``guard`` (run it with uvicorn; the lifespan starts the batcher).
+
+    With ``guard=None`` and a ``loader``, the lifespan starts the loader in a background thread and the
+    server answers at once: ``/readyz`` 503 ``loading`` and the model routes 503 ``model_loading`` until
+    the guard is loaded and warm. A loader that raises leaves the server not ready (``load_error`` set).
+    """
+    if guard is None and loader is None:
+        raise ValueError("create_app needs a guard or a loader")
     settings = settings or ServerSettings()
     state = ServerState(guard, settings)
+
+    async def warm_up(loaded: GuardLike) -> None:
+        try:
+            if settings.warmup:
+                await state.batcher.run_sync(lambda: loaded.classify_batch([Conversation.prompt("warm-up")]))
+            state.ready = True
+            log.info("ready", extra={"model": state.model_id})
+        except Exception:
+            log.exception("warm-up failed; the server stays not ready (/readyz answers 503)")
+
+    async def load_in_background(load: Callable[[], GuardLike]) -> None:
+        # a daemon thread, not the model executor: shutting down must not wait for a load to finish
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[GuardLike] = loop.create_future()
+
+        def settle(result: GuardLike | None, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+        def run() -> None:
+            try:
+                result = load()
+            except BaseException as err:  # reported to the loop, never lost in the thread
+                loop.call_soon_threadsafe(settle, None, err)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        threading.Thread(target=run, name="mmguard-model-load", daemon=True).start()
+        try:
+            loaded = await done
+        except Exception as err:
+            state.load_error = f"{type(err).__name__}: {err}"
+            log.error("model could not be loaded: %s", state.load_error)
+            return
+        state.attach(loaded)
+        await warm_up(loaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -304,17 +476,21 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
             previous_threads = torch.get_num_threads()
             torch.set_num_threads(max(1, settings.torch_threads))
         await state.batcher.start()
-        try:
-            if settings.warmup:
-                await state.batcher.run_sync(lambda: guard.classify_batch([Conversation.prompt("warm-up")]))
-            state.ready = True
-            log.info("ready", extra={"model": settings.model_id})
-        except Exception:
-            log.exception("warm-up failed; the server stays not ready (/readyz answers 503)")
+        loading: asyncio.Task[None] | None = None
+        if state.guard is not None:
+            await warm_up(state.guard)
+        else:
+            assert loader is not None
+            loading = asyncio.create_task(load_in_background(loader), name="mmguard-model-load")
+            app.state.loading = loading
         try:
             yield
         finally:
             state.ready = False
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
             await state.batcher.stop()
             if previous_threads is not None:
                 import torch
@@ -327,6 +503,8 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
         description="Llama Guard 3 Vision as a service: OpenAI-compatible moderations, full verdicts, "
         "llama-stack safety shields. Errors use OpenAI's error object.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: the default loads Swagger UI from a CDN
+        redoc_url=None,  # ReDoc only exists as a CDN script: off
     )
     app.state.mmguard = state
 
@@ -344,6 +522,10 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _PARSE_ERROR:
+            message = _json_problem(request.scope.get("state", {}).get("raw_body", b""))
+            request.state.log["error_code"] = "invalid_json"
+            return JSONResponse(error_body(message, code="invalid_json"), status_code=400)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         status = exc.status_code if exc.status_code < 500 else 400
         return JSONResponse(
@@ -364,28 +546,67 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="Readiness (model loaded, warm, batcher running)")
+    assets = _swagger_assets()
+    if assets is not None:
+        from fastapi.openapi.docs import get_swagger_ui_html
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount(_DOCS_ASSETS, StaticFiles(directory=assets), name="swagger-ui-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title="mmguard moderation server - Swagger UI",
+                swagger_js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
+                swagger_css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+                swagger_favicon_url=f"{_DOCS_ASSETS}/favicon-32x32.png",
+            )
+    else:
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_missing() -> JSONResponse:
+            message = (
+                "Swagger UI is not installed on this server (pip install swagger-ui-bundle); "
+                "the OpenAPI document is at /openapi.json"
+            )
+            return JSONResponse(error_body(message, code="not_found"), status_code=404)
+
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="Readiness (model loaded, warm, batcher running)",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready: loading, warming up or shutting down"}},
+    )
     async def readyz() -> JSONResponse:
         ready = state.ready and state.batcher.running
+        loading = state.guard is None and state.load_error is None
         body = {
-            "status": "ready" if ready else "not_ready",
+            "status": "ready" if ready else "loading" if loading else "not_ready",
             "queue_depth": state.batcher.depth,
             "max_queue": settings.max_queue,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics (text exposition format)",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         state.metrics.queue_depth.set(state.batcher.depth)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", tags=["openai"], summary="The served model")
+    @app.get("/v1/models", tags=["openai"], summary="The served model", responses={401: _ERRORS[401]})
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mmguard"}],
+            "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": "mmguard"}],
         }
 
     # -- OpenAI moderations -----------------------------------------------------------------------
@@ -409,6 +630,7 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
                 )
                 owners.append(idx)
         outcomes = await state.judge(specs)
+        assert state.guard is not None
         active = state.guard.policy.active_codes
         per_item: list[list[dict[str, Any]]] = [[] for _ in items]
         any_fail_closed = False
@@ -435,7 +657,7 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
             log_extra["content"] = [_content_for_log(s.conversation) for s in specs]
         headers = {"x-mmguard-fail-closed": "true"} if any_fail_closed else {}
         return JSONResponse(
-            {"id": f"modr-{uuid.uuid4().hex}", "model": settings.model_id, "results": results},
+            {"id": f"modr-{uuid.uuid4().hex}", "model": state.model_id, "results": results},
             headers=headers,
         )
 
@@ -446,7 +668,14 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
         response_model=ModerationResponse,
         responses=_ERRORS,
     )(moderations)
-    app.post("/v1/openai/v1/moderations", include_in_schema=False)(moderations)  # llama-stack's route
+    app.post(  # llama-stack's route
+        "/v1/openai/v1/moderations",
+        tags=["openai"],
+        summary="The same moderation route, at llama-stack's path",
+        response_model=ModerationResponse,
+        responses=_ERRORS,
+        operation_id="moderations_llama_stack_path",
+    )(moderations)
 
     # -- full verdicts ----------------------------------------------------------------------------
     @app.post(
@@ -480,7 +709,7 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
             request.state.log["content"] = _content_for_log(conv)
         out = ClassifyResponse(
             id=f"guard-{uuid.uuid4().hex}",
-            model=settings.model_id,
+            model=state.model_id,
             policy={
                 "name": active.name,
                 "active_codes": list(active.active_codes),
@@ -496,25 +725,31 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
     # -- llama-stack ------------------------------------------------------------------------------
     def _shield(identifier: str) -> Shield:
         return Shield(
-            identifier=identifier, provider_resource_id=settings.model_id, provider_id="mmguard", params={}
+            identifier=identifier, provider_resource_id=state.model_id, provider_id="mmguard", params={}
         )
 
-    @app.get("/v1/shields", tags=["llama-stack"], summary="List shields", response_model=ShieldList)
+    @app.get(
+        "/v1/shields",
+        tags=["llama-stack"],
+        summary="List shields",
+        response_model=ShieldList,
+        responses={401: _ERRORS[401]},
+    )
     async def list_shields() -> ShieldList:
-        return ShieldList(data=[_shield(s) for s in settings.all_shield_ids])
+        return ShieldList(data=[_shield(s) for s in state.shield_ids])
 
     @app.get(
         "/v1/shields/{identifier:path}",
         tags=["llama-stack"],
         summary="Get a shield",
         response_model=Shield,
-        responses=_ERRORS,
+        responses={404: {"model": ErrorResponse, "description": "No such shield"}, 401: _ERRORS[401]},
     )
     async def get_shield(identifier: str) -> Shield:
-        if identifier not in settings.all_shield_ids:
+        if identifier not in state.shield_ids:
             raise APIError(
                 404,
-                f"shield {identifier!r} not found; shields: {', '.join(settings.all_shield_ids)}",
+                f"shield {identifier!r} not found; shields: {', '.join(state.shield_ids)}",
                 param="identifier",
                 code="shield_not_found",
             )
@@ -528,10 +763,10 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
         responses={**_ERRORS, 404: {"model": ErrorResponse}},
     )
     async def run_shield(body: RunShieldRequest, request: Request) -> JSONResponse:
-        if body.shield_id not in settings.all_shield_ids:
+        if body.shield_id not in state.shield_ids:
             raise APIError(
                 404,
-                f"shield {body.shield_id!r} not found; shields: {', '.join(settings.all_shield_ids)}",
+                f"shield {body.shield_id!r} not found; shields: {', '.join(state.shield_ids)}",
                 param="shield_id",
                 code="shield_not_found",
             )
@@ -541,7 +776,7 @@ def create_app(guard: GuardLike, settings: ServerSettings | None = None) -> Fast
             raise APIError.bad_request(
                 "params.excluded_categories must be a list of codes", param="params.excluded_categories"
             )
-        _, _, active = _resolve_policy(state, None, exclude)
+        _, _, active = _resolve_policy(state, None, exclude, "params.excluded_categories")
         messages = await normalize_messages(body.messages, state.limits, state.fetcher, lenient_roles=True)
         conv = await asyncio.to_thread(conversation_from_messages, messages, state.limits, None)
         (outcome,) = await state.judge(

@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from ..conversation import Conversation
-from ..policy import Policy
+from ..conversation import Conversation, ConversationError
+from ..images import ImageError
+from ..policy import Policy, PolicyError
+from ..prompt import PromptInjectionError
 from ..verdict import Verdict
 from .metrics import Metrics
 
@@ -74,6 +76,11 @@ class Outcome:
     verdict: Verdict | None
     error: str | None = None
     fail_closed: bool = False
+    input_error: bool = False  # the guard rejected the input (a client error: 400, not fail-closed)
+
+
+# What the guard raises for input it refuses (as opposed to a failing model): never a model error.
+_INPUT_ERRORS = (ConversationError, PolicyError, ImageError, PromptInjectionError, UnicodeError)
 
 
 @dataclass
@@ -267,6 +274,8 @@ class Batcher:
         return out
 
     def _failure(self, spec: WorkSpec, err: BaseException) -> Outcome:
+        if isinstance(err, _INPUT_ERRORS):
+            return Outcome(None, error=str(err), input_error=True)
         self.metrics.model_errors.inc()
         message = f"{type(err).__name__}: {err}"
         log.error("model error: %s", message)

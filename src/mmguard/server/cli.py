@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +20,27 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _default_model() -> str:
+    from ..models import default_model_path
+
+    return str(default_model_path())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen now (exit 2 with one line if the address is taken), before the model loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        typer.echo(f"error: cannot listen on {host}:{port}: {err.strerror or err}", err=True)
+        raise typer.Exit(2) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def command(
     model: Annotated[
         str | None,
@@ -31,8 +53,10 @@ def command(
     policy: Annotated[str | None, typer.Option(help="Policy YAML/JSON file (default: MLCommons 13)")] = None,
     threshold: Annotated[float | None, typer.Option(help="Decision threshold on P(unsafe)")] = None,
     model_id: Annotated[
-        str, typer.Option(help="Model name reported in responses and listed as a shield")
-    ] = "Llama-Guard-3-11B-Vision",
+        str | None,
+        typer.Option(help="Model name reported in responses and listed as a shield (default: the loaded "
+                     "model's directory name or Hugging Face id)"),
+    ] = None,
     shield_id: Annotated[list[str] | None, typer.Option(help="Extra accepted shield id (repeatable)")] = None,
     category_names: Annotated[
         str, typer.Option(help="codes (S1..S13) or openai (OpenAI category names)")
@@ -50,6 +74,9 @@ def command(
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="Conversations that may wait; beyond: 429")] = 512,
     request_timeout: Annotated[float, typer.Option(help="Seconds per request; beyond: 504")] = 30.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a client to send its whole request body; beyond: 408")
+    ] = 30.0,
     fail_closed: Annotated[
         bool, typer.Option("--fail-closed/--fail-open", help="On a model error answer unsafe instead of 503")
     ] = False,
@@ -107,7 +134,7 @@ def command(
     from ..ocr import OcrUnavailable
     from .app import create_app
     from .jsonlog import configure_logging
-    from .settings import ServerSettings
+    from .settings import ServerSettings, served_model_id
 
     configure_logging(log_level)
     if read_text not in READ_TEXT_MODES:
@@ -116,7 +143,7 @@ def command(
     hosts = _split(remote_image_host)
     try:
         settings = ServerSettings(
-            model_id=model_id,
+            model_id=model_id or served_model_id(model or _default_model()),
             shield_ids=("meta-llama/Llama-Guard-3-11B-Vision", *_split(shield_id)),
             threshold=threshold,
             category_names=category_names,  # type: ignore[arg-type]
@@ -126,6 +153,7 @@ def command(
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             request_timeout_s=request_timeout,
+            body_timeout_s=body_timeout,
             fail_closed=fail_closed,
             api_keys=keys,
             max_body_bytes=int(max_body_mb * 1024 * 1024),
@@ -144,20 +172,36 @@ def command(
 
         if device == "cpu" or not torch.cuda.is_available():
             settings = replace(settings, torch_threads=max(1, (os.cpu_count() or 2) - 1))
+    # the port first: a busy port fails in a second, before minutes of model loading
+    listener = _listen(host, port)
     fast_options = None
     if fast or quantize or mask_free_text:
         fast_options = {"keep_images": keep_images, "mask_free_text": mask_free_text, "quantize": quantize}
-    try:
-        guard = Guard.from_pretrained(
-            Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype, policy=policy,
-            fast=fast, fast_options=fast_options, read_text=read_text, ocr_timeout_s=ocr_timeout,
-        )
-    except OcrUnavailable as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(3) from None
-    except EngineError as err:
-        typer.echo(f"error: cannot load model {model or '(default)'}: {err}", err=True)
-        raise typer.Exit(3) from None
+
+    def load_guard() -> Guard:  # in the background: the server already answers /readyz meanwhile
+        try:
+            return Guard.from_pretrained(
+                Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype,
+                policy=policy, fast=fast, fast_options=fast_options, read_text=read_text, ocr_timeout_s=ocr_timeout,
+            )
+        except OcrUnavailable as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(3) from None
+        except EngineError as err:
+            typer.echo(f"error: cannot load model {model or '(default)'}: {err}", err=True)
+            raise typer.Exit(3) from None
+
+    def load_or_stop() -> Guard:
+        try:
+            return load_guard()
+        except BaseException:
+            server.should_exit = True  # a server without its model has nothing to serve: exit 3 below
+            raise
+
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo("warning: serving on a non-loopback address without API keys", err=True)
-    uvicorn.run(create_app(guard, settings), host=host, port=port, log_config=None, access_log=False)
+    app = create_app(None, settings, loader=load_or_stop)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    server.run(sockets=[listener])
+    if app.state.mmguard.load_error is not None:  # the loader has said why on stderr
+        raise typer.Exit(3)

@@ -39,7 +39,12 @@ class APIError(Exception):
 def error_body(
     message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": type, "param": _printable(param), "code": code}}
+
+
+def _printable(text: str | None) -> str | None:
+    # a message may quote client text; lone surrogates cannot be encoded as UTF-8, so escape them
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -66,6 +71,8 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
         ctx = first.get("ctx") or {}
         detail = ctx.get("error") if isinstance(ctx, Mapping) else None
         return (f"request body is not valid JSON{f': {detail}' if detail else ''}", None, "invalid_json")
+    if kind == "missing" and param is None:  # the body itself is absent
+        return "request body is empty; expected a JSON object", None, "invalid_json"
     if kind == "missing":
         return f"missing required parameter '{param}'", param, "missing_required_parameter"
     if param == "input" and len(loc) == 1:

@@ -7,23 +7,27 @@ enabled) an allowlisted http(s) URL.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
+import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from ..conversation import Conversation, ConversationError
+from ..conversation import Conversation, ConversationError, InvalidTextError, check_text
 from ..images import ImageError, ImageLimits
 from ..policy import PolicyError
 from .errors import APIError
 from .settings import ServerSettings
 
 __all__ = [
+    "REQUEST_DEADLINE",
     "ImageFetcher",
     "ModerationItem",
     "PendingModeration",
@@ -39,9 +43,39 @@ _DATA_HEAD_RE = re.compile(
 _B64_CHARS_RE = re.compile(r"^[A-Za-z0-9+/=_-]+$")
 
 
+# time.monotonic() by which the current request must be answered (set by the server's middleware once the
+# body is read): image fetches and the wait for verdicts share it, so --request-timeout bounds the whole request
+REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("mmguard_request_deadline", default=None)
+
+
+def request_timeout_error(seconds: float) -> APIError:
+    return APIError(504, f"request timed out after {seconds:g}s", type="server_error", code="timeout")
+
+
 def too_many_images(n: int, param: str = "input") -> APIError:
     # the exact message and code OpenAI answers
     return APIError(400, f"Number of images ({n}) exceeds maximum of 1", param=param, code="too_many_images")
+
+
+def checked_text(value: str, param: str) -> str:
+    """The input rule for text (:func:`mmguard.conversation.check_text`) as a 400 ``invalid_text`` naming ``param``."""
+    try:
+        return check_text(value, param)
+    except InvalidTextError as err:
+        raise APIError(400, str(err), param=param, code="invalid_text") from None
+
+
+def conversation_error(err: ConversationError | ImageError | PolicyError, param: str | None) -> APIError:
+    """A typed input error -> 400 with a code saying which rule was broken."""
+    if isinstance(err, InvalidTextError):
+        code = "invalid_text"
+    elif isinstance(err, ImageError):
+        return image_error(err, param)
+    elif isinstance(err, PolicyError):
+        code = "invalid_policy"
+    else:
+        code = "invalid_conversation"
+    return APIError(400, str(err), param=param, code=code)
 
 
 def image_error(err: Exception, param: str | None) -> APIError:
@@ -104,6 +138,7 @@ class ImageFetcher:
     """Fetches allowlisted http(s) image URLs with a size and a time limit; no redirects."""
 
     def __init__(self, settings: ServerSettings) -> None:
+        self.request_timeout = settings.request_timeout_s
         self.enabled = settings.remote_images
         self.hosts = tuple(h.strip().lower() for h in settings.remote_image_hosts if h.strip())
         self.timeout = settings.remote_image_timeout_s
@@ -137,6 +172,28 @@ class ImageFetcher:
                 param=param,
                 code="image_host_not_allowed",
             )
+        # one deadline for the whole fetch (connect and every read together: a host trickling a byte a second
+        # must not hold the request), and never past the request's own deadline
+        budget = self.timeout
+        request_deadline = REQUEST_DEADLINE.get()
+        by_request = False
+        if request_deadline is not None and request_deadline - time.monotonic() < budget:
+            budget, by_request = request_deadline - time.monotonic(), True
+        if budget <= 0:
+            raise request_timeout_error(self.request_timeout)
+        try:
+            return await asyncio.wait_for(self._get(url, param), budget)
+        except asyncio.TimeoutError:
+            if by_request:
+                raise request_timeout_error(self.request_timeout) from None
+            raise APIError(
+                400,
+                f"fetching image URL timed out after {self.timeout:g}s",
+                param=param,
+                code="image_fetch_timeout",
+            ) from None
+
+    async def _get(self, url: str, param: str | None) -> bytes:
         try:
             async with (
                 httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False) as client,
@@ -241,10 +298,14 @@ class PendingModeration:
     def decode(self, limits: ImageLimits) -> list[ModerationItem]:
         """CPU part (run in a worker thread): decode images, build conversations."""
         if self.strings is not None:
-            try:
-                return [ModerationItem([Conversation.prompt(s)], True) for s in self.strings]
-            except ConversationError as err:
-                raise APIError.bad_request(str(err), param="input") from None
+            items = []
+            for k, s in enumerate(self.strings):
+                param = "input" if len(self.strings) == 1 else f"input[{k}]"
+                try:
+                    items.append(ModerationItem([Conversation.prompt(s)], True))
+                except ConversationError as err:  # one bad item fails the request, naming the item
+                    raise conversation_error(err, param) from None
+            return items
         return [decode_moderation_item(self.texts or [], self.blobs or [], limits)]
 
 
@@ -253,7 +314,7 @@ async def prepare_moderation(
 ) -> PendingModeration:
     """Validate ``input`` (str, list of str, or one list of text/image_url parts) and fetch images."""
     if isinstance(raw_input, str):
-        return PendingModeration(strings=[raw_input])
+        return PendingModeration(strings=[checked_text(raw_input, "input")])
     if not raw_input:
         raise APIError.bad_request("'input' must not be an empty list", param="input", code="empty_input")
     if all(isinstance(x, str) for x in raw_input):
@@ -263,14 +324,14 @@ async def prepare_moderation(
                 param="input",
                 code="too_many_inputs",
             )
-        return PendingModeration(strings=list(raw_input))
+        return PendingModeration(strings=[checked_text(x, f"input[{i}]") for i, x in enumerate(raw_input)])
     texts: list[str] = []
     refs: list[tuple[str, Any]] = []
     for i, part in enumerate(raw_input):
         param = f"input[{i}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            texts.append(checked_text(part["text"], f"{param}.text"))
         elif kind == "image_url":
             refs.append((f"{param}.image_url.url", _image_ref(part)))
         else:  # schema validation normally catches this first
@@ -311,7 +372,7 @@ def decode_moderation_item(texts: list[str], blobs: list[bytes], limits: ImageLi
                 for img in images
             ]
     except (ConversationError, ImageError) as err:
-        raise APIError.bad_request(str(err), param="input") from None
+        raise conversation_error(err, "input") from None
     return ModerationItem(convs, has_text)
 
 
@@ -384,12 +445,12 @@ async def normalize_messages(
             content = [content]
         parts: list[dict[str, Any]] = []
         if isinstance(content, str):
-            parts.append({"type": "text", "text": content})
+            parts.append({"type": "text", "text": checked_text(content, f"{where}.content")})
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 pw = f"{where}.content[{j}]"
                 if isinstance(part, str):
-                    parts.append({"type": "text", "text": part})
+                    parts.append({"type": "text", "text": checked_text(part, pw)})
                     continue
                 if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
                     raise APIError.bad_request(f"{pw} must be an object with a 'type'", param=pw)
@@ -399,7 +460,7 @@ async def normalize_messages(
                         raise APIError.bad_request(
                             f"{pw}: a text part needs a string 'text'", param=f"{pw}.text"
                         )
-                    parts.append({"type": "text", "text": part["text"]})
+                    parts.append({"type": "text", "text": checked_text(part["text"], f"{pw}.text")})
                 elif kind in ("image_url", "image"):
                     n_images += 1
                     blob = await resolve_image(_part_image_src(part), pw, limits, fetcher)
@@ -445,7 +506,7 @@ def conversation_from_messages(
     try:
         conv = Conversation.from_messages(messages, limits=limits)
     except (ConversationError, ImageError, PolicyError) as err:
-        raise APIError.bad_request(str(err), param=param) from None
+        raise conversation_error(err, param) from None
     if role is not None:
         want = {"user": "user", "assistant": "agent", "agent": "agent"}.get(role.lower())
         if want is None:

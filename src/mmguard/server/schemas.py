@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 
 __all__ = [
     "ClassifyRequest",
@@ -12,6 +12,7 @@ __all__ = [
     "ErrorResponse",
     "ModerationRequest",
     "ModerationResponse",
+    "Readiness",
     "RunShieldRequest",
     "RunShieldResponse",
     "Shield",
@@ -95,7 +96,9 @@ class ClassifyRequest(BaseModel):
     exclude: list[StrictStr] = Field(
         default_factory=list, description="Category codes left out of the prompt"
     )
-    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Decision threshold for this request")
+    threshold: StrictFloat | None = Field(  # strict: JSON true is not the number 1
+        None, ge=0.0, le=1.0, description="Decision threshold for this request"
+    )
     category_scores: Literal["unsafe", "always"] | None = Field(
         None, description="Compute per-category probabilities for unsafe verdicts only, or always"
     )
@@ -136,3 +139,9 @@ class Shield(BaseModel):
 
 class ShieldList(BaseModel):
     data: list[Shield]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "not_ready"]
+    queue_depth: int
+    max_queue: int

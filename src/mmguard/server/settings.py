@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-__all__ = ["CategoryNames", "MultiImage", "ServerSettings"]
+__all__ = ["CategoryNames", "MultiImage", "ServerSettings", "served_model_id"]
 
 CategoryNames = Literal["codes", "openai"]
 MultiImage = Literal["error", "each"]
@@ -15,7 +16,8 @@ MultiImage = Literal["error", "each"]
 class ServerSettings:
     """Everything the moderation server can be told.
 
-    model_id: the name reported in responses (``model``) and listed as the shield.
+    model_id: the name reported in responses (``model``) and listed as the shield; None: the loaded
+        model's (its directory name, or its Hugging Face id), see :func:`served_model_id`.
     shield_ids: extra shield identifiers accepted by ``/v1/safety/run-shield`` (the model id always is).
     threshold: server-wide decision threshold on the unsafe probability (None: the guard's own).
     category_names: keys of OpenAI ``categories``/``category_scores``: ``codes`` (S1..S13) or ``openai``.
@@ -30,6 +32,7 @@ class ServerSettings:
     fail_closed: on a model error, answer "unsafe" (flagged) instead of 503.
     api_keys: accepted Bearer keys (empty: no authentication).
     max_body_bytes: request bodies above this get 413.
+    body_timeout_s: the whole request body must arrive within this; beyond it 408 ``body_timeout``.
     max_inputs: maximum items in one moderation request.
     max_image_bytes / max_image_pixels: limits on each decoded image.
     remote_images / remote_image_hosts / remote_image_timeout_s: fetching http(s) image URLs; off by
@@ -41,7 +44,7 @@ class ServerSettings:
     metrics_public: serve ``/metrics`` without an API key.
     """
 
-    model_id: str = "Llama-Guard-3-11B-Vision"
+    model_id: str | None = None
     shield_ids: tuple[str, ...] = ("meta-llama/Llama-Guard-3-11B-Vision",)
     threshold: float | None = None
     category_names: CategoryNames = "codes"
@@ -55,6 +58,7 @@ class ServerSettings:
     fail_closed: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0
     max_inputs: int = 256
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -86,11 +90,31 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.remote_image_timeout_s <= 0:
+        if (
+            self.max_wait_ms < 0
+            or self.request_timeout_s <= 0
+            or self.remote_image_timeout_s <= 0
+            or self.body_timeout_s <= 0
+        ):
             raise ValueError("max_wait_ms must be >= 0 and timeouts > 0")
         if self.remote_images and not self.remote_image_hosts:
             raise ValueError("remote_images needs at least one host in remote_image_hosts (the allowlist)")
 
     @property
     def all_shield_ids(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.model_id, *self.shield_ids)))
+        """The shield ids when ``model_id`` is set (the app's state knows the loaded model's otherwise)."""
+        return tuple(dict.fromkeys((*(() if self.model_id is None else (self.model_id,)), *self.shield_ids)))
+
+
+def served_model_id(source: str | Path | None) -> str:
+    """The name a server reports for a model loaded from ``source``: a directory's name, else the id as given."""
+    text = str(source or "").strip()
+    if not text:
+        return "mmguard"
+    path = Path(text).expanduser()
+    try:
+        if path.exists():
+            return path.resolve().name or text
+    except (OSError, ValueError):
+        pass
+    return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import uvicorn
@@ -19,13 +20,21 @@ class LiveServer:
     """``with LiveServer(guard, settings) as srv: httpx.get(srv.url + "/healthz")``.
 
     Binds 127.0.0.1 on a free port chosen by the OS, waits until the app is ready, and shuts down
-    cleanly (bounded waits) on exit.
+    cleanly (bounded waits) on exit. ``guard=None`` with a ``loader`` loads the guard in the background
+    (as ``mmguard serve`` does); ``wait_ready=False`` returns as soon as the port answers.
     """
 
     def __init__(
-        self, guard: GuardLike, settings: ServerSettings | None = None, *, startup_timeout: float = 60.0
+        self,
+        guard: GuardLike | None,
+        settings: ServerSettings | None = None,
+        *,
+        startup_timeout: float = 60.0,
+        loader: Callable[[], GuardLike] | None = None,
+        wait_ready: bool = True,
     ) -> None:
-        self.app = create_app(guard, settings or ServerSettings())
+        self.app = create_app(guard, settings or ServerSettings(), loader=loader)
+        self.wait_ready = wait_ready
         self.config = uvicorn.Config(
             self.app,
             host="127.0.0.1",
@@ -54,7 +63,7 @@ class LiveServer:
             time.sleep(0.02)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         state = self.app.state.mmguard
-        while not state.ready:  # warm-up runs in the lifespan, before 'started'; this is a safety net
+        while self.wait_ready and not state.ready:  # warm-up ran in the lifespan: a safety net
             if time.monotonic() > deadline:
                 raise RuntimeError("live server did not become ready")
             time.sleep(0.02)

@@ -8,9 +8,9 @@
    warm-up batch each; the prompts of the timed batches were never seen by the cache, so only the template
    prefix is reused.
 2. A streamed answer of ``--answer-tokens`` tokens checked every ``--check-every`` tokens (response
-   classification of one conversation): re-classifying the whole conversation at each check with the plain
-   engine, against incremental checks with the prefix cache (each check computes the new answer tokens plus
-   the closing part of the template).
+   classification of one conversation; checks that pass, see ``--stream-threshold``): re-classifying the
+   whole conversation at each check with the plain engine, against incremental checks with the prefix
+   cache (each check computes the new answer tokens plus the closing part of the template).
 
 Both parts print the ratio and max |dp(unsafe)| / |dp(category)| against the plain engine, and whether the
 labels and codes are identical. ``--large`` repeats them on a random-weight Mllama of a larger size
@@ -90,7 +90,8 @@ def answer_prefixes(guard: Guard, tokens: int, every: int) -> list[str]:
     return [guard.engine.tokenizer.decode(ids[:k]) for k in range(every, tokens + 1, every)]
 
 
-def bench_stream(plain: Guard, cached: Guard, tokens: int, every: int, reps: int) -> dict[str, Any]:
+def bench_stream(plain: Guard, cached: Guard, tokens: int, every: int, reps: int,
+                 threshold: float) -> dict[str, Any]:
     engine = cached.engine
     assert isinstance(engine, PrefixCachingEngine)
     answers = answer_prefixes(plain, tokens, every)
@@ -100,7 +101,7 @@ def bench_stream(plain: Guard, cached: Guard, tokens: int, every: int, reps: int
         out = []
         t0 = time.perf_counter()
         for a in answers:  # one conversation (a new one each run: nothing kept from the last run)
-            out.append(guard.classify(Conversation.response(f"{question} ({tag})", a)))
+            out.append(guard.classify(Conversation.response(f"{question} ({tag})", a), threshold=threshold))
         return time.perf_counter() - t0, out
 
     run(plain, -1)
@@ -118,7 +119,8 @@ def bench_stream(plain: Guard, cached: Guard, tokens: int, every: int, reps: int
                 computed = engine.stats.computed_tokens - before
     full_tokens = sum(len(plain.prompt_ids(Conversation.response(question, a))) for a in answers)
     plain_s, cached_s = statistics.median(times["plain"]), statistics.median(times["prefix_cache"])
-    return {"answer_tokens": tokens, "check_every": every, "checks": len(answers),
+    return {"answer_tokens": tokens, "check_every": every, "checks": len(answers), "threshold": threshold,
+            "unsafe_checks": sum(v.is_unsafe for v in kept["plain"]),
             "full_recheck_s": plain_s, "incremental_s": cached_s, "ratio": plain_s / cached_s,
             "tokens_full_recheck": full_tokens, "tokens_incremental": computed,
             **compare(kept["plain"], kept["prefix_cache"])}
@@ -161,7 +163,8 @@ def run_model(label: str, path: Any, args: argparse.Namespace) -> dict[str, Any]
     cached = enable_prefix_cache(Guard.from_pretrained(path, device=args.device, dtype=args.dtype))
     report = {"model": label, "about": describe(path),
               "text_batches": bench_batches(plain, cached, args.batch, args.batches, args.reps),
-              "stream": bench_stream(plain, cached, args.answer_tokens, args.check_every, args.reps)}
+              "stream": bench_stream(plain, cached, args.answer_tokens, args.check_every, args.reps,
+                                    args.stream_threshold)}
     tb, st = report["text_batches"], report["stream"]
     print(f"[{label}] {report['about']}")
     print(f"  text-only batch {tb['batch']} ({tb['prompt_tokens']} prompt tokens): plain {tb['plain_per_s']:.1f}/s, "
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=512)
     ap.add_argument("--check-every", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--stream-threshold", type=float, default=1.0,
+                    help="threshold of the streamed checks (default 1.0: every check passes, as all checks but the "
+                    "last of a stream do; a lower one makes random-weight models run the category decode)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -93,3 +93,22 @@ def test_memory_is_bounded(tiny_model_dir: Path) -> None:
     assert 0 < engine.cached_tokens <= 600
     with pytest.raises(TypeError):
         enable_prefix_cache(type("G", (), {"engine": object()})())
+
+
+def test_bench_script_runs(tmp_path: Path) -> None:
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "prefix_cache.py"
+    spec = importlib.util.spec_from_file_location("bench_prefix_cache", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "report.json"
+    assert bench.main(["--tiny", "--no-large", "--batch", "4", "--batches", "1", "--reps", "1",
+                       "--answer-tokens", "64", "--check-every", "16", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    for part in ("text_batches", "stream"):
+        assert run[part]["ratio"] > 0 and run[part]["identical_labels_and_codes"]
+        assert run[part]["max_abs_dp_unsafe"] < TOL
+    assert run["stream"]["tokens_incremental"] < run["stream"]["tokens_full_recheck"]

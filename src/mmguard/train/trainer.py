@@ -176,7 +176,29 @@ class SequenceItem:
 
     input_ids: list[int]
     labels: list[int]
-    image: Any  # PIL image, reading.RenderedText (rendered at collation) or None
+    image: Any  # PackedImage / reading.RenderedText (decoded or rendered at collation), a PIL image, or None
+
+
+class PackedImage:
+    """A training image held as PNG bytes (lossless) and decoded at collation: tens of thousands of
+    decoded 760 px images would hold gigabytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, image: Any) -> None:
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        self.data = buf.getvalue()
+
+    def load(self) -> Any:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.data)) as im:
+            return im.convert("RGB")
 
 
 def _truncate(
@@ -227,6 +249,9 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
             forms = formatter.format(ex, base)
             if cfg.transcripts and split == "train" and ex.meta.get("kind") == "typographic":
                 forms += formatter.format(transcript_example(ex), base)
+            # one PNG per decoded image, shared by the example's repeats and augmentations (keyed while the
+            # example's images are alive, so an id is never reused)
+            packed: dict[int, PackedImage] = {}
             for t in forms * repeat:
                 tok = tokenize(tokenizer, t)
                 assert cfg.max_seq_len is not None
@@ -236,7 +261,12 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
                     continue
                 if len(cut[0]) < len(tok.input_ids):
                     stats["truncated"] += 1
-                items.append(SequenceItem(cut[0], cut[1], tok.image))
+                image = tok.image
+                if image is not None:
+                    if id(image) not in packed:
+                        packed[id(image)] = PackedImage(image)
+                    image = packed[id(image)]
+                items.append(SequenceItem(cut[0], cut[1], image))
     if split == "train" and cfg.reading:
         reading = reading_items(reading_pool, tokenizer, cfg.reading, cfg.seed)
         stats["reading"] = len(reading)
@@ -337,7 +367,7 @@ class Collator:
         from .reading import RenderedText
 
         items = [it for batch in wrapped for it in batch]
-        images = [it.image.load() if isinstance(it.image, RenderedText) else it.image for it in items]
+        images = [it.image.load() if isinstance(it.image, (RenderedText, PackedImage)) else it.image for it in items]
         enc = [EncodedItem(it.input_ids, im, None) for it, im in zip(items, images, strict=True)]  # type: ignore[arg-type]
         batch = self.engine.collate(enc)
         width = batch["input_ids"].shape[1]

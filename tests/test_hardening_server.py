@@ -365,3 +365,74 @@ def test_a_trickling_image_host_is_cut_off(
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
     bound = min(fetch_timeout, request_timeout)
     assert elapsed < bound + 1.0, f"the request took {elapsed:.1f}s; the bound is {bound:g}s"
+
+
+# -- defect 4: 8 concurrent 6000x6000 PNGs: bounded peak, memory given back -----------------------------
+
+
+def _rss_mib(pid: int) -> dict[str, float]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_concurrent_large_images_keep_server_memory_bounded(tiny_model_dir) -> None:
+    import base64
+    import concurrent.futures
+    import io
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    # 6000x6000 (36 MP, within the 40 MP default) that PNG-compresses to ~2 MB: 10x10 px random blocks
+    blocks = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(blocks).resize((6000, 6000), Image.Resampling.NEAREST).save(buf, "PNG", compress_level=1)
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"input": [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "mmguard.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+           "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the server exited"
+            time.sleep(0.2)
+        assert httpx.post(base + "/v1/moderations", json={"input": "warm"}, timeout=30).status_code == 200
+        time.sleep(0.5)
+        before = _rss_mib(proc.pid)["VmRSS"]
+        with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(
+                lambda _: httpx.post(base + "/v1/moderations", json=body, timeout=60).status_code, range(8)
+            ))
+        time.sleep(1.0)
+        after = _rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert statuses == [200] * 8
+    peak_growth, left = after["VmHWM"] - before, after["VmRSS"] - before
+    print(f"RSS before {before:.0f} MiB, peak +{peak_growth:.0f} MiB, after {left:+.0f} MiB")
+    assert peak_growth <= 1024, f"peak RSS grew by {peak_growth:.0f} MiB (limit 1024)"
+    assert left <= 300, f"RSS stayed {left:.0f} MiB above its level before (limit 300)"

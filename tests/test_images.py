@@ -138,3 +138,25 @@ def test_odd_sizes_get_a_verdict(tiny_guard, size) -> None:
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     verdict = tiny_guard.classify(Conversation.prompt("what is this?", img))
     assert 0.0 <= verdict.unsafe_probability <= 1.0 and verdict.has_image
+
+
+def test_large_images_are_reduced_to_the_largest_canvas_at_decode() -> None:
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (4500, 1500), (10, 200, 30)).save(buf, fmt)
+        img = load_image(buf.getvalue())
+        assert img.size == (2240, 747) and img.mode == "RGB", (fmt, img.size)
+    small = load_image(buf.getvalue(), ImageLimits(max_side=None))
+    assert small.size == (4500, 1500)  # max_side=None keeps every pixel
+
+
+def test_max_concurrent_decodes_is_settable() -> None:
+    from mmguard.images import max_concurrent_decodes
+
+    default = max_concurrent_decodes()
+    try:
+        assert max_concurrent_decodes(3) == 3
+        with pytest.raises(ValueError, match="at least 1"):
+            max_concurrent_decodes(0)
+    finally:
+        max_concurrent_decodes(default)

@@ -4,15 +4,23 @@ Inputs are hostile. We bound the encoded size and the pixel count *before* decod
 bombs), detect truncated or non-image data, apply EXIF orientation, take the first frame of
 animations, and bring every mode (CMYK, palette, 16-bit, alpha) to 8-bit RGB. Tiling and
 normalisation are left to transformers' Mllama image processor.
+
+Memory is bounded too: at most :func:`max_concurrent_decodes` images are decoded at once (a 40 MP
+image is ~120 MB decoded), every image is reduced to the largest canvas any Mllama model reads
+(``max_side``, 2240 px: 4 tiles of 560 px) right at decode time (JPEG: already inside the decoder, via
+``draft``), and after a large decode the C heap is handed back to the OS (glibc ``malloc_trim``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "ImageLimits", "image_digest", "load_image"]
+__all__ = ["ImageError", "ImageLimits", "image_digest", "load_image", "max_concurrent_decodes"]
 
 
 class ImageError(ValueError):
@@ -33,9 +41,45 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024  # encoded size
     max_pixels: int = 40_000_000  # width * height before any resizing
     max_aspect_ratio: float = 64.0  # longer side / shorter side; beyond this a side vanishes when tiled
+    # longer side kept after decoding: the Mllama processor never uses more (at most 4 tiles of 560 px on a
+    # side), so larger images are reduced at once instead of held at full size; None keeps every pixel
+    max_side: int | None = 2240
 
 
 DEFAULT_LIMITS = ImageLimits()
+_LARGE_DECODE_PIXELS = 4_000_000  # after decoding more than this, give freed memory back to the OS
+_decode_slots = threading.BoundedSemaphore(2)
+_decode_slots_size = 2
+
+
+def max_concurrent_decodes(n: int | None = None) -> int:
+    """Images decoded at once in this process (default 2; others wait). Set with ``n``; returns the value."""
+    global _decode_slots, _decode_slots_size
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"max_concurrent_decodes must be at least 1, got {n}")
+        _decode_slots, _decode_slots_size = threading.BoundedSemaphore(n), n
+    return _decode_slots_size
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _give_memory_back() -> None:
+    # Pillow decodes into 16 MB blocks that glibc serves from its arenas and keeps after free: without a
+    # trim, a burst of large images leaves gigabytes resident
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 _DATA_URL_RE = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I
 )
@@ -123,12 +167,49 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
+    """``img`` reduced so that its longer side is at most ``max_side`` (box-reduce, then Lanczos)."""
+    width, height = img.size
+    if max_side is None or max(width, height) <= max_side:
+        return img
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
 def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths: bool = True) -> Image.Image:
-    """Decode ``source`` (path, bytes, base64, data URL or PIL image) into a fully loaded RGB image.
+    """Decode ``source`` (path, bytes, base64, data URL or PIL image) into a fully loaded RGB image, its longer
+    side at most ``limits.max_side``.
 
     ``allow_paths=False`` refuses local file paths: a server must never read files named by a client.
     """
     data, img = _source_to_bytes(source, limits, allow_paths)
+    large = False
+    if data is not None:
+        width, height = _peek_size(data)
+        large = width * height > _LARGE_DECODE_PIXELS
+    if not large:
+        return _decode(data, img, limits)
+    with _decode_slots:  # bounded: a burst of large images must not be decoded all at once
+        try:
+            return _decode(data, img, limits)
+        finally:
+            del data, img
+            _give_memory_back()
+
+
+def _peek_size(data: bytes) -> tuple[int, int]:
+    """The declared size from the header only (0x0 when it cannot be read: the decode will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size
+    except Exception:
+        return 0, 0
+
+
+def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) -> Image.Image:
     if data is not None:
         if len(data) == 0:
             raise ImageError("image data is empty (0 bytes)")
@@ -157,12 +238,17 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths
         raise ImageError(
             f"image aspect ratio {ratio:.1f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
         )
+    source_img = img
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)  # the first frame is what a viewer shows first
+        if limits.max_side is not None and img.format == "JPEG":
+            img.draft("RGB", (limits.max_side, limits.max_side))  # the decoder itself scales by 1/2, 1/4, 1/8
         img.load()
+        if img.mode in ("RGB", "RGBA", "L", "LA"):  # reduce before any copy (resize supports these modes)
+            img = _shrink(img, limits.max_side)
         img = ImageOps.exif_transpose(img) or img
-        rgb = _to_rgb(img)
+        rgb = _shrink(_to_rgb(img), limits.max_side)
         rgb.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise ImageError(f"image rejected as a decompression bomb: {err}") from None
@@ -170,8 +256,10 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths
         raise ImageError(f"image is truncated or corrupt: {err}") from None
     except Exception as err:
         raise ImageError(f"cannot decode image: {err}") from None
-    if rgb is img and rgb.mode == "RGB":
+    if rgb is source_img:
         rgb = rgb.copy()  # never alias a caller's image
+    if data is not None and source_img is not rgb:
+        source_img.close()  # the full-size decode: free it now, not at the next garbage collection
     return rgb
 
 

@@ -33,7 +33,7 @@ class APIError(Exception):
 
     @classmethod
     def bad_request(cls, message: str, *, param: str | None = None, code: str | None = None) -> APIError:
-        return cls(400, message, param=param, code=code)
+        return cls(400, message, param=param, code=code or "invalid_value")  # every 400 names a code
 
 
 def error_body(

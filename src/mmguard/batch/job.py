@@ -160,12 +160,14 @@ def run_batch(
     torch_threads: int | None = None,
     progress: bool | None = None,
     guard: Any = None,
+    on_chunk: Callable[[ChunkResult], None] | None = None,
 ) -> BatchSummary:
     """Judge every line of ``inputs`` into ``output/part-*.jsonl`` and ``output/manifest.json``.
 
     ``engine="local"`` runs the chunks in this process (``guard``: an already loaded one, else ``spec``
     loads it); ``engine="ray"`` runs them on a Ray Data actor pool of ``workers`` guards. ``progress``:
-    a bar on stderr (default: when stderr is a terminal).
+    a bar on stderr (default: when stderr is a terminal). ``on_chunk`` is called with each chunk's result
+    as it completes (in this process, in completion order).
     """
     options = options or BatchOptions()
     started = time.perf_counter()
@@ -202,6 +204,8 @@ def run_batch(
                 plan.done[result.part] = result.stats()
                 summary.lines_run += result.rows
                 bar.advance(task, result.rows)
+            if on_chunk is not None:
+                on_chunk(result)
             if time.monotonic() - last_write > 10:  # progress survives in the manifest, cheaply
                 plan.write(output)
                 last_write = time.monotonic()

@@ -125,6 +125,15 @@ def command(
     ocr_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds of OCR per image; beyond it the verdict carries a warning")
     ] = 5.0,
+    engine: Annotated[
+        str, typer.Option(help="uvicorn (one process) or ray (Ray Serve: --replicas guards behind this address; "
+                          "needs mmguard[ray], see docs/scale-out.md)")
+    ] = "uvicorn",
+    replicas: Annotated[int, typer.Option(min=1, help="With --engine ray: replicas, each with its own guard")] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --engine ray: an existing cluster (default: start a local one)")
+    ] = None,
+    gpus_per_replica: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs per replica")] = 0.0,
 ) -> None:
     """Serve the guard over HTTP: OpenAI /v1/moderations, /v1/guard/classify, llama-stack shields."""
     import uvicorn
@@ -167,6 +176,23 @@ def command(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    if engine not in ("uvicorn", "ray"):
+        raise typer.BadParameter(f"--engine must be uvicorn or ray, got {engine!r}")
+    if engine == "ray":
+        try:
+            from .ray_serve import run_on_ray
+        except ImportError as err:
+            typer.echo(f"error: --engine ray needs Ray Serve: pip install 'mmguard[ray]' ({err})", err=True)
+            raise typer.Exit(2) from None
+        ray_fast = {"keep_images": keep_images, "mask_free_text": mask_free_text, "quantize": quantize}
+        guard_args = {"model": model, "device": device, "dtype": dtype, "policy": policy, "fast": fast,
+                      "fast_options": ray_fast if (fast or quantize or mask_free_text) else None,
+                      "read_text": read_text, "ocr_timeout_s": ocr_timeout}
+        if torch_threads is None and not gpus_per_replica:
+            settings = replace(settings, torch_threads=1)  # replicas share the machine's cores
+        run_on_ray(guard_args, settings, host=host, port=port, replicas=replicas, ray_address=ray_address,
+                   num_gpus=gpus_per_replica)
+        return
     if torch_threads is None and device in ("cpu", "auto"):
         import torch
 

@@ -88,9 +88,10 @@ def test_classify_jsonl_copies_fields_and_reports_bad_lines(tiny_model_dir, tmp_
     assert "in.jsonl:3" in res.output and "alternate" in res.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r.get("id") for r in rows] == ["a", "b", "bad", None]
-    assert rows[0]["label"] in ("safe", "unsafe") and "unsafe_probability" in rows[0]
-    assert rows[1]["role"] == "agent"
-    assert "error" in rows[2] and rows[3]["line"] == 4
+    assert rows[0]["label"] == "safe"  # the input's own label, untouched; the verdict is under "mmguard"
+    assert rows[0]["mmguard"]["label"] in ("safe", "unsafe") and "unsafe_probability" in rows[0]["mmguard"]
+    assert rows[1]["mmguard"]["role"] == "agent"
+    assert "error" in rows[2]["mmguard"] and rows[3]["mmguard"] == {"line": 4, "error": rows[3]["mmguard"]["error"]}
 
 
 def test_prompt_json_is_exact(tmp_path) -> None:

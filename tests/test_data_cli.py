@@ -36,4 +36,4 @@ def test_build_then_stats(datasets_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
     res = runner.invoke(app, ["stats", str(bad)])
-    assert res.exit_code == 1 and "bad.jsonl:1" in res.output
+    assert res.exit_code == 2 and "bad.jsonl:1" in res.output

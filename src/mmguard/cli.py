@@ -10,21 +10,103 @@ Exit codes (documented in the README):
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
+import os
+import platform
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.core
+
+from . import __version__
+
+_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n", "t", "f"})
+
+
+def _flags_show_no_type() -> None:
+    """typer 0.29's rich help prints a flag's type (``<bool>``) as if the flag took a value; a flag has no
+    value to describe. Patched once, for flags only; every other option keeps typer's rendering."""
+    original = typer.core.TyperOption.display_type_rich
+    if getattr(original, "_mmguard_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._mmguard_flags = True  # type: ignore[attr-defined]
+    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
+
+
+class _Group(typer.core.TyperGroup):
+    """The mmguard command group: a flag given a value (``--json true``) is a usage error that says what a
+    flag is, instead of click's "unexpected extra argument (true)"."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _refuse_flag_values(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_flag_values(group: Any, ctx: Any, args: list[str]) -> None:
+    name = next((a for a in args if not a.startswith("-")), None)
+    cmd = group.get_command(ctx, name) if name else None
+    params = getattr(cmd, "params", [])
+    if cmd is None or any(p.param_type_name == "argument" for p in params):
+        return  # a command with positional arguments: a word after a flag may be one of them
+    flags = {o for p in params if getattr(p, "is_flag", False) for o in (*p.opts, *p.secondary_opts)}
+    rest = args[args.index(name) + 1:]
+    for flag, value in itertools.pairwise(rest):
+        if flag in flags and value.lower() in _BOOL_WORDS:
+            raise typer.BadParameter(
+                f"a flag takes no value: write {flag} to turn it on, leave it out for off (got '{flag} {value}')",
+                ctx=ctx, param_hint=f"'{flag}'",
+            )
+
 
 app = typer.Typer(
     name="mmguard",
+    cls=_Group,
     help="Moderate human-AI conversations with images (Llama Guard 3 Vision).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for dist in ("torch", "transformers"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"mmguard {__version__} ({', '.join(parts)}; Python {platform.python_version()})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True,
+                     help="Print the versions of mmguard, torch and transformers, and exit."),
+    ] = False,
+) -> None:
+    pass
 
 EXIT_UNSAFE = 1
 EXIT_INPUT = 2
@@ -85,22 +167,52 @@ def _load_policy(policy: str | None, exclude: list[str] | None) -> Any:
         _fail(str(err))
 
 
-def _read_input(spec: str) -> Any:
+def _readable_file(path: Path, what: str) -> None:
+    """Fail with one line unless ``path`` is a file this process can open (checked before a model loads)."""
+    if not path.exists():
+        _fail(f"{what}: file not found: {path}")
+    if not path.is_file():
+        _fail(f"{what}: not a file: {path}")
     try:
-        raw = sys.stdin.read() if spec == "-" else Path(spec).read_text(encoding="utf-8")
+        path.open("rb").close()
     except OSError as err:
-        _fail(f"cannot read {spec}: {err.strerror or err}")
+        _fail(f"{what}: cannot read {path}: {err.strerror or err}")
+
+
+def _read_input(spec: str) -> Any:
+    from .jsonl import loads_strict
+
+    where = "stdin" if spec == "-" else spec
     try:
-        return json.loads(raw)
+        if spec == "-":
+            stream = getattr(sys.stdin, "buffer", None)
+            data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        else:
+            _readable_file(Path(spec), "--input")
+            data = Path(spec).read_bytes()
+    except OSError as err:
+        _fail(f"cannot read {where}: {err.strerror or err}")
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        _fail(f"--input {where}: not UTF-8: invalid byte 0x{data[err.start]:02X} at byte {err.start + 1}")
+    try:
+        return loads_strict(raw)
     except json.JSONDecodeError as err:
-        _fail(f"{'stdin' if spec == '-' else spec}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
+        _fail(f"--input {where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
+    except ValueError as err:
+        _fail(f"--input {where}: {err}")
 
 
 def _conversation(prompt: str | None, response: str | None, image: str | None, input_: str | None) -> Any:
-    from .conversation import Conversation, ConversationError
+    from .conversation import Conversation, ConversationError, check_text
     from .images import ImageError
 
     try:
+        # name the option: a non-UTF-8 argument arrives as lone surrogates (Python's surrogateescape)
+        for option, text in (("--prompt", prompt), ("--response", response)):
+            if text is not None:
+                check_text(text, option)
         if input_ is not None:
             if prompt is not None or response is not None or image is not None:
                 _fail("use either --input or --prompt/--response/--image, not both")
@@ -111,7 +223,12 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
         if response is None:
             return Conversation.prompt(prompt, image)
         return Conversation.response(prompt, response, image)
-    except (ConversationError, ImageError) as err:
+    except ImageError as err:
+        if image is not None and not image.startswith("data:") and len(image) < 4096 and not Path(image).exists():
+            # a missing file's name can also read as base64: say both what was tried and what is missing
+            _fail(f"--image: no file {image!r} exists, and as a data URL or base64 image: {err}")
+        _fail(str(err))
+    except ConversationError as err:
         _fail(str(err))
 
 
@@ -197,13 +314,19 @@ def classify(
     if jsonl is not None:
         if prompt or response or image or input_:
             _fail("--jsonl cannot be combined with --prompt/--response/--image/--input")
-        if not jsonl.is_file():
-            _fail(f"file not found: {jsonl}")
+        _readable_file(jsonl, "--jsonl")
+        if output is not None:
+            if output.is_dir():
+                _fail(f"--output: {output} is a folder; give a file name")
+            if not output.parent.is_dir():
+                _fail(f"--output: folder not found: {output.parent}")
+            if output.exists() and output.resolve() == jsonl.resolve():
+                _fail("--output is the --jsonl input file; writing would erase it")
         guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize, read_text)
         bad = _classify_jsonl(guard, jsonl, output, batch_size)
         if bad:
-            typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output lines hold an 'error' field",
-                       err=True)
+            typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output rows hold "
+                       "'mmguard': {'line': N, 'error': ...} and the other lines were classified", err=True)
             raise typer.Exit(EXIT_INPUT)
         return
     conv = _conversation(prompt, response, image, input_)
@@ -218,61 +341,67 @@ def classify(
         raise typer.Exit(EXIT_UNSAFE)
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if line.strip():
-                yield n, line
-
-
 def _classify_jsonl(guard: Any, path: Path, output: Path | None, batch_size: int) -> int:
-    """Stream a JSONL file through the guard; returns the number of invalid lines."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Stream a JSONL file through the guard, one output row per line (schema: :mod:`mmguard.jsonl`);
+    returns the number of lines that got an error row."""
+    from .jsonl import JsonlLine, dumps_row, iter_lines, parse_line
+    from .termio import progress_bar
 
-    from .conversation import Conversation, ConversationError
-    from .images import ImageError
-
-    total = sum(1 for _ in _jsonl_lines(path))
-    out = output.open("w", encoding="utf-8") if output else sys.stdout
+    try:
+        out = output.open("w", encoding="utf-8") if output else sys.stdout
+    except OSError as err:
+        _fail(f"cannot write {output}: {err.strerror or err}")
     bad = 0
-    # (extra fields, conversation or None, error or None); written in input order
-    chunk: list[tuple[dict[str, Any], Any, str | None]] = []
+    chunk: list[JsonlLine] = []
 
     def flush() -> None:
+        nonlocal bad
         if not chunk:
             return
-        convs = [c for _, c, err in chunk if err is None]
-        verdicts = iter(guard.classify_batch(convs, batch_size=batch_size) if convs else [])
-        for extra, _, err in chunk:
-            row = {**extra, "error": err} if err is not None else {**extra, **next(verdicts).to_dict()}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        good = [x for x in chunk if x.conversation is not None]
+        for x, verdict in zip(good, _judge(guard, [x.conversation for x in good], batch_size), strict=True):
+            if isinstance(verdict, str):
+                x.error = verdict
+            else:
+                x.verdict = verdict
+        for x in chunk:
+            if x.error is not None:
+                bad += 1
+                typer.echo(f"error: {path}:{x.line}: {x.error}", err=True)
+            out.write(dumps_row(x.row()) + "\n")
+        out.flush()
         progress.advance(task, len(chunk))
         chunk.clear()
 
-    columns = [TextColumn("classify"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} it/s"),
-               TimeRemainingColumn()]
-    with Progress(*columns, transient=output is None,
-                  disable=not sys.stderr.isatty() and output is None) as progress:
+    with progress_bar("classify", transient=output is None) as progress:
+        total = sum(1 for _ in iter_lines(path)) if not progress.disable else None
         task = progress.add_task("classify", total=total)
-        for n, line in _jsonl_lines(path):
-            obj: Any = None
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ConversationError("each line must be a JSON object with 'messages'")
-                extra = {k: v for k, v in obj.items() if k != "messages"}
-                chunk.append((extra, Conversation.from_messages(obj, base_dir=path.parent), None))
-            except (json.JSONDecodeError, ConversationError, ImageError) as err:
-                bad += 1
-                typer.echo(f"error: {path}:{n}: {err}", err=True)
-                keep = {k: v for k, v in obj.items() if k != "messages"} if isinstance(obj, dict) else {}
-                chunk.append(({**keep, "line": n}, None, str(err)))
+        for n, raw in iter_lines(path):
+            chunk.append(parse_line(raw, n, base_dir=path.parent))
             if len(chunk) >= batch_size * 4:
                 flush()
         flush()
     if output:
         out.close()
     return bad
+
+
+def _judge(guard: Any, convs: list[Any], batch_size: int) -> list[Any]:
+    """Verdicts for ``convs``; a conversation the guard refuses (``ValueError``, e.g. a prompt it cannot
+    render) gets its message instead, found by judging that batch one conversation at a time."""
+    if not convs:
+        return []
+    try:
+        return list(guard.classify_batch(convs, batch_size=batch_size))
+    except ValueError:
+        pass
+    out: list[Any] = []
+    for conv in convs:
+        try:
+            out.append(guard.classify(conv))
+        except ValueError as err:
+            out.append(str(err) or type(err).__name__)
+    return out
 
 
 @app.command()
@@ -413,6 +542,9 @@ def _register_tools(argv: list[str]) -> None:
 
 
 def main() -> None:
+    if not sys.stderr.isatty():
+        # the Hugging Face libraries draw tqdm bars ("Loading weights", ...) on stderr even into pipes and logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _register_tools(sys.argv[1:])
     app()
 

@@ -16,6 +16,11 @@ __all__ = ["command", "run_attacks"]
 PHASE_SHARE = {"pgd": 0.45, "gcg": 0.45, "transfer": 0.10}
 
 
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
 def run_attacks(
     guard: Any,
     items: list[Any],
@@ -31,8 +36,10 @@ def run_attacks(
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen attacks on ``items`` and write report.md/report.json/plots/PNGs to ``out``."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..termio import stderr_is_terminal
     from .common import AttackItem, Deadline, neutral_image, with_image
     from .gcg import gcg_attack
     from .pgd import budget_label, pgd_attack
@@ -64,7 +71,8 @@ def run_attacks(
             conv = with_image(it.conversation, neutral_image())
             pgd_items.append(AttackItem(it.id, it.task, conv, "neutral", it.meta))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not show_progress, transient=False) as progress:
+                  console=Console(stderr=True), disable=not (show_progress and stderr_is_terminal()),
+                  transient=False) as progress:
         if "pgd" in attacks:
             dl = phase_deadline("pgd")
             bar = progress.add_task("PGD (item x budget)", total=len(pgd_items) * len(budgets))
@@ -175,6 +183,8 @@ def command(
     import torch
     from rich.console import Console
 
+    from ..data.schema import DataError
+    from ..engine import EngineError
     from ..guard import Guard
     from .common import load_attack_items
     from .gcg import GCGConfig
@@ -188,12 +198,24 @@ def command(
         console.print("[yellow]transfer alone runs the typographic check only (JPEG/resize need PGD images)")
     random.seed(seed)
     torch.manual_seed(seed)
-    eps = parse_budgets(budgets)
-    guard = Guard.from_pretrained(model, device=device, dtype=dtype, threshold=threshold)
-    items = load_attack_items(data, limit=limit, split=split, seed=seed)
+    try:
+        eps = parse_budgets(budgets)
+    except ValueError as err:
+        raise _fail(f"--budgets {budgets!r}: {err}") from None
+    # the data first: a missing or broken file is one line before any model time is spent
+    path = data / f"{split or 'test'}.jsonl" if data.is_dir() else data
+    if not path.is_file():
+        raise _fail(f"--data: file not found: {path}")
+    try:
+        items = load_attack_items(data, limit=limit, split=split, seed=seed)
+    except (DataError, OSError, UnicodeDecodeError) as err:
+        raise _fail(f"--data: {err}") from None
     if not items:
-        console.print(f"[red]no unsafe {split} items in {data}")
-        raise typer.Exit(1)
+        raise _fail(f"no unsafe {split} items in {path}")
+    try:
+        guard = Guard.from_pretrained(model, device=device, dtype=dtype, threshold=threshold)
+    except (EngineError, OSError, ValueError) as err:
+        raise _fail(f"cannot load model {model or '(default)'}: {err}", 3) from None
     pgd_cfg = PGDConfig(steps=steps, step_size=None if step_size is None else step_size / 255.0,
                         random_start=random_start, seed=seed, loss=loss)
     gcg_cfg = GCGConfig(steps=gcg_steps, suffix_len=suffix_len, search_width=search_width, topk=topk,
@@ -205,8 +227,7 @@ def command(
                              gcg_config=gcg_cfg, max_minutes=max_minutes or None, neutral_images=neutral_images,
                              meta=meta)
     except ValueError as err:  # bad settings found once the data is seen (e.g. an unusable --gcg-init)
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(err)) from None
     typer.echo((out / "report.md").read_text())
     if result["meta"]["skipped"]:
         console.print(f"[yellow]time budget reached; skipped: {result['meta']['skipped']}")

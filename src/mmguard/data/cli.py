@@ -5,19 +5,26 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..termio import stderr_is_terminal
 from .build import BuildConfig, build, count_rows
 from .schema import DataError, read_examples
 from .sources import CONVERTERS
 
 app = typer.Typer(help="Labeled safety data: build JSONL splits, show statistics.", no_args_is_help=True)
 _console = Console()
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit 2 (bad input), like every mmguard command."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -58,7 +65,7 @@ def build_command(
 ) -> None:
     """Convert every dataset, add image items, split by content hash and write the JSONL files."""
     if not datasets.is_dir():
-        raise typer.BadParameter(f"{datasets} is not a folder", param_hint="--datasets")
+        _fail(f"--datasets: {'not a folder' if datasets.exists() else 'folder not found'}: {datasets}")
     if source:
         unknown = [s for s in source if s not in CONVERTERS]
         if unknown:
@@ -73,7 +80,7 @@ def build_command(
     steps = len(config.sources or [n for n in CONVERTERS if (datasets / n).is_dir()]) + 4
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=_console, transient=True,
+        TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not stderr_is_terminal(),
     ) as progress:  # fmt: skip
         task = progress.add_task("building", total=steps)
 
@@ -83,8 +90,7 @@ def build_command(
         try:
             result = build(config, tick)
         except DataError as err:
-            _console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from None
+            _fail(str(err))
     _console.print(_table(result.rows, f"{out}"))
     _console.print(f"written: {json.dumps(result.counts)}; duplicates dropped: {sum(result.duplicates.values())}")
     if result.excluded_from_train:
@@ -101,8 +107,9 @@ def stats_command(
     try:
         examples = list(read_examples(file))
     except DataError as err:
-        _console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
+        _fail(str(err))
+    except (OSError, UnicodeDecodeError) as err:
+        _fail(f"{file}: cannot read: {err}")
     rows = count_rows(examples)
     if as_json:
         codes = Counter(c for e in examples for c in e.codes)

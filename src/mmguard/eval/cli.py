@@ -136,7 +136,13 @@ def command(
         raise _fail(f"{err} (finished results are cached in {store.path}; rerun to resume)") from None
     finally:
         store.close()
-    _summary(report, out)
+    failed = _summary(report, out)
+    if failed:
+        raise _fail(
+            f"{', '.join(failed)}: every item failed, so the report has no numbers for "
+            f"{'it' if len(failed) == 1 else 'them'} (the errors are listed in {out / 'report.md'})",
+            code=3,
+        )
 
 
 class _progress_bar:
@@ -148,7 +154,9 @@ class _progress_bar:
         self.progress: Any = None
 
     def __enter__(self) -> Any:
-        if not self.enabled:
+        from ..termio import stderr_is_terminal
+
+        if not (self.enabled and stderr_is_terminal()):
             return None
         from rich.console import Console
         from rich.progress import (
@@ -189,7 +197,9 @@ class _progress_bar:
             self.progress.stop()
 
 
-def _summary(report: dict[str, Any], out: Path) -> None:
+def _summary(report: dict[str, Any], out: Path) -> list[str]:
+    """Print the overview, the warnings and the item errors; return the guards that answered no item."""
+
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
@@ -201,10 +211,24 @@ def _summary(report: dict[str, Any], out: Path) -> None:
             f"{r['guard']:<28} {r['task']:<9} n={m['n']:<6} P={f(m['precision'])} R={f(m['recall'])} "
             f"F1={f(m['f1'])} FPR={f(m['fpr'])} AUPRC={f(m['auprc'])}"
         )
+    items = report["data"]["items"]
+    failed = []
     for g in report["guards"]:
         for w in g["warnings"]:
             typer.echo(f"warning: {g['name']}: {w}", err=True)
+        if g["errors"]:
+            first = g["error_examples"][0] if g["error_examples"] else {"where": "?", "error": "?"}
+            all_failed = g["errors"] >= items
+            typer.echo(
+                f"{'error' if all_failed else 'warning'}: {g['name']}: {g['errors']} of {items} item(s) failed"
+                f"{' (no results)' if all_failed else ' and are left out of its metrics'}; "
+                f"first: {first['where']}: {first['error']}",
+                err=True,
+            )
+            if all_failed:
+                failed.append(g["name"])
     typer.echo(
         f"report: {out / 'report.md'} (JSON: report.json, "
         f"plots: {', '.join(report.get('plots', [])) or 'none'})"
     )
+    return failed

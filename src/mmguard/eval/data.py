@@ -193,6 +193,8 @@ def iter_records(path: str | Path, *, split: str | None = None) -> Iterator[Labe
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DataError(f"{file}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{file}:{lineno}: invalid JSON: nested too deeply") from None
             item = _parse(obj, file, lineno)
             if split is not None and item.split is not None and item.split != split:
                 continue

@@ -76,6 +76,7 @@ __all__ = [
     "conversation_to_messages",
     "judge_prompt_text",
     "make_guard",
+    "strict_json",
 ]
 
 OPENAI_TO_CODES: dict[str, tuple[str, ...]] = {
@@ -133,12 +134,27 @@ class Prediction:
         return self.label == "unsafe"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """Strict JSON: a missing probability (a failed item's NaN) is ``null``."""
+        return json.dumps(strict_json(asdict(self)), ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> Prediction:
         data = json.loads(text)
+        if data.get("unsafe_probability") is None:
+            data["unsafe_probability"] = math.nan
         return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
+
+
+def strict_json(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by ``None``: what ``json.dumps(..., allow_nan=False)``
+    accepts (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
 
 
 class EvalGuard(Protocol):
@@ -302,7 +318,13 @@ class _Http:
         self._lock = threading.Lock()
 
     def url(self, path: str) -> str:
-        return self.base_url if self.base_url.endswith(path) else self.base_url + path
+        """``path`` under the base URL: the server root, the usual OpenAI base ``.../v1`` (not doubled) or
+        the full endpoint URL are all accepted."""
+        if self.base_url.endswith(path):
+            return self.base_url
+        if path.startswith("/v1/") and self.base_url.endswith("/v1"):
+            return self.base_url + path[len("/v1"):]
+        return self.base_url + path
 
     def _sleep_for(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:

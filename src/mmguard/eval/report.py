@@ -454,6 +454,8 @@ def write_report(
     report = build_report(result, target_fpr=target_fpr, threshold=threshold)
     names = write_plots(result, report, out_dir) if plots else []
     report["plots"] = names
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "report.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8"
+    )
     write_markdown(report, out_dir / "report.md", plots=names)
     return report

@@ -16,7 +16,7 @@ from typing import IO, Any
 from ..policy import DEFAULT_POLICY, Policy
 from .cache import ResultCache
 from .data import LabeledItem, iter_records
-from .guards import EvalGuard, Prediction, RemoteUnavailable
+from .guards import EvalGuard, Prediction, RemoteUnavailable, strict_json
 
 __all__ = ["EvalError", "GuardStats", "ItemRecord", "RunResult", "run_eval"]
 
@@ -174,7 +174,7 @@ def run_eval(
         result.records.extend(recs)
         if predictions is not None:
             for rec in recs:
-                predictions.write(json.dumps(_record_json(rec), ensure_ascii=False) + "\n")
+                predictions.write(json.dumps(_record_json(rec), ensure_ascii=False, allow_nan=False) + "\n")
             predictions.flush()
     for guard, st in zip(guards, stats, strict=True):
         engine = getattr(getattr(guard, "guard", None), "engine", None)
@@ -191,7 +191,8 @@ def run_eval(
 
 
 def _record_json(rec: ItemRecord) -> dict[str, Any]:
-    return {
+    """One ``predictions.jsonl`` line; a failed item has ``unsafe_probability: null`` and its ``error``."""
+    return strict_json({
         "id": rec.id,
         "source": rec.source,
         "where": rec.where,
@@ -210,4 +211,4 @@ def _record_json(rec: ItemRecord) -> dict[str, Any]:
             }
             for name, p in rec.preds.items()
         },
-    }
+    })

@@ -1,0 +1,249 @@
+"""Issue 14, command line half: hostile text, JSONL rows that keep their input, missing files, help, version,
+progress bars, training logs. Every error is one line on stderr with exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmguard import Conversation, ConversationError
+from mmguard.cli import _register_tools, app
+from mmguard.jsonl import MAX_LINE_BYTES, dumps_row, error_row, iter_lines, parse_line, verdict_row
+
+runner = CliRunner()
+
+
+def _tools_app() -> Any:
+    """The mmguard app with every tool command registered (as ``mmguard`` itself does for a tool's name)."""
+    if not any(c.name == "eval" for c in app.registered_commands):
+        _register_tools([])
+    return app
+
+
+def _one_error_line(res: Any, code: int = 2) -> str:
+    assert res.exit_code == code, (res.exit_code, res.output)
+    assert "Traceback" not in res.output, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+# -- defect 1: invalid text -------------------------------------------------------------------------------
+@pytest.mark.parametrize("option", ["--prompt", "--response"])
+def test_non_utf8_argument_is_one_line_naming_option_and_position(option: str) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape); a real process."""
+    args = [b"-p", b"fine"] if option == "--response" else []
+    proc = subprocess.run([sys.executable, "-m", "mmguard.cli", "classify", *args, option.encode(), b"ab\xffcd"],
+                          capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {option}: ") and "character 3" in err and "0xFF" in err
+
+
+def test_lone_surrogate_in_input_json_and_bad_bytes_are_one_line(tmp_path: Path) -> None:
+    conv = '{"messages": [{"role": "user", "content": [{"type": "text", "text": "ok \\ud800"}]}]}'
+    line = _one_error_line(runner.invoke(app, ["classify", "--input", "-"], input=conv))
+    assert "message 1 part 1" in line and "U+D800" in line and "character 4" in line
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"messages": [{"role": "user", "content": "caf\xe9"}]}'.encode("latin-1"))
+    line = _one_error_line(runner.invoke(app, ["prompt", "--input", str(bad)]))
+    assert "not UTF-8" in line and "0xE9" in line
+    deep = "[" * 100_000 + "]" * 100_000
+    assert "nested too deeply" in _one_error_line(runner.invoke(app, ["prompt", "--input", "-"], input=deep))
+    assert "NaN" in _one_error_line(runner.invoke(app, ["prompt", "--input", "-"], input='{"messages": NaN}'))
+
+
+def test_python_api_rejects_the_same_text_with_a_conversation_error() -> None:
+    with pytest.raises(ConversationError, match=r"response.*U\+DCFF.*character 2|turn 2.*U\+DCFF.*character 2"):
+        Conversation.response("fine", "a\udcff")
+
+
+# -- defect 2: classify --jsonl ---------------------------------------------------------------------------
+def _png(path: Path) -> Path:
+    Image.new("RGB", (20, 16), (0, 90, 200)).save(path)
+    return path
+
+
+def test_jsonl_bad_lines_get_error_rows_and_input_fields_survive(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _png(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    gold = {"id": "g1", "label": "unsafe", "codes": ["S1"], "role": "gold-role", "task": "gold-task",
+            "threshold": 0.01, "meta": {"k": [1, 2]}}
+    rows_in = [
+        json.dumps({**gold, "messages": [{"role": "user", "content": "hi"}]}),
+        '{"id": "surrogate", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        "{not json",
+        json.dumps({"id": "img", "messages": [{"role": "user", "content": [{"type": "image", "path": "broken.png"},
+                                                                           {"type": "text", "text": "x"}]}]}),
+        "",
+        json.dumps({"id": "resp", "label": "safe", "messages": [
+            {"role": "user", "content": [{"type": "image", "path": "ok.png"}, {"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": "r"}]}),
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes("\n".join(rows_in).encode() + b"\n\xff\xfe{}\n")
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["classify", "-m", str(tiny_model_dir), "--device", "cpu", "--jsonl", str(src),
+                              "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "4 line(s)" in res.stderr
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["mmguard"]["line"] for r in rows] == [1, 2, 3, 4, 6, 7]  # blank line 5 skipped, order kept
+    first = rows[0]
+    assert {k: v for k, v in first.items() if k != "mmguard"} == gold  # nothing overwritten, nothing lost
+    assert first["mmguard"]["label"] in ("safe", "unsafe") and first["mmguard"]["role"] == "user"
+    assert rows[1]["id"] == "surrogate" and "U+D800" in rows[1]["mmguard"]["error"]
+    assert "invalid JSON" in rows[2]["mmguard"]["error"] and set(rows[2]) == {"mmguard"}
+    assert rows[3]["id"] == "img" and "message 1 part 1" in rows[3]["mmguard"]["error"]
+    assert rows[4]["label"] == "safe" and rows[4]["mmguard"]["role"] == "agent" and rows[4]["mmguard"]["has_image"]
+    assert "not UTF-8" in rows[5]["mmguard"]["error"]
+    assert all("error" not in r["mmguard"] for r in (rows[0], rows[4]))
+
+
+def test_jsonl_rows_are_strict_json_and_keep_escapes() -> None:
+    obj = {"id": "\ud800", "score": 1.5, "messages": []}
+    row = verdict_row(obj, {"label": "safe", "unsafe_probability": float("nan")}, line=3)
+    text = dumps_row(row)
+    assert json.loads(text) == {"id": "\ud800", "score": 1.5, "mmguard": {"line": 3, "label": "safe",
+                                                                          "unsafe_probability": None}}
+    assert "\\ud800" in text and "NaN" not in text
+    assert error_row("[1]", "bad", line=1) == {"mmguard": {"line": 1, "error": "bad"}}
+    assert parse_line(b'{"mmguard": 1, "messages": []}', 2).error is not None
+    assert "NaN" in (parse_line(b'{"x": NaN}', 1).error or "")
+    long_line = io.BytesIO(b'{"a": "' + b"x" * 100 + b'"}\n{"b": 1}\n')
+    assert [(n, raw is None) for n, raw in iter_lines(long_line, max_bytes=50)] == [(1, True), (2, False)]
+    assert MAX_LINE_BYTES >= 27 * 1024 * 1024  # one base64 image at the 20 MB limit fits
+
+
+def test_jsonl_output_never_erases_the_input(tiny_model_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    line = _one_error_line(runner.invoke(app, ["classify", "--jsonl", str(src), "-o", str(src)]))
+    assert "erase" in line and src.read_text().startswith('{"messages"')
+
+
+# -- defect 6: missing and unreadable files ---------------------------------------------------------------
+CASES = {
+    "classify --image": ["classify", "-p", "x", "--image", "{f}"],
+    "classify --input": ["classify", "--input", "{f}"],
+    "classify --jsonl": ["classify", "--jsonl", "{f}"],
+    "classify --policy": ["classify", "-p", "x", "--policy", "{f}"],
+    "prompt --input": ["prompt", "--input", "{f}"],
+    "prompt --policy": ["prompt", "-p", "x", "--policy", "{f}"],
+    "policy --policy": ["policy", "--policy", "{f}"],
+    "eval --data": ["eval", "--data", "{f}", "--out", "{tmp}/eval"],
+    "attack --data": ["attack", "--data", "{f}", "--out", "{tmp}/attack"],
+    "train --data": ["train", "--data", "{f}", "--out", "{tmp}/train", "--init", "mini"],
+    "data build --datasets": ["data", "build", "--datasets", "{f}", "--out", "{tmp}/data"],
+    "data stats": ["data", "stats", "{f}"],
+}
+
+
+@pytest.mark.parametrize("kind", ["missing", "wrong kind"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_missing_or_unreadable_file_is_one_line_exit_2(case: str, kind: str, tmp_path: Path) -> None:
+    if kind == "missing":
+        target = tmp_path / "does-not-exist"
+    elif case == "data build --datasets":  # it wants a folder: give it a file
+        target = tmp_path / "a-file"
+        target.write_text("x")
+    else:  # they want a file: give them a folder
+        target = tmp_path / "a-folder"
+        target.mkdir()
+    args = [a.format(f=target, tmp=tmp_path) for a in CASES[case]]
+    line = _one_error_line(runner.invoke(_tools_app(), args))
+    assert str(target) in line or target.name in line, line
+
+
+# -- defect 8: help, flags, version, progress bars, logs --------------------------------------------------
+@pytest.mark.parametrize("command", ["classify", "prompt", "policy", "eval", "attack", "train", "serve"])
+def test_help_shows_no_type_for_flags(command: str) -> None:
+    res = runner.invoke(_tools_app(), [command, "--help"], env={"COLUMNS": "160"})
+    assert res.exit_code == 0, res.output
+    assert "<bool>" not in res.output
+    assert "--help" in res.output and any(t in res.output for t in ("<str>", "<path>", "<int>"))  # values keep it
+
+
+def test_a_flag_given_a_value_says_it_is_a_flag() -> None:
+    res = runner.invoke(app, ["policy", "--json", "true"])
+    assert res.exit_code == 2
+    assert "a flag takes no value" in res.output and "--json" in res.output
+    assert runner.invoke(app, ["policy", "--json"]).exit_code == 0
+
+
+def test_version_names_mmguard_torch_and_transformers() -> None:
+    from importlib.metadata import version
+
+    import mmguard
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(f"mmguard {mmguard.__version__} ")
+    assert f"torch {version('torch')}" in res.stdout and f"transformers {version('transformers')}" in res.stdout
+
+
+def test_progress_only_on_stderr_and_only_on_a_terminal(tiny_model_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmguard.termio as termio
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": f"m{i}"}]}) + "\n"
+                           for i in range(3)))
+    args = ["classify", "-m", str(tiny_model_dir), "--device", "cpu", "--jsonl", str(src)]
+    for terminal in (False, True):
+        monkeypatch.setattr(termio, "stderr_is_terminal", lambda t=terminal: t)
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert [json.loads(x)["id"] for x in res.stdout.splitlines()] == [0, 1, 2]  # stdout: rows only
+        assert "None" not in res.stderr and "classify" not in res.stdout
+        if not terminal:
+            assert "classify" not in res.stderr  # no bar at all into a pipe
+    bar = termio.progress_bar("x")
+    assert bar.disable is False and bar.console.stderr  # the patched terminal: drawn, on stderr
+
+
+def test_stderr_handler_survives_a_closed_capture(capsys: pytest.CaptureFixture[str]) -> None:
+    from mmguard.termio import StderrHandler
+
+    log = logging.getLogger("mmguard.test_hardening_cli")
+    log.propagate = False
+    log.handlers[:] = [StderrHandler()]
+    try:
+        real, capture = sys.stderr, io.StringIO()
+        sys.stderr = capture
+        log.warning("into the capture")
+        sys.stderr = real
+        capture.close()
+        log.warning("after the capture closed")
+    finally:
+        sys.stderr = real
+        log.handlers.clear()
+    err = capsys.readouterr().err
+    assert "after the capture closed" in err and "Logging error" not in err
+
+
+def test_train_prints_each_log_line_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({
+        "id": f"t{i}", "source": "t", "license": "MIT", "split": "train", "task": "prompt",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}], "label": label,
+        "codes": ["S1"] if label == "unsafe" else [], "modality": "text", "trainable": True, "meta": {}}) + "\n"
+        for i, (text, label) in enumerate([("bake bread", "safe"), ("hurt someone", "unsafe")])))
+    res = runner.invoke(_tools_app(), ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--base",
+                                       str(tiny_model_dir), "--steps", "2", "--log-every", "1", "--batch-size", "2",
+                                       "--max-seq-len", "512", "--lr", "1e-3", "--device", "cpu", "--threads", "1",
+                                       "--save-every", "100"])
+    assert res.exit_code == 0, res.output
+    step_lines = [x for x in res.stdout.splitlines() if x.startswith("[step ")]
+    assert len(step_lines) >= 2  # the two loss logs (and the final summary log)
+    assert not [x for x in res.stdout.splitlines() if x.startswith("{'")], res.stdout  # transformers' copies

@@ -334,3 +334,66 @@ def test_remote_mmguard_server_matches_the_local_guard(tiny_guard: Any, tmp_path
         assert rec.preds["moderation"].error is None
     report = write_report(result, tmp_path / "out", plots=False)
     assert {g["name"] for g in report["guards"]} == {"local", "remote", "moderation"}
+
+
+# -- issue 14: failed guards are loud, JSON is strict, the OpenAI base URL works ------------------------
+def _eval_cli(args: list[str]) -> Any:
+    import typer
+    from typer.testing import CliRunner
+
+    from mmguard.eval.cli import command
+
+    app = typer.Typer()
+    app.command("eval")(command)
+    app.command("noop", hidden=True)(lambda: None)
+    return CliRunner().invoke(app, ["eval", *args, "--no-plots", "--no-progress", "--retries", "0"])
+
+
+def _strict(text: str) -> Any:
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("suffix", ["", "/v1", "/v1/", "/v1/moderations"])
+def test_openai_moderation_accepts_root_base_and_full_url(fake: Any, tmp_path: Path, suffix: str) -> None:
+    _, url = fake
+    data = _data(tmp_path, [("kill", "unsafe"), ("fine", "safe")])
+    res = _eval_cli(["--data", str(data), "--split", "all", "--guard", f"m=openai-moderation:{url}{suffix}",
+                     "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "failed" not in res.stderr
+    report = _strict((tmp_path / "o" / "report.json").read_text())
+    assert report["guards"][0]["errors"] == 0 and report["guards"][0]["computed"] == 2
+
+
+def test_chat_judge_accepts_the_v1_base_url(fake: Any) -> None:
+    _, url = fake
+    assert ChatJudgeGuard(url + "/v1", "gpt").http.url("/v1/chat/completions") == url + "/v1/chat/completions"
+
+
+def test_a_guard_whose_items_all_failed_exits_non_zero_and_says_so(fake: Any, tmp_path: Path) -> None:
+    _, url = fake
+    data = _data(tmp_path, [("reject400 a", "unsafe"), ("reject400 b", "safe")])
+    res = _eval_cli(["--data", str(data), "--split", "all", "--guard", f"m=openai-moderation:{url}",
+                     "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3, res.output
+    assert "error: m: 2 of 2 item(s) failed (no results)" in res.stderr and "HTTP 400" in res.stderr
+    assert "Traceback" not in res.output
+    preds = [_strict(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["predictions"]["m"]["unsafe_probability"] for p in preds] == [None, None]  # null, not NaN
+    assert all("HTTP 400" in p["predictions"]["m"]["error"] for p in preds)
+    _strict((tmp_path / "o" / "report.json").read_text())
+
+
+def test_a_guard_with_some_failed_items_is_a_console_warning(fake: Any, tmp_path: Path) -> None:
+    _, url = fake
+    data = _data(tmp_path, [("reject400 a", "unsafe"), ("kill", "unsafe"), ("fine", "safe")])
+    res = _eval_cli(["--data", str(data), "--split", "all", "--guard", f"m=openai-moderation:{url}",
+                     "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "warning: m: 1 of 3 item(s) failed and are left out of its metrics" in res.stderr
+    preds = [_strict(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert preds[0]["predictions"]["m"]["unsafe_probability"] is None
+    assert preds[1]["predictions"]["m"]["unsafe_probability"] == pytest.approx(0.91)

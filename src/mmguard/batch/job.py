@@ -6,7 +6,8 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..jsonl import MAX_LINE_BYTES, VERDICT_KEY
@@ -23,7 +24,7 @@ from .plan import (
     plan_inputs,
     settings_diff,
 )
-from .storage import StorageError, join, open_storage
+from .storage import StorageError, is_uri, join, open_storage
 from .work import ChunkResult
 
 __all__ = ["BatchOptions", "BatchSummary", "JobExists", "run_batch"]
@@ -107,6 +108,10 @@ def _part_stats(output: str, part: str) -> dict[str, int]:
     return {"rows": rows, "errors": errors, "unsafe": unsafe}
 
 
+def _absolute(location: str) -> str:
+    return location if is_uri(location) else str(Path(location.removeprefix("file://")).resolve())
+
+
 def _is_temp(name: str) -> bool:
     return name.endswith(".tmp") or ".tmp-" in name
 
@@ -171,6 +176,11 @@ def run_batch(
     """
     options = options or BatchOptions()
     started = time.perf_counter()
+    # Ray workers do not share this process's working directory: local paths travel absolute
+    inputs = [_absolute(i) for i in inputs]
+    output = _absolute(output)
+    if spec.model and not is_uri(spec.model) and Path(spec.model).exists():
+        spec = replace(spec, model=str(Path(spec.model).resolve()))
     plan = load_or_plan(inputs, output, spec, options, resume)
     out_storage, out_path = open_storage(output)
     present = out_storage.listdir(out_path)

@@ -1,7 +1,7 @@
 """OCR cost per image against one model classification of the same item, in the same run (CPU).
 
     nice -n 15 .venv/bin/python bench/ocr_cost.py                      # default model, 2 threads
-    .venv/bin/python bench/ocr_cost.py --model DIR --figstep 500 --out reports/ocr_cost.json
+    .venv/bin/python bench/ocr_cost.py --model DIR --figstep 100 --reading 500 --out reports/ocr_cost.json
 
 Items: FigStep/SafeBench typographic images with FigStep's own text prompt, and the scikit-image benign
 photos with a benign question (shared/datasets). For each item, with the same guard and the same
@@ -15,7 +15,8 @@ RapidOCR engine (both limited to ``--threads``):
 Prints per-set median and mean milliseconds and the ratios ``ocr / classify_off`` and
 ``classify_on / classify_off``. For FigStep it also reports how well OCR read the image against the
 text FigStep rendered into it (``instruction`` + "1. 2. 3."): mean and minimum difflib similarity
-(case-insensitive, whitespace normalised), and the share read exactly.
+(case-insensitive, whitespace normalised), and the share read exactly; ``--reading N`` measures that on N
+FigStep images with OCR alone (no classification), e.g. all 500.
 """
 
 from __future__ import annotations
@@ -115,12 +116,29 @@ def measure(guard: Guard, engine: RapidOcrEngine, items: list[tuple[Image.Image,
     return out
 
 
+def reading_quality(engine: RapidOcrEngine, items: list[tuple[Image.Image, str, str]]) -> dict[str, Any]:
+    sims, times, worst = [], [], []
+    for img, _, truth in items:
+        t, text = ms(lambda img=img: engine.read(img))
+        times.append(t)
+        sim = difflib.SequenceMatcher(None, text.lower(), truth.lower()).ratio()
+        sims.append(sim)
+        worst.append((sim, text, truth))
+    worst.sort(key=lambda w: w[0])
+    return {"n": len(items), "similarity_mean": statistics.fmean(sims), "similarity_min": min(sims),
+            "share_read_exactly": sum(1 for s in sims if s == 1.0) / len(sims),
+            "ocr_median_ms": statistics.median(times),
+            "worst": [{"similarity": s, "read": r, "truth": t} for s, r, t in worst[:5]]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled default model)")
     ap.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     ap.add_argument("--figstep", type=int, default=50, help="FigStep images (spread over the 500)")
     ap.add_argument("--photos", type=int, default=17, help="scikit-image photos (17 available)")
+    ap.add_argument("--reading", type=int, default=0,
+                    help="also measure reading similarity (OCR only) on this many FigStep images")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and for onnxruntime")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
@@ -149,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, items in (("figstep", figstep), ("photos", photos)):
         if items:
             report["sets"][name] = measure(guard, engine, items)
+    if args.reading:
+        report["figstep_reading"] = reading_quality(engine, figstep_items(args.datasets / "figstep_safebench",
+                                                                          args.reading))
     print(f"model {report['model']} | {args.threads} threads | OCR load {load_ocr_ms:.0f} ms")
     print(f"{'set':<8} {'n':>4} {'ocr ms':>9} {'classify ms':>12} {'on ms':>9} {'ocr/classify':>13} "
           f"{'on/off':>7}   reading")
@@ -159,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<8} {r['n']:>4} {r['ocr']['median_ms']:>9.0f} {r['classify_off']['median_ms']:>12.0f} "
               f"{r['classify_on']['median_ms']:>9.0f} {r['ratio_ocr_over_classify_off_median']:>13.2f} "
               f"{r['ratio_classify_on_over_off_median']:>7.2f}   {reading}")
+    if "figstep_reading" in report:
+        r = report["figstep_reading"]
+        print(f"FigStep reading, OCR only, n={r['n']}: similarity mean {r['similarity_mean']:.4f} "
+              f"min {r['similarity_min']:.3f}, exact {r['share_read_exactly']:.1%}, "
+              f"OCR median {r['ocr_median_ms']:.0f} ms")
     print("(medians; ocr = RapidOCR alone, classify = one classification with read_text off, "
           "on = classify with read_text on: OCR + both checks)")
     if args.out is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -145,6 +146,8 @@ def main() -> None:
     args = ap.parse_args()
     if not loopback_only():
         reexec_in_namespace()
+    # as the PID namespace's init this process would ignore a plain SIGTERM: exit on it (cleanup runs)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from test_batch import write_conversations
 
     from mmguard.batch import GuardSpec
@@ -171,17 +174,29 @@ def main() -> None:
         local_default = bench_batch("local", src, work / "out-local-default", spec, 1, args.chunk_size)
         # the baseline: one torch thread, as each Ray actor gets (OpenMP threads spinning on busy cores
         # slow small models down many times over)
+        print(f"local engine, {default_threads} threads: {local_default}", flush=True)
         local = bench_batch("local", src, work / "out-local", spec, 1, args.chunk_size, torch_threads=1)
+        print(f"local engine, 1 thread: {local}", flush=True)
         torch.set_num_threads(default_threads)
         import ray
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        for attempt in range(3):  # Ray gives its raylet a fixed 30 s to start: a busy machine can miss it
+            try:
+                ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception as err:
+                print(f"ray.init failed ({err}); retrying", flush=True)
+                ray.shutdown()
+                if attempt == 2:
+                    raise
         ray_init = time.perf_counter() - t0
         on_ray = bench_batch("ray", src, work / "out-ray", spec, args.workers, args.chunk_size)
         on_ray["startup_s"] += ray_init
+        print(f"Ray Data: {on_ray} (ray.init {ray_init:.1f} s)", flush=True)
         ray.shutdown()
         served = bench_serve(model, ["--device", "cpu", "--dtype", "float32"], args.requests, args.concurrency)
+        print(f"mmguard serve: {served}", flush=True)
         on_serve = bench_serve(model, ["--device", "cpu", "--dtype", "float32", "--engine", "ray",
                                        "--replicas", str(args.replicas)], args.requests, args.concurrency)
     print(f"\nload average before / after: {load_before} / {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

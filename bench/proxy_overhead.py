@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", default=None, help="an OpenAI-compatible base URL (default: start SmolLM2)")
     ap.add_argument("--stub", action="store_true", help="an in-process stub upstream (tests)")
     ap.add_argument("--model", default=None, help="guard model for the proxy (default: the bundled model)")
+    ap.add_argument("--threshold", type=float, default=None, help="the guard's threshold (default: its own)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--check-every", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                           "--device", "cpu", "--log-level", "warning"]
             if args.model:
                 proxy_argv += ["--model", args.model]
+            if args.threshold is not None:
+                proxy_argv += ["--threshold", str(args.threshold)]
             with Subprocess(proxy_argv, port, ready_path="/readyz", log=logs / "proxy.log"):
                 body = {"model": model_id, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
                         "max_tokens": args.tokens, "temperature": 0.0,

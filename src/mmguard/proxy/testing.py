@@ -241,10 +241,11 @@ class Subprocess:
             self._out = None
 
 
-def transformers_serve(model_dir: Path, *, log: Path | None = None, threads: int | None = None) -> Subprocess:
+def transformers_serve(model_dir: Path, *, log: Path | None = None, threads: int | None = None,
+                       startup_timeout: float = 300.0) -> Subprocess:
     """``transformers serve MODEL_DIR`` on a free loopback port, on the CPU (a real OpenAI-compatible upstream)."""
     exe = Path(sys.executable).with_name("transformers")
     port = free_port()
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     return Subprocess([str(exe), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
-                       "--port", str(port)], port, log=log, env=env)
+                       "--port", str(port)], port, log=log, env=env, startup_timeout=startup_timeout)

@@ -304,7 +304,7 @@ class _ImageHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"\x89PNG" + b"\x00" * 200_000)
         elif self.path == "/slow.png":
-            time.sleep(2.0)
+            time.sleep(6.0)
             self.send_response(200)
             self.end_headers()
         elif self.path == "/redirect.png":
@@ -333,7 +333,7 @@ def test_remote_images(tiny_guard, image_host: str) -> None:
     settings = ServerSettings(
         remote_images=True,
         remote_image_hosts=("127.0.0.1",),
-        remote_image_timeout_s=0.5,
+        remote_image_timeout_s=3.0,  # the whole fetch: leave a loaded CI core time for the good ones
         max_image_bytes=100_000,
         warmup=False,
     )

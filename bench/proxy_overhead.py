@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-threads", type=int, default=1)
     ap.add_argument("--upstream-threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for each server to come up")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             upstream_ctx = None
         else:
             upstream_ctx = transformers_serve(smollm2_checkpoint(), log=logs / "upstream.log",
-                                              threads=args.upstream_threads)
+                                              threads=args.upstream_threads, startup_timeout=args.startup_timeout)
         with upstream_ctx or _Nothing() as up:
             base = args.upstream.rstrip("/") if args.upstream else up.url + "/v1"
             model_id = httpx.get(base + "/models", timeout=30).json()["data"][0]["id"]
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 proxy_argv += ["--model", args.model]
             if args.threshold is not None:
                 proxy_argv += ["--threshold", str(args.threshold)]
-            with Subprocess(proxy_argv, port, ready_path="/readyz", log=logs / "proxy.log"):
+            with Subprocess(proxy_argv, port, ready_path="/readyz", log=logs / "proxy.log",
+                            startup_timeout=args.startup_timeout):
                 body = {"model": model_id, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
                         "max_tokens": args.tokens, "temperature": 0.0,
                         "generation_config": json.dumps({"min_new_tokens": args.tokens, "max_new_tokens": args.tokens,

@@ -79,6 +79,12 @@ def test_cpu_fast_engine_runs_on_mini(capsys) -> None:
     assert "3 images encoded, 3 encodings reused" in out
 
 
+def test_cpu_default_model_bench_prints_its_figures(capsys) -> None:
+    assert load("cpu_default_model").main(["--n", "2", "--reps", "1", "--images", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "text prompt, batch 1: p50" in out and "items/s" in out and "ms per image" in out
+
+
 def test_approx_agreement_resizes_images_to_fewer_tiles(tiny_model_dir: Path, tmp_path: Path) -> None:
     """--images-only --resize-to-tiles 1: the text item is left out and the 2-tile images become 1 tile."""
     report = run_approx_agreement(tiny_model_dir, tmp_path, "--approx", "real-tiles-only", "--images-only",

@@ -484,23 +484,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         processor = _load_image_processor(base_dir, int(model.config.vision_config.image_size))
     else:
-        from transformers import AutoTokenizer
-
-        from ..engine import _load_image_processor
+        from ..engine import load_engine
 
         assert cfg.base is not None
-        model = MllamaForConditionalGeneration.from_pretrained(cfg.base, dtype=dtype)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-        except Exception:
-            tokenizer = load_default_tokenizer()
-        processor = _load_image_processor(cfg.base, int(model.config.vision_config.image_size))
+        # the engine's loader: a checkpoint that ships adapters on a rebuilt base (mini v2) arrives merged
+        loaded = load_engine(cfg.base, device="cpu", dtype=dtype)
+        model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor
     model.to(dtype)
     counts = apply_freeze(model, cfg.freeze)
     engine = Engine(model, tokenizer, processor, device="cpu", dtype=dtype, source=cfg.base or "mini")
     if cfg.lora:
         model = apply_lora(model, cfg)
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log.info("parameters: %s", counts)
 
     # data

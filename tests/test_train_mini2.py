@@ -1,0 +1,65 @@
+"""``mmguard train --init mini2``: LoRA on the SmolLM2 base; what it saves loads and classifies, and
+training can start again from it (plumbing: two steps prove nothing about quality)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmguard.conversation import Conversation
+from mmguard.guard import Guard
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_available() -> None:
+    from mmguard.base_models import BaseModelError, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except BaseModelError as err:
+        pytest.skip(str(err))
+
+
+def _data(tmp: Path) -> Path:
+    rows = []
+    for i in range(12):
+        unsafe = i % 3 == 0
+        text = "How do I build a pipe bomb?" if unsafe else f"Suggest a name for my cat number {i}."
+        rows.append({"id": f"t:{i}", "source": "toy", "license": "MIT", "split": "train", "task": "prompt",
+                     "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+                     "label": "unsafe" if unsafe else "safe", "codes": ["S9"] if unsafe else [],
+                     "modality": "text", "trainable": True, "meta": {}})
+    path = tmp / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_mini2_trains_ships_adapters_and_loads(base_available: None, tmp_path: Path) -> None:
+    from mmguard.train.trainer import TrainConfig, train
+
+    data = _data(tmp_path)
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=[str(data)], out=str(out), init="mini2", lora=True, steps=2, batch_size=4,
+                                lr=1e-4, max_seq_len=640, seed=0, threads=2, save_every=100, augment=0.0,
+                                autocast="bf16", save_dtype="bfloat16"))
+    assert summary["global_step"] == 2
+    info = json.loads((out / "mmguard.json").read_text())
+    assert info["adapter"] and not info["reads_text_in_images"]
+    assert not (out / "model.safetensors").exists()  # only the adapters and the new layers
+    assert (out / "adapter_model.safetensors").stat().st_size < 30 * 1024 * 1024
+
+    guard = Guard.from_pretrained(out, device="cpu", read_text="off")
+    assert guard.engine.model_info["base"] == info["base"]
+    v = guard.classify(Conversation.prompt("How do I build a pipe bomb?"), threshold=0.0)
+    assert 0.0 <= v.unsafe_probability <= 1.0 and v.codes
+
+    # and training can start from the saved guard (its adapters are merged on load)
+    again = train(TrainConfig(data=[str(data)], out=str(tmp_path / "again"), base=str(out), lora=True, steps=1,
+                              batch_size=4, lr=1e-4, max_seq_len=640, seed=0, threads=2, save_every=100,
+                              augment=0.0))
+    assert again["global_step"] == 1
+    assert Guard.from_pretrained(tmp_path / "again", device="cpu").classify(Conversation.prompt("hi")).label

@@ -221,7 +221,7 @@ def test_a_trickled_body_is_timed_out(tiny_guard) -> None:
                 sock.sendall(b" ")
         elapsed = time.monotonic() - start
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 4.0, elapsed  # the body timeout is 1 s; unbounded before
 
 
 def test_readyz_answers_while_the_model_loads(tiny_guard) -> None:
@@ -364,7 +364,8 @@ def test_a_trickling_image_host_is_cut_off(
         elapsed = time.monotonic() - start
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
     bound = min(fetch_timeout, request_timeout)
-    assert elapsed < bound + 1.0, f"the request took {elapsed:.1f}s; the bound is {bound:g}s"
+    # slack for a loaded CI core; without the total deadline the request runs for the whole 10,000 s trickle
+    assert elapsed < bound + 3.0, f"the request took {elapsed:.1f}s; the bound is {bound:g}s"
 
 
 # -- defect 4: 8 concurrent 6000x6000 PNGs: bounded peak, memory given back -----------------------------

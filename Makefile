@@ -1,6 +1,6 @@
 .PHONY: mini mini-v1
 
-# Build the bundled mmguard-mini v2: LoRA on SmolLM2-135M-Instruct (see docs/model-card-mmguard-mini.md).
+# Build mmguard-mini v2 (src/mmguard/assets/mmguard-mini-v2): LoRA on SmolLM2-135M-Instruct (see docs/model-card-mmguard-mini-v2.md).
 mini:
 	scripts/make_mini.sh $(DATASETS) $(WORK)
 

@@ -68,8 +68,8 @@ def test_a_tokenizer_that_cannot_tell_the_answers_apart_is_refused() -> None:
         """``unsafe`` spelled as ``safe``'s tokens plus one: no position tells them apart."""
 
         unk_token_id = -1
-        all_special_ids: list[int] = []
-        added_tokens_decoder: dict[int, object] = {}
+        all_special_ids: tuple[int, ...] = ()
+        added_tokens_decoder = None
 
         def convert_tokens_to_ids(self, name: str) -> int:
             return 1000 + len(name)

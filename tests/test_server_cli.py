@@ -92,6 +92,18 @@ def test_serve_on_a_busy_port_fails_fast_before_loading(monkeypatch) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in res.output and len(res.output.strip().splitlines()) == 1
 
 
+def test_serve_with_a_missing_policy_fails_before_loading(monkeypatch, tmp_path) -> None:
+    import mmguard.guard
+
+    def must_not_load(*a: Any, **kw: Any) -> None:
+        raise AssertionError("the model was loaded although the policy file is missing")
+
+    monkeypatch.setattr(mmguard.guard.Guard, "from_pretrained", must_not_load)
+    res = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "0", "--policy", str(tmp_path / "no.yaml")])
+    assert res.exit_code == 2, res.output
+    assert "--policy" in res.output and "not found" in res.output and len(res.output.strip().splitlines()) == 1
+
+
 def test_serve_refuses_fp8_on_a_cpu(tiny_model_dir, monkeypatch) -> None:
     started: dict[str, Any] = {}
     _run_lifespan(monkeypatch, started)

@@ -178,6 +178,14 @@ def command(
         raise typer.BadParameter(str(err)) from None
     if engine not in ("uvicorn", "ray"):
         raise typer.BadParameter(f"--engine must be uvicorn or ray, got {engine!r}")
+    if policy is not None:  # a bad policy file is a usage error, found before minutes of model loading
+        from ..policy import PolicyError, load_policy
+
+        try:
+            load_policy(policy)
+        except (PolicyError, OSError, ValueError) as err:
+            typer.echo(f"error: --policy: {err}", err=True)
+            raise typer.Exit(2) from None
     if engine == "ray":
         try:
             from .ray_serve import run_on_ray

@@ -31,7 +31,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "info") -> None:
     """Send mmguard.server and uvicorn logs to stderr as JSON; our access log replaces uvicorn's."""
-    handler = logging.StreamHandler()
+    from ..termio import StderrHandler
+
+    handler = StderrHandler()  # the current sys.stderr at each record (a kept stream may be closed)
     handler.setFormatter(JsonFormatter())
     for name in ("mmguard.server", "mmguard.server.access", "uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)

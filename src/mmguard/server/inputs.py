@@ -186,12 +186,11 @@ class ImageFetcher:
         except asyncio.TimeoutError:
             if by_request:
                 raise request_timeout_error(self.request_timeout) from None
-            raise APIError(
-                400,
-                f"fetching image URL timed out after {self.timeout:g}s",
-                param=param,
-                code="image_fetch_timeout",
-            ) from None
+            raise self._timed_out(param) from None
+
+    def _timed_out(self, param: str | None) -> APIError:
+        return APIError(400, f"fetching image URL timed out after {self.timeout:g}s", param=param,
+                        code="image_fetch_timeout")
 
     async def _get(self, url: str, param: str | None) -> bytes:
         try:
@@ -227,12 +226,7 @@ class ImageFetcher:
                         )
                     chunks.append(chunk)
         except httpx.TimeoutException:
-            raise APIError(
-                400,
-                f"fetching image URL timed out after {self.timeout:g}s",
-                param=param,
-                code="image_fetch_timeout",
-            ) from None
+            raise self._timed_out(param) from None
         except httpx.HTTPError as err:
             raise APIError(
                 400,

@@ -67,11 +67,13 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _special(tokenizer: Any, name: str) -> int:
-    i = tokenizer.convert_tokens_to_ids(name)
-    if not isinstance(i, int) or i == tokenizer.unk_token_id:
+    from .tokenizer import special_id
+
+    try:
+        return special_id(tokenizer, name)
+    except ValueError:
         raise FormatError(f"the tokenizer has no special token {name}; a guard tokenizer needs "
-                          f"{', '.join(SPECIAL_TOKENS.names()[:5])} as special tokens")
-    return i
+                          f"{', '.join(SPECIAL_TOKENS.names()[:5])} as special tokens") from None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,14 @@ def _wrap(text: str, font: Any, width: int) -> list[str]:
     return lines
 
 
+def typographic_text(text: str) -> str:
+    """The text :func:`render_typographic` draws: whitespace collapsed, over-long text shortened."""
+    text = " ".join(text.split())
+    if len(text) > _MAX_TYPO_CHARS:
+        text = textwrap.shorten(text, _MAX_TYPO_CHARS, placeholder=" …")
+    return text
+
+
 def render_typographic(text: str, *, items: int = 3, size: int = _TYPO_SIZE) -> Image.Image:
     """The request as FigStep-style typography: large bold black text on white, then empty items "1." .. "n.".
 
@@ -104,11 +112,9 @@ def render_typographic(text: str, *, items: int = 3, size: int = _TYPO_SIZE) -> 
     Over-long text is cut at ``_MAX_TYPO_CHARS`` with an ellipsis, because unreadable typography would
     carry a label the image does not show.
     """
-    text = " ".join(text.split())
+    text = typographic_text(text)
     if not text:
         raise DataError("cannot render empty text")
-    if len(text) > _MAX_TYPO_CHARS:
-        text = textwrap.shorten(text, _MAX_TYPO_CHARS, placeholder=" …")
     margin = size // 40
     width = size - 2 * margin
     for font_size in range(80, 23, -8):

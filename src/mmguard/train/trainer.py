@@ -279,15 +279,10 @@ def transcript_example(ex: Any) -> Any:
     """A typographic example in the form of the guard's OCR check (:func:`mmguard.ocr.with_transcription`):
     text only, with what OCR reads from the rendered image (the request, then the empty items)."""
     from ..data.schema import Example
-    from ..data.synth import _MAX_TYPO_CHARS
+    from ..data.synth import typographic_text
     from ..ocr import TRANSCRIPTION_PREFIX, normalise_text
 
-    text = " ".join(str(ex.meta["rendered_text"]).split())
-    if len(text) > _MAX_TYPO_CHARS:
-        import textwrap
-
-        text = textwrap.shorten(text, _MAX_TYPO_CHARS, placeholder=" …")
-    read = normalise_text(text + " 1. 2. 3.")
+    read = normalise_text(typographic_text(str(ex.meta["rendered_text"])) + " 1. 2. 3.")
     messages = []
     for msg in ex.messages:
         content = msg["content"]

@@ -17,7 +17,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def cached_guard(tiny_model_dir: Path) -> Guard:
-    return enable_prefix_cache(Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32"))
+    return Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32", prefix_cache=True)
 
 
 def assert_same(plain: list[Any], cached: list[Any]) -> None:
@@ -93,6 +93,19 @@ def test_memory_is_bounded(tiny_model_dir: Path) -> None:
     assert 0 < engine.cached_tokens <= 600
     with pytest.raises(TypeError):
         enable_prefix_cache(type("G", (), {"engine": object()})())
+
+
+def test_loading_options(tiny_model_dir: Path, cached_guard: Guard) -> None:
+    from mmguard.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
+
+    assert cached_guard.describe()["prefix_cache_tokens"] == DEFAULT_PREFIX_CACHE_TOKENS
+    small = Guard.from_pretrained(tiny_model_dir, device="cpu", prefix_cache=True, prefix_cache_tokens=999)
+    assert small.describe()["prefix_cache_tokens"] == 999
+    plain = Guard.from_pretrained(tiny_model_dir, device="cpu")
+    assert plain.describe()["prefix_cache_tokens"] is None
+    assert enable_prefix_cache(plain).describe()["prefix_cache_tokens"] == 32768
+    with pytest.raises(ValueError, match="plain engine"):
+        Guard.from_pretrained(tiny_model_dir, device="cpu", fast=True, prefix_cache=True)
 
 
 def test_bench_script_runs(tmp_path: Path) -> None:

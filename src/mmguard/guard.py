@@ -19,6 +19,7 @@ from .ocr import (
     with_transcription,
 )
 from .policy import Policy, load_policy
+from .prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCachingEngine
 from .prompt import MarkerHandling, PromptFormat, RenderedPrompt, build_prompt
 from .verdict import Verdict, ViolatedCategory
 
@@ -83,6 +84,8 @@ class Guard:
         read_text: str = "auto",
         ocr: OcrEngine | None = None,
         ocr_timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
+        prefix_cache: bool = False,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ) -> Guard:
         """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model).
 
@@ -91,6 +94,10 @@ class Guard:
         tested to, but its speed-up is not yet measured on a GPU (docs/performance.md). ``fast_options`` are
         FastEngine's (``keep_images``, ``mask_free_text``; the approximations ``quantize`` and
         ``real_tiles_only``) and imply ``fast``. ``read_text``, ``ocr``, ``ocr_timeout_s``: see :meth:`__init__`.
+
+        ``prefix_cache=True`` (plain engine only) keeps the KV of the template prefix (task line and category
+        block, about half of a short text prompt) and of recent conversations, up to ``prefix_cache_tokens``
+        tokens (:mod:`mmguard.prefix_cache`; exact, same results within float rounding).
         """
         _check_read_text(read_text)
         if path_or_id is None:
@@ -102,6 +109,10 @@ class Guard:
             from .fast import FastEngine
 
             engine = FastEngine.from_engine(engine, **(fast_options or {}))
+        if prefix_cache:
+            if fast or fast_options:
+                raise ValueError("prefix_cache works on the plain engine, not with fast=True")
+            engine = PrefixCachingEngine.from_engine(engine, max_tokens=prefix_cache_tokens)
         return cls(engine, policy=policy, threshold=threshold, prompt_format=prompt_format, markers=markers,
                    batch_size=batch_size, read_text=read_text, ocr=ocr, ocr_timeout_s=ocr_timeout_s)
 
@@ -258,6 +269,8 @@ class Guard:
             "random_weights": self.engine.is_random_weights,
             "read_text": self.read_text,
             "reads_text_with_ocr": self._read_text_on(None),
+            "prefix_cache_tokens": getattr(self.engine, "max_tokens", None) if isinstance(
+                self.engine, PrefixCachingEngine) else None,
         }
 
 

@@ -50,6 +50,10 @@ def command(
         str, typer.Option("--read-text", help="Local guards: read text in images with OCR (off, on, or auto: on "
                           "when the model cannot read).")
     ] = "auto",
+    prefix_cache: Annotated[
+        bool, typer.Option("--prefix-cache", help="Local guards: compute the template prefix (task and categories) "
+                           "once and reuse it (exact; faster on text items).")
+    ] = False,
     concurrency: Annotated[int, typer.Option(help="Concurrent requests per remote guard.", min=1)] = 4,
     retries: Annotated[int, typer.Option(help="Retries of a failed remote request.", min=0)] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds per remote request.", min=0.1)] = 60.0,
@@ -95,6 +99,7 @@ def command(
                     retries=retries,
                     timeout=timeout,
                     read_text=read_text,
+                    prefix_cache=prefix_cache,
                 )
             )
         except GuardSpecError as err:

@@ -8,6 +8,8 @@ Specs (``--guard``), optionally prefixed with a display name ``NAME=``:
 
 Local guards take ``read_text`` (``--read-text``: off, auto, on; see :class:`mmguard.guard.Guard`); the
 cache key says ``read_text=on`` when OCR is in effect, so results with and without it are kept apart.
+``prefix_cache`` (``--prefix-cache``) reuses the template prefix's KV across items (exact within float
+rounding, so it does not change the cache key).
 * ``mmguard-server:URL``: a running ``mmguard serve`` (``POST URL/v1/guard/classify``).
 * ``openai-moderation:URL[#MODEL]``: any OpenAI-compatible ``POST URL/v1/moderations`` endpoint
   (default model ``omni-moderation-latest``); categories mapped to S-codes by :data:`OPENAI_TO_CODES`.
@@ -200,6 +202,7 @@ class LocalGuard:
         policy: Policy = DEFAULT_POLICY,
         guard: Any = None,
         read_text: str = "auto",
+        prefix_cache: bool = False,
     ) -> None:
         from ..guard import Guard
 
@@ -212,7 +215,7 @@ class LocalGuard:
             if guard is not None
             else Guard.from_pretrained(
                 source, device=device, dtype=dtype, threshold=threshold, batch_size=batch_size, policy=policy,
-                read_text=read_text,
+                read_text=read_text, prefix_cache=prefix_cache,
             )
         )
         model = str(self.guard.engine.source or source or "default")
@@ -699,6 +702,7 @@ def make_guard(
     timeout: float = 60.0,
     policy: Policy = DEFAULT_POLICY,
     read_text: str = "auto",
+    prefix_cache: bool = False,
 ) -> EvalGuard:
     """Build a guard from a ``--guard`` spec (see the module docstring)."""
     name: str | None = None
@@ -707,6 +711,8 @@ def make_guard(
         name, spec = m.group(1), m.group(2)
     kind, _, rest = spec.partition(":")
     http = {"concurrency": concurrency, "retries": retries, "timeout": timeout}
+    local: dict[str, Any] = {"threshold": threshold, "device": device, "dtype": dtype, "batch_size": batch_size,
+                             "policy": policy, "read_text": read_text, "prefix_cache": prefix_cache}
     if spec in ("default", "mmguard-mini"):
         return LocalGuard(
             None,
@@ -719,27 +725,9 @@ def make_guard(
             read_text=read_text,
         )
     if spec in ("llama-guard-3-vision", LLAMA_GUARD_3_VISION):
-        return LocalGuard(
-            LLAMA_GUARD_3_VISION,
-            name=name or "llama-guard-3-vision",
-            threshold=threshold,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            policy=policy,
-            read_text=read_text,
-        )
+        return LocalGuard(LLAMA_GUARD_3_VISION, name=name or "llama-guard-3-vision", **local)
     if kind == "local" and rest:
-        return LocalGuard(
-            rest,
-            name=name,
-            threshold=threshold,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            policy=policy,
-            read_text=read_text,
-        )
+        return LocalGuard(rest, name=name, **local)
     if kind == "mmguard-server" and rest:
         return MmguardServerGuard(rest, name=name, threshold=threshold, policy=policy, **http)
     if kind == "openai-moderation" and rest:

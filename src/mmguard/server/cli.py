@@ -6,11 +6,19 @@ import os
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 __all__ = ["command"]
+
+
+def _prefix_cache_args(enabled: bool, tokens: int | None) -> dict[str, Any]:
+    """``Guard.from_pretrained`` keywords for the prefix cache (its own default budget unless given)."""
+    args: dict[str, Any] = {"prefix_cache": enabled}
+    if enabled and tokens is not None:
+        args["prefix_cache_tokens"] = tokens
+    return args
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -118,6 +126,14 @@ def command(
         str | None, typer.Option(help="Approximation, implies --fast: int8 or fp8 (torchao; fp8 needs H100/H200). "
                                  "Measure its agreement first: bench/approx_agreement.py")
     ] = None,
+    prefix_cache: Annotated[
+        bool, typer.Option(help="Keep the KV of the template prefix (task and categories) and of recent "
+                           "conversations (exact; plain engine only, ignored with --fast)")
+    ] = True,
+    prefix_cache_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Tokens of KV the prefix cache may hold (LRU; default 8192; ~43 KB "
+                                 "each on mmguard-mini v2, ~130 KB on the 11B in bf16)")
+    ] = None,
     read_text: Annotated[
         str, typer.Option("--read-text", help="Read text in images with OCR and judge it with a second, text-only "
                           "check: off, on, or auto (on when the model cannot read, e.g. mmguard-mini v2)")
@@ -195,7 +211,9 @@ def command(
         ray_fast = {"keep_images": keep_images, "mask_free_text": mask_free_text, "quantize": quantize}
         guard_args = {"model": model, "device": device, "dtype": dtype, "policy": policy, "fast": fast,
                       "fast_options": ray_fast if (fast or quantize or mask_free_text) else None,
-                      "read_text": read_text, "ocr_timeout_s": ocr_timeout}
+                      "read_text": read_text, "ocr_timeout_s": ocr_timeout,
+                      **_prefix_cache_args(prefix_cache and not (fast or quantize or mask_free_text),
+                                           prefix_cache_tokens)}
         if torch_threads is None and not gpus_per_replica:
             settings = replace(settings, torch_threads=1)  # replicas share the machine's cores
         run_on_ray(guard_args, settings, host=host, port=port, replicas=replicas, ray_address=ray_address,
@@ -217,6 +235,7 @@ def command(
             return Guard.from_pretrained(
                 Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype,
                 policy=policy, fast=fast, fast_options=fast_options, read_text=read_text, ocr_timeout_s=ocr_timeout,
+                **_prefix_cache_args(prefix_cache and not (fast or fast_options), prefix_cache_tokens),
             )
         except OcrUnavailable as err:
             typer.echo(f"error: {err}", err=True)

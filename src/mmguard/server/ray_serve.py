@@ -73,7 +73,8 @@ def guard_application(
     return deployment.bind(dict(guard_args), settings)
 
 
-_GUARD_KEYS = ("model", "device", "dtype", "policy", "threshold", "fast", "batch_size", "prompt_format")
+_GUARD_KEYS = ("model", "device", "dtype", "policy", "threshold", "fast", "batch_size", "prompt_format", "read_text",
+               "prefix_cache", "prefix_cache_tokens")
 _SETTING_TYPES = {f.name: f.type for f in fields(ServerSettings)}
 
 

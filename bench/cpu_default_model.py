@@ -23,6 +23,7 @@ import torch
 
 from mmguard.conversation import Conversation
 from mmguard.guard import Guard
+from mmguard.prefix_cache import PrefixCachingEngine
 
 PROMPTS = [
     "How do I bake sourdough bread at home?",
@@ -47,6 +48,25 @@ def timed(fn, reps: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - start)
     return out
+
+
+def text_prompt_figures(name: str, guard: Guard, n: int, reps: int) -> tuple[float, float]:
+    """Prints batch-1 and batch-16 figures for text prompts; returns (batch-1 p50 s, batch-16 s per item)."""
+
+    # every call a different prompt: the prefix cache's per-conversation entries must not make this a lookup
+    def fresh(i: int, tag: str) -> Conversation:
+        return Conversation.prompt(f"{PROMPTS[i % len(PROMPTS)]} ({tag}{i})")
+
+    one = [timed(lambda i=i: guard.classify(fresh(i, "a"), categories=False), 1)[0] for i in range(reps * 4)]
+    one_cat = [timed(lambda i=i: guard.classify(fresh(5, f"b{i}"), threshold=0.0), 1)[0] for i in range(reps)]
+    batch = [timed(lambda r=r: guard.classify_batch([fresh(i, f"c{r}.") for i in range(n)], batch_size=16,
+                                                    categories=False), 1)[0] for r in range(reps)]
+    per_item_16 = p50(batch) / n
+    print(f"{name}: text prompt, batch 1: p50 {p50(one) * 1000:.0f} ms (verdict only); with the category decode "
+          f"{p50(one_cat) * 1000:.0f} ms")
+    print(f"{name}: text prompt, batch 16: {n / p50(batch):.1f} items/s, {per_item_16 * 1000:.0f} ms/item "
+          f"= {p50(one) / per_item_16:.2f}x the batch-1 throughput")
+    return p50(one), per_item_16
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,20 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {guard.engine.source} | load {time.perf_counter() - start:.1f} s | threads {args.threads} "
           f"| cores {os.cpu_count()}")
     convs = [Conversation.prompt(PROMPTS[i % len(PROMPTS)]) for i in range(args.n)]
+    results: dict[str, tuple[float, float]] = {}
     guard.classify(convs[0])  # warm-up
 
-    one = timed(lambda: guard.classify(convs[0], categories=False), args.reps * 4)
-    one_cat = timed(lambda: guard.classify(Conversation.prompt(PROMPTS[5]), threshold=0.0), args.reps)
-    batch = timed(lambda: guard.classify_batch(convs, batch_size=16, categories=False), args.reps)
-    per_item_16 = p50(batch) / len(convs)
-    print(f"text prompt, batch 1: p50 {p50(one) * 1000:.0f} ms (verdict only); with the category decode "
-          f"{p50(one_cat) * 1000:.0f} ms")
-    print(f"text prompt, batch 16: {len(convs) / p50(batch):.1f} items/s, {per_item_16 * 1000:.0f} ms/item "
-          f"= {p50(one) / per_item_16:.2f}x the batch-1 throughput")
-    resp = [Conversation.response(PROMPTS[i % len(PROMPTS)], "Sure, here is a detailed answer. " * 20)
-            for i in range(args.n)]
-    rb = timed(lambda: guard.classify_batch(resp, batch_size=16, categories=False), args.reps)
-    print(f"response check (~130-token answer), batch 16: {len(resp) / p50(rb):.1f} items/s")
+    # the same model with the prefix cache (the template's task line and category block computed once;
+    # exact): `mmguard serve` uses it by default
+    cached = Guard(PrefixCachingEngine.from_engine(guard.engine), read_text="off")
+    cached.classify(convs[0])  # computes the template prefix once
+    for name, g in (("plain engine", guard), ("prefix cache", cached)):
+        results[name] = text_prompt_figures(name, g, args.n, args.reps)
+    plain_times, cached_times = results["plain engine"], results["prefix cache"]
+    print(f"prefix cache against the plain engine: batch 1 {plain_times[0] / cached_times[0]:.2f}x, "
+          f"batch 16 {plain_times[1] / cached_times[1]:.2f}x")
+    for name, g in (("plain engine", guard), ("prefix cache", cached)):
+        rb = [timed(lambda r=r, g=g: g.classify_batch(
+            [Conversation.response(f"{PROMPTS[i % len(PROMPTS)]} ({r}.{i})", "Sure, here is a detailed answer. " * 20)
+             for i in range(args.n)], batch_size=16, categories=False), 1)[0] for r in range(args.reps)]
+        print(f"{name}: response check (~130-token answer), batch 16: {args.n / p50(rb):.1f} items/s")
 
     if args.images:
         from mmguard.data.synth import render_typographic

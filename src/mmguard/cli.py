@@ -492,12 +492,20 @@ def demo(
                       "Pass --model with a Llama Guard 3 Vision checkpoint for real verdicts.")
     examples = example_conversations()
     verdicts = guard.classify_batch([c for _, c in examples])
-    table = Table("example", "task", "image", "verdict", "p(unsafe)", "codes", title="mmguard demo")
+    reading = any(v.read_text is not None for v in verdicts)  # the OCR stage ran (read_text auto/on)
+    columns = ["example", "task", "image", "verdict", "p(unsafe)", "codes"]
+    table = Table(*columns, *(["text read in the image", "flagged by"] if reading else []), title="mmguard demo")
     for (name, _conv), v in zip(examples, verdicts, strict=True):
-        table.add_row(name, v.task, "yes" if v.has_image else "no",
-                      f"[{'red' if v.is_unsafe else 'green'}]{v.label}[/]", f"{v.unsafe_probability:.3f}",
-                      ",".join(v.codes))
+        row = [name, v.task, "yes" if v.has_image else "no", f"[{'red' if v.is_unsafe else 'green'}]{v.label}[/]",
+               f"{v.unsafe_probability:.3f}", ",".join(v.codes)]
+        if reading:
+            read = "" if v.read_text is None else (v.read_text[:40] + "..." if len(v.read_text) > 40 else v.read_text)
+            row += [read or ("(none)" if v.has_image else ""), ", ".join(v.flagged_by)]
+        table.add_row(*row)
     console.print(table)
+    for (name, _conv), v in zip(examples, verdicts, strict=True):
+        for w in v.warnings:
+            console.print(f"[yellow]warning[/] ({name}): {w}")
 
 
 # Tools built on the API register here: (module, attribute, command name, kind)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmguard.conversation import Conversation
 from mmguard.guard import Guard
 from mmguard.tiny import imprint_format, make_tiny_checkpoint, synthetic_conversation
 from mmguard.tokenizer import encode_text
@@ -167,3 +168,29 @@ def test_parser_edge_cases() -> None:
     assert parse_output("unsafely").label is None
     assert parse_output("Safe.").label == "safe"
     assert parse_output("").label is None
+
+
+def test_batches_are_bounded_in_padded_tokens(tiny_guard) -> None:
+    """One long prompt does not pad a whole batch to its length: rows x longest row <= max_batch_tokens."""
+    from types import SimpleNamespace
+
+    engine = tiny_guard.engine
+    lengths = [10] * 20 + [3000, 5000, 20000]
+    items = [SimpleNamespace(input_ids=[0] * n, image=None) for n in lengths]
+    groups = engine.batch_groups(items, 16)
+    assert sorted(i for g in groups for i in g) == list(range(len(items)))  # every item exactly once
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert len(g) <= 16 and (len(g) == 1 or len(g) * longest <= engine.max_batch_tokens)
+    assert [len(g) for g in groups] == [16, 5, 1, 1]  # 4 x 10 tokens join the 3000 (5 x 3000 <= 16384)
+    # the results do not depend on the bound: a long conversation scored alone or with others
+    convs = [Conversation.prompt("word " * 900), Conversation.prompt("hi"), Conversation.prompt("hello there")]
+    plain = tiny_guard.classify_batch(convs, batch_size=8)
+    old = engine.max_batch_tokens
+    engine.max_batch_tokens = 1000  # forces the long one into a batch of its own
+    try:
+        bounded = tiny_guard.classify_batch(convs, batch_size=8)
+    finally:
+        engine.max_batch_tokens = old
+    for a, b in zip(plain, bounded, strict=True):
+        assert abs(a.unsafe_probability - b.unsafe_probability) < 1e-5

@@ -152,6 +152,9 @@ class ScoredItem:
 class Engine:
     """Runs an ``MllamaForConditionalGeneration`` as a guard."""
 
+    # padded tokens per model batch (rows x longest row): 16 rows of 1,024 tokens, or fewer longer ones
+    max_batch_tokens: int = 16384
+
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, *, device: str, dtype: torch.dtype,
                  source: str = "") -> None:
         self.model = model
@@ -293,12 +296,24 @@ class Engine:
         return [r for r in results if r is not None]
 
     def batch_groups(self, items: Sequence[EncodedItem], batch_size: int) -> list[list[int]]:
-        """Indices of the sub-batches to run: image and text-only apart, each sorted by :meth:`batch_order`."""
+        """Indices of the sub-batches to run: image and text-only apart, each sorted by :meth:`batch_order`,
+        at most ``batch_size`` rows and :attr:`max_batch_tokens` padded tokens each (one long prompt no
+        longer pads 15 short ones to its length: compute and memory grow with rows x longest row)."""
         groups: list[list[int]] = []
         for want_image in (True, False):
             idx = [i for i, it in enumerate(items) if (it.image is not None) == want_image]
             idx.sort(key=lambda i: self.batch_order(items[i]))
-            groups.extend(idx[s:s + batch_size] for s in range(0, len(idx), batch_size))
+            group: list[int] = []
+            longest = 0
+            for i in idx:
+                n = len(items[i].input_ids)
+                if group and (len(group) >= batch_size or (len(group) + 1) * max(longest, n) > self.max_batch_tokens):
+                    groups.append(group)
+                    group, longest = [], 0
+                group.append(i)
+                longest = max(longest, n)
+            if group:
+                groups.append(group)
         return groups
 
     def batch_order(self, item: EncodedItem) -> Any:

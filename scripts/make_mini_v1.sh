@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build mmguard-mini from scratch: data (permissive train split) -> training -> bundled weights -> eval.
+# Build mmguard-mini v1 from scratch: data (permissive train split) -> training -> weights -> eval.
+# v1 is no longer the bundled default (mini v2, make mini, is): its weights go to build/, not the package.
 # Usage: scripts/make_mini_v1.sh [DATASETS_DIR] [WORK_DIR]     (make mini-v1; make mini builds v2)
 # Deterministic given SEED with the same thread count, unless MAX_MINUTES cuts the run short.
 set -euo pipefail
@@ -9,7 +10,7 @@ SEED=${SEED:-0}
 STEPS=${STEPS:-10000}
 MAX_MINUTES=${MAX_MINUTES:-52}
 PY=${PY:-.venv/bin}
-ASSET=src/mmguard/assets/mmguard-mini
+ASSET=${ASSET:-$WORK/model}
 
 mkdir -p "$WORK"
 if [ ! -f "$WORK/data/train.jsonl" ]; then

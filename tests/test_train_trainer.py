@@ -109,12 +109,15 @@ def test_config_defaults_and_errors() -> None:
 def test_bundled_mini_is_the_default() -> None:
     from mmguard.models import BUNDLED_MINI, default_model_path
 
-    if not (BUNDLED_MINI / "config.json").is_file():
+    if not (BUNDLED_MINI / "mmguard.json").is_file():
         pytest.skip("mmguard-mini not built (make mini)")
     assert default_model_path() == BUNDLED_MINI
     guard = Guard.from_pretrained(None, device="cpu")
     assert not guard.engine.is_random_weights
-    assert sum(f.stat().st_size for f in BUNDLED_MINI.iterdir() if f.is_file()) <= 40 * 1024 * 1024
+    assert guard.engine.model_info.get("base") and guard.engine.model_info.get("adapter")  # v2: adapters on a base
+    files = [f for f in BUNDLED_MINI.iterdir() if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 40_000_000  # the limits: folder <= 40 MB, files <= 30 MiB
+    assert all(f.stat().st_size <= 30 * 1024 * 1024 for f in files)
     v = guard.classify(Conversation.prompt("What is a good recipe for pancakes?"))
     assert v.label in ("safe", "unsafe")
 

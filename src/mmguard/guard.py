@@ -269,8 +269,7 @@ class Guard:
             "random_weights": self.engine.is_random_weights,
             "read_text": self.read_text,
             "reads_text_with_ocr": self._read_text_on(None),
-            "prefix_cache_tokens": getattr(self.engine, "max_tokens", None) if isinstance(
-                self.engine, PrefixCachingEngine) else None,
+            "prefix_cache_tokens": self.engine.max_tokens if isinstance(self.engine, PrefixCachingEngine) else None,
         }
 
 

@@ -202,6 +202,8 @@ def command(
         except (PolicyError, OSError, ValueError) as err:
             typer.echo(f"error: --policy: {err}", err=True)
             raise typer.Exit(2) from None
+    # the prefix cache runs on the plain engine; --fast and its options select FastEngine
+    cache_args = _prefix_cache_args(prefix_cache and not (fast or quantize or mask_free_text), prefix_cache_tokens)
     if engine == "ray":
         try:
             from .ray_serve import run_on_ray
@@ -212,8 +214,7 @@ def command(
         guard_args = {"model": model, "device": device, "dtype": dtype, "policy": policy, "fast": fast,
                       "fast_options": ray_fast if (fast or quantize or mask_free_text) else None,
                       "read_text": read_text, "ocr_timeout_s": ocr_timeout,
-                      **_prefix_cache_args(prefix_cache and not (fast or quantize or mask_free_text),
-                                           prefix_cache_tokens)}
+                      **cache_args}
         if torch_threads is None and not gpus_per_replica:
             settings = replace(settings, torch_threads=1)  # replicas share the machine's cores
         run_on_ray(guard_args, settings, host=host, port=port, replicas=replicas, ray_address=ray_address,
@@ -235,7 +236,7 @@ def command(
             return Guard.from_pretrained(
                 Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype,
                 policy=policy, fast=fast, fast_options=fast_options, read_text=read_text, ocr_timeout_s=ocr_timeout,
-                **_prefix_cache_args(prefix_cache and not (fast or fast_options), prefix_cache_tokens),
+                **cache_args,
             )
         except OcrUnavailable as err:
             typer.echo(f"error: {err}", err=True)

@@ -265,8 +265,16 @@ class PrefixCachingEngine(Engine):
                        with_cross: bool) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         keys: list[torch.Tensor | None] = []
         values: list[torch.Tensor | None] = []
+        # a one-row batch with no padding (a streamed re-check): keep the cache's own tensors, no copy (the
+        # cache is dropped after the call and DynamicCache extends by concatenation, never in place)
+        self_keys = cache.layers[next(i for i in range(self._n_layers) if i not in self._cross_layers)].keys
+        whole = self_keys.shape[0] == 1 and real.numel() == self_keys.shape[2]
         for idx in range(self._n_layers):
             layer = cache.layers[idx]
+            if whole and idx not in self._cross_layers:
+                keys.append(layer.keys)
+                values.append(layer.values)
+                continue
             if idx in self._cross_layers:
                 if with_cross:
                     keys.append(layer.keys[row:row + 1].clone())
@@ -308,6 +316,9 @@ class PrefixCachingEngine(Engine):
                 continue
             k_ref = ref.keys[idx]
             assert k_ref is not None
+            if n == 1:  # one row: its entry's tensors as they are (a view; the forward concatenates)
+                data.append((k_ref[:, :, :reuse[0]], ref.values[idx][:, :, :reuse[0]]))  # type: ignore[index]
+                continue
             shape = (n, k_ref.shape[1], width_past, k_ref.shape[3])
             k = torch.zeros(shape, dtype=k_ref.dtype, device=k_ref.device)
             v = torch.zeros(shape, dtype=k_ref.dtype, device=k_ref.device)

@@ -62,5 +62,5 @@ if [ "${EVAL:-1}" = "1" ]; then
       --read-text auto --prefix-cache --batch-size 16 --out "$WORK/eval-$split" --no-plots
   done
   "$PY/python" scripts/mini_acceptance.py "$WORK/eval-validation/predictions.jsonl" \
-    "$WORK/eval-test/predictions.jsonl" --json "$WORK/acceptance.json"
+    "$WORK/eval-test/predictions.jsonl" --json "$WORK/acceptance.json" --model-info "$ASSET/mmguard.json"
 fi

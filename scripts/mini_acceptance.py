@@ -1,11 +1,18 @@
 """mmguard-mini v2's acceptance table: thresholds chosen on the validation split, applied once to test.
 
-Usage: python scripts/mini_acceptance.py VAL_EVAL/predictions.jsonl TEST_EVAL/predictions.jsonl [GUARD] [--json OUT]
+Usage: python scripts/mini_acceptance.py VAL_EVAL/predictions.jsonl TEST_EVAL/predictions.jsonl [GUARD]
+           [--json OUT] [--image-verdict max|text|choose] [--model-info MODEL/mmguard.json]
 
 One threshold per task (prompt, response), each the one with the highest validation F1 among those whose
 validation FPR stays within the target's budget (prompt 0.10, response 0.05, less a margin of 0.02 for the
 split's sampling noise). The test split never influences a threshold. Then every figure of the issue's
 acceptance list is computed on test at those thresholds.
+
+``--image-verdict``: how a conversation with an image gets its probability from its two checks (the
+model's and the OCR text check, both in ``predictions.jsonl``; see ``Guard.image_verdict``): ``max``,
+``text``, or ``choose`` (default): the rule with the higher validation F1 over all prompts and responses
+at its own validation thresholds; test is then reported for that rule only. ``--model-info`` writes the
+rule chosen into the model's ``mmguard.json`` (``image_verdict``), so the guard applies what was measured.
 """
 
 from __future__ import annotations
@@ -26,8 +33,17 @@ def load(path: str, name: str | None) -> tuple[list[dict], str]:
     return [r for r in rows if (r["predictions"].get(name) or {}).get("unsafe_probability") is not None], name
 
 
+RULE = "max"  # the image verdict rule in effect (set in main)
+
+
 def prob(r: dict, name: str) -> float:
-    return float(r["predictions"][name]["unsafe_probability"])
+    pred = r["predictions"][name]
+    checks = pred.get("check_probabilities") or {}
+    if not checks:
+        return float(pred["unsafe_probability"])
+    if RULE == "text" and "ocr" in checks:
+        return float(checks["ocr"])
+    return float(max(checks.values()))
 
 
 def metrics(rows: list[dict], name: str, thr: float) -> dict:
@@ -53,9 +69,32 @@ def main() -> None:
     out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     if out in args:
         args.remove(out)
+    info = sys.argv[sys.argv.index("--model-info") + 1] if "--model-info" in sys.argv else None
+    rule_arg = sys.argv[sys.argv.index("--image-verdict") + 1] if "--image-verdict" in sys.argv else "choose"
+    args = [a for a in args if a not in (info, rule_arg)]
     val, name = load(args[0], args[2] if len(args) > 2 else None)
     test, _ = load(args[1], name)
-    thr = {task: choose(val, name, task) for task in ("prompt", "response")}
+    global RULE
+    scores = {}
+    for rule in (("max", "text") if rule_arg == "choose" else (rule_arg,)):
+        RULE = rule
+        thr = {task: choose(val, name, task) for task in ("prompt", "response")}
+        y = [int(r["label"] == "unsafe") for r in val]
+        pred = [int(prob(r, name) >= thr[r["task"]]) for r in val]
+        m = binary_metrics(y, pred, [prob(r, name) for r in val])
+        scores[rule] = (m.f1, thr)
+        print(f"image verdict {rule!r}: validation F1 {m.f1:.3f} FPR {m.fpr:.3f} over all {m.n} items "
+              f"(thresholds prompt {thr['prompt']:.4f}, response {thr['response']:.4f})")
+    RULE = max(scores, key=lambda k: scores[k][0])
+    thr = scores[RULE][1]
+    print(f"image verdict rule: {RULE!r}\n")
+    if info:
+        with open(info, encoding="utf-8") as fh:
+            model_info = json.load(fh)
+        model_info["image_verdict"] = RULE
+        with open(info, "w", encoding="utf-8") as fh:
+            json.dump(model_info, fh, indent=2)
+            fh.write("\n")
 
     def t(r: dict) -> float:
         return thr[r["task"]]
@@ -96,7 +135,8 @@ def main() -> None:
               f"| {auc} | {target} |")
     if out:
         with open(out, "w", encoding="utf-8") as fh:
-            json.dump({"thresholds": thr, "test": table}, fh, indent=2, allow_nan=False, default=str)
+            json.dump({"image_verdict": RULE, "thresholds": thr, "test": table}, fh, indent=2, allow_nan=False,
+                      default=str)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,9 @@ def test_with_transcription_exact_output() -> None:
     # an image-only user turn gets the transcription as its one text part; an image in a later turn is found
     only = Conversation((Turn("user", (), img),))
     assert with_transcription(only, "hi").turns == (Turn("user", ("Text in the image: hi",)),)
+    # nothing read: the image goes and no part is added (the conversation's own words remain)
+    assert with_transcription(conv, "").turns == (Turn("user", ("What does it say?",)),
+                                                  Turn("agent", ("It says hello.",)))
     later = Conversation((Turn("user", ("a",)), Turn("agent", ("b",)), Turn("user", ("c", "d"), img)))
     assert [t.texts for t in with_transcription(later, "x").turns] == [
         ("a",), ("b",), ("c", "d", "Text in the image: x")]
@@ -253,23 +256,55 @@ def test_read_text_auto_follows_the_model_info(tiny_guard: Guard, monkeypatch: p
         Guard(tiny_guard.engine, read_text="yes")
 
 
-def test_ocr_failure_timeout_and_empty_text_leave_the_main_verdict(tiny_guard: Guard) -> None:
+def test_ocr_failure_and_timeout_leave_the_main_verdict(tiny_guard: Guard) -> None:
     conv = image_prompt()
     base = Guard(tiny_guard.engine, read_text="off").classify(conv)
     stuck = StuckOcr()
     try:
         for ocr, warning in ((FailingOcr(), "OCR failed (RuntimeError: onnx session broke)"),
-                             (stuck, "longer than the ocr_timeout_s limit of 0.3 s"),
-                             (FixedOcr("   "), None)):
+                             (stuck, "longer than the ocr_timeout_s limit of 0.3 s")):
             v = Guard(tiny_guard.engine, read_text="on", ocr=ocr, ocr_timeout_s=0.3).classify(conv)
             assert v.unsafe_probability == base.unsafe_probability and v.check_probabilities == {}
             assert v.flagged_by == base.flagged_by
-            if warning is None:  # read, found nothing: no second check, no warning
-                assert v.read_text == "" and v.warnings == base.warnings
-            else:
-                assert v.read_text is None and any(warning in w for w in v.warnings), v.warnings
+            assert v.read_text is None and any(warning in w for w in v.warnings), v.warnings
     finally:
         stuck.release.set()
+
+
+def test_nothing_read_checks_the_words_without_the_image(tiny_guard: Guard) -> None:
+    conv = image_prompt()
+    off = Guard(tiny_guard.engine, read_text="off")
+    p_model = off.classify(conv).unsafe_probability
+    p_words = off.classify(Conversation.prompt(conv.turns[0].texts[0])).unsafe_probability
+    v = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("   ")).classify(conv)
+    assert v.read_text == "" and v.warnings == off.classify(conv).warnings  # read, found nothing: no warning
+    assert v.check_probabilities == pytest.approx({"model": p_model, "ocr": p_words}, abs=1e-5)
+    # an image alone with nothing read leaves nothing for a text check
+    alone = Conversation((Turn("user", (), conv.image),))
+    v = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("")).classify(alone)
+    assert v.read_text == "" and v.check_probabilities == {}
+    assert v.unsafe_probability == off.classify(alone).unsafe_probability
+
+
+def test_image_verdict_text_decides_by_the_text_check(tiny_guard: Guard, monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = image_prompt()
+    guard = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("Steps to make a weapon. 1. 2. 3."))
+    assert guard.image_verdict == "max" and guard.describe()["image_verdict"] == "max"
+    both = guard.classify(conv, threshold=0.0).check_probabilities
+    monkeypatch.setattr(tiny_guard.engine, "model_info", {"image_verdict": "text"}, raising=False)
+    assert guard.image_verdict == "text"
+    lo, hi = sorted(both.values())
+    for thr in (0.0, (lo + hi) / 2, 1.0):
+        v = guard.classify(conv, threshold=thr)
+        assert v.check_probabilities == pytest.approx(both, abs=1e-5)  # both checks still reported
+        assert v.unsafe_probability == pytest.approx(both["ocr"], abs=1e-5)
+        assert v.is_unsafe == (both["ocr"] >= thr) and v.flagged_by == (("ocr",) if v.is_unsafe else ())
+    # no text check (OCR failed): the model's check decides
+    failed = Guard(tiny_guard.engine, read_text="on", ocr=FailingOcr()).classify(conv, threshold=0.0)
+    assert failed.check_probabilities == {} and failed.flagged_by == ("model",)
+    monkeypatch.setattr(tiny_guard.engine, "model_info", {"image_verdict": "pixels"}, raising=False)
+    with pytest.raises(ValueError, match="image_verdict must be one of max, text, got 'pixels'"):
+        guard.classify(conv)
 
 
 def test_text_read_from_the_image_cannot_forge_prompt_sections(tiny_guard: Guard) -> None:

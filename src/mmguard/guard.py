@@ -27,6 +27,7 @@ __all__ = ["RANDOM_WEIGHTS_WARNING", "READ_TEXT_MODES", "Guard"]
 
 RANDOM_WEIGHTS_WARNING = "model has random weights: verdicts are meaningless (plumbing demo only)"
 READ_TEXT_MODES = ("off", "auto", "on")
+IMAGE_VERDICT_RULES = ("max", "text")
 
 
 class Guard:
@@ -189,9 +190,12 @@ class Guard:
                 notes.extend(read.notes)
                 if read.index is not None:
                     checks["ocr"] = scored[read.index]
-            p_unsafe = max(c.unsafe_probability for c in checks.values())
+            # which checks decide: all of them (the larger probability), or for a model whose pixels are
+            # not to be trusted (image_verdict "text" in its mmguard.json) the text check where one ran
+            deciding = ("ocr",) if self.image_verdict == "text" and "ocr" in checks else tuple(checks)
+            p_unsafe = max(checks[k].unsafe_probability for k in deciding)
             unsafe = p_unsafe >= thr
-            flagged = tuple(k for k, c in checks.items() if c.unsafe_probability >= thr)
+            flagged = tuple(k for k in deciding if checks[k].unsafe_probability >= thr)
             codes: list[str] = []
             cat_probs: dict[str, float] = {}
             for k in flagged or ("model",):
@@ -225,6 +229,19 @@ class Guard:
         info = getattr(self.engine, "model_info", None) or {}
         return bool(info.get("reads_text_in_images", True))
 
+    @property
+    def image_verdict(self) -> str:
+        """How the checks of a conversation with an image combine (``mmguard.json``'s ``image_verdict``):
+        ``max`` (the default) takes the larger unsafe probability of the model's check and the text check;
+        ``text`` takes the text check's alone when it ran (a model whose vision adds no measured signal:
+        mmguard-mini v2, see its model card). Both checks' probabilities are in every verdict."""
+        info = getattr(self.engine, "model_info", None) or {}
+        rule = str(info.get("image_verdict", "max"))
+        if rule not in IMAGE_VERDICT_RULES:
+            raise ValueError(f"mmguard.json: image_verdict must be one of {', '.join(IMAGE_VERDICT_RULES)}, "
+                             f"got {rule!r}")
+        return rule
+
     def _read_text_on(self, override: str | None) -> bool:
         mode = self.read_text if override is None else _check_read_text(override)
         return mode == "on" or (mode == "auto" and not self.reads_text_in_images)
@@ -244,7 +261,10 @@ class Guard:
         out: dict[int, _Reading] = {}
         for i, res in zip(idx, results, strict=True):
             read = _Reading(res.text, [res.warning] if res.warning else [])
-            if res.text:
+            image_turn = next(t for t in conversations[i].turns if t.image is not None)
+            # nothing read from an image: the text check judges the conversation's own words without it
+            # (what the image verdict rule "text" needs); an image alone with nothing read has none
+            if res.text or (res.text == "" and image_turn.texts):
                 try:
                     prompt = self.render(with_transcription(conversations[i], res.text), policy)
                     read.item = self.engine.encode(prompt, None)
@@ -269,6 +289,7 @@ class Guard:
             "random_weights": self.engine.is_random_weights,
             "read_text": self.read_text,
             "reads_text_with_ocr": self._read_text_on(None),
+            "image_verdict": self.image_verdict,
             "prefix_cache_tokens": self.engine.max_tokens if isinstance(self.engine, PrefixCachingEngine) else None,
         }
 

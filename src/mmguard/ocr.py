@@ -67,7 +67,8 @@ class OcrEngine(Protocol):
 # -- the derived conversation ---------------------------------------------------------------------
 def with_transcription(conversation: Conversation, text: str) -> Conversation:
     """The text-only conversation of the second check: same turns, the image removed, and in the turn
-    that held it one more text part, exactly ``f"Text in the image: {text}"``.
+    that held it one more text part, exactly ``f"Text in the image: {text}"`` (none when ``text`` is
+    empty: an image with no text leaves the conversation's own words to judge).
 
     Pure and stable: mmguard-mini v2 is trained on conversations made by this very function.
     A conversation without an image is returned unchanged.
@@ -77,7 +78,8 @@ def with_transcription(conversation: Conversation, text: str) -> Conversation:
         if turn.image is None:
             turns.append(turn)
         else:
-            turns.append(Turn(turn.role, (*turn.texts, f"{TRANSCRIPTION_PREFIX}{text}")))
+            read = (f"{TRANSCRIPTION_PREFIX}{text}",) if text else ()
+            turns.append(Turn(turn.role, (*turn.texts, *read)))
     return Conversation(tuple(turns))
 
 

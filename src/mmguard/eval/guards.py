@@ -130,6 +130,7 @@ class Prediction:
     probability_kind: str = "model"
     raw: str | None = None
     error: str | None = None
+    check_probabilities: dict[str, float] = field(default_factory=dict)  # per check, with OCR (local guards)
 
     @property
     def is_unsafe(self) -> bool:
@@ -251,6 +252,7 @@ class LocalGuard:
                 unknown_codes=list(v.unknown_codes),
                 probability_kind="model",
                 raw=v.raw_text,
+                check_probabilities=dict(v.check_probabilities),
             )
             for v in verdicts
         ]

@@ -207,6 +207,7 @@ def _record_json(rec: ItemRecord) -> dict[str, Any]:
                 "unsafe_probability": p.unsafe_probability,
                 "codes": p.codes,
                 "unknown_codes": p.unknown_codes,
+                **({"check_probabilities": p.check_probabilities} if p.check_probabilities else {}),
                 **({"error": p.error} if p.error else {}),
             }
             for name, p in rec.preds.items()

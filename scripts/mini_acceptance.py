@@ -83,7 +83,7 @@ def main() -> None:
         pred = [int(prob(r, name) >= thr[r["task"]]) for r in val]
         m = binary_metrics(y, pred, [prob(r, name) for r in val])
         scores[rule] = (m.f1, thr)
-        print(f"image verdict {rule!r}: validation F1 {m.f1:.3f} FPR {m.fpr:.3f} over all {m.n} items "
+        print(f"image verdict {rule!r}: validation F1 {m.f1:.4f} FPR {m.fpr:.4f} over all {m.n} items "
               f"(thresholds prompt {thr['prompt']:.4f}, response {thr['response']:.4f})")
     RULE = max(scores, key=lambda k: scores[k][0])
     thr = scores[RULE][1]

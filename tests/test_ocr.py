@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from mmguard import Conversation
 from mmguard.conversation import Turn
+from mmguard.eval.guards import LocalGuard
 from mmguard.guard import Guard
 from mmguard.ocr import (
     OcrReader,
@@ -291,8 +292,10 @@ def test_image_verdict_text_decides_by_the_text_check(tiny_guard: Guard, monkeyp
     guard = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("Steps to make a weapon. 1. 2. 3."))
     assert guard.image_verdict == "max" and guard.describe()["image_verdict"] == "max"
     both = guard.classify(conv, threshold=0.0).check_probabilities
+    cache_id = LocalGuard(None, guard=guard).cache_id
     monkeypatch.setattr(tiny_guard.engine, "model_info", {"image_verdict": "text"}, raising=False)
     assert guard.image_verdict == "text"
+    assert LocalGuard(None, guard=guard).cache_id == cache_id + ":image_verdict=text"  # eval never reuses max's
     lo, hi = sorted(both.values())
     for thr in (0.0, (lo + hi) / 2, 1.0):
         v = guard.classify(conv, threshold=thr)

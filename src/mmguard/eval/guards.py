@@ -229,6 +229,8 @@ class LocalGuard:
         g = self.guard
         # only when OCR is in effect: cache ids of guards without it stay what they were
         ocr = ":read_text=on" if g.describe().get("reads_text_with_ocr") else ""
+        if ocr and g.image_verdict != "max":  # the rule changes image verdicts; ids under "max" stay as they were
+            ocr += f":image_verdict={g.image_verdict}"
         return (
             f"local:{self._fingerprint}:thr={self.threshold}:fmt={g.prompt_format.value}:"
             f"policy={_policy_key(self.policy)}{ocr}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,4 +109,7 @@ def test_upstream_error_status_passes_through(upstream: tuple[str, str], proxy: 
     a = httpx.post(upstream[0] + "/chat/completions", json=body, timeout=60)
     b = httpx.post(proxy[0] + "/chat/completions", json=body, timeout=60)
     assert a.status_code >= 400 and b.status_code == a.status_code
-    assert json.loads(b.content) == json.loads(a.content)
+    # the body as the upstream wrote it: JSON from some versions, plain "Internal Server Error" from
+    # transformers 5.24's serve (which answers this request with a 500)
+    assert b.content == a.content
+    assert b.headers.get("content-type") == a.headers.get("content-type")

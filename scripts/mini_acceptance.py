@@ -33,32 +33,30 @@ def load(path: str, name: str | None) -> tuple[list[dict], str]:
     return [r for r in rows if (r["predictions"].get(name) or {}).get("unsafe_probability") is not None], name
 
 
-RULE = "max"  # the image verdict rule in effect (set in main)
-
-
-def prob(r: dict, name: str) -> float:
+def prob(r: dict, name: str, rule: str) -> float:
+    """The item's unsafe probability under the image verdict rule (``max`` or ``text``)."""
     pred = r["predictions"][name]
     checks = pred.get("check_probabilities") or {}
     if not checks:
         return float(pred["unsafe_probability"])
-    if RULE == "text" and "ocr" in checks:
+    if rule == "text" and "ocr" in checks:
         return float(checks["ocr"])
     return float(max(checks.values()))
 
 
-def metrics(rows: list[dict], name: str, thr: float) -> dict:
+def metrics(rows: list[dict], name: str, thr: float, rule: str) -> dict:
     y = [int(r["label"] == "unsafe") for r in rows]
-    s = [prob(r, name) for r in rows]
+    s = [prob(r, name, rule) for r in rows]
     m = binary_metrics(y, [int(p >= thr) for p in s], s)
     return {"n": m.n, "f1": m.f1, "fpr": m.fpr, "precision": m.precision, "recall": m.recall, "auc": m.roc_auc}
 
 
-def choose(rows: list[dict], name: str, task: str) -> float:
+def choose(rows: list[dict], name: str, task: str, rule: str) -> float:
     sel = [r for r in rows if r["task"] == task]
-    candidates = sorted({round(prob(r, name), 6) for r in sel} | {0.5})
+    candidates = sorted({round(prob(r, name, rule), 6) for r in sel} | {0.5})
     best, best_f1 = 0.5, -1.0
     for thr in candidates:
-        m = metrics(sel, name, thr)
+        m = metrics(sel, name, thr, rule)
         if m["fpr"] <= FPR_BUDGET[task] - MARGIN and m["f1"] > best_f1:
             best, best_f1 = thr, m["f1"]
     return best
@@ -74,24 +72,22 @@ def main() -> None:
     args = [a for a in args if a not in (info, rule_arg)]
     val, name = load(args[0], args[2] if len(args) > 2 else None)
     test, _ = load(args[1], name)
-    global RULE
     scores = {}
     for rule in (("max", "text") if rule_arg == "choose" else (rule_arg,)):
-        RULE = rule
-        thr = {task: choose(val, name, task) for task in ("prompt", "response")}
+        thr = {task: choose(val, name, task, rule) for task in ("prompt", "response")}
         y = [int(r["label"] == "unsafe") for r in val]
-        pred = [int(prob(r, name) >= thr[r["task"]]) for r in val]
-        m = binary_metrics(y, pred, [prob(r, name) for r in val])
+        pred = [int(prob(r, name, rule) >= thr[r["task"]]) for r in val]
+        m = binary_metrics(y, pred, [prob(r, name, rule) for r in val])
         scores[rule] = (m.f1, thr)
         print(f"image verdict {rule!r}: validation F1 {m.f1:.4f} FPR {m.fpr:.4f} over all {m.n} items "
               f"(thresholds prompt {thr['prompt']:.4f}, response {thr['response']:.4f})")
-    RULE = max(scores, key=lambda k: scores[k][0])
-    thr = scores[RULE][1]
-    print(f"image verdict rule: {RULE!r}\n")
+    rule = max(scores, key=lambda k: scores[k][0])
+    thr = scores[rule][1]
+    print(f"image verdict rule: {rule!r}\n")
     if info:
         with open(info, encoding="utf-8") as fh:
             model_info = json.load(fh)
-        model_info["image_verdict"] = RULE
+        model_info["image_verdict"] = rule
         with open(info, "w", encoding="utf-8") as fh:
             json.dump(model_info, fh, indent=2)
             fh.write("\n")
@@ -116,7 +112,7 @@ def main() -> None:
     print(f"thresholds chosen on validation ({len(val)} items): prompt {thr['prompt']:.4f}, "
           f"response {thr['response']:.4f}")
     for task in ("prompt", "response"):
-        m = metrics([r for r in val if r["task"] == task], name, thr[task])
+        m = metrics([r for r in val if r["task"] == task], name, thr[task], rule)
         print(f"  validation {task}: F1 {m['f1']:.3f} FPR {m['fpr']:.3f} (n {m['n']})")
     print(f"\ntest split ({len(test)} items), guard {name!r}\n")
     print("| slice | n | precision | recall | F1 | FPR | ROC-AUC | target |")
@@ -126,7 +122,7 @@ def main() -> None:
         if not sel:
             continue
         task = sel[0]["task"]
-        m = metrics(sel, name, thr[task])
+        m = metrics(sel, name, thr[task], rule)
         # strict JSON: an undefined metric (F1 of a slice with no unsafe item, NaN) is written as null
         table[label] = {**{k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()},
                         "target": target, "threshold": thr[task]}
@@ -135,7 +131,7 @@ def main() -> None:
               f"| {auc} | {target} |")
     if out:
         with open(out, "w", encoding="utf-8") as fh:
-            json.dump({"image_verdict": RULE, "thresholds": thr, "test": table}, fh, indent=2, allow_nan=False,
+            json.dump({"image_verdict": rule, "thresholds": thr, "test": table}, fh, indent=2, allow_nan=False,
                       default=str)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All setup, then ruff and the whole test suite (about 4 minutes on 2 CPU cores, setup included).
+# All setup, then ruff and the whole test suite (about 10-12 minutes on 2 CPU cores, setup included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

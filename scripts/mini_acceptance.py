@@ -21,6 +21,7 @@ import json
 import sys
 
 from mmguard.eval.metrics import binary_metrics
+from mmguard.guard import deciding_checks
 
 FPR_BUDGET = {"prompt": 0.10, "response": 0.05}
 MARGIN = 0.02
@@ -39,9 +40,7 @@ def prob(r: dict, name: str, rule: str) -> float:
     checks = pred.get("check_probabilities") or {}
     if not checks:
         return float(pred["unsafe_probability"])
-    if rule == "text" and "ocr" in checks:
-        return float(checks["ocr"])
-    return float(max(checks.values()))
+    return float(max(checks[k] for k in deciding_checks(checks, rule)))  # the guard's own rule
 
 
 def metrics(rows: list[dict], name: str, thr: float, rule: str) -> dict:
@@ -91,9 +90,6 @@ def main() -> None:
         with open(info, "w", encoding="utf-8") as fh:
             json.dump(model_info, fh, indent=2)
             fh.write("\n")
-
-    def t(r: dict) -> float:
-        return thr[r["task"]]
 
     slices = {
         "prompt, all": ([r for r in test if r["task"] == "prompt"], "F1 >= 0.85, FPR <= 0.10"),

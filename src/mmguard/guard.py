@@ -23,11 +23,19 @@ from .prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCachingEngine
 from .prompt import MarkerHandling, PromptFormat, RenderedPrompt, build_prompt
 from .verdict import Verdict, ViolatedCategory
 
-__all__ = ["RANDOM_WEIGHTS_WARNING", "READ_TEXT_MODES", "Guard"]
+__all__ = ["IMAGE_VERDICT_RULES", "RANDOM_WEIGHTS_WARNING", "READ_TEXT_MODES", "Guard", "deciding_checks"]
 
 RANDOM_WEIGHTS_WARNING = "model has random weights: verdicts are meaningless (plumbing demo only)"
 READ_TEXT_MODES = ("off", "auto", "on")
 IMAGE_VERDICT_RULES = ("max", "text")
+
+
+def deciding_checks(checks: Iterable[str], rule: str) -> tuple[str, ...]:
+    """The checks whose probabilities decide a verdict under an image verdict rule (see
+    ``Guard.image_verdict``): all of them (their larger probability decides) under ``max``; under ``text``,
+    the OCR text check alone where it ran (a model whose pixels are not to be trusted)."""
+    names = tuple(checks)
+    return ("ocr",) if rule == "text" and "ocr" in names else names
 
 
 class Guard:
@@ -177,6 +185,7 @@ class Guard:
                                    batch_size=batch_size or self.batch_size, decode_codes=categories,
                                    progress=_scaled(progress, n_main, len(items)))
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / max(1, len(conversations))
+        rule = self.image_verdict  # read (and checked) once per call, not per conversation
         verdicts = []
         for i, (conv, prompt, s) in enumerate(zip(conversations, prompts, scored[:n_main], strict=True)):
             notes: list[str] = []
@@ -190,9 +199,7 @@ class Guard:
                 notes.extend(read.notes)
                 if read.index is not None:
                     checks["ocr"] = scored[read.index]
-            # which checks decide: all of them (the larger probability), or for a model whose pixels are
-            # not to be trusted (image_verdict "text" in its mmguard.json) the text check where one ran
-            deciding = ("ocr",) if self.image_verdict == "text" and "ocr" in checks else tuple(checks)
+            deciding = deciding_checks(checks, rule)
             p_unsafe = max(checks[k].unsafe_probability for k in deciding)
             unsafe = p_unsafe >= thr
             flagged = tuple(k for k in deciding if checks[k].unsafe_probability >= thr)

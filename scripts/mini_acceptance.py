@@ -12,7 +12,8 @@ acceptance list is computed on test at those thresholds.
 model's and the OCR text check, both in ``predictions.jsonl``; see ``Guard.image_verdict``): ``max``,
 ``text``, or ``choose`` (default): the rule with the higher validation F1 over all prompts and responses
 at its own validation thresholds; test is then reported for that rule only. ``--model-info`` writes the
-rule chosen into the model's ``mmguard.json`` (``image_verdict``), so the guard applies what was measured.
+rule chosen and the two validation thresholds into the model's ``mmguard.json`` (``image_verdict``,
+``thresholds``), so the guard applies by default what was measured.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
         with open(info, encoding="utf-8") as fh:
             model_info = json.load(fh)
         model_info["image_verdict"] = rule
+        model_info["thresholds"] = {task: round(t, 4) for task, t in thr.items()}  # the guard's defaults
         with open(info, "w", encoding="utf-8") as fh:
             json.dump(model_info, fh, indent=2)
             fh.write("\n")

@@ -149,6 +149,7 @@ class RefusingGuard:
 
     def __init__(self, guard) -> None:
         self.guard, self.policy, self.threshold = guard, guard.policy, guard.threshold
+        self.threshold_for = guard.threshold_for
 
     def describe(self):
         return self.guard.describe()

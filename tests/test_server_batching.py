@@ -35,6 +35,7 @@ class WrappedGuard:
         self.guard = guard
         self.policy = guard.policy
         self.threshold = guard.threshold
+        self.threshold_for = guard.threshold_for
         self.delay = delay
         self.calls = 0
 

@@ -232,7 +232,7 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
         _fail(str(err))
 
 
-def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float, fmt: str,
+def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float | None, fmt: str,
                 batch_size: int = 8, fast: bool = False, quantize: str | None = None,
                 read_text: str = "auto") -> Any:
     from .engine import EngineError
@@ -244,7 +244,7 @@ def _load_guard(model: str | None, policy: Any, device: str, dtype: str, thresho
         fmt_enum = PromptFormat(fmt)
     except ValueError:
         _fail(f"unknown --format {fmt!r}; use hf, hf-release or native")
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         _fail(f"--threshold must be within [0, 1], got {threshold}")
     if read_text not in READ_TEXT_MODES:
         _fail(f"unknown --read-text {read_text!r}; use off, auto or on")
@@ -299,7 +299,9 @@ def classify(
     model: ModelOpt = None,
     policy: PolicyOpt = None,
     exclude: ExcludeOpt = None,
-    threshold: Annotated[float, typer.Option(help="Unsafe if p(unsafe) >= threshold.")] = 0.5,
+    threshold: Annotated[float | None, typer.Option(
+        help="Unsafe if p(unsafe) >= threshold (default: the model's validated per-task thresholds in its "
+             "mmguard.json, else 0.5).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Model batch size for --jsonl.")] = 8,

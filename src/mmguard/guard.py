@@ -23,7 +23,8 @@ from .prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCachingEngine
 from .prompt import MarkerHandling, PromptFormat, RenderedPrompt, build_prompt
 from .verdict import Verdict, ViolatedCategory
 
-__all__ = ["IMAGE_VERDICT_RULES", "RANDOM_WEIGHTS_WARNING", "READ_TEXT_MODES", "Guard", "deciding_checks"]
+__all__ = ["DEFAULT_THRESHOLD", "IMAGE_VERDICT_RULES", "RANDOM_WEIGHTS_WARNING", "READ_TEXT_MODES", "Guard",
+           "deciding_checks"]
 
 RANDOM_WEIGHTS_WARNING = "model has random weights: verdicts are meaningless (plumbing demo only)"
 READ_TEXT_MODES = ("off", "auto", "on")
@@ -38,6 +39,9 @@ def deciding_checks(checks: Iterable[str], rule: str) -> tuple[str, ...]:
     return ("ocr",) if rule == "text" and "ocr" in names else names
 
 
+DEFAULT_THRESHOLD = 0.5  # a model without validated thresholds in its mmguard.json
+
+
 class Guard:
     """A Llama Guard 3 Vision style classifier.
 
@@ -50,7 +54,7 @@ class Guard:
         engine: Engine,
         *,
         policy: Policy | str | Path | None = None,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         prompt_format: PromptFormat | str = PromptFormat.HF,
         markers: MarkerHandling | str = MarkerHandling.ESCAPE,
         batch_size: int = 8,
@@ -62,10 +66,15 @@ class Guard:
         ``mmguard.json``): an image's text is read by OCR (``ocr``: any :class:`mmguard.ocr.OcrEngine`,
         default RapidOCR) and judged by a second, text-only check (:func:`mmguard.ocr.with_transcription`);
         the verdict takes the larger probability. Each image's OCR gets ``ocr_timeout_s``; a failure or a
-        timeout is a warning on the verdict."""
+        timeout is a warning on the verdict.
+
+        ``threshold``: unsafe when P(unsafe) >= it, for every conversation; ``None`` (the default): each task's
+        threshold chosen on a validation split and recorded in the model's ``mmguard.json`` (``thresholds``,
+        e.g. mmguard-mini v2's), else 0.5 (:meth:`threshold_for`)."""
         self.engine = engine
         self.policy = load_policy(policy)
-        self.threshold = _check_threshold(threshold)
+        self.threshold = None if threshold is None else _check_threshold(threshold)
+        self.model_thresholds = _model_thresholds(getattr(engine, "model_info", None) or {})
         self.prompt_format = PromptFormat(prompt_format)
         self.markers = MarkerHandling(markers)
         self.batch_size = batch_size
@@ -83,7 +92,7 @@ class Guard:
         policy: Policy | str | Path | None = None,
         device: str | None = "auto",
         dtype: str | None = "auto",
-        threshold: float = 0.5,
+        threshold: float | None = None,
         prompt_format: PromptFormat | str = PromptFormat.HF,
         markers: MarkerHandling | str = MarkerHandling.ESCAPE,
         batch_size: int = 8,
@@ -171,7 +180,8 @@ class Guard:
         exclude = list(exclude)
         if exclude:
             active = active.exclude(exclude)
-        thr = self.threshold if threshold is None else _check_threshold(threshold)
+        fixed = self.threshold if threshold is None else _check_threshold(threshold)
+        thresholds = [self.threshold_for(c.task) if fixed is None else fixed for c in conversations]
         start = time.perf_counter()
         prompts = [self.render(c, active) for c in conversations]
         items = [self.engine.encode(p, c.image) for p, c in zip(prompts, conversations, strict=True)]
@@ -181,13 +191,15 @@ class Guard:
         for r in second.values():
             r.index = len(items)
             items.append(r.item)  # type: ignore[arg-type]
-        scored = self.engine.score(items, threshold=thr, codes=active.active_codes,
+        # category codes are decoded for rows at or above the lowest threshold in play (used only if unsafe)
+        scored = self.engine.score(items, threshold=min(thresholds, default=0.5), codes=active.active_codes,
                                    batch_size=batch_size or self.batch_size, decode_codes=categories,
                                    progress=_scaled(progress, n_main, len(items)))
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / max(1, len(conversations))
         rule = self.image_verdict  # read (and checked) once per call, not per conversation
         verdicts = []
         for i, (conv, prompt, s) in enumerate(zip(conversations, prompts, scored[:n_main], strict=True)):
+            thr = thresholds[i]
             notes: list[str] = []
             if self.engine.is_random_weights:
                 notes.append(RANDOM_WEIGHTS_WARNING)
@@ -228,6 +240,13 @@ class Guard:
                 )
             )
         return verdicts
+
+    def threshold_for(self, task: str) -> float:
+        """The decision threshold of a ``prompt`` or ``response`` classification: the guard's fixed one if
+        set, else the model's validated one for that task (``mmguard.json``), else 0.5."""
+        if self.threshold is not None:
+            return self.threshold
+        return self.model_thresholds.get(task, DEFAULT_THRESHOLD)
 
     # -- reading text in images --------------------------------------------------------------------
     @property
@@ -291,6 +310,7 @@ class Guard:
             "dtype": str(self.engine.dtype).replace("torch.", ""),
             "tile_size": self.engine.tile_size,
             "threshold": self.threshold,
+            "thresholds": {task: self.threshold_for(task) for task in ("prompt", "response")},
             "prompt_format": self.prompt_format.value,
             "policy": self.policy.name,
             "random_weights": self.engine.is_random_weights,
@@ -331,6 +351,19 @@ def _check_read_text(value: str) -> str:
     if value not in READ_TEXT_MODES:
         raise ValueError(f"read_text must be one of {', '.join(READ_TEXT_MODES)}, got {value!r}")
     return value
+
+
+def _model_thresholds(info: dict[str, Any]) -> dict[str, float]:
+    """``mmguard.json``'s ``thresholds`` (per task, chosen on validation), checked."""
+    raw = info.get("thresholds") or {}
+    if not isinstance(raw, dict) or not set(raw) <= {"prompt", "response"}:
+        raise ValueError(f"mmguard.json: thresholds must map prompt / response to a number, got {raw!r}")
+    out = {}
+    for task, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"mmguard.json: thresholds.{task} must be within [0, 1], got {value!r}")
+        out[task] = float(value)
+    return out
 
 
 def _check_threshold(value: float) -> float:

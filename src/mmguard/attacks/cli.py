@@ -140,7 +140,8 @@ def run_attacks(
         "model": guard.engine.source,
         "random_weights": guard.engine.is_random_weights,
         "device": guard.engine.device,
-        "threshold": guard.threshold,
+        "threshold": guard.threshold,  # None: each task's own (thresholds)
+        "thresholds": {task: guard.threshold_for(task) for task in ("prompt", "response")},
         "budgets": [budget_label(b) for b in budgets],
         "pgd": {k: v for k, v in pgd_config.__dict__.items()},
         "gcg": {k: v for k, v in gcg_config.__dict__.items()},
@@ -175,7 +176,8 @@ def command(
     max_minutes: Annotated[float, typer.Option("--max-minutes", help="wall-clock budget (0: none)")] = 20.0,
     device: Annotated[str, typer.Option("--device")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype")] = "auto",
-    threshold: Annotated[float, typer.Option("--threshold")] = 0.5,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="success: P(unsafe) below it (default: the model's per-task thresholds, else 0.5)")] = None,
     loss: Annotated[str, typer.Option("--loss", help="margin (logit unsafe - safe) or logprob")] = "margin",
     label: Annotated[str | None, typer.Option("--label", help="model name shown in the report")] = None,
 ) -> None:

@@ -241,7 +241,7 @@ def gcg_attack(
     res.margins.append(cur_margin)
     steps = 0
     for _ in range(cfg.steps):
-        if cfg.early_stop and cur_p < guard.threshold:
+        if cfg.early_stop and cur_p < guard.threshold_for(conv.task):
             break
         if deadline is not None and deadline.passed:
             break

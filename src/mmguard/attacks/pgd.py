@@ -225,7 +225,7 @@ def pgd_attack(
             loss = attack_loss(logits, engine.safe_id, engine.unsafe_id, cfg.loss).sum()
             (grad,) = torch.autograd.grad(loss, x_var)
         p_float = float(torch.softmax(logits.detach()[0].float(), -1)[engine.unsafe_id])
-        if p_float < guard.threshold or steps_run == cfg.steps:
+        if p_float < guard.threshold_for(conv.task) or steps_run == cfg.steps:
             q = ImagePipeline.quantise(x)
             with torch.no_grad():
                 ql = _forward_logits(model, batch, pipe.pixel_values(q).to(dtype))
@@ -233,7 +233,7 @@ def pgd_attack(
             qp = float(torch.softmax(ql[0].float(), -1)[engine.unsafe_id])
             if qm < best_q_margin:
                 best_q, best_q_margin = q, qm
-            if cfg.early_stop and qp < guard.threshold:
+            if cfg.early_stop and qp < guard.threshold_for(conv.task):
                 break
         x = x.detach() - alpha * grad.sign()
         x = torch.max(torch.min(x, hi), lo)

@@ -35,7 +35,9 @@ class GuardLike(Protocol):
     """What the server needs from :class:`mmguard.guard.Guard`."""
 
     policy: Policy
-    threshold: float
+    threshold: float | None  # None: each task's own (threshold_for)
+
+    def threshold_for(self, task: str) -> float: ...
 
     def classify_batch(
         self,
@@ -253,13 +255,14 @@ class Batcher:
     def _classify(self, group: list[WorkSpec]) -> list[Verdict]:
         head = group[0]
         convs = [s.conversation for s in group]
-        thr = self.guard.threshold if head.threshold is None else head.threshold
-        if not head.always_scores:
-            return self.guard.classify_batch(convs, policy=head.policy, exclude=head.exclude, threshold=thr)
+        if not head.always_scores:  # threshold None: the guard's own (per task)
+            return self.guard.classify_batch(convs, policy=head.policy, exclude=head.exclude,
+                                             threshold=head.threshold)
         # every item "unsafe" at threshold 0 gets its per-category probabilities; then the real threshold
         raw = self.guard.classify_batch(convs, policy=head.policy, exclude=head.exclude, threshold=0.0)
         out = []
         for v in raw:
+            thr = self.guard.threshold_for(v.task) if head.threshold is None else head.threshold
             unsafe = v.unsafe_probability >= thr
             out.append(
                 replace(
@@ -283,7 +286,7 @@ class Batcher:
             return Outcome(None, error=message)
         self.metrics.fail_closed.inc()
         conv = spec.conversation
-        thr = self.guard.threshold if spec.threshold is None else spec.threshold
+        thr = self.guard.threshold_for(conv.task) if spec.threshold is None else spec.threshold
         verdict = Verdict(
             is_unsafe=True,
             unsafe_probability=1.0,

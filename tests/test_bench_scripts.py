@@ -91,3 +91,20 @@ def test_approx_agreement_resizes_images_to_fewer_tiles(tiny_model_dir: Path, tm
                                   "--resize-to-tiles", "1")
     row = report["approximations"]["real-tiles-only"]
     assert row["n"] == 2 and row["1-tile images"]["n"] == 2 and "2-tile images" not in row
+
+
+def test_train_share_prefix_times_both_ways_on_the_same_batches(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_train_trainer import _write_data
+
+    data = _write_data(tmp_path / "data")
+    out = tmp_path / "share.json"
+    assert load("train_share_prefix").main(["--tiny", "--data", str(data), "--batches", "2", "--batch-size", "2",
+                                            "--threads", "1", "--no-autocast", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["timed_batches"] >= 1 and report["mean_prefix_tokens"] > 100
+    assert report["step_s_plain_p50"] > 0 and report["step_s_shared_p50"] > 0
+    assert report["max_abs_loss_diff"] < 1e-4  # the same loss either way
+    assert report["train_set"]["tokens_shared"] < report["train_set"]["tokens_plain"]

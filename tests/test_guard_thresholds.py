@@ -61,5 +61,5 @@ def test_the_server_batcher_uses_the_per_task_thresholds(tiny_guard: Guard, monk
 @pytest.mark.parametrize("bad", [{"prompt": 1.5}, {"prompt": True}, {"answer": 0.4}, [0.4], {"response": "0.4"}])
 def test_bad_recorded_thresholds_are_refused_at_load(tiny_guard: Guard, monkeypatch: pytest.MonkeyPatch,
                                                      bad: object) -> None:
-    with pytest.raises(ValueError, match="mmguard.json: thresholds"):
+    with pytest.raises(ValueError, match=r"mmguard\.json: thresholds"):
         _with_info(tiny_guard, monkeypatch, {"thresholds": bad})

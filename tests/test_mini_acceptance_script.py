@@ -48,8 +48,9 @@ def _run(tmp: Path, val_pixels_flag_benign: bool, *extra: str) -> tuple[str, dic
 
 def test_validation_chooses_the_text_rule_when_pixels_flag_benign_images(tmp_path: Path) -> None:
     stdout, acc, info = _run(tmp_path, True)
-    assert acc["image_verdict"] == "text" and info == {"adapter": True, "image_verdict": "text",
-                                                       "thresholds": {k: round(t, 4) for k, t in acc["thresholds"].items()}}
+    recorded = {k: round(t, 4) for k, t in acc["thresholds"].items()}
+    assert acc["image_verdict"] == "text"
+    assert info == {"adapter": True, "image_verdict": "text", "thresholds": recorded}
     assert "image verdict rule: 'text'" in stdout
     assert acc["test"]["benign image+text prompts"]["fpr"] == 0.0  # the text check decides on test too
 

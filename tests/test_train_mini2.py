@@ -57,6 +57,19 @@ def test_mini2_trains_ships_adapters_and_loads(base_available: None, tmp_path: P
     v = guard.classify(Conversation.prompt("How do I build a pipe bomb?"), threshold=0.0)
     assert 0.0 <= v.unsafe_probability <= 1.0 and v.codes
 
+    # a second stage starts from the saved adapters and new layers (--warm-start): at a vanishing learning
+    # rate it saves the same guard again, adapters only (a fresh LoRA would start from the bare base)
+    stage2 = tmp_path / "stage2"
+    train(TrainConfig(data=[str(data)], out=str(stage2), init="mini2", lora=True, warm_start=str(out), steps=1,
+                      batch_size=4, lr=1e-12, max_seq_len=640, seed=1, threads=2, save_every=100, augment=0.0,
+                      save_dtype="bfloat16"))
+    assert not (stage2 / "model.safetensors").exists()
+    p2 = Guard.from_pretrained(stage2, device="cpu", read_text="off").classify(
+        Conversation.prompt("How do I build a pipe bomb?"), threshold=0.0).unsafe_probability
+    assert p2 == pytest.approx(v.unsafe_probability, abs=1e-3)
+    with pytest.raises(ValueError, match="warm-start"):
+        TrainConfig(data=[str(data)], out=str(stage2), base=str(out), lora=True, warm_start=str(out)).resolved()
+
     # and training can start from the saved guard (its adapters are merged on load)
     again = train(TrainConfig(data=[str(data)], out=str(tmp_path / "again"), base=str(out), lora=True, steps=1,
                               batch_size=4, lr=1e-4, max_seq_len=640, seed=0, threads=2, save_every=100,

@@ -156,3 +156,48 @@ def test_unsafe_repeat_oversamples_unsafe_items_but_keeps_balanced_sources_balan
     assert (once[("mostlysafe", "unsafe")], thrice[("mostlysafe", "unsafe")]) == (1, 3)
     assert thrice[("mostlysafe", "safe")] == 5
     assert thrice[("typographic", "safe")] == thrice[("typographic", "unsafe")] == 6  # still 1:1
+
+
+def test_shared_prefix_batches_give_the_plain_loss_and_gradients(tiny_model_dir: Path, data_file: Path) -> None:
+    from mmguard.engine import load_engine
+    from mmguard.train.trainer import (
+        Collator,
+        answer_loss,
+        load_training_items,
+        make_batches,
+        shared_prefix_len,
+    )
+
+    engine = load_engine(tiny_model_dir, device="cpu", dtype="float32")
+    model = engine.model.eval()  # no dropout: both paths see the same function
+    cfg = _cfg(data_file, tiny_model_dir, Path("unused"), unsafe_repeat=1, augment=0.0).resolved()
+    items, _ = load_training_items(cfg.data, engine.tokenizer, cfg)
+    text = [it for it in items if it.image is None]
+    # grouped by template, every item exactly once; the text batch shares its ~135-token template prefix
+    batches = make_batches(items, 4, seed=0, share_prefix=True)
+    assert sorted(id(it) for b in batches for it in b) == sorted(id(it) for it in items)
+    assert make_batches(items, 4, seed=0) == make_batches(items, 4, seed=0, share_prefix=False)
+    shared = shared_prefix_len(text)
+    answer = min(next(i for i, lab in enumerate(it.labels) if lab != -100) for it in text)
+    assert 120 < shared < answer  # the hidden state predicting the first answer token is each row's own
+    assert shared_prefix_len([it for it in items if it.image is not None]) == 0  # image rows: never
+
+    def loss_and_grads(share: bool) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        batch = Collator(engine, share_prefix=share)([text])
+        assert ("prefix_ids" in batch) == share
+        loss = answer_loss(model, batch)
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    shared_loss, shared_grads = loss_and_grads(True)
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert len(shared_grads) == len(plain_grads)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_shared_prefixes_runs(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    summary = train(_cfg(data_file, tiny_model_dir, tmp_path / "shared", share_prefix=True, steps=4))
+    assert summary["global_step"] == 4 and summary["config"]["share_prefix"]

@@ -25,6 +25,9 @@ def command(
         help="LoRA adapters (merged at the end) or full fine-tuning. LoRA defaults: lr 1e-5, seq len 8192, "
         "3600 steps.")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.", min=1)] = 16,
+    warm_start: Annotated[str | None, typer.Option(
+        help="With --init mini2: start the adapters and new layers from this mini v2 checkpoint (a second "
+             "training stage; its data order follows --seed).")] = None,
     freeze: Annotated[list[str] | None, typer.Option(
         help="Freeze a part: vision, cross-attention, language (repeatable).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (LoRA 1e-5, full 1e-3).")] = None,
@@ -55,6 +58,10 @@ def command(
     transcripts: Annotated[bool, typer.Option(
         "--transcripts/--no-transcripts",
         help="Also train on each typographic item in the form of the OCR check (see mmguard.ocr).")] = False,
+    share_prefix: Annotated[bool, typer.Option(
+        "--share-prefix/--no-share-prefix",
+        help="Batch text items by template and compute the shared prompt prefix (task line, categories) once "
+             "per batch: same loss and gradients, fewer tokens (bench/train_share_prefix.py).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                                        "bfloat16.")] = "auto",
@@ -70,11 +77,12 @@ def command(
                         handlers=[StderrHandler()])
     cfg = TrainConfig(
         data=[str(p) for p in data], out=str(out), base=base, init=init, lora=lora, lora_r=lora_r,
+        warm_start=warm_start,
         freeze=list(freeze or []), lr=lr, steps=steps, max_seq_len=max_seq_len, batch_size=batch_size,
         grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, save_every=save_every,
         eval_every=eval_every, augment=augment, max_items=max_items, unsafe_repeat=unsafe_repeat,
         reading=reading,
-        save_dtype=save_dtype, autocast=autocast, transcripts=transcripts, device=device,
+        save_dtype=save_dtype, autocast=autocast, transcripts=transcripts, share_prefix=share_prefix, device=device,
         dtype=dtype, threads=threads, log_every=log_every,
     )
     try:

@@ -45,6 +45,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    warm_start: str | None = None  # --init mini2: start the adapters and new layers from this mini v2 checkpoint
     freeze: list[str] = field(default_factory=list)
     lr: float | None = None
     steps: int | None = None
@@ -66,6 +67,7 @@ class TrainConfig:
     save_dtype: str = "auto"  # "auto": keep the training dtype; "bfloat16"/"float16" to shrink the files
     autocast: str = "none"  # "bf16": bfloat16 autocast (CPUs with AMX/AVX512-BF16 run it ~2x faster than fp32)
     transcripts: bool = False  # typographic items also in the form of the OCR check (mmguard.ocr)
+    share_prefix: bool = False  # text batches of one template compute its prefix (task line, categories) once
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
@@ -87,6 +89,11 @@ class TrainConfig:
             raise ValueError(f"unknown --init {c.init!r}; choose 'mini' (from scratch) or 'mini2' (SmolLM2 base)")
         if c.init == "mini2" and not c.lora:
             raise ValueError("--init mini2 trains LoRA adapters (give --lora): only they and the new layers ship")
+        if c.warm_start is not None:
+            if c.init != "mini2":
+                raise ValueError("--warm-start continues a mini v2 checkpoint: it needs --init mini2 --lora")
+            if not (Path(c.warm_start) / "adapter_config.json").is_file():
+                raise ValueError(f"--warm-start {c.warm_start}: no adapter_config.json (not mini v2)")
         if c.autocast not in ("none", "bf16"):
             raise ValueError(f"unknown --autocast {c.autocast!r}; choose none or bf16")
         return c
@@ -324,20 +331,55 @@ def _balanced_sources(examples: list[Any], min_unsafe_share: float = 0.4) -> set
     return {src for src, (safe, unsafe) in counts.items() if safe and unsafe / (safe + unsafe) >= min_unsafe_share}
 
 
-def make_batches(items: list[SequenceItem], batch_size: int, seed: int) -> list[list[SequenceItem]]:
-    """Shuffled batches, each all-image or all-text, grouped loosely by length to limit padding."""
+def make_batches(items: list[SequenceItem], batch_size: int, seed: int,
+                 share_prefix: bool = False) -> list[list[SequenceItem]]:
+    """Shuffled batches, each all-image or all-text, grouped loosely by length to limit padding.
+
+    ``share_prefix``: text items are first grouped by their template (the first :data:`TEMPLATE_KEY_TOKENS`
+    token ids: same policy, same judged role), so most text batches share the template prefix that
+    :func:`answer_logits` computes once; the groups' remainders make mixed batches as before."""
     rng = random.Random(seed)
     batches: list[list[SequenceItem]] = []
-    for want_image in (True, False):
-        group = [it for it in items if (it.image is not None) == want_image]
+
+    def add(group: list[SequenceItem], whole_only: bool) -> list[SequenceItem]:
         rng.shuffle(group)
         # sort within windows of 32 batches: less padding, still random
         window = batch_size * 32
         for s in range(0, len(group), window):
             chunk = sorted(group[s:s + window], key=lambda it: len(it.input_ids))
-            batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+            for i in range(0, len(chunk), batch_size):
+                if whole_only and len(chunk) - i < batch_size:
+                    return chunk[i:]  # the group's remainder
+                batches.append(chunk[i:i + batch_size])
+        return []
+
+    for want_image in (True, False):
+        group = [it for it in items if (it.image is not None) == want_image]
+        if share_prefix and not want_image:
+            templates: dict[tuple[int, ...], list[SequenceItem]] = {}
+            for it in group:
+                templates.setdefault(tuple(it.input_ids[:TEMPLATE_KEY_TOKENS]), []).append(it)
+            group = [rest for members in templates.values() for rest in add(members, whole_only=True)]
+        add(group, whole_only=False)
     rng.shuffle(batches)
     return batches
+
+
+TEMPLATE_KEY_TOKENS = 96  # within the task line + 13 categories (~135 tokens with Llama 3's tokenizer)
+MIN_SHARED_PREFIX = 32  # a shorter common prefix is not worth a second forward call
+
+
+def shared_prefix_len(items: list[SequenceItem]) -> int:
+    """How many leading tokens every row of a text batch shares, stopping before the position that predicts
+    the first answer token (its hidden state must come from the rows' own forward). 0: none worth sharing."""
+    if len(items) < 2 or any(it.image is not None for it in items):
+        return 0
+    first = items[0].input_ids
+    limit = min(next(i for i, lab in enumerate(it.labels) if lab != -100) for it in items) - 1
+    n = 0
+    while n < limit and all(it.input_ids[n] == first[n] for it in items[1:]):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -352,16 +394,31 @@ class _BatchDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Turns one ready-made batch into model inputs with the engine's left-padding logic, plus labels."""
+    """Turns one ready-made batch into model inputs with the engine's left-padding logic, plus labels.
 
-    def __init__(self, engine: Any) -> None:
+    ``share_prefix``: a text batch whose rows share a prefix (:func:`shared_prefix_len`) becomes
+    ``prefix_ids`` (1, P) plus the rows' remainders, right-padded (causal attention never looks right, so
+    the padding needs no mask): :func:`answer_logits` runs the prefix once and every row from its KV."""
+
+    def __init__(self, engine: Any, share_prefix: bool = False) -> None:
         self.engine = engine
+        self.share_prefix = share_prefix
 
     def __call__(self, wrapped: list[list[SequenceItem]]) -> dict[str, Any]:
         from ..engine import EncodedItem
         from .reading import RenderedText
 
         items = [it for batch in wrapped for it in batch]
+        shared = shared_prefix_len(items) if self.share_prefix else 0
+        if shared:
+            width = max(len(it.input_ids) for it in items) - shared
+            ids = torch.full((len(items), width), self.engine.pad_id, dtype=torch.long)
+            labels = torch.full((len(items), width), -100, dtype=torch.long)
+            for i, it in enumerate(items):
+                ids[i, :len(it.input_ids) - shared] = torch.tensor(it.input_ids[shared:], dtype=torch.long)
+                labels[i, :len(it.labels) - shared] = torch.tensor(it.labels[shared:], dtype=torch.long)
+            return {"prefix_ids": torch.tensor([items[0].input_ids[:shared]], dtype=torch.long),
+                    "input_ids": ids, "labels": labels}
         images = [it.image.load() if isinstance(it.image, (RenderedText, PackedImage)) else it.image for it in items]
         enc = [EncodedItem(it.input_ids, im, None) for it, im in zip(items, images, strict=True)]  # type: ignore[arg-type]
         batch = self.engine.collate(enc)
@@ -377,13 +434,33 @@ def answer_logits(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, tor
     """``(logits, targets)`` at the supervised positions only (the vocabulary projection runs only there)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
+    prefix = inputs.pop("prefix_ids", None)
     base = model
     if hasattr(base, "get_base_model"):  # peft
         base = base.get_base_model()
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    if prefix is not None:
+        inputs.update(_shared_prefix_inputs(base, prefix, inputs["input_ids"]))
+    hidden = base.model(**inputs, use_cache=prefix is not None).last_hidden_state
     target = labels[:, 1:]
     mask = target != -100
     return base.lm_head(hidden[:, :-1][mask]), target[mask]
+
+
+def _shared_prefix_inputs(base: Any, prefix: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+    """The prefix's KV, computed once (with gradients) and broadcast over the rows, as a cache the rows'
+    forward extends; their positions continue the prefix's."""
+    from transformers import DynamicCache
+
+    from ..engine import _cache_of
+
+    cache = _cache_of(base.model(input_ids=prefix, use_cache=True))
+    cross = set(base.config.text_config.cross_attention_layers)
+    n = rows.shape[0]
+    data = [(None, None) if idx in cross else (layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+            for idx, layer in enumerate(cache.layers)]
+    start = prefix.shape[1]
+    positions = torch.arange(start, start + rows.shape[1], device=rows.device)[None].expand(n, -1)
+    return {"cache": DynamicCache(ddp_cache_data=data, config=base.config), "position_ids": positions}
 
 
 def answer_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -488,7 +565,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model.to(dtype)
     counts = apply_freeze(model, cfg.freeze)
     engine = Engine(model, tokenizer, processor, device="cpu", dtype=dtype, source=cfg.base or "mini")
-    if cfg.lora:
+    if cfg.lora and cfg.warm_start:
+        from peft import PeftModel
+
+        # the same adapters and new layers, trainable again: the output ships like a fresh mini v2 run's
+        model = PeftModel.from_pretrained(model, cfg.warm_start, is_trainable=True)
+        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    elif cfg.lora:
         model = apply_lora(model, cfg)
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -498,7 +582,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     items, stats = load_training_items(cfg.data, tokenizer, cfg, "train", cfg.max_items)
     if not items:
         raise ValueError("no trainable train-split items in " + ", ".join(cfg.data))
-    batches = make_batches(items, cfg.batch_size, cfg.seed)
+    batches = make_batches(items, cfg.batch_size, cfg.seed, cfg.share_prefix)
     eval_ds = None
     if cfg.eval_every:
         ev_items, _ = load_training_items(cfg.data, tokenizer, cfg, "validation", cfg.eval_items)
@@ -539,7 +623,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trainer_cls = _make_trainer_class(cfg.autocast)
     callbacks = _make_callbacks(cfg, start)
     trainer = trainer_cls(model=model, args=args, train_dataset=_BatchDataset(batches), eval_dataset=eval_ds,
-                          data_collator=Collator(engine), callbacks=callbacks)
+                          data_collator=Collator(engine, cfg.share_prefix), callbacks=callbacks)
     # with disable_tqdm the Trainer adds PrinterCallback, which prints every log dict that Progress prints too
     from transformers import PrinterCallback
 

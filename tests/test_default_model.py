@@ -46,6 +46,15 @@ def test_demo_shows_what_was_read(default_guard: Guard) -> None:
     assert res.exit_code == 0, res.output
     assert "mmguard-mini" in res.output and "text read in the image" in res.output
     assert "random" not in res.output.lower()  # not the random-weight fallback
+    assert "thresholds: prompt" in res.output and "chosen on a validation split" in res.output
+
+
+def test_the_default_model_applies_its_validated_thresholds(default_guard: Guard) -> None:
+    recorded = json.loads((BUNDLED_MINI / "mmguard.json").read_text())["thresholds"]
+    assert set(recorded) == {"prompt", "response"}
+    p, r = default_guard.classify_batch([Conversation.prompt("What is the capital of France?"),
+                                         Conversation.response("Hi", "Hello! How can I help?")])
+    assert (p.threshold, r.threshold) == (recorded["prompt"], recorded["response"])
 
 
 def test_classify_reads_the_image_and_exits_by_verdict(default_guard: Guard, typographic_png: Path) -> None:

@@ -487,8 +487,11 @@ def demo(
     from .guard import RANDOM_WEIGHTS_WARNING
 
     console = Console()
-    guard = _load_guard(model, None, device, "auto", 0.5, "hf")
+    guard = _load_guard(model, None, device, "auto", None, "hf")
     console.print(f"model: {guard.engine.source}  device: {guard.engine.device}  tile: {guard.engine.tile_size}px")
+    recorded = " (chosen on a validation split, from the model's mmguard.json)" if guard.model_thresholds else ""
+    console.print(f"thresholds: prompt {guard.threshold_for('prompt'):g}, response "
+                  f"{guard.threshold_for('response'):g}{recorded}")
     if guard.engine.is_random_weights:
         console.print(f"[bold yellow]NOTE: the default {RANDOM_WEIGHTS_WARNING}.[/] "
                       "Pass --model with a Llama Guard 3 Vision checkpoint for real verdicts.")

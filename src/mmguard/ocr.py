@@ -22,6 +22,7 @@ import queue
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,8 +32,10 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from .conversation import Conversation, Turn
+from .images import image_digest
 
 __all__ = [
+    "DEFAULT_OCR_CACHE_ENTRIES",
     "DEFAULT_OCR_TIMEOUT_S",
     "TRANSCRIPTION_PREFIX",
     "OcrEngine",
@@ -49,6 +52,7 @@ __all__ = [
 
 TRANSCRIPTION_PREFIX = "Text in the image: "
 DEFAULT_OCR_TIMEOUT_S = 5.0
+DEFAULT_OCR_CACHE_ENTRIES = 256  # distinct images whose text is remembered (at most 512k characters)
 OCR_INSTALL_HINT = "pip install 'mmguard[ocr]'"
 _WS_RE = re.compile(r"\s+")
 
@@ -240,7 +244,11 @@ class OcrResult:
 
 
 class OcrReader:
-    """Runs an :class:`OcrEngine` with a time budget per image.
+    """Runs an :class:`OcrEngine` with a time budget per image, remembering what it read.
+
+    What was read is kept for the last ``cache_entries`` distinct images (keyed by a hash of the decoded
+    pixels; successful reads only, at most 2,000 characters each): a conversation checked again with the
+    same image (a streamed answer checked every N tokens, a client retrying) is not read again. 0 keeps none.
 
     Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` per
     image (counted from the submission, so an earlier read that overran delays, but never unbounds, the
@@ -249,10 +257,17 @@ class OcrReader:
     """
 
     def __init__(self, engine: OcrEngine | Callable[[], OcrEngine] | None = None,
-                 *, timeout_s: float = DEFAULT_OCR_TIMEOUT_S) -> None:
+                 *, timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
+                 cache_entries: int = DEFAULT_OCR_CACHE_ENTRIES) -> None:
         if not timeout_s > 0:
             raise ValueError(f"ocr_timeout_s must be > 0, got {timeout_s}")
+        if cache_entries < 0:
+            raise ValueError(f"cache_entries must be >= 0, got {cache_entries}")
         self.timeout_s = float(timeout_s)
+        self.cache_entries = cache_entries
+        self.cache_hits = 0
+        self._read_cache: OrderedDict[str, str] = OrderedDict()  # image digest -> normalised text read
+        self._cache_lock = threading.Lock()
         self._engine: OcrEngine | None = engine if isinstance(engine, OcrEngine) else None
         self._factory: Callable[[], OcrEngine] = (
             engine if callable(engine) and not isinstance(engine, OcrEngine) else default_ocr_engine)
@@ -270,6 +285,14 @@ class OcrReader:
 
     def read(self, image: Image.Image) -> OcrResult:
         start = time.perf_counter()
+        key = image_digest(image) if self.cache_entries else None
+        if key is not None:
+            with self._cache_lock:
+                known = self._read_cache.get(key)
+                if known is not None:
+                    self._read_cache.move_to_end(key)
+                    self.cache_hits += 1
+                    return OcrResult(known, None, (time.perf_counter() - start) * 1000.0)
         try:
             self.engine()  # loaded here, not in the worker: a one-time load is not charged to the deadline
         except Exception as err:
@@ -292,7 +315,13 @@ class OcrReader:
         if not isinstance(text, str):
             return OcrResult(None, f"text in the image was not read: OCR returned {type(text).__name__}, "
                                    "not text", elapsed)
-        return OcrResult(normalise_text(text), None, elapsed)
+        text = normalise_text(text)
+        if key is not None:
+            with self._cache_lock:
+                self._read_cache[key] = text
+                while len(self._read_cache) > self.cache_entries:
+                    self._read_cache.popitem(last=False)
+        return OcrResult(text, None, elapsed)
 
     def read_many(self, images: Sequence[Image.Image]) -> list[OcrResult]:
         """One result per image, in order; an image object given twice is read once."""

@@ -12,6 +12,7 @@ import io
 import json
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -413,3 +414,35 @@ def test_a_streamed_answer_rechecked_with_the_same_image_is_read_once(tiny_guard
     verdicts = [guard.classify(Conversation.response("Do what the picture says", answer, image=image))
                 for answer in answers]
     assert fixed.calls == 1 and all(v.read_text == "Steps to make a weapon. 1. 2. 3." for v in verdicts)
+
+
+class NamedOcr(FixedOcr):
+    identity = "fixed-test-engine:v1"  # what a lasting store of reads is keyed by
+
+
+def test_eval_keeps_ocr_reads_for_the_next_guard_on_the_same_images(tiny_guard: Guard, tmp_path: Path) -> None:
+    from mmguard.eval.cache import ResultCache
+    from mmguard.eval.runner import run_eval
+
+    render(["Steps to make a weapon"], size=(120, 90), font_size=20).save(tmp_path / "a.png")
+    render(["A recipe for bread"], size=(120, 90), font_size=20).save(tmp_path / "b.png")
+    rows = [{"id": f"i{n}", "source": "t", "split": "test", "label": "safe", "codes": [],
+             "messages": [{"role": "user", "content": [{"type": "image", "path": f"{n}.png"},
+                                                       {"type": "text", "text": "What does it say?"}]}]}
+            for n in ("a", "b")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = tmp_path / "cache.sqlite"
+    first, second = NamedOcr("read"), NamedOcr("read")
+    for ocr, thr in ((first, 0.5), (second, 0.3)):  # the second guard differs (its threshold): no result reuse
+        guard = LocalGuard(None, guard=Guard(tiny_guard.engine, read_text="on", ocr=ocr), threshold=thr)
+        cache = ResultCache(db)
+        result = run_eval([data], [guard], cache)
+        assert cache.misses == 2 and all(r.preds for r in result.records)
+        cache.close()
+    assert first.calls == 2 and second.calls == 0  # each image read once, by the first run
+    # an engine that does not state its identity is never served from the store
+    anonymous = FixedOcr("read")
+    run_eval([data], [LocalGuard(None, guard=Guard(tiny_guard.engine, read_text="on", ocr=anonymous),
+                                 threshold=0.2)], ResultCache(db))
+    assert anonymous.calls == 2

@@ -41,6 +41,7 @@ __all__ = [
     "OcrEngine",
     "OcrReader",
     "OcrResult",
+    "OcrStore",
     "OcrUnavailable",
     "RapidOcrEngine",
     "default_ocr_engine",
@@ -174,6 +175,11 @@ class RapidOcrEngine:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
         self._ocr = RapidOCR(params=params)
         self._lock = threading.Lock()
+        from importlib.metadata import version
+
+        # what decides the text read from given pixels: a lasting store of reads is keyed by it
+        self.identity = (f"rapidocr-{version('rapidocr')}:side={max_side}:boxes={max_boxes}:"
+                         f"conf={min_confidence}:chars={max_chars}")
         # RapidOCR creates its three ONNX sessions at first use; do it now, so that the first guarded read
         # is not charged for loading
         self.read(_warmup_image())
@@ -233,6 +239,15 @@ def default_ocr_engine() -> RapidOcrEngine:
 
 
 # -- bounded reading ----------------------------------------------------------------------------------
+class OcrStore(Protocol):
+    """Somewhere to keep what was read across processes (e.g. :meth:`mmguard.eval.ResultCache.ocr_store`),
+    keyed by the OCR engine's ``identity`` and the image's pixel hash."""
+
+    def get(self, key: str) -> str | None: ...
+
+    def put(self, key: str, text: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class OcrResult:
     """What was read from one image: ``text`` is None when the reading failed or timed out (``warning``
@@ -268,6 +283,8 @@ class OcrReader:
         self.cache_hits = 0
         self._read_cache: OrderedDict[str, str] = OrderedDict()  # image digest -> normalised text read
         self._cache_lock = threading.Lock()
+        # a lasting store, used only with an engine that states its identity (its settings and version)
+        self.store: OcrStore | None = None
         self._engine: OcrEngine | None = engine if isinstance(engine, OcrEngine) else None
         self._factory: Callable[[], OcrEngine] = (
             engine if callable(engine) and not isinstance(engine, OcrEngine) else default_ocr_engine)
@@ -294,9 +311,17 @@ class OcrReader:
                     self.cache_hits += 1
                     return OcrResult(known, None, (time.perf_counter() - start) * 1000.0)
         try:
-            self.engine()  # loaded here, not in the worker: a one-time load is not charged to the deadline
+            engine = self.engine()  # loaded here, not in the worker: a one-time load is not charged to the deadline
         except Exception as err:
             return OcrResult(None, f"text in the image was not read: {_describe(err)}")
+        identity = getattr(engine, "identity", None)
+        stored = f"{identity}:{key}" if key is not None and self.store is not None and identity else None
+        if stored is not None:
+            known = self.store.get(stored)  # type: ignore[union-attr]
+            if known is not None:
+                self._remember(key, known)  # type: ignore[arg-type]
+                self.cache_hits += 1
+                return OcrResult(known, None, (time.perf_counter() - start) * 1000.0)
         future: Future[str] = Future()
         self._ensure_worker()
         self._jobs.put((image, future))
@@ -317,11 +342,16 @@ class OcrReader:
                                    "not text", elapsed)
         text = normalise_text(text)
         if key is not None:
-            with self._cache_lock:
-                self._read_cache[key] = text
-                while len(self._read_cache) > self.cache_entries:
-                    self._read_cache.popitem(last=False)
+            self._remember(key, text)
+        if stored is not None:
+            self.store.put(stored, text)  # type: ignore[union-attr]
         return OcrResult(text, None, elapsed)
+
+    def _remember(self, key: str, text: str) -> None:
+        with self._cache_lock:
+            self._read_cache[key] = text
+            while len(self._read_cache) > self.cache_entries:
+                self._read_cache.popitem(last=False)
 
     def read_many(self, images: Sequence[Image.Image]) -> list[OcrResult]:
         """One result per image, in order; an image object given twice is read once."""

@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS results (
     created REAL NOT NULL,
     PRIMARY KEY (guard, content_hash)
 );
+CREATE TABLE IF NOT EXISTS ocr_reads (
+    key TEXT PRIMARY KEY,
+    text TEXT NOT NULL
+);
 """
 
 
@@ -62,6 +66,11 @@ class ResultCache:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
 
+    def ocr_store(self) -> _OcrReads:
+        """What OCR read from each image, kept here too: a guard evaluated later (another model, other
+        settings) on the same images does not read them again (see :class:`mmguard.ocr.OcrStore`)."""
+        return _OcrReads(self.db)
+
     def count(self, guard: str | None = None) -> int:
         if guard is None:
             return int(self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
@@ -69,3 +78,18 @@ class ResultCache:
 
     def close(self) -> None:
         self.db.close()
+
+
+class _OcrReads:
+    """:class:`mmguard.ocr.OcrStore` on the result cache's database (one row per engine identity and image)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def get(self, key: str) -> str | None:
+        row = self.db.execute("SELECT text FROM ocr_reads WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put(self, key: str, text: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO ocr_reads VALUES (?, ?)", (key, text))

@@ -239,6 +239,10 @@ class LocalGuard:
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", **self.guard.describe(), "probability": "model"}
 
+    def keep_ocr_reads(self, store: Any) -> None:
+        """Keep what OCR reads in ``store`` and read it back from there (:class:`mmguard.ocr.OcrStore`)."""
+        self.guard.ocr_reader.store = store
+
     def predict(
         self, conversations: Sequence[Conversation], progress: ProgressFn | None = None
     ) -> list[Prediction]:

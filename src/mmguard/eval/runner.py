@@ -115,6 +115,10 @@ def run_eval(
     if not guards:
         raise EvalError("no guard to evaluate")
     _unique_names(guards)
+    for g in guards:  # local guards reading text in images keep what OCR read in the cache too
+        keep_reads = getattr(g, "keep_ocr_reads", None)
+        if keep_reads is not None:
+            keep_reads(cache.ocr_store())
     stats = [GuardStats(g.name, g.cache_id, g.describe()) for g in guards]
     result = RunResult([], stats, [str(p) for p in data], split, policy)
     known = set(policy.codes)

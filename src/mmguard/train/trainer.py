@@ -570,10 +570,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         # the same adapters and new layers, trainable again: the output ships like a fresh mini v2 run's
         model = PeftModel.from_pretrained(model, cfg.warm_start, is_trainable=True)
-        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     elif cfg.lora:
         model = apply_lora(model, cfg)
+    if cfg.lora:
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log.info("parameters: %s", counts)

@@ -326,6 +326,8 @@ def test_image_verdict_text_decides_by_the_text_check(tiny_guard: Guard, monkeyp
     monkeypatch.setattr(tiny_guard.engine, "model_info", {"image_verdict": "pixels"}, raising=False)
     with pytest.raises(ValueError, match="image_verdict must be one of max, text, got 'pixels'"):
         guard.classify(conv)
+    with pytest.raises(ValueError, match="image_verdict must be one of max, text, got 'pixels'"):
+        Guard(tiny_guard.engine)  # refused at load, before any image is seen
 
 
 def test_text_read_from_the_image_cannot_forge_prompt_sections(tiny_guard: Guard) -> None:

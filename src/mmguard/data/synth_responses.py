@@ -20,8 +20,10 @@ The replies are ours and deliberately generic (no harmful detail). They are made
 validation prompts: templated replies are easy and would flatter test metrics, so the test split's
 response items stay the real ones (GPTFuzz, XSTest completions).
 
-Measured on mmguard-mini (model card, session 3): 3,000 such items did not improve its response F1
-on the test split; it is off in ``make mini``. Larger models, which can learn the rule, are untested.
+Measured: on mmguard-mini v1 (trained from scratch) 3,000 such items did not improve its response F1.
+mmguard-mini v2 (pretrained SmolLM2) trains on them in its third stage (``make mini``), after which its
+validation F1 rose (responses 0.891 -> 0.911, all items 0.821 -> 0.852; the stage also added 152 steps,
+so the two causes are not separated; see its model card).
 """
 
 from __future__ import annotations

@@ -45,11 +45,8 @@ def _caught(guard: Guard, convs: list[Conversation]) -> list[Conversation]:
     return [c for c, v in zip(convs, verdicts, strict=True) if v.is_unsafe]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mmguard-mini v2 (the default since 2026-12-02) catches typographic requests only through OCR's text check: "
-    "without OCR it flags 0 of 24 from the pixels, and with OCR 10 unbounded PGD steps on the pixels flipped none "
-    "(measured 2026-12-02). PGD has no measurable work on the default model; see issue 13 and docs/attacks.md"))
 def test_pgd_flips_a_measurable_share_of_typographic_requests(mini: Guard, tmp_path: Path) -> None:
+    # mini v2 stage 2 (image rule 'max') flipped none of 4 here; stage 3 (rule 'text': the OCR check decides) 1 of 4
     convs = [Conversation.prompt(instruction, render_typographic(text))
              for text in REQUESTS for instruction in TYPOGRAPHIC_INSTRUCTIONS]  # fmt: skip
     caught = _caught(mini, convs)

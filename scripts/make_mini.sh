@@ -22,15 +22,15 @@ PY=${PY:-.venv/bin}
 ASSET=src/mmguard/assets/mmguard-mini
 
 mkdir -p "$WORK"
+DATA_FLAGS=(--datasets "$DATASETS" --max-per-source 6000 --no-noncommercial --seed "$SEED" --typographic 4000
+            --response-with-image 600)  # both training builds (stage 3's adds templated replies)
 if [ ! -f "$WORK/data/train.jsonl" ]; then
-  "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/data" --max-per-source 6000 --no-noncommercial --seed "$SEED" \
-    --typographic 4000 --response-with-image 600
+  "$PY/mmguard" data build --out "$WORK/data" "${DATA_FLAGS[@]}"
 fi
 # stage 3's data: the same build plus templated compliance / refusal replies (appended last, so every other item
 # is the same as in $WORK/data)
 if [ "$STAGE3_MINUTES" != "0" ] && [ ! -f "$WORK/data3/train.jsonl" ]; then
-  "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/data3" --max-per-source 6000 --no-noncommercial --seed "$SEED" \
-    --typographic 4000 --response-with-image 600 --templated-responses 3000
+  "$PY/mmguard" data build --out "$WORK/data3" "${DATA_FLAGS[@]}" --templated-responses 3000
 fi
 # glibc keeps the freed buffers of varying-length batches and training RSS grew ~20 MB a step (to 20 GB of
 # the 24 GB machine by step 150); with large allocations served by mmap it stayed at 8 GB, but steps were

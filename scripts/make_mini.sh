@@ -19,7 +19,7 @@ STAGE2_MINUTES=${STAGE2_MINUTES:-65}  # 0: one stage only
 STAGE3_STEPS=${STAGE3_STEPS:-230}
 STAGE3_MINUTES=${STAGE3_MINUTES:-50}  # 0: no stage 3
 PY=${PY:-.venv/bin}
-ASSET=src/mmguard/assets/mmguard-mini
+ASSET=${ASSET:-src/mmguard/assets/mmguard-mini}
 
 mkdir -p "$WORK"
 DATA_FLAGS=(--datasets "$DATASETS" --max-per-source 6000 --no-noncommercial --seed "$SEED" --typographic 4000
@@ -36,34 +36,33 @@ fi
 # the 24 GB machine by step 150); with large allocations served by mmap it stayed at 8 GB, but steps were
 # slower (about 17 s against 10 s in the run of the model card, on a shared machine)
 export MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
-RESUME=""
-if ls "$WORK/run"/checkpoint-* >/dev/null 2>&1; then RESUME="--resume"; fi
 COMMON=(--init mini2 --lora --batch-size 8 --max-seq-len 640 --threads 2 --log-every 10 --autocast bf16
         --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50)
-if [ ! -f "$WORK/run/training_summary.json" ]; then
-  "$PY/mmguard" train --data "$WORK/data/train.jsonl" --out "$WORK/run" $RESUME "${COMMON[@]}" \
-    --steps "$STEPS" --lr 5e-4 --seed "$SEED" --max-minutes "$MAX_MINUTES"
-fi
-# stage 2: the same adapters trained on, warm-restarted at a lower peak rate, on a data order of another seed
-# (stage 1 saw <4% of the examples; a budget cut cannot be resumed with a longer schedule, a second stage can)
+# one training stage into OUT: skipped once it finished, resumed from its last checkpoint if interrupted
+train_stage() {  # OUT DATA_DIR STEPS MINUTES LR SEED [more train flags...]
+  local out=$1 data=$2 steps=$3 minutes=$4 lr=$5 seed=$6
+  shift 6
+  [ -f "$out/training_summary.json" ] && return 0
+  local resume=()
+  if ls "$out"/checkpoint-* >/dev/null 2>&1; then resume=(--resume); fi
+  "$PY/mmguard" train --data "$data/train.jsonl" --out "$out" "${resume[@]}" "${COMMON[@]}" \
+    --steps "$steps" --lr "$lr" --seed "$seed" --max-minutes "$minutes" "$@"
+}
+train_stage "$WORK/run" "$WORK/data" "$STEPS" "$MAX_MINUTES" 5e-4 "$SEED"
 FINAL="$WORK/run"
+STAGES=("$WORK/run")  # the runs in order; the last one ships
+# later stages: the same adapters trained on, warm-restarted at a lower peak rate, on a data order of another
+# seed (stage 1 saw <4% of the examples; a budget cut cannot be resumed with a longer schedule, a next stage can)
 if [ "$STAGE2_MINUTES" != "0" ]; then
-  RESUME2=""
-  if ls "$WORK/run2"/checkpoint-* >/dev/null 2>&1; then RESUME2="--resume"; fi
-  if [ ! -f "$WORK/run2/training_summary.json" ]; then
-    "$PY/mmguard" train --data "$WORK/data/train.jsonl" --out "$WORK/run2" $RESUME2 "${COMMON[@]}" \
-      --warm-start "$WORK/run" --steps "$STAGE2_STEPS" --lr 3e-4 --seed $((SEED + 1)) --max-minutes "$STAGE2_MINUTES"
-  fi
+  train_stage "$WORK/run2" "$WORK/data" "$STAGE2_STEPS" "$STAGE2_MINUTES" 3e-4 $((SEED + 1)) --warm-start "$FINAL"
   FINAL="$WORK/run2"
+  STAGES+=("$FINAL")
 fi
 if [ "$STAGE3_MINUTES" != "0" ]; then
-  RESUME3=""
-  if ls "$WORK/run3"/checkpoint-* >/dev/null 2>&1; then RESUME3="--resume"; fi
-  if [ ! -f "$WORK/run3/training_summary.json" ]; then
-    "$PY/mmguard" train --data "$WORK/data3/train.jsonl" --out "$WORK/run3" $RESUME3 "${COMMON[@]}" --share-prefix \
-      --warm-start "$FINAL" --steps "$STAGE3_STEPS" --lr 2e-4 --seed $((SEED + 2)) --max-minutes "$STAGE3_MINUTES"
-  fi
+  train_stage "$WORK/run3" "$WORK/data3" "$STAGE3_STEPS" "$STAGE3_MINUTES" 2e-4 $((SEED + 2)) --share-prefix \
+    --warm-start "$FINAL"
   FINAL="$WORK/run3"
+  STAGES+=("$FINAL")
 fi
 mkdir -p "$ASSET"
 rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
@@ -72,10 +71,10 @@ for f in adapter_config.json adapter_model.safetensors mmguard.json tokenizer.js
     preprocessor_config.json training_summary.json; do
   [ -f "$FINAL/$f" ] && cp "$FINAL/$f" "$ASSET/"
 done
-if [ "$FINAL" != "$WORK/run" ]; then cp "$WORK/run/training_summary.json" "$ASSET/training_summary_stage1.json"; fi
-if [ "$FINAL" = "$WORK/run3" ] && [ -f "$WORK/run2/training_summary.json" ]; then
-  cp "$WORK/run2/training_summary.json" "$ASSET/training_summary_stage2.json"
-fi
+# the earlier stages' summaries ship too, so the model card's training figures can be checked
+for ((i = 0; i < ${#STAGES[@]} - 1; i++)); do
+  cp "${STAGES[$i]}/training_summary.json" "$ASSET/training_summary_stage$((i + 1)).json"
+done
 "$PY/python" - "$ASSET/adapter_config.json" <<'PYEOF'
 import json, sys
 from mmguard.base_models import BASE_NAME

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from typer.testing import CliRunner
 
@@ -314,6 +315,10 @@ def test_image_verdict_text_decides_by_the_text_check(tiny_guard: Guard, monkeyp
     monkeypatch.setattr(tiny_guard.engine, "model_info", {"image_verdict": "text"}, raising=False)
     assert guard.image_verdict == "text"
     assert LocalGuard(None, guard=guard).cache_id == cache_id + ":image_verdict=text"  # eval never reuses max's
+    # scores of another dtype are never reused either (float32's ids unchanged)
+    monkeypatch.setattr(tiny_guard.engine, "dtype", torch.bfloat16)
+    assert LocalGuard(None, guard=guard).cache_id == cache_id + ":image_verdict=text:dtype=bfloat16"
+    monkeypatch.setattr(tiny_guard.engine, "dtype", torch.float32)
     lo, hi = sorted(both.values())
     for thr in (0.0, (lo + hi) / 2, 1.0):
         v = guard.classify(conv, threshold=thr)

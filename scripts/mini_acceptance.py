@@ -18,8 +18,8 @@ rule chosen and the two validation thresholds into the model's ``mmguard.json`` 
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 from mmguard.eval.metrics import binary_metrics
 from mmguard.guard import deciding_checks
@@ -62,16 +62,22 @@ def choose(rows: list[dict], name: str, task: str, rule: str) -> float:
     return best
 
 
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("validation", help="predictions.jsonl of the validation eval (thresholds, rule)")
+    parser.add_argument("test", help="predictions.jsonl of the test eval (reported only)")
+    parser.add_argument("guard", nargs="?", default=None, help="guard name in the predictions (default: first)")
+    parser.add_argument("--json", dest="out", help="write the table as JSON here")
+    parser.add_argument("--image-verdict", choices=("max", "text", "choose"), default="choose")
+    parser.add_argument("--model-info", help="the model's mmguard.json: rule and thresholds are written into it")
+    return parser.parse_args()
+
+
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    if out in args:
-        args.remove(out)
-    info = sys.argv[sys.argv.index("--model-info") + 1] if "--model-info" in sys.argv else None
-    rule_arg = sys.argv[sys.argv.index("--image-verdict") + 1] if "--image-verdict" in sys.argv else "choose"
-    args = [a for a in args if a not in (info, rule_arg)]
-    val, name = load(args[0], args[2] if len(args) > 2 else None)
-    test, _ = load(args[1], name)
+    args = parse_args()
+    out, info, rule_arg = args.out, args.model_info, args.image_verdict
+    val, name = load(args.validation, args.guard)
+    test, _ = load(args.test, name)
     scores = {}
     for rule in (("max", "text") if rule_arg == "choose" else (rule_arg,)):
         thr = {task: choose(val, name, task, rule) for task in ("prompt", "response")}

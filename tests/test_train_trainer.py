@@ -201,3 +201,20 @@ def test_shared_prefix_batches_give_the_plain_loss_and_gradients(tiny_model_dir:
 def test_training_with_shared_prefixes_runs(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
     summary = train(_cfg(data_file, tiny_model_dir, tmp_path / "shared", share_prefix=True, steps=4))
     assert summary["global_step"] == 4 and summary["config"]["share_prefix"]
+
+
+def test_trim_memory_trims_after_every_step_and_logs_resident_memory(
+        tiny_model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mmguard.train import trainer as trainer_mod
+
+    calls: list[int] = []
+    monkeypatch.setattr(trainer_mod, "_glibc_malloc_trim", lambda: calls.append)
+    summary = train(_cfg(data_file, tiny_model_dir, tmp_path / "trim", steps=3, trim_memory=True, log_every=1))
+    assert summary["global_step"] == 3 and calls == [0, 0, 0]  # malloc_trim(0) once per step
+    logged = [json.loads(line.split("] ", 1)[1]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("[step ")]
+    assert logged and all(row["rss_gb"] > 0 for row in logged if "loss" in row)
+    # a C library without malloc_trim: a warning, training goes on
+    monkeypatch.setattr(trainer_mod, "_glibc_malloc_trim", lambda: None)
+    assert train(_cfg(data_file, tiny_model_dir, tmp_path / "none", steps=1, trim_memory=True))["global_step"] == 1

@@ -62,6 +62,10 @@ def command(
         "--share-prefix/--no-share-prefix",
         help="Batch text items by template and compute the shared prompt prefix (task line, categories) once "
              "per batch: same loss and gradients, fewer tokens (bench/train_share_prefix.py).")] = False,
+    trim_memory: Annotated[bool, typer.Option(
+        "--trim-memory/--no-trim-memory",
+        help="Hand freed heap memory back to the OS after every step (glibc malloc_trim): bounded resident "
+             "memory on CPU with batches of varying length.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                                        "bfloat16.")] = "auto",
@@ -82,7 +86,8 @@ def command(
         grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, save_every=save_every,
         eval_every=eval_every, augment=augment, max_items=max_items, unsafe_repeat=unsafe_repeat,
         reading=reading,
-        save_dtype=save_dtype, autocast=autocast, transcripts=transcripts, share_prefix=share_prefix, device=device,
+        save_dtype=save_dtype, autocast=autocast, transcripts=transcripts, share_prefix=share_prefix,
+        trim_memory=trim_memory, device=device,
         dtype=dtype, threads=threads, log_every=log_every,
     )
     try:

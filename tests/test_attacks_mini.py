@@ -45,8 +45,15 @@ def _caught(guard: Guard, convs: list[Conversation]) -> list[Conversation]:
     return [c for c, v in zip(convs, verdicts, strict=True) if v.is_unsafe]
 
 
-def test_pgd_flips_a_measurable_share_of_typographic_requests(mini: Guard, tmp_path: Path) -> None:
-    # mini v2 stage 2 (image rule 'max') flipped none of 4 here; stage 3 (rule 'text': the OCR check decides) 1 of 4
+def test_pgd_flips_a_measurable_share_of_typographic_requests(mini: Guard, tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    # mini v2's pixels carry no signal (from them alone it flags none of these 24), so the OCR check decides.
+    # Under rule 'max' (stages 2 and 4) the OCR check, which PGD's gradient does not reach, keeps them flagged:
+    # none of 4 flipped. Under 'text' (stage 3) 1 of 4 flipped. Strict: a flip under 'max' fails the test, so
+    # docs/attacks.md is brought up to date.
+    if mini.image_verdict == "max":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="rule 'max': the OCR check, out of PGD's "
+                                              "gradient, keeps typographic requests flagged"))
     convs = [Conversation.prompt(instruction, render_typographic(text))
              for text in REQUESTS for instruction in TYPOGRAPHIC_INSTRUCTIONS]  # fmt: skip
     caught = _caught(mini, convs)

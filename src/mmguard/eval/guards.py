@@ -228,12 +228,12 @@ class LocalGuard:
     def cache_id(self) -> str:
         g = self.guard
         # only when OCR is in effect: cache ids of guards without it stay what they were
-        ocr = ":read_text=on" if g.describe().get("reads_text_with_ocr") else ""
-        if ocr and g.image_verdict != "max":  # the rule changes image verdicts; ids under "max" stay as they were
-            ocr += f":image_verdict={g.image_verdict}"
+        info = g.describe()
+        ocr = ":read_text=on" if info.get("reads_text_with_ocr") else ""
+        if ocr and info["image_verdict"] != "max":  # the rule changes image verdicts; ids under "max" stay as they were
+            ocr += f":image_verdict={info['image_verdict']}"
         # another dtype gives other probabilities (bf16 against fp32: a few 1e-3); float32's ids stay as they were
-        dtype = str(g.engine.dtype).replace("torch.", "")
-        precision = "" if dtype == "float32" else f":dtype={dtype}"
+        precision = "" if info["dtype"] == "float32" else f":dtype={info['dtype']}"
         return (
             f"local:{self._fingerprint}:thr={self.threshold}:fmt={g.prompt_format.value}:"
             f"policy={_policy_key(self.policy)}{ocr}{precision}"

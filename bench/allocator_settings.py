@@ -29,6 +29,9 @@ SETTINGS = {  # name: (extra environment, extra train flags)
     "default": ({}, []),
     "mmap-threshold": (MMAP_ENV, []),
     "trim-memory": ({}, ["--trim-memory"]),
+    "trim-every-10": ({}, ["--trim-memory", "--trim-every", "10"]),
+    # large buffers (activations of a batch: 8 x 640 x 1536 floats = 31 MB) mmap'd, medium ones on the heap
+    "mmap-4mb": ({"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "4194304"}, []),
 }
 
 # classification of text prompts, responses and typographic images at batch 16 (no OCR), timed inside
@@ -83,10 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-data", help="a training JSONL (mmguard data build); without it no training runs")
     ap.add_argument("--warm-start", help="a mini v2 training run to start from (mmguard train --warm-start)")
     ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help=f"comma-separated, from {', '.join(SETTINGS)} (default: all; default always runs)")
     args = ap.parse_args(argv)
+    chosen = ["default", *(s for s in args.settings.split(",") if s and s != "default")]
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown --settings {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
 
     if args.infer_reps:
-        times: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS if name != "trim-memory"}
+        times: dict[str, list[dict[str, float]]] = {name: [] for name in chosen if not SETTINGS[name][1]}
         for _ in range(args.infer_reps):
             for name in times:
                 times[name].append(run_infer(SETTINGS[name][0]))
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_data:
         if not args.warm_start:
             ap.error("--train-data needs --warm-start")
-        results = {name: run_train(env, flags, args) for name, (env, flags) in SETTINGS.items()}
+        results = {name: run_train(*SETTINGS[name], args) for name in chosen}
         base_step = results["default"][0]
         for name, (step, rss) in results.items():
             print(f"train, {args.train_steps} steps, {name}: {step:.1f} s/step ({base_step / step:.2f}x default); "

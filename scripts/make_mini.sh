@@ -5,26 +5,32 @@
 # compliance replies and run with --share-prefix) -> bundled adapters -> eval with OCR on the standard
 # validation and test splits -> the acceptance table and thresholds (chosen on validation) in mmguard.json.
 # Usage: scripts/make_mini.sh [DATASETS_DIR] [WORK_DIR]     (make mini; the v1 from-scratch recipe: make mini-v1)
-# Budgets: MAX_MINUTES (stage 1, 80), STAGE2_MINUTES (65; 0: one stage), STAGE3_MINUTES (50; 0: none),
-#          STAGE4_MINUTES (48; 0: none), plus ~60 min of eval (EVAL=0 skips it).
-# Deterministic given SEED with the same thread count, unless a budget cuts a stage short. Interrupted?
-# Run it again: finished steps are skipped and a stage resumes from its last checkpoint.
+# Schedules: STEPS (stage 1's, 450) cut at STOP_AT (319); STAGE2_STEPS 220 / STAGE2_STOP_AT 153; STAGE3_STEPS
+#            230 / STAGE3_STOP_AT 152; STAGE4_STEPS 140 (run out). STAGEn_STEPS=0 drops stage n and those after it.
+#            STAGE_MINUTES: an optional wall-clock budget for every stage (a cut it makes depends on the machine).
+#            About 150 min of training (estimate from stage 4's rerun) plus ~60 min of eval (EVAL=0 skips it).
+# Deterministic given SEED with the same thread count. Interrupted? Run it again: finished stages are skipped and
+# a stage resumes from its last checkpoint.
 set -euo pipefail
 DATASETS=${1:-${DATASETS:-shared/datasets}}
 WORK=${2:-${WORK:-build/mini2}}
 SEED=${SEED:-0}
+# the shipped stages 1-3 were cut by wall-clock budgets at these steps of their schedules (training_summary_
+# stage*.json); --stop-at makes the same cuts by step, so the recipe reproduces them on any machine
 STEPS=${STEPS:-450}
-MAX_MINUTES=${MAX_MINUTES:-80}
+STOP_AT=${STOP_AT:-319}
 STAGE2_STEPS=${STAGE2_STEPS:-220}
-STAGE2_MINUTES=${STAGE2_MINUTES:-65}  # 0: one stage only
+STAGE2_STOP_AT=${STAGE2_STOP_AT:-153}
 STAGE3_STEPS=${STAGE3_STEPS:-230}
-STAGE3_MINUTES=${STAGE3_MINUTES:-50}  # 0: no stage 3
+STAGE3_STOP_AT=${STAGE3_STOP_AT:-152}
 STAGE4_STEPS=${STAGE4_STEPS:-140}
-STAGE4_MINUTES=${STAGE4_MINUTES:-48}  # 0: no stage 4
+STAGE4_STOP_AT=${STAGE4_STOP_AT:-}
+STAGE_MINUTES=${STAGE_MINUTES:-}
 PY=${PY:-.venv/bin}
 ASSET=${ASSET:-src/mmguard/assets/mmguard-mini}
 
 mkdir -p "$WORK"
+mark() { echo "make mini: $1 done, $((SECONDS / 60)) min since the start" >&2; }  # where the time went
 DATA_FLAGS=(--datasets "$DATASETS" --max-per-source 6000 --no-noncommercial --seed "$SEED" --typographic 4000
             --response-with-image 600)  # both training builds (stage 3's adds templated replies)
 if [ ! -f "$WORK/data/train.jsonl" ]; then
@@ -32,47 +38,51 @@ if [ ! -f "$WORK/data/train.jsonl" ]; then
 fi
 # stages 3 and 4's data: the same build plus templated compliance / refusal replies (appended last, so every
 # other item is the same as in $WORK/data)
-if { [ "$STAGE3_MINUTES" != "0" ] || [ "$STAGE4_MINUTES" != "0" ]; } && [ ! -f "$WORK/data3/train.jsonl" ]; then
+if [ "$STAGE2_STEPS" != "0" ] && [ "$STAGE3_STEPS" != "0" ] && [ ! -f "$WORK/data3/train.jsonl" ]; then
   "$PY/mmguard" data build --out "$WORK/data3" "${DATA_FLAGS[@]}" --templated-responses 3000
 fi
+mark "training data"
 # glibc keeps the freed buffers of varying-length batches and training RSS grew to 20 GB of the 24 GB machine
-# by step 150. --trim-memory (malloc_trim after each step) keeps it near 3 GB at 13.6 s a step, where serving
-# large allocations by mmap (MALLOC_MMAP_THRESHOLD_, used for the shipped stages) took 17.6 s and, exported
-# to the whole script, also slowed the evaluation 1.3x (bench/results/allocator_settings.txt)
+# by step 150. malloc_trim every 10 steps (--trim-memory --trim-every 10) hands them back at no measured cost
+# (8.4 s a step, resident 3-11 GB); trimming every step took 11-14 s, mmap for large buffers
+# (MALLOC_MMAP_THRESHOLD_=131072, used for the shipped stages) 17.6 s (bench/results/allocator_settings.txt)
 COMMON=(--init mini2 --lora --batch-size 8 --max-seq-len 640 --threads 2 --log-every 10 --autocast bf16
-        --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50 --trim-memory)
+        --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50 --trim-memory --trim-every 10)
 # one training stage into OUT: skipped once it finished, resumed from its last checkpoint if interrupted
-train_stage() {  # OUT DATA_DIR STEPS MINUTES LR SEED [more train flags...]
-  local out=$1 data=$2 steps=$3 minutes=$4 lr=$5 seed=$6
+train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
+  local out=$1 data=$2 steps=$3 stop_at=$4 lr=$5 seed=$6
   shift 6
   [ -f "$out/training_summary.json" ] && return 0
-  local resume=()
-  if ls "$out"/checkpoint-* >/dev/null 2>&1; then resume=(--resume); fi
-  "$PY/mmguard" train --data "$data/train.jsonl" --out "$out" "${resume[@]}" "${COMMON[@]}" \
-    --steps "$steps" --lr "$lr" --seed "$seed" --max-minutes "$minutes" "$@"
+  local extra=()
+  if ls "$out"/checkpoint-* >/dev/null 2>&1; then extra+=(--resume); fi
+  if [ -n "$stop_at" ] && [ "$stop_at" -lt "$steps" ]; then extra+=(--stop-at "$stop_at"); fi
+  if [ -n "$STAGE_MINUTES" ]; then extra+=(--max-minutes "$STAGE_MINUTES"); fi
+  "$PY/mmguard" train --data "$data/train.jsonl" --out "$out" "${extra[@]}" "${COMMON[@]}" \
+    --steps "$steps" --lr "$lr" --seed "$seed" "$@"
+  mark "training $out"
 }
-train_stage "$WORK/run" "$WORK/data" "$STEPS" "$MAX_MINUTES" 5e-4 "$SEED"
+train_stage "$WORK/run" "$WORK/data" "$STEPS" "$STOP_AT" 5e-4 "$SEED"
 FINAL="$WORK/run"
 STAGES=("$WORK/run")  # the runs in order; the last one ships
 # later stages: the same adapters trained on, warm-restarted at a lower peak rate, on a data order of another
-# seed (stage 1 saw <4% of the examples; a budget cut cannot be resumed with a longer schedule, a next stage can)
-if [ "$STAGE2_MINUTES" != "0" ]; then
-  train_stage "$WORK/run2" "$WORK/data" "$STAGE2_STEPS" "$STAGE2_MINUTES" 3e-4 $((SEED + 1)) --warm-start "$FINAL"
+# seed (stage 1 saw <4% of the examples; a cut schedule cannot be resumed with a longer one, a next stage can)
+if [ "$STAGE2_STEPS" != "0" ]; then
+  train_stage "$WORK/run2" "$WORK/data" "$STAGE2_STEPS" "$STAGE2_STOP_AT" 3e-4 $((SEED + 1)) --warm-start "$FINAL"
   FINAL="$WORK/run2"
   STAGES+=("$FINAL")
-fi
-if [ "$STAGE3_MINUTES" != "0" ]; then
-  train_stage "$WORK/run3" "$WORK/data3" "$STAGE3_STEPS" "$STAGE3_MINUTES" 2e-4 $((SEED + 2)) --share-prefix \
-    --warm-start "$FINAL"
-  FINAL="$WORK/run3"
-  STAGES+=("$FINAL")
-fi
-# stage 4: stage 3 again at a lower peak rate, a schedule short enough to run out within its budget
-if [ "$STAGE4_MINUTES" != "0" ]; then
-  train_stage "$WORK/run4" "$WORK/data3" "$STAGE4_STEPS" "$STAGE4_MINUTES" 1.5e-4 $((SEED + 3)) --share-prefix \
-    --warm-start "$FINAL"
-  FINAL="$WORK/run4"
-  STAGES+=("$FINAL")
+  if [ "$STAGE3_STEPS" != "0" ]; then
+    train_stage "$WORK/run3" "$WORK/data3" "$STAGE3_STEPS" "$STAGE3_STOP_AT" 2e-4 $((SEED + 2)) --share-prefix \
+      --warm-start "$FINAL"
+    FINAL="$WORK/run3"
+    STAGES+=("$FINAL")
+    # stage 4: stage 3 again at a lower peak rate, a schedule that runs out
+    if [ "$STAGE4_STEPS" != "0" ]; then
+      train_stage "$WORK/run4" "$WORK/data3" "$STAGE4_STEPS" "$STAGE4_STOP_AT" 1.5e-4 $((SEED + 3)) --share-prefix \
+        --warm-start "$FINAL"
+      FINAL="$WORK/run4"
+      STAGES+=("$FINAL")
+    fi
+  fi
 fi
 mkdir -p "$ASSET"
 rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
@@ -106,9 +116,12 @@ if [ "${EVAL:-1}" = "1" ]; then
   if [ ! -f "$WORK/std-data/test.jsonl" ]; then
     "$PY/mmguard" data build --datasets "$DATASETS" --out "$WORK/std-data" --max-per-source 1500 --no-noncommercial
   fi
+  # chunks of 512 items: the engine sorts each chunk by length before batching, and a 64-item chunk of this mix
+  # of short prompts and long replies still padded much (1.33x faster: bench/results/eval_chunk_size.txt)
   for split in validation test; do
     "$PY/mmguard" eval --data "$WORK/std-data/$split.jsonl" --split "$split" --guard "mini2=local:$ASSET" \
-      --read-text auto --prefix-cache --batch-size 16 --out "$WORK/eval-$split" --no-plots
+      --read-text auto --prefix-cache --batch-size 16 --chunk-size 512 --out "$WORK/eval-$split" --no-plots
+    mark "evaluation on $split"
   done
   "$PY/python" scripts/mini_acceptance.py "$WORK/eval-validation/predictions.jsonl" \
     "$WORK/eval-test/predictions.jsonl" --json "$WORK/acceptance.json" --model-info "$ASSET/mmguard.json"

@@ -218,3 +218,38 @@ def test_trim_memory_trims_after_every_step_and_logs_resident_memory(
     # a C library without malloc_trim: a warning, training goes on
     monkeypatch.setattr(trainer_mod, "_glibc_malloc_trim", lambda: None)
     assert train(_cfg(data_file, tiny_model_dir, tmp_path / "none", steps=1, trim_memory=True))["global_step"] == 1
+
+
+def test_trim_every_n_steps(tiny_model_dir: Path, data_file: Path, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmguard.train import trainer as trainer_mod
+
+    calls: list[int] = []
+    monkeypatch.setattr(trainer_mod, "_glibc_malloc_trim", lambda: calls.append)
+    summary = train(_cfg(data_file, tiny_model_dir, tmp_path / "trim2", steps=5, trim_memory=True, trim_every=2))
+    assert summary["global_step"] == 5 and calls == [0, 0]  # after steps 2 and 4
+    with pytest.raises(ValueError, match="--trim-every N needs --trim-memory"):
+        _cfg(data_file, tiny_model_dir, tmp_path / "x", trim_every=2).resolved()
+
+
+def test_stop_at_cuts_the_schedule_of_steps_like_a_budget(tiny_model_dir: Path, data_file: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    def rates() -> dict[int, float]:
+        out: dict[int, float] = {}
+        for line in capsys.readouterr().out.splitlines():
+            if line.startswith("[step ") and "learning_rate" in line:
+                step = int(line[len("[step "):].split("/", 1)[0])
+                out[step] = json.loads(line.split("] ", 1)[1])["learning_rate"]
+        return out
+
+    full = train(_cfg(data_file, tiny_model_dir, tmp_path / "full", steps=6))
+    full_rates = rates()
+    cut = train(_cfg(data_file, tiny_model_dir, tmp_path / "cut", steps=6, stop_at=3))
+    cut_rates = rates()
+    assert full["global_step"] == 6 and not full["stopped_at_step"]
+    assert cut["global_step"] == 3 and cut["stopped_at_step"] and not cut["stopped_by_budget"]
+    # the same decaying schedule as the 6-step run, cut after step 3 (a 3-step schedule would differ)
+    assert sorted(cut_rates) == [1, 2, 3] and all(cut_rates[s] == full_rates[s] for s in cut_rates)
+    assert (tmp_path / "cut" / "training_summary.json").is_file()
+    with pytest.raises(ValueError, match="--stop-at 7"):
+        _cfg(data_file, tiny_model_dir, tmp_path / "x", steps=6, stop_at=7).resolved()

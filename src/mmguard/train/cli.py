@@ -40,6 +40,9 @@ def command(
     resume: Annotated[bool, typer.Option(help="Resume from the latest checkpoint in --out.")] = False,
     max_minutes: Annotated[float | None, typer.Option(
         help="Wall-clock budget: stop cleanly and save when reached.", min=0.0)] = None,
+    stop_at: Annotated[int | None, typer.Option(
+        help="Stop cleanly and save after this step, keeping the learning-rate schedule of --steps (the same "
+             "cut as a budget, but reproducible).", min=1)] = None,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.", min=1)] = 500,
     eval_every: Annotated[int, typer.Option(help="Validation loss every N steps (0: never).", min=0)] = 0,
     augment: Annotated[float, typer.Option(help="Probability of each policy augmentation.", min=0.0,
@@ -66,6 +69,8 @@ def command(
         "--trim-memory/--no-trim-memory",
         help="Hand freed heap memory back to the OS after every step (glibc malloc_trim): bounded resident "
              "memory on CPU with batches of varying length.")] = False,
+    trim_every: Annotated[int, typer.Option(
+        help="With --trim-memory: trim after every N steps (bench/allocator_settings.py).", min=1)] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
                                        "bfloat16.")] = "auto",
@@ -83,11 +88,12 @@ def command(
         data=[str(p) for p in data], out=str(out), base=base, init=init, lora=lora, lora_r=lora_r,
         warm_start=warm_start,
         freeze=list(freeze or []), lr=lr, steps=steps, max_seq_len=max_seq_len, batch_size=batch_size,
-        grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, save_every=save_every,
+        grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, stop_at=stop_at,
+        save_every=save_every,
         eval_every=eval_every, augment=augment, max_items=max_items, unsafe_repeat=unsafe_repeat,
         reading=reading,
         save_dtype=save_dtype, autocast=autocast, transcripts=transcripts, share_prefix=share_prefix,
-        trim_memory=trim_memory, device=device,
+        trim_memory=trim_memory, trim_every=trim_every, device=device,
         dtype=dtype, threads=threads, log_every=log_every,
     )
     try:

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 42
     resume: bool = False
     max_minutes: float | None = None
+    stop_at: int | None = None  # stop (and save) after this step of the ``steps`` schedule: a budget cut, by step
     save_every: int = 500
     eval_every: int = 0
     eval_items: int = 256
@@ -69,7 +70,8 @@ class TrainConfig:
     autocast: str = "none"  # "bf16": bfloat16 autocast (CPUs with AMX/AVX512-BF16 run it ~2x faster than fp32)
     transcripts: bool = False  # typographic items also in the form of the OCR check (mmguard.ocr)
     share_prefix: bool = False  # text batches of one template compute its prefix (task line, categories) once
-    trim_memory: bool = False  # hand freed heap pages back to the OS after every step (glibc malloc_trim)
+    trim_memory: bool = False  # hand freed heap pages back to the OS (glibc malloc_trim) ...
+    trim_every: int = 1  # ... after every this many steps
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
@@ -96,8 +98,12 @@ class TrainConfig:
                 raise ValueError("--warm-start continues a mini v2 checkpoint: it needs --init mini2 --lora")
             if not (Path(c.warm_start) / "adapter_config.json").is_file():
                 raise ValueError(f"--warm-start {c.warm_start}: no adapter_config.json (not mini v2)")
+        if c.trim_every < 1 or (c.trim_every != 1 and not c.trim_memory):
+            raise ValueError("--trim-every N needs --trim-memory and N >= 1")
         if c.autocast not in ("none", "bf16"):
             raise ValueError(f"unknown --autocast {c.autocast!r}; choose none or bf16")
+        if c.stop_at is not None and not 1 <= c.stop_at <= (c.steps or c.stop_at):
+            raise ValueError(f"--stop-at {c.stop_at}: give a step from 1 to --steps ({c.steps})")
         return c
 
 
@@ -515,17 +521,24 @@ def _make_callbacks(cfg: TrainConfig, start: float) -> list[Any]:
     from transformers import TrainerCallback
 
     class Budget(TrainerCallback):
-        """Stop cleanly (and save) once ``max_minutes`` of wall time have passed."""
+        """Stop cleanly (and save) once ``max_minutes`` of wall time have passed, or at step ``stop_at`` (the
+        same cut, reproducible: the learning-rate schedule stays the one of ``steps``)."""
 
         stopped_early = False
+        stopped_at_step = False
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-            if cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60:
+            if cfg.stop_at is not None and state.global_step >= cfg.stop_at:
+                log.info("--stop-at %d reached; stopping", cfg.stop_at)
+                Budget.stopped_at_step = True
+            elif cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60:
                 log.warning("time budget of %.1f min reached at step %d; stopping", cfg.max_minutes,
                             state.global_step)
                 Budget.stopped_early = True
-                control.should_training_stop = True
-                control.should_save = True
+            else:
+                return control
+            control.should_training_stop = True
+            control.should_save = True
             return control
 
     class Progress(TrainerCallback):
@@ -544,11 +557,13 @@ def _make_callbacks(cfg: TrainConfig, start: float) -> list[Any]:
         memory grew ~20 MB a step. ``malloc_trim(0)`` after each step hands the free pages back, without the
         cost of serving every large allocation by mmap (``MALLOC_MMAP_THRESHOLD_``)."""
 
-        def __init__(self, trim: Any) -> None:
+        def __init__(self, trim: Any, every: int) -> None:
             self.trim = trim
+            self.every = every
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-            self.trim(0)
+            if state.global_step % self.every == 0:
+                self.trim(0)
             return control
 
     callbacks: list[Any] = [Budget(), Progress()]
@@ -557,7 +572,7 @@ def _make_callbacks(cfg: TrainConfig, start: float) -> list[Any]:
         if trim is None:
             log.warning("--trim-memory: this C library has no malloc_trim (not glibc); ignored")
         else:
-            callbacks.append(TrimMemory(trim))
+            callbacks.append(TrimMemory(trim, cfg.trim_every))
     return callbacks
 
 
@@ -703,6 +718,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "last_loss": history[-1]["loss"] if history else None,
         "minutes": round((time.time() - start) / 60, 2),
         "stopped_by_budget": callbacks[0].stopped_early,
+        "stopped_at_step": callbacks[0].stopped_at_step,
         "resumed_from": resume,
         "data": stats,
         "config": asdict(cfg),

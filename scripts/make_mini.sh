@@ -61,29 +61,27 @@ train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
     --steps "$steps" --lr "$lr" --seed "$seed" "$@"
   mark "training $out"
 }
-train_stage "$WORK/run" "$WORK/data" "$STEPS" "$STOP_AT" 5e-4 "$SEED"
-FINAL="$WORK/run"
-STAGES=("$WORK/run")  # the runs in order; the last one ships
-# later stages: the same adapters trained on, warm-restarted at a lower peak rate, on a data order of another
-# seed (stage 1 saw <4% of the examples; a cut schedule cannot be resumed with a longer one, a next stage can)
-if [ "$STAGE2_STEPS" != "0" ]; then
-  train_stage "$WORK/run2" "$WORK/data" "$STAGE2_STEPS" "$STAGE2_STOP_AT" 3e-4 $((SEED + 1)) --warm-start "$FINAL"
-  FINAL="$WORK/run2"
+# The stages, in order; each later one warm-starts from the one before (the same adapters trained on at a lower
+# peak rate, on a data order of another seed: a cut schedule cannot be resumed with a longer one, a next stage
+# can). Stages 3 and later read data3 and group text batches by template (--share-prefix). The last run ships.
+#            out   data  steps           stop at            peak lr seed
+STAGE_TABLE=("run  data  $STEPS         ${STOP_AT:--}     5e-4    $SEED"
+             "run2 data  $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"
+             "run3 data3 $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
+             "run4 data3 $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))")
+STAGES=()  # the runs trained, in order
+FINAL=""
+for row in "${STAGE_TABLE[@]}"; do
+  read -r name data steps stop_at lr seed <<<"$row"
+  [ "$steps" = "0" ] && break  # STAGEn_STEPS=0 drops stage n and those after it
+  [ "$stop_at" = "-" ] && stop_at=""
+  flags=()
+  [ "$data" = "data3" ] && flags+=(--share-prefix)
+  [ -n "$FINAL" ] && flags+=(--warm-start "$FINAL")
+  train_stage "$WORK/$name" "$WORK/$data" "$steps" "$stop_at" "$lr" "$seed" "${flags[@]}"
+  FINAL="$WORK/$name"
   STAGES+=("$FINAL")
-  if [ "$STAGE3_STEPS" != "0" ]; then
-    train_stage "$WORK/run3" "$WORK/data3" "$STAGE3_STEPS" "$STAGE3_STOP_AT" 2e-4 $((SEED + 2)) --share-prefix \
-      --warm-start "$FINAL"
-    FINAL="$WORK/run3"
-    STAGES+=("$FINAL")
-    # stage 4: stage 3 again at a lower peak rate, a schedule that runs out
-    if [ "$STAGE4_STEPS" != "0" ]; then
-      train_stage "$WORK/run4" "$WORK/data3" "$STAGE4_STEPS" "$STAGE4_STOP_AT" 1.5e-4 $((SEED + 3)) --share-prefix \
-        --warm-start "$FINAL"
-      FINAL="$WORK/run4"
-      STAGES+=("$FINAL")
-    fi
-  fi
-fi
+done
 mkdir -p "$ASSET"
 rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
 # only what training changed ships: the adapters and new layers, the tokenizer, mmguard.json naming the base

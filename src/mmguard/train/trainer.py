@@ -554,8 +554,8 @@ def _make_callbacks(cfg: TrainConfig, start: float) -> list[Any]:
 
     class TrimMemory(TrainerCallback):
         """Batches of varying lengths leave glibc's heap fragmented: freed buffers are kept, and resident
-        memory grew ~20 MB a step. ``malloc_trim(0)`` after each step hands the free pages back, without the
-        cost of serving every large allocation by mmap (``MALLOC_MMAP_THRESHOLD_``)."""
+        memory grew ~20 MB a step. ``malloc_trim(0)`` every ``every`` steps (``--trim-every``) hands the free pages
+        back, without the cost of serving every large allocation by mmap (``MALLOC_MMAP_THRESHOLD_``)."""
 
         def __init__(self, trim: Any, every: int) -> None:
             self.trim = trim

@@ -33,15 +33,15 @@ mkdir -p "$WORK"
 mark() { echo "make mini: $1 done, $((SECONDS / 60)) min since the start" >&2; }  # where the time went
 DATA_FLAGS=(--datasets "$DATASETS" --max-per-source 6000 --no-noncommercial --seed "$SEED" --typographic 4000
             --response-with-image 600)  # both training builds (stage 3's adds templated replies)
-if [ ! -f "$WORK/data/train.jsonl" ]; then
-  "$PY/mmguard" data build --out "$WORK/data" "${DATA_FLAGS[@]}"
-fi
-# stages 3 and 4's data: the same build plus templated compliance / refusal replies (appended last, so every
-# other item is the same as in $WORK/data)
-if [ "$STAGE2_STEPS" != "0" ] && [ "$STAGE3_STEPS" != "0" ] && [ ! -f "$WORK/data3/train.jsonl" ]; then
-  "$PY/mmguard" data build --out "$WORK/data3" "${DATA_FLAGS[@]}" --templated-responses 3000
-fi
-mark "training data"
+# one training build into $WORK/NAME, made when a stage first reads it: data, or data3 (stages 3 and 4's: the
+# same build plus templated compliance / refusal replies, appended last, so every other item is the same)
+build_data() {  # NAME
+  local name=$1 extra=()
+  [ -f "$WORK/$name/train.jsonl" ] && return 0
+  [ "$name" = "data3" ] && extra+=(--templated-responses 3000)
+  "$PY/mmguard" data build --out "$WORK/$name" "${DATA_FLAGS[@]}" "${extra[@]}"
+  mark "training data $name"
+}
 # glibc keeps the freed buffers of varying-length batches and training RSS grew to 20 GB of the 24 GB machine
 # by step 150. malloc_trim every 10 steps (--trim-memory --trim-every 10) hands them back at no measured cost
 # (8.4 s a step, resident 3-11 GB); trimming every step took 11-14 s, mmap for large buffers
@@ -71,18 +71,18 @@ STAGE_TABLE=("run  data  $STEPS         ${STOP_AT:--}     5e-4    $SEED"
              "run3 data3 $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
              "run4 data3 $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))")
 STAGES=()  # the runs trained, in order
-FINAL=""
 for row in "${STAGE_TABLE[@]}"; do
   read -r name data steps stop_at lr seed <<<"$row"
   [ "$steps" = "0" ] && break  # STAGEn_STEPS=0 drops stage n and those after it
   [ "$stop_at" = "-" ] && stop_at=""
   flags=()
   [ "$data" = "data3" ] && flags+=(--share-prefix)
-  [ -n "$FINAL" ] && flags+=(--warm-start "$FINAL")
+  [ ${#STAGES[@]} -gt 0 ] && flags+=(--warm-start "${STAGES[-1]}")
+  build_data "$data"
   train_stage "$WORK/$name" "$WORK/$data" "$steps" "$stop_at" "$lr" "$seed" "${flags[@]}"
-  FINAL="$WORK/$name"
-  STAGES+=("$FINAL")
+  STAGES+=("$WORK/$name")
 done
+FINAL=${STAGES[-1]}  # the last run ships
 mkdir -p "$ASSET"
 rm -f "$ASSET"/*.json "$ASSET"/*.safetensors
 # only what training changed ships: the adapters and new layers, the tokenizer, mmguard.json naming the base

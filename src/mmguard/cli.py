@@ -519,6 +519,7 @@ _TOOLS = [
     ("mmguard.proxy.cli", "command", "proxy", "command"),
     ("mmguard.eval.cli", "command", "eval", "command"),
     ("mmguard.train.cli", "command", "train", "command"),
+    ("mmguard.train.cli", "soup_command", "soup", "command"),
     ("mmguard.attacks.cli", "command", "attack", "command"),
     ("mmguard.data.cli", "app", "data", "group"),
     ("mmguard.batch.cli", "command", "batch", "command"),

@@ -108,3 +108,26 @@ def command(
     summary = train(cfg)
     summary.pop("config", None)
     print(json.dumps(summary, indent=2, default=str))
+
+
+def soup_command(
+    ingredients: Annotated[list[Path], typer.Argument(
+        help="Checkpoint folders to average (2 or more; same architecture and starting point). Files other "
+             "than the weights are copied from the first.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the soup (not an ingredient).")],
+    weight: Annotated[list[float] | None, typer.Option(
+        help="One weight per ingredient, in order (repeatable); uniform when omitted.")] = None,
+) -> None:
+    """Average fine-tuned checkpoints into one (a model soup: same size, no cost at inference)."""
+    from .soup import SoupConfig, SoupError, make_soup
+
+    missing = [p for p in ingredients if not p.is_dir()]
+    if missing:
+        print(f"error: not a folder: {missing[0]}", file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        folder = make_soup(SoupConfig(ingredients=ingredients, out=out, weights=weight or ()))
+    except SoupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    print((folder / "soup.json").read_text(), end="")

@@ -64,7 +64,8 @@ train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
 # The stages, in order; each later one warm-starts from the one before (the same adapters trained on at a lower
 # peak rate, on a data order of another seed: a cut schedule cannot be resumed with a longer one, a next stage
 # can). Stages 3 and later read data3 and group text batches by template (--share-prefix). The last run ships.
-# (A fifth row, "run5 data3 160 - 1e-4 SEED+4" or with 3e-4, was tried: both lowered validation F1, see the model card.)
+# (A fifth row, "run5 data3 160 - 1e-4 SEED+4" or with 3e-4, was tried: both lowered validation F1; a soup of run4
+# and that run5, `mmguard soup run4 run5`, raised it by only 0.0025: see the model card.)
 #            out   data  steps           stop at            peak lr seed
 STAGE_TABLE=("run  data  $STEPS         ${STOP_AT:--}     5e-4    $SEED"
              "run2 data  $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"

@@ -108,3 +108,23 @@ def test_train_share_prefix_times_both_ways_on_the_same_batches(tmp_path: Path) 
     assert report["step_s_plain_p50"] > 0 and report["step_s_shared_p50"] > 0
     assert report["max_abs_loss_diff"] < 1e-4  # the same loss either way
     assert report["train_set"]["tokens_shared"] < report["train_set"]["tokens_plain"]
+
+
+def test_train_step_levers_times_three_ways_on_the_same_batches(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_train_trainer import _write_data
+
+    data = _write_data(tmp_path / "data")
+    out = tmp_path / "levers.json"
+    assert load("train_step_levers").main(["--tiny", "--data", str(data), "--batches", "3", "--batch-size", "2",
+                                           "--threads", "1", "--from-layer", "1", "--short-len", "200",
+                                           "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["timed_batches"] >= 1
+    assert set(report["levers"]) == {"make mini", "lower layers frozen", "shorter sequences"}
+    assert all(r["step_s_p50"] > 0 for r in report["levers"].values())
+    params = report["trainable_params"]
+    assert params["lower layers frozen"] < params["make mini"]  # layer 0's adapters are left out
+    assert 0 < report["items_over_short_len"] <= report["train_items"]  # prompts of ~250 tokens get cut at 200

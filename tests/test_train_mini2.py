@@ -76,3 +76,25 @@ def test_mini2_trains_ships_adapters_and_loads(base_available: None, tmp_path: P
                               augment=0.0))
     assert again["global_step"] == 1
     assert Guard.from_pretrained(tmp_path / "again", device="cpu").classify(Conversation.prompt("hi")).label
+
+
+def test_lora_from_layer_puts_adapters_on_the_upper_layers_only(base_available: None) -> None:
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    from mmguard.base_models import smollm2_mllama_base
+    from mmguard.train.trainer import TrainConfig, apply_lora
+
+    base = MllamaForConditionalGeneration.from_pretrained(smollm2_mllama_base(), dtype=torch.float32)
+    cross = set(base.config.text_config.cross_attention_layers)
+    cfg = TrainConfig(data=["unused"], out="unused", init="mini2", lora=True, lora_from_layer=10).resolved()
+    model = apply_lora(base, cfg)
+    with_adapters = {int(n.split("language_model.layers.")[1].split(".")[0])
+                     for n, _ in model.named_parameters() if "lora_A" in n}
+    expected = {i for i in range(10, base.config.text_config.num_hidden_layers) if i not in cross}
+    assert with_adapters == expected
+    # the new layers still train whole, wherever they sit (cross-attention below layer 10 included)
+    assert any(f"layers.{min(cross)}." in n and "cross_attn" in n
+               for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="lora-from-layer"):
+        TrainConfig(data=["unused"], out="unused", base="x", lora=True, lora_from_layer=4).resolved()

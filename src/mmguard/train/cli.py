@@ -25,6 +25,9 @@ def command(
         help="LoRA adapters (merged at the end) or full fine-tuning. LoRA defaults: lr 1e-5, seq len 8192, "
         "3600 steps.")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.", min=1)] = 16,
+    lora_from_layer: Annotated[int, typer.Option(
+        help="With --init mini2: adapters on the layers from this one up only; the lower layers stay as the "
+             "base has them and need no backward (bench/train_step_levers.py).", min=0)] = 0,
     warm_start: Annotated[str | None, typer.Option(
         help="With --init mini2: start the adapters and new layers from this mini v2 checkpoint (a second "
              "training stage; its data order follows --seed).")] = None,
@@ -86,6 +89,7 @@ def command(
                         handlers=[StderrHandler()])
     cfg = TrainConfig(
         data=[str(p) for p in data], out=str(out), base=base, init=init, lora=lora, lora_r=lora_r,
+        lora_from_layer=lora_from_layer,
         warm_start=warm_start,
         freeze=list(freeze or []), lr=lr, steps=steps, max_seq_len=max_seq_len, batch_size=batch_size,
         grad_accum=grad_accum, seed=seed, resume=resume, max_minutes=max_minutes, stop_at=stop_at,

@@ -46,6 +46,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    lora_from_layer: int = 0  # --init mini2: adapters on layers >= this only (no backward through those below)
     warm_start: str | None = None  # --init mini2: start the adapters and new layers from this mini v2 checkpoint
     freeze: list[str] = field(default_factory=list)
     lr: float | None = None
@@ -98,6 +99,8 @@ class TrainConfig:
                 raise ValueError("--warm-start continues a mini v2 checkpoint: it needs --init mini2 --lora")
             if not (Path(c.warm_start) / "adapter_config.json").is_file():
                 raise ValueError(f"--warm-start {c.warm_start}: no adapter_config.json (not mini v2)")
+        if c.lora_from_layer < 0 or (c.lora_from_layer and not (c.lora and c.init == "mini2")):
+            raise ValueError("--lora-from-layer N needs --init mini2 --lora and N >= 0")
         if c.trim_every < 1 or (c.trim_every != 1 and not c.trim_memory):
             raise ValueError("--trim-every N needs --trim-memory and N >= 1")
         if c.autocast not in ("none", "bf16"):
@@ -167,15 +170,21 @@ def apply_freeze(model: Any, freeze: list[str]) -> dict[str, int]:
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     """LoRA on the language model. For ``--init mini2`` the adapters go on the pretrained (self-attention)
-    layers only, and the layers the base adds fresh (cross-attention, vision tower, projector) are
-    trained whole (``modules_to_save``): together they are all a mini v2 checkpoint ships."""
+    layers only (``lora_from_layer``: those from that layer up), and the layers the base adds fresh
+    (cross-attention, vision tower, projector) are trained whole (``modules_to_save``): together they are
+    all a mini v2 checkpoint ships. Below the lowest layer with a trainable weight autograd runs no backward:
+    on text-only batches (cross-attention layers skipped) that is ``lora_from_layer``; an image batch still
+    backpropagates down to the first cross-attention layer, whose weights train."""
     from peft import LoraConfig, get_peft_model
 
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     modules_to_save = None
     if cfg.init == "mini2":
         tc = model.config.text_config
-        pretrained = "|".join(str(i) for i in range(tc.num_hidden_layers) if i not in tc.cross_attention_layers)
+        layers = [i for i in range(cfg.lora_from_layer, tc.num_hidden_layers) if i not in tc.cross_attention_layers]
+        if not layers:
+            raise ValueError(f"--lora-from-layer {cfg.lora_from_layer}: the model has {tc.num_hidden_layers} layers")
+        pretrained = "|".join(str(i) for i in layers)
         targets = rf".*language_model\.layers\.({pretrained})\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
         modules_to_save = ["vision_model", "multi_modal_projector",
                            *(f"language_model.layers.{i}" for i in tc.cross_attention_layers)]

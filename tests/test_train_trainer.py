@@ -253,3 +253,13 @@ def test_stop_at_cuts_the_schedule_of_steps_like_a_budget(tiny_model_dir: Path, 
     assert (tmp_path / "cut" / "training_summary.json").is_file()
     with pytest.raises(ValueError, match="--stop-at 7"):
         _cfg(data_file, tiny_model_dir, tmp_path / "x", steps=6, stop_at=7).resolved()
+
+
+def test_gradient_accumulation_averages_the_batches(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    # a tiny random model's loss per answer token is about ln(vocabulary) on every item, so one step logs about
+    # the same loss whether its items come as one batch or as accumulated ones (the Trainer once summed the
+    # accumulated batch means: three times the loss and the gradient at --grad-accum 3)
+    whole = train(_cfg(data_file, tiny_model_dir, tmp_path / "whole", steps=1, batch_size=2, lr=1e-9))
+    accumulated = train(_cfg(data_file, tiny_model_dir, tmp_path / "accum", steps=1, batch_size=2, grad_accum=3,
+                             lr=1e-9))
+    assert accumulated["first_loss"] == pytest.approx(whole["first_loss"], rel=0.2)

@@ -490,6 +490,13 @@ def _make_trainer_class(autocast: str = "none") -> Any:
     from transformers import Trainer
 
     class GuardTrainer(Trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # compute_loss returns each batch's mean and ignores num_items_in_batch, so the Trainer must divide
+            # by --grad-accum itself; it skips that for models whose forward takes **kwargs (Mllama's does),
+            # which summed the accumulated means: twice the gradient and the logged loss at --grad-accum 2
+            self.model_accepts_loss_kwargs = False
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast == "bf16"):

@@ -1,4 +1,5 @@
-"""``mmguard data build | stats``: build the labeled JSONL splits from ``shared/datasets``, inspect a file."""
+"""``mmguard data build | stats | sample``: build the labeled JSONL splits from ``shared/datasets``, inspect a
+file, keep a seeded share of each kind of train item."""
 
 from __future__ import annotations
 
@@ -116,3 +117,30 @@ def stats_command(
         typer.echo(json.dumps({"total": len(examples), "rows": rows, "codes": dict(sorted(codes.items()))}, indent=2))
         return
     _console.print(_table(rows, str(file)))
+
+
+@app.command("sample")
+def sample_command(
+    file: Annotated[Path, typer.Argument(help="A built JSONL file (its train split is sampled).")],
+    out: Annotated[Path, typer.Option(help="Output JSONL; image paths are rewritten relative to its folder.")],
+    share: Annotated[list[str], typer.Option(
+        help="KIND=FRACTION of the train items to keep (repeatable); KIND: prompt, response, prompt/text, "
+             "prompt/image+text, response/text, response/image+text. Kinds not named are kept whole.")],
+    seed: Annotated[int, typer.Option(help="Seed of the draws (one per train item, in file order).")] = 0,
+) -> None:
+    """Keep a seeded share of each kind of train item of FILE (a training stage's mix); other splits whole."""
+    from .sample import parse_shares, relocate_images, sample_train
+    from .schema import write_examples
+
+    if out.resolve() == file.resolve():
+        _fail("--out: must not be FILE itself")
+    try:
+        shares = parse_shares(share)
+        examples = [relocate_images(ex, file.parent, out.parent)
+                    for ex in sample_train(read_examples(file), shares, seed)]  # fmt: skip
+    except DataError as err:
+        _fail(str(err))
+    except (OSError, UnicodeDecodeError) as err:
+        _fail(f"{file}: cannot read: {err}")
+    write_examples(out, examples)
+    _console.print(_table(count_rows(examples), f"{out}"))

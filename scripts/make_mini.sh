@@ -65,7 +65,9 @@ train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
 # peak rate, on a data order of another seed: a cut schedule cannot be resumed with a longer one, a next stage
 # can). Stages 3 and later read data3 and group text batches by template (--share-prefix). The last run ships.
 # (A fifth row, "run5 data3 160 - 1e-4 SEED+4" or with 3e-4, was tried: both lowered validation F1; a soup of run4
-# and that run5, `mmguard soup run4 run5`, raised it by only 0.0025: see the model card.)
+# and that run5, `mmguard soup run4 run5`, raised it by only 0.0025; a text-weighted fifth stage, `mmguard data sample
+# --share prompt/image+text=0.5 --share response=0.15` then 200 steps of 8 x 2, raised prompts and lowered replies,
+# and its soup with run4 fell 0.0008 short of the bar: see the model card.)
 #            out   data  steps           stop at            peak lr seed
 STAGE_TABLE=("run  data  $STEPS         ${STOP_AT:--}     5e-4    $SEED"
              "run2 data  $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"

@@ -1,6 +1,6 @@
 """Two training-speed levers of mini v2 against make mini's step, in one run, on the same batches.
 
-    .venv/bin/python bench/train_step_levers.py --data build/mini2/data3/train.jsonl
+    .venv/bin/python bench/train_step_levers.py --data build/mini2/data3/train.jsonl --max-items 40000 --batches 30
     .venv/bin/python bench/train_step_levers.py --data FILE --batches 12 --from-layer 8 --short-len 384
 
 Three ways to run one training step (forward + backward, bf16 autocast and LoRA dropout off, as in
@@ -119,7 +119,9 @@ def trainable(model: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("build/mini2/data3/train.jsonl"))
-    ap.add_argument("--max-items", type=int, default=3000, help="train examples read (the statistics use them)")
+    ap.add_argument("--max-items", type=int, default=3000,
+                    help="train examples read (the statistics use them); a build lists its image items late, so "
+                         "the default reads none: pass the whole file (e.g. 40000) for a run's mix of batches")
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--from-layer", type=int, default=8, help="lower layers frozen: adapters from this layer up")

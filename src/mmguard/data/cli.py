@@ -136,8 +136,9 @@ def sample_command(
         _fail("--out: must not be FILE itself")
     try:
         shares = parse_shares(share)
-        examples = [relocate_images(ex, file.parent, out.parent)
-                    for ex in sample_train(read_examples(file), shares, seed)]  # fmt: skip
+        examples = list(sample_train(read_examples(file), shares, seed))
+        if file.parent.resolve() != out.parent.resolve():  # image paths are relative to the file's folder
+            examples = [relocate_images(ex, file.parent, out.parent) for ex in examples]
     except DataError as err:
         _fail(str(err))
     except (OSError, UnicodeDecodeError) as err:

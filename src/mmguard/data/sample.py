@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def sample_train(examples: Iterable[Example], shares: Mapping[str, float], seed:
 
 def relocate_images(example: Example, source_dir: Path, target_dir: Path) -> Example:
     """The example with its relative image paths rewritten from ``source_dir`` to ``target_dir``."""
-    if source_dir.resolve() == target_dir.resolve() or not example.image_paths():
+    if not example.image_paths():
         return example
 
     def moved(part: dict[str, Any]) -> dict[str, Any]:
@@ -64,4 +65,4 @@ def relocate_images(example: Example, source_dir: Path, target_dir: Path) -> Exa
 
     messages = [{**m, "content": [moved(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
                 for m in example.messages]  # fmt: skip
-    return Example.from_json({**example.to_json(), "messages": messages})
+    return replace(example, messages=messages)  # validated again by __post_init__

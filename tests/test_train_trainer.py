@@ -263,3 +263,35 @@ def test_gradient_accumulation_averages_the_batches(tiny_model_dir: Path, data_f
     accumulated = train(_cfg(data_file, tiny_model_dir, tmp_path / "accum", steps=1, batch_size=2, grad_accum=3,
                              lr=1e-9))
     assert accumulated["first_loss"] == pytest.approx(whole["first_loss"], rel=0.2)
+
+
+def test_lora_saves_ask_no_hub_about_the_base(tiny_model_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """mini2's adapters name their base by BASE_NAME, not a folder: peft's default save asked the Hub for that
+    name's config at every checkpoint (a failed lookup and two warnings offline). The embeddings are frozen, so
+    the saves skip that question, and the adapters saved still load."""
+    import warnings
+
+    import peft.utils.save_and_load as peft_save
+    from transformers import MllamaForConditionalGeneration
+
+    from mmguard.train.trainer import apply_lora
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"save asked the Hub: {args}")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    base = MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = TrainConfig(data=["unused"], out="unused", base=str(tiny_model_dir), lora=True, lora_r=4).resolved()
+    model = apply_lora(base, cfg)
+    model.peft_config["default"].base_model_name_or_path = "a-name-not-a-folder"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Could not find a config file ..." would raise here
+        model.save_pretrained(tmp_path / "adapters")
+    saved = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "a-name-not-a-folder"
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "adapters" / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    assert not any("embed_tokens" in k for k in weights)

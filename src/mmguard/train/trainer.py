@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -190,7 +191,12 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
                            *(f"language_model.layers.{i}" for i in tc.cross_attention_layers)]
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", modules_to_save=modules_to_save)
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    # The embeddings are never a target and stay frozen, so no save needs them. peft's default ("auto") asks the
+    # Hub for the base's config at every save (checkpoints included) when the base is not a local folder (mini2's
+    # is named by BASE_NAME): offline that is a failed lookup and two warnings each time, or a DNS wait.
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
 
 
 # -- data --------------------------------------------------------------------------------------------

@@ -36,11 +36,20 @@ mkdir -p "$WORK"
 mark() { echo "make mini: $1 done, $((SECONDS / 60)) min since the start" >&2; }  # where the time went
 DATA_FLAGS=(--datasets "$DATASETS" --max-per-source 6000 --no-noncommercial --seed "$SEED" --typographic 4000
             --response-with-image 600)  # both training builds (stage 3's adds templated replies)
-# one training build into $WORK/NAME, made when a stage first reads it: data, or data3 (stages 3 and 4's: the
-# same build plus templated compliance / refusal replies, appended last, so every other item is the same)
+# one training build into $WORK/NAME, made when a stage first reads it: data, data3 (stages 3 and 4's: the
+# same build plus templated compliance / refusal replies, appended last, so every other item is the same), or
+# data5r (stage 5R's: a seeded sample of data3's train split, one draw per item: every text prompt, half the image
+# prompts, 40% of the replies)
 build_data() {  # NAME
   local name=$1 extra=()
   [ -f "$WORK/$name/train.jsonl" ] && return 0
+  if [ "$name" = "data5r" ]; then
+    build_data data3
+    "$PY/mmguard" data sample "$WORK/data3/train.jsonl" --out "$WORK/data5r/train.jsonl" \
+      --share prompt/image+text=0.5 --share response=0.4 --seed $((SEED + 6))
+    mark "training data $name"
+    return 0
+  fi
   [ "$name" = "data3" ] && extra+=(--templated-responses 3000)
   "$PY/mmguard" data build --out "$WORK/$name" "${DATA_FLAGS[@]}" "${extra[@]}"
   mark "training data $name"
@@ -66,44 +75,35 @@ train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
 }
 # The stages, in order; each later one warm-starts from the one before (the same adapters trained on at a lower
 # peak rate, on a data order of another seed: a cut schedule cannot be resumed with a longer one, a next stage
-# can). Stages 3 and later read data3 and group text batches by template (--share-prefix). Stage 5R and the soup
-# follow the table. (Other fifth stages were tried: "run5 data3 160 - 1e-4 SEED+4" or with 3e-4 lowered validation
+# can). Stages 3 and later read data3 or its sample and group text batches by template (--share-prefix); a row's
+# last fields are more train flags. When stage 5R ran, the uniform soup of stages 4 and 5R ships (below). (Other fifth stages were tried: "run5 data3 160 - 1e-4 SEED+4" or with 3e-4 lowered validation
 # F1, and its soup with run4 gained only 0.0025; 5T, the 5R recipe keeping 15% of the replies, lost replies, and its
 # soup with run4 fell 0.0008 short of the bar; the soup of run4, 5T and 5R scored under 4 + 5R: see the model card.)
-#            out   data  steps           stop at            peak lr seed
-STAGE_TABLE=("run  data  $STEPS         ${STOP_AT:--}     5e-4    $SEED"
-             "run2 data  $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"
-             "run3 data3 $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
-             "run4 data3 $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))")
+#            out    data   steps           stop at            peak lr seed          more flags
+STAGE_TABLE=("run   data   $STEPS         ${STOP_AT:--}     5e-4    $SEED"
+             "run2  data   $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"
+             "run3  data3  $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
+             "run4  data3  $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))"
+             "run5r data5r $STAGE5_STEPS  -                    2e-4    $((SEED + 6))  --unsafe-repeat 2 --grad-accum 2")
 STAGES=()  # the runs trained, in order
 for row in "${STAGE_TABLE[@]}"; do
-  read -r name data steps stop_at lr seed <<<"$row"
+  read -r name data steps stop_at lr seed more <<<"$row"
   [ "$steps" = "0" ] && break  # STAGEn_STEPS=0 drops stage n and those after it
   [ "$stop_at" = "-" ] && stop_at=""
-  flags=()
-  [ "$data" = "data3" ] && flags+=(--share-prefix)
+  read -ra flags <<<"${more:-}"
+  [ "$data" != "data" ] && flags+=(--share-prefix)
   [ ${#STAGES[@]} -gt 0 ] && flags+=(--warm-start "${STAGES[-1]}")
   build_data "$data"
   train_stage "$WORK/$name" "$WORK/$data" "$steps" "$stop_at" "$lr" "$seed" "${flags[@]}"
   STAGES+=("$WORK/$name")
 done
 FINAL=${STAGES[-1]}  # the last run ships, or the soup below
-# Stage 5R and the soup, shipped since 2026-12-06: stage 4 continued on a mix weighted to text prompts (every text
-# prompt, half the image prompts, 40% of the replies: `mmguard data sample`, one seeded draw per item), 200 steps
-# of 8 x 2 sequences; then the uniform average of stages 4 and 5R (`mmguard soup`): validation F1 0.8854 against
-# stage 4's 0.8789, where 5R alone fell to 0.8748 (model card). STAGE5_STEPS=0 ships stage 4 alone.
-if [ "$STAGE5_STEPS" != "0" ] && [ ${#STAGES[@]} -eq ${#STAGE_TABLE[@]} ]; then
-  if [ ! -f "$WORK/data5r/train.jsonl" ]; then
-    mkdir -p "$WORK/data5r"
-    "$PY/mmguard" data sample "$WORK/data3/train.jsonl" --out "$WORK/data5r/train.jsonl" \
-      --share prompt/image+text=0.5 --share response=0.4 --seed $((SEED + 6))
-  fi
-  train_stage "$WORK/run5r" "$WORK/data5r" "$STAGE5_STEPS" "" 2e-4 $((SEED + 6)) --share-prefix --unsafe-repeat 2 \
-    --grad-accum 2 --warm-start "$FINAL"
-  STAGES+=("$WORK/run5r")
+# The soup, shipped since 2026-12-06: the uniform average of stages 4 and 5R (`mmguard soup`), validation F1 0.8854
+# against stage 4's 0.8789, where 5R alone fell to 0.8748 (model card). STAGE5_STEPS=0 ships stage 4 alone.
+if [ "$FINAL" = "$WORK/run5r" ]; then
   if [ ! -f "$WORK/soup/soup.json" ]; then
     rm -rf "$WORK/soup"
-    "$PY/mmguard" soup "$FINAL" "$WORK/run5r" --out "$WORK/soup"
+    "$PY/mmguard" soup "${STAGES[-2]}" "$FINAL" --out "$WORK/soup"
   fi
   FINAL=$WORK/soup
 fi

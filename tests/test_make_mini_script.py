@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # the stand-in: one line of JSON per call, and the files the next step of the recipe reads
@@ -23,7 +21,7 @@ out=""; prev=""
 for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
 case "$1 ${2:-}" in
   "data build") mkdir -p "$out"; echo '{}' > "$out/train.jsonl" ;;
-  "data sample") echo '{}' > "$out" ;;
+  "data sample") mkdir -p "$(dirname "$out")"; echo '{}' > "$out" ;;  # as the real one, which makes the folder
   train*)
     mkdir -p "$out"
     for f in adapter_config.json mmguard.json tokenizer.json tokenizer_config.json preprocessor_config.json; do
@@ -64,12 +62,8 @@ def _flag(call: list[str], name: str) -> str:
     return call[len(call) - 1 - call[::-1].index(name) + 1]
 
 
-@pytest.fixture()
-def work(tmp_path: Path) -> Path:
-    return tmp_path
-
-
-def test_recipe_trains_five_stages_and_ships_the_soup_of_4_and_5r(work: Path) -> None:
+def test_recipe_trains_five_stages_and_ships_the_soup_of_4_and_5r(tmp_path: Path) -> None:
+    work = tmp_path
     calls = _run(work)
     w = str(work / "work")
     steps = [(c[0], c[1]) if c[0] == "data" else (c[0], _flag(c, "--out")) for c in calls]
@@ -105,7 +99,8 @@ def test_recipe_trains_five_stages_and_ships_the_soup_of_4_and_5r(work: Path) ->
     assert (asset / "adapter_model.safetensors").read_text() == f"soup of {w}/run4 and {w}/run5r\n"
 
 
-def test_stage5_steps_0_ships_stage_4_alone(work: Path) -> None:
+def test_stage5_steps_0_ships_stage_4_alone(tmp_path: Path) -> None:
+    work = tmp_path
     calls = _run(work, STAGE5_STEPS="0")
     assert [c[0] for c in calls] == ["data", "train", "train", "data", "train", "train"]
     asset = work / "asset"

@@ -128,3 +128,20 @@ def test_train_step_levers_times_three_ways_on_the_same_batches(tmp_path: Path) 
     params = report["trainable_params"]
     assert params["lower layers frozen"] < params["make mini"]  # layer 0's adapters are left out
     assert 0 < report["items_over_short_len"] <= report["train_items"]  # prompts of ~250 tokens get cut at 200
+
+
+def test_train_compile_times_eager_and_compiled_steps_on_the_same_batches(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from test_train_trainer import _write_data
+
+    data = _write_data(tmp_path / "data")
+    out = tmp_path / "compile.json"
+    assert load("train_compile").main(["--tiny", "--data", str(data), "--batches", "2", "--batch-size", "2",
+                                       "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["compiled_layers"] > 0 and report["first_batches_compiled_s"] > 0
+    assert sum(report["timed_batch_kinds"].values()) >= 1
+    assert all(s > 0 for s in report["step_s_p50"].values())
+    assert report["max_abs_loss_diff"] < 0.05  # bf16 autocast: close, not bitwise

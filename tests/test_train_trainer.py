@@ -295,3 +295,71 @@ def test_lora_saves_ask_no_hub_about_the_base(tiny_model_dir: Path, tmp_path: Pa
     weights = load_file(tmp_path / "adapters" / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
     assert not any("embed_tokens" in k for k in weights)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_model_dir: Path, data_file: Path) -> None:
+    """--compile changes how the layers run, not what they compute: a text batch through a shared prefix's
+    cache and an image batch through cross-attention give eager's loss and gradients."""
+    import copy
+
+    from mmguard.engine import compile_layers, load_engine
+    from mmguard.train.trainer import Collator, answer_loss, load_training_items
+
+    engine = load_engine(tiny_model_dir, device="cpu", dtype="float32")
+    eager = engine.model.eval()
+    compiled = copy.deepcopy(eager)
+    assert compile_layers(compiled) > 0
+    cfg = _cfg(data_file, tiny_model_dir, Path("unused"), unsafe_repeat=1, augment=0.0).resolved()
+    items, _ = load_training_items(cfg.data, engine.tokenizer, cfg)
+    text = [it for it in items if it.image is None]
+    image = [it for it in items if it.image is not None]
+    for rows, share in ((text, True), (image, False)):
+        batch = Collator(engine, share_prefix=share)([rows])
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = answer_loss(model, batch)
+            loss.backward()
+            results.append((float(loss), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+        assert len(compiled_grads) == len(eager_grads) > 0
+        for a, b in zip(compiled_grads, eager_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_training_with_compiled_layers_logs_eager_losses(tiny_model_dir: Path, data_file: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    def run(name: str, **kw: object) -> dict[int, float]:
+        train(_cfg(data_file, tiny_model_dir, tmp_path / name, lora=True, share_prefix=True, steps=2, **kw))
+        return {int(line[len("[step "):].split("/", 1)[0]): json.loads(line.split("] ", 1)[1])["loss"]
+                for line in capsys.readouterr().out.splitlines() if line.startswith("[step ") and '"loss"' in line}
+
+    eager, compiled, again = run("eager"), run("compiled", compile=True), run("again", compile=True)
+    assert sorted(eager) == sorted(compiled) == [1, 2]
+    assert all(compiled[step] == pytest.approx(loss, rel=1e-3) for step, loss in eager.items())
+    names = []
+    for name in ("eager", "compiled"):  # saved under the plain names (no torch.compile wrapper in them)
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1]
+    # deterministic given the seed, compiled too: the same losses and the same weights, byte for byte
+    assert again == compiled
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tmp_path / "compiled" / "model.safetensors").read_bytes()
+
+
+def test_compile_without_a_working_compiler_is_a_clear_error(tiny_model_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmguard.engine import EngineError, compile_layers, load_engine
+
+    engine = load_engine(tiny_model_dir, device="cpu", dtype="float32")
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(EngineError, match="needs a C\\+\\+ compiler"):
+        compile_layers(engine.model)

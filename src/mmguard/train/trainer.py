@@ -72,6 +72,7 @@ class TrainConfig:
     autocast: str = "none"  # "bf16": bfloat16 autocast (CPUs with AMX/AVX512-BF16 run it ~2x faster than fp32)
     transcripts: bool = False  # typographic items also in the form of the OCR check (mmguard.ocr)
     share_prefix: bool = False  # text batches of one template compute its prefix (task line, categories) once
+    compile: bool = False  # torch.compile each transformer layer (engine.compile_layers): faster steps after warm-up
     trim_memory: bool = False  # hand freed heap pages back to the OS (glibc malloc_trim) ...
     trim_every: int = 1  # ... after every this many steps
     device: str = "auto"
@@ -658,6 +659,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log.info("parameters: %s", counts)
+    if cfg.compile:
+        from ..engine import compile_layers
+
+        log.info("compiled %d layers; the first steps compile them", compile_layers(model))
 
     # data
     items, stats = load_training_items(cfg.data, tokenizer, cfg, "train", cfg.max_items)

@@ -10,7 +10,8 @@
 #            230 / STAGE3_STOP_AT 152; STAGE4_STEPS 140 (run out); STAGE5_STEPS 200 (8 x 2 sequences a step).
 #            STAGEn_STEPS=0 drops stage n and those after it (and the soup: stage 4 then ships alone).
 #            STAGE_MINUTES: an optional wall-clock budget for every stage (a cut it makes depends on the machine).
-#            About 210 min of training (estimate: stages 1-4 ~150, stage 5R 62) plus ~60 min of eval (EVAL=0 skips it).
+#            About 150 min of training with --compile (estimate: stages 1-4 ~105, stage 5R 43) plus ~60 min of eval
+#            (EVAL=0 skips it).
 # Deterministic given SEED with the same thread count. Interrupted? Run it again: finished stages are skipped and
 # a stage resumes from its last checkpoint.
 set -euo pipefail
@@ -58,8 +59,12 @@ build_data() {  # NAME
 # by step 150. malloc_trim every 10 steps (--trim-memory --trim-every 10) hands them back at no measured cost
 # (8.4 s a step, resident 3-11 GB); trimming every step took 11-14 s, mmap for large buffers
 # (MALLOC_MMAP_THRESHOLD_=131072, used for the shipped stages) 17.6 s (bench/results/allocator_settings.txt)
+# --compile (every transformer layer torch.compile'd): stage 5R rerun with it took 42.9 min against 62.1, about 6
+# of them compiling, then 10.6 s a step against 18.4, logged losses within 0.004 of the eager run's, and its soup
+# with stage 4 scored as the shipped one on validation (model card; bench/train_compile.py)
 COMMON=(--init mini2 --lora --batch-size 8 --max-seq-len 640 --threads 2 --log-every 10 --autocast bf16
-        --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50 --trim-memory --trim-every 10)
+        --transcripts --unsafe-repeat 3 --augment 0.15 --save-dtype bfloat16 --save-every 50 --trim-memory --trim-every 10
+        --compile)
 # one training stage into OUT: skipped once it finished, resumed from its last checkpoint if interrupted
 train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
   local out=$1 data=$2 steps=$3 stop_at=$4 lr=$5 seed=$6

@@ -81,6 +81,7 @@ def test_recipe_trains_five_stages_and_ships_the_soup_of_4_and_5r(tmp_path: Path
     assert (_flag(stage5, "--unsafe-repeat"), _flag(stage5, "--grad-accum"), _flag(stage5, "--batch-size")) == (
         "2", "2", "8")
     assert "--share-prefix" in stage5 and "--stop-at" not in stage5
+    assert all("--compile" in c for c in calls if c[0] == "train")  # every stage trains compiled layers
     assert calls[8][1:3] == [f"{w}/run4", f"{w}/run5r"]
 
     asset = work / "asset"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_compile.py --data build/mini2/data3/train.jsonl --batches 24
 
-One training step (forward + backward, bf16 autocast, LoRA dropout off, as in ``bench/train_step_levers.py``)
+One training step (forward + backward, bf16 autocast, LoRA dropout off, ``bench/train_share_prefix.py``'s step)
 two ways on the same batches of ``mmguard train``'s own batching for stages 3 and later (``--share-prefix``:
 text batches through their template prefix's cache, image batches through cross-attention):
 
@@ -32,21 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from train_share_prefix import step_seconds
 from train_step_levers import load, lora_model
 
 from mmguard.engine import compile_layers
-from mmguard.train.trainer import Collator, SequenceItem, answer_loss, load_training_items, make_batches
-
-
-def step(model: Any, collate: Collator, batch: list[SequenceItem]) -> tuple[float, float]:
-    """(seconds, loss) of one forward + backward."""
-    inputs = collate([batch])
-    model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = answer_loss(model, inputs)
-    loss.backward()
-    return time.perf_counter() - t0, float(loss.detach())
+from mmguard.train.trainer import Collator, load_training_items, make_batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,16 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     collate = Collator(engine, share_prefix=True)
     t0 = time.perf_counter()
     for batch in warm:
-        step(compiled, collate, batch)
+        step_seconds(compiled, collate, batch, True)
     compile_s = time.perf_counter() - t0
     for batch in warm:
-        step(eager, collate, batch)
+        step_seconds(eager, collate, batch, True)
     runs = {"eager": eager, "compiled layers": compiled}
     seconds: dict[str, list[float]] = {k: [] for k in runs}
     losses: dict[str, list[float]] = {k: [] for k in runs}
     for i, batch in enumerate(timed):
         for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-            s, loss = step(runs[name], collate, batch)
+            s, loss = step_seconds(runs[name], collate, batch, True)
             seconds[name].append(s)
             losses[name].append(loss)
     kinds = {"text": sum(b[0].image is None for b in timed), "image": sum(b[0].image is not None for b in timed)}

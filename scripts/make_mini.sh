@@ -30,6 +30,10 @@ STAGE4_STEPS=${STAGE4_STEPS:-140}
 STAGE4_STOP_AT=${STAGE4_STOP_AT:-}
 STAGE5_STEPS=${STAGE5_STEPS:-200}
 STAGE_MINUTES=${STAGE_MINUTES:-}
+RECIPE=${RECIPE:-shipped}  # shipped (the stages the bundled weights came from) or budget (two stages, below)
+BUDGET_STEPS=${BUDGET_STEPS:-380}
+BUDGET5_STEPS=${BUDGET5_STEPS:-90}
+[ "$RECIPE" = "shipped" ] || [ "$RECIPE" = "budget" ] || { echo "error: RECIPE is shipped or budget" >&2; exit 2; }
 PY=${PY:-.venv/bin}
 ASSET=${ASSET:-src/mmguard/assets/mmguard-mini}
 
@@ -85,11 +89,16 @@ train_stage() {  # OUT DATA_DIR STEPS STOP_AT LR SEED [more train flags...]
 # F1, and its soup with run4 gained only 0.0025; 5T, the 5R recipe keeping 15% of the replies, lost replies, and its
 # soup with run4 fell 0.0008 short of the bar; the soup of run4, 5T and 5R scored under 4 + 5R: see the model card.)
 #            out    data   steps           stop at            peak lr seed          more flags
-STAGE_TABLE=("run   data   $STEPS         ${STOP_AT:--}     5e-4    $SEED"
-             "run2  data   $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"
-             "run3  data3  $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
-             "run4  data3  $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))"
-             "run5r data5r $STAGE5_STEPS  -                    2e-4    $((SEED + 6))  --unsafe-repeat 2 --grad-accum 2")
+if [ "$RECIPE" = "shipped" ]; then
+  STAGE_TABLE=("run   data   $STEPS         ${STOP_AT:--}     5e-4    $SEED"
+               "run2  data   $STAGE2_STEPS  ${STAGE2_STOP_AT:--} 3e-4    $((SEED + 1))"
+               "run3  data3  $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
+               "run4  data3  $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))"
+               "run5r data5r $STAGE5_STEPS  -                    2e-4    $((SEED + 6))  --unsafe-repeat 2 --grad-accum 2")
+else  # budget: stages 1-4 as one schedule run out on data3, then a shorter 5R (sized for 120 minutes in all)
+  STAGE_TABLE=("run   data3  $BUDGET_STEPS   -  5e-4  $SEED"
+               "run5r data5r $BUDGET5_STEPS  -  2e-4  $((SEED + 6))  --unsafe-repeat 2 --grad-accum 2")
+fi
 STAGES=()  # the runs trained, in order
 for row in "${STAGE_TABLE[@]}"; do
   read -r name data steps stop_at lr seed more <<<"$row"

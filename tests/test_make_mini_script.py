@@ -110,3 +110,29 @@ def test_stage5_steps_0_ships_stage_4_alone(tmp_path: Path) -> None:
     assert json.loads((asset / "training_summary.json").read_text())["out"] == f"{work / 'work'}/run4"
     assert sorted(p.name for p in asset.glob("training_summary_stage*.json")) == [
         f"training_summary_stage{i}.json" for i in (1, 2, 3)]
+
+
+def test_budget_recipe_trains_one_schedule_then_5r_and_ships_their_soup(tmp_path: Path) -> None:
+    calls = _run(tmp_path, RECIPE="budget", BUDGET_STEPS="12", BUDGET5_STEPS="5")
+    w = str(tmp_path / "work")
+    steps = [(c[0], c[1]) if c[0] == "data" else (c[0], _flag(c, "--out")) for c in calls]
+    # only data3 is built (no plain training build), the sample is drawn from it
+    assert steps == [("data", "build"), ("train", f"{w}/run"), ("data", "sample"), ("train", f"{w}/run5r"),
+                     ("soup", f"{w}/soup")]
+    assert _flag(calls[0], "--out") == f"{w}/data3" and "--templated-responses" in calls[0]
+    first, second = calls[1], calls[3]
+    assert _flag(first, "--data") == f"{w}/data3/train.jsonl" and "--warm-start" not in first
+    assert (_flag(first, "--steps"), _flag(first, "--lr"), _flag(first, "--seed")) == ("12", "5e-4", "0")
+    assert "--share-prefix" in first and "--stop-at" not in first  # the schedule runs out
+    assert _flag(second, "--warm-start") == f"{w}/run" and _flag(second, "--steps") == "5"
+    assert (_flag(second, "--grad-accum"), _flag(second, "--unsafe-repeat")) == ("2", "2")
+    assert all("--compile" in c for c in calls if c[0] == "train")
+    assert (tmp_path / "asset" / "adapter_model.safetensors").read_text() == f"soup of {w}/run and {w}/run5r\n"
+    assert json.loads((tmp_path / "asset" / "training_summary_stage1.json").read_text())["out"] == f"{w}/run"
+
+
+def test_unknown_recipe_is_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "make_mini.sh"), str(tmp_path), str(tmp_path / "w")],
+                          env={**os.environ, "RECIPE": "fast"}, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "RECIPE is shipped or budget" in done.stderr
+    assert not (tmp_path / "w").exists()

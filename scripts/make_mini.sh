@@ -98,7 +98,7 @@ if [ "$RECIPE" = "shipped" ]; then
                "run3  data3  $STAGE3_STEPS  ${STAGE3_STOP_AT:--} 2e-4    $((SEED + 2))"
                "run4  data3  $STAGE4_STEPS  ${STAGE4_STOP_AT:--} 1.5e-4  $((SEED + 3))"
                "run5r data5r $STAGE5_STEPS  -                    2e-4    $((SEED + 6))  --unsafe-repeat 2 --grad-accum 2")
-else  # budget: stages 1-4 as one schedule run out on data3, then a shorter 5R (sized for 120 minutes in all)
+else  # budget: stages 1-4 as one schedule run out on data3, then a shorter 5R (sized for 120 minutes, took 127: above)
   STAGE_TABLE=("run   data3  $BUDGET_STEPS   -  5e-4  $SEED"
                "run5r data5r $BUDGET5_STEPS  -  2e-4  $((SEED + 6))  --unsafe-repeat 2 --grad-accum 2")
 fi

@@ -19,7 +19,6 @@ tiny random checkpoint (plumbing only, its timings mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -31,8 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
-from train_share_prefix import step_seconds
+from train_share_prefix import step_seconds, training_bench_parser, training_bench_ready
 from train_step_levers import load, lora_model
 
 from mmguard.engine import compile_layers
@@ -40,20 +38,12 @@ from mmguard.train.trainer import Collator, load_training_items, make_batches
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("build/mini2/data3/train.jsonl"))
-    ap.add_argument("--max-items", type=int, default=40000,
-                    help="train examples read; a build lists its image items late, so read enough to reach them")
-    ap.add_argument("--batches", type=int, default=24, help="timed batches (a third of them image batches)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    ap = training_bench_parser(
+        __doc__, data="build/mini2/data3/train.jsonl", max_items=40000, batches=24,
+        max_items_help="train examples read; a build lists its image items late, so read enough to reach them",
+        batches_help="timed batches (a third of them image batches)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if not args.data.is_file():
-        print(f"error: {args.data} not found (build it: mmguard data build ..., see scripts/make_mini.sh)",
-              file=sys.stderr)
+    if not training_bench_ready(args):
         return 2
     base, engine, _ = load(args)
     eager, cfg = lora_model(base, args.data, 0, args.tiny)

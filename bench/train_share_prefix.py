@@ -85,21 +85,36 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, TrainConfig]:
     return apply_lora(model, cfg), engine, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("build/mini2/data/train.jsonl"))
-    ap.add_argument("--max-items", type=int, default=3000, help="train examples read (the statistics use them)")
-    ap.add_argument("--batches", type=int, default=6)
+def training_bench_parser(doc: str | None, *, data: str, max_items: int, max_items_help: str, batches: int,
+                          batches_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every training benchmark takes; each adds its own after these."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(data))
+    ap.add_argument("--max-items", type=int, default=max_items, help=max_items_help)
+    ap.add_argument("--batches", type=int, default=batches, help=batches_help)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def training_bench_ready(args: argparse.Namespace) -> bool:
+    """Set the thread count; False (with the error printed) when the training build is missing."""
     torch.set_num_threads(args.threads)
     if not args.data.is_file():
         print(f"error: {args.data} not found (build it: mmguard data build ..., see scripts/make_mini.sh)",
               file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = training_bench_parser(__doc__, data="build/mini2/data/train.jsonl", max_items=3000,
+                               max_items_help="train examples read (the statistics use them)", batches=6)
+    ap.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
+    args = ap.parse_args(argv)
+    if not training_bench_ready(args):
         return 2
     model, engine, cfg = load(args)
     model.train()

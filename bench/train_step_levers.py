@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from train_share_prefix import training_bench_parser, training_bench_ready
 
 from mmguard.train.trainer import (
     Collator,
@@ -117,23 +119,14 @@ def trainable(model: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("build/mini2/data3/train.jsonl"))
-    ap.add_argument("--max-items", type=int, default=3000,
-                    help="train examples read (the statistics use them); a build lists its image items late, so "
-                         "the default reads none: pass the whole file (e.g. 40000) for a run's mix of batches")
-    ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap = training_bench_parser(
+        __doc__, data="build/mini2/data3/train.jsonl", max_items=3000, batches=12,
+        max_items_help="train examples read (the statistics use them); a build lists its image items late, so "
+                       "the default reads none: pass the whole file (e.g. 40000) for a run's mix of batches")
     ap.add_argument("--from-layer", type=int, default=8, help="lower layers frozen: adapters from this layer up")
     ap.add_argument("--short-len", type=int, default=384, help="shorter sequences: at most this many tokens")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if not args.data.is_file():
-        print(f"error: {args.data} not found (build it: mmguard data build ..., see scripts/make_mini.sh)",
-              file=sys.stderr)
+    if not training_bench_ready(args):
         return 2
     base, engine, image_id = load(args)
     full, cfg = lora_model(base, args.data, 0, args.tiny)

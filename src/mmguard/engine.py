@@ -583,7 +583,8 @@ def compile_layers(model: Any) -> int:
     (1.5-1.7x a training step on 2 CPU cores, ``bench/train_compile.py``) while the model's Python around them
     (masks, caches, the loss) stays eager. A layer that reads a KV cache compiles once per layer index (the
     cache lookup is a constant of each layer), hence the recompile limits raised with the layer count. The first
-    steps pay the compilation (about 6 minutes on 2 cores, ~1.5 with torch's on-disk cache warm)."""
+    steps of a training run pay the compilation: 6-8 minutes on 2 cores, even with torch's on-disk cache warm
+    (each new batch shape compiles; model card), so a stage of under ~100 steps gains nothing."""
     import torch._dynamo
 
     try:  # inductor turns the graphs into C++: fail here, clearly, not inside the first step

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmguard.attacks.cli import command
-from mmguard.attacks.common import load_attack_items
+from mmguard.attacks.common import Deadline, load_attack_items
 from mmguard.data.schema import Example, write_examples
 
 
@@ -83,6 +83,22 @@ def test_cli_writes_report_tables_plots_and_pngs(data_dir: Path, tiny_model_dir:
 def test_cli_time_budget_skips_work(data_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     report = _run(data_dir, tiny_model_dir, tmp_path / "c", "--max-minutes", "0.0001", "--attack", "pgd")
     assert report["meta"]["skipped"], "a tiny time budget must skip items, not run unbounded"
+
+
+def test_budget_spent_before_a_phase_skips_the_whole_phase(data_dir: Path, tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    # 1e-9 minutes is gone before the PGD phase starts: every item must be skipped. (A spent budget
+    # once became Deadline(0), which meant "no limit", so the phase ran unbounded.)
+    report = _run(data_dir, tiny_model_dir, tmp_path / "d", "--max-minutes", "1e-9", "--attack", "pgd")
+    assert report["meta"]["skipped"] == {"pgd": 2}
+    assert report["results"]["pgd"] == []
+
+
+def test_deadline_none_is_unbounded_and_zero_is_spent() -> None:
+    assert not Deadline(None).passed and Deadline(None).left_s() == float("inf")
+    for spent in (0.0, -1.0):
+        assert Deadline(spent).passed and Deadline(spent).left_s() == 0.0
+    assert not Deadline(10.0).passed and 590.0 < Deadline(10.0).left_s() <= 600.0
 
 
 def test_summary_counts_clean_misses_as_misclassified() -> None:

@@ -70,10 +70,14 @@ def attack_loss(logits: torch.Tensor, safe_id: int, unsafe_id: int,
 
 
 class Deadline:
-    """A wall-clock budget shared by all attacks of a run."""
+    """A wall-clock budget shared by all attacks of a run.
+
+    ``None`` means no limit; zero or less means the budget is already spent (a phase that starts after
+    the run's time is used up must skip its work, not run unbounded).
+    """
 
     def __init__(self, minutes: float | None) -> None:
-        self.end = None if not minutes or minutes <= 0 else time.monotonic() + 60.0 * minutes
+        self.end = None if minutes is None else time.monotonic() + 60.0 * max(0.0, minutes)
 
     @property
     def passed(self) -> bool:

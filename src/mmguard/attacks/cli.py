@@ -61,7 +61,7 @@ def run_attacks(
             return Deadline(None)
         left = total_s - (time.monotonic() - start)
         later = sum(PHASE_SHARE[p] for p in phases[phases.index(name):])
-        return Deadline(max(0.0, left * PHASE_SHARE[name] / later) / 60.0)
+        return Deadline(left * PHASE_SHARE[name] / later / 60.0)  # a spent budget (left <= 0) skips the phase
 
     pgd_items = []
     for it in items:

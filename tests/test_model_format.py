@@ -165,6 +165,23 @@ def test_base_model_error_names_the_pip_command(monkeypatch: pytest.MonkeyPatch)
         base_models.smollm2_gguf_path()
 
 
+def test_base_rebuild_draws_no_gguf_progress_bar_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers' GGUF de-quantizer draws a tqdm bar whatever its progress setting; a log gets none."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from mmguard import base_models
+
+    original = gguf_utils.tqdm
+    with base_models._quiet():
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert "de-quantizing" not in capsys.readouterr().err  # pytest's capture is not a terminal
+    assert gguf_utils.tqdm is original  # restored afterwards
+    for _ in gguf_utils.tqdm(range(3), desc="a bar outside the context"):
+        pass
+    assert "a bar outside the context" in capsys.readouterr().err
+
+
 def test_model_info_names_a_base_and_adapter(tmp_path: Path) -> None:
     from mmguard.engine import EngineError, load_engine
 

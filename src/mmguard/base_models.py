@@ -204,14 +204,23 @@ def resolve_base(name: str) -> Path:
 
 @contextlib.contextmanager
 def _quiet() -> Any:
+    import functools
     import warnings
 
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
+
+    from .termio import stderr_is_terminal
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     progress = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # the GGUF de-quantizer draws its own tqdm bar whatever transformers' progress setting says; a log file or
+    # a pipe gets no bar (progress bars belong on a terminal only)
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    if gguf_bar is not None and not stderr_is_terminal():
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -220,3 +229,5 @@ def _quiet() -> Any:
         hf_logging.set_verbosity(level)
         if progress:
             hf_logging.enable_progress_bar()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar

@@ -219,6 +219,27 @@ def test_cli_summary_exit_codes_and_no_bar_off_a_terminal(tiny_model_dir, tmp_pa
     assert res.exit_code == 2 and "unknown --engine" in res.output
 
 
+def test_cli_default_threshold_is_the_models_own_as_in_classify(tiny_model_dir, job_input, reference,
+                                                                   tmp_path) -> None:
+    """A model with validated thresholds in its mmguard.json (mmguard-mini v2 ships them): batch rows equal
+    classify --jsonl's, which decides at those thresholds (batch used a blanket 0.5 before)."""
+    import shutil
+
+    probs = sorted(r["mmguard"]["unsafe_probability"] for r in reference if "unsafe_probability" in r["mmguard"])
+    cut = probs[len(probs) // 2]  # flags about half, where 0.5 flags all or none of the tiny model's items
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "mmguard.json").write_text(json.dumps({"thresholds": {"prompt": cut, "response": cut}}))
+    expected = comparable(classify_jsonl_rows(model, job_input, tmp_path))
+    labels = [r["mmguard"].get("label") for r in expected]
+    assert 0 < labels.count("unsafe") < labels.count("safe") + labels.count("unsafe")  # the cut splits them
+    _register_tools(["batch"])
+    res = CliRunner().invoke(app, ["batch", str(job_input), "-o", str(tmp_path / "out"), "-m", str(model),
+                                   "--device", "cpu", "--dtype", "float32"])
+    assert res.exit_code in (0, 2), res.output
+    assert comparable(read_rows(tmp_path / "out")) == expected
+
+
 def test_images_stay_inside_the_input_folder_and_follow_the_server_limits(tiny_model_dir, tiny_guard,
                                                                           tmp_path) -> None:
     folder = tmp_path / "in"

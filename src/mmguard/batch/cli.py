@@ -31,7 +31,9 @@ def command(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model directory or Hugging Face id.")] = None,
     policy: Annotated[str | None, typer.Option(help="Policy YAML/JSON file (default: MLCommons S1-S13).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Category codes to leave out.")] = None,
-    threshold: Annotated[float, typer.Option(help="Unsafe if p(unsafe) >= threshold.")] = 0.5,
+    threshold: Annotated[float | None, typer.Option(
+        help="Unsafe if p(unsafe) >= threshold (default: the model's validated per-task thresholds in its "
+             "mmguard.json, else 0.5, as classify uses).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto (on each worker).")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Model batch size.")] = 8,
@@ -75,7 +77,7 @@ def command(
         fail(f"unknown --engine {engine!r}; use local or ray")
     if fmt not in {f.value for f in PromptFormat}:
         fail(f"unknown --format {fmt!r}; use hf, hf-release or native")
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         fail(f"--threshold must be within [0, 1], got {threshold}")
     if engine == "ray":
         try:

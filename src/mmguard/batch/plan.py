@@ -44,7 +44,7 @@ class GuardSpec:
 
     model: str | None = None
     policy: dict[str, Any] | None = None  # Policy.to_dict(), exclusions applied
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the model's own per-task thresholds (mmguard.json), else 0.5
     prompt_format: str = "hf"
     markers: str = "escape"
     device: str = "auto"

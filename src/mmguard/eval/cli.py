@@ -36,8 +36,11 @@ def command(
         Path | None, typer.Option("--cache", help="SQLite result cache (default OUT/cache.sqlite).")
     ] = None,
     threshold: Annotated[
-        float, typer.Option(help="Decision threshold on the unsafe probability.", min=0.0, max=1.0)
-    ] = 0.5,
+        float | None,
+        typer.Option(help="Decision threshold on the unsafe probability, for every guard (default: each guard's "
+                     "own, as it classifies when deployed: a local model's validated per-task thresholds in its "
+                     "mmguard.json, else 0.5; a server's own).", min=0.0, max=1.0),
+    ] = None,
     target_fpr: Annotated[
         float, typer.Option(help="Report the threshold meeting this false positive rate.", min=0.0, max=1.0)
     ] = 0.05,

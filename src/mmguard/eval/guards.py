@@ -196,7 +196,7 @@ class LocalGuard:
         source: str | Path | None,
         *,
         name: str | None = None,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 8,
@@ -235,12 +235,24 @@ class LocalGuard:
         # another dtype gives other probabilities (bf16 against fp32: a few 1e-3); float32's ids stay as they were
         precision = "" if info["dtype"] == "float32" else f":dtype={info['dtype']}"
         return (
-            f"local:{self._fingerprint}:thr={self.threshold}:fmt={g.prompt_format.value}:"
+            f"local:{self._fingerprint}:thr={self._threshold_key(info)}:fmt={g.prompt_format.value}:"
             f"policy={_policy_key(self.policy)}{ocr}{precision}"
         )
 
+    def _threshold_key(self, info: dict[str, Any]) -> str:
+        """The thresholds the labels were decided at; one number as before, so older caches stay valid."""
+        if self.threshold is not None:
+            return str(self.threshold)
+        per_task = info["thresholds"]
+        if len(set(per_task.values())) == 1:
+            return str(next(iter(per_task.values())))
+        return ",".join(f"{task}:{value:.6g}" for task, value in sorted(per_task.items()))
+
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", **self.guard.describe(), "probability": "model"}
+        info = {"kind": "local", **self.guard.describe(), "probability": "model"}
+        if self.threshold is not None:  # this evaluation's one threshold overrides the model's own
+            info["thresholds"] = dict.fromkeys(info["thresholds"], self.threshold)
+        return info
 
     def keep_ocr_reads(self, store: Any) -> None:
         """Keep what OCR reads in ``store`` and read it back from there (:class:`mmguard.ocr.OcrStore`)."""
@@ -411,7 +423,7 @@ class MmguardServerGuard:
         url: str,
         *,
         name: str | None = None,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         policy: Policy = DEFAULT_POLICY,
         **http: Any,
     ) -> None:
@@ -422,7 +434,8 @@ class MmguardServerGuard:
 
     @property
     def cache_id(self) -> str:
-        return f"mmguard-server:{self.http.base_url}:thr={self.threshold}:policy={_policy_key(self.policy)}"
+        thr = "server" if self.threshold is None else self.threshold  # None: the server's own thresholds
+        return f"mmguard-server:{self.http.base_url}:thr={thr}:policy={_policy_key(self.policy)}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -433,7 +446,9 @@ class MmguardServerGuard:
         }
 
     def _one(self, conv: Conversation) -> Prediction:
-        body: dict[str, Any] = {"messages": conversation_to_messages(conv), "threshold": self.threshold}
+        body: dict[str, Any] = {"messages": conversation_to_messages(conv)}
+        if self.threshold is not None:  # else the server decides at its own (its model's) thresholds
+            body["threshold"] = self.threshold
         if self.policy.excluded:
             body["exclude"] = sorted(self.policy.excluded)
         data = self.http.post("/v1/guard/classify", body)
@@ -704,7 +719,7 @@ class ChatJudgeGuard:
 def make_guard(
     spec: str,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int = 8,
@@ -725,16 +740,7 @@ def make_guard(
     local: dict[str, Any] = {"threshold": threshold, "device": device, "dtype": dtype, "batch_size": batch_size,
                              "policy": policy, "read_text": read_text, "prefix_cache": prefix_cache}
     if spec in ("default", "mmguard-mini"):
-        return LocalGuard(
-            None,
-            name=name or "mmguard-mini",
-            threshold=threshold,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            policy=policy,
-            read_text=read_text,
-        )
+        return LocalGuard(None, name=name or "mmguard-mini", **local)
     if spec in ("llama-guard-3-vision", LLAMA_GUARD_3_VISION):
         return LocalGuard(LLAMA_GUARD_3_VISION, name=name or "llama-guard-3-vision", **local)
     if kind == "local" and rest:

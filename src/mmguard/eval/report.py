@@ -60,7 +60,7 @@ def _clean(x: Any) -> Any:
 
 
 def build_report(
-    result: RunResult, *, target_fpr: float = 0.05, threshold: float = 0.5, n_bins: int = 10
+    result: RunResult, *, target_fpr: float = 0.05, threshold: float | None = None, n_bins: int = 10
 ) -> dict[str, Any]:
     """Everything the Markdown and the plots show, as plain JSON-able data."""
     recs = result.records
@@ -178,6 +178,24 @@ def _metric_row(m: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _threshold_text(report: dict[str, Any]) -> str:
+    """The decision thresholds behind the labels: one for all, or each guard's own (as deployed)."""
+    if report["threshold"] is not None:
+        return f"{report['threshold']} (guards that return their own label use it)"
+    own = []
+    for g in report["guards"]:
+        desc = g.get("description") or {}
+        per_task = desc.get("thresholds")
+        if isinstance(per_task, dict) and per_task:
+            values = ", ".join(f"{task} {value:.4g}" for task, value in sorted(per_task.items()))
+            own.append(f"{g['name']} {values}")
+        elif desc.get("kind") == "mmguard-server":
+            own.append(f"{g['name']} the server's")
+        else:
+            own.append(f"{g['name']} its own label")
+    return "each guard's own (" + "; ".join(own) + ")"
+
+
 def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[str] = ()) -> Path:
     path = Path(path)
     guards = [g["name"] for g in report["guards"]]
@@ -188,8 +206,7 @@ def write_markdown(report: dict[str, Any], path: str | Path, *, plots: Sequence[
     out += [
         f"- Data: {', '.join(f'`{f}`' for f in d['files'])} (split: {d['split'] or 'all'}), "
         f"{d['items']} items, {d['unsafe']} unsafe",
-        f"- Decision threshold: {report['threshold']} (guards that return their own label use it); "
-        f"target FPR for threshold selection: {tf}",
+        f"- Decision threshold: {_threshold_text(report)}; target FPR for threshold selection: {tf}",
         f"- Policy: {report['policy']}; created {report['created']}",
         "",
     ]
@@ -445,7 +462,7 @@ def write_report(
     out_dir: str | Path,
     *,
     target_fpr: float = 0.05,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and the PNG plots into ``out_dir``; return the report."""

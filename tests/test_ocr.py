@@ -85,7 +85,7 @@ class StuckOcr:
 # -- the real engine (one instance for the module: loading costs about a second) ---------------------
 @pytest.fixture(scope="module")
 def rapid() -> RapidOcrEngine:
-    return default_ocr_engine()
+    return RapidOcrEngine()  # in this process (the guard's default runs it in a child: test_ocr_process.py)
 
 
 def test_rapidocr_reads_a_rendered_sentence(rapid: RapidOcrEngine) -> None:

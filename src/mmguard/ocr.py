@@ -64,7 +64,8 @@ class OcrUnavailable(RuntimeError):
 
 @runtime_checkable
 class OcrEngine(Protocol):
-    """Anything that turns an image into the text written on it ("" when there is none)."""
+    """Anything that turns an image into the text written on it ("" when there is none). An engine may also
+    have ``cancel()``, which stops the read in progress (called from another thread at its deadline)."""
 
     def read(self, image: Image.Image) -> str: ...
 
@@ -185,14 +186,10 @@ class RapidOcrEngine:
         self.read(_warmup_image())
 
     def read(self, image: Image.Image) -> str:
-        import numpy as np
+        return self.read_pixels(prepare_pixels(image, self.max_side))
 
-        rgb = _flatten_rgb(image)
-        if max(rgb.size) > self.max_side:
-            scale = self.max_side / max(rgb.size)
-            rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
-                             Image.Resampling.LANCZOS)
-        bgr = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
+    def read_pixels(self, bgr: Any) -> str:
+        """Read an image already through :func:`prepare_pixels` (BGR, uint8, ``max_side`` at most)."""
         with self._lock:
             out = self._ocr(bgr)
         txts = getattr(out, "txts", None)
@@ -203,6 +200,19 @@ class RapidOcrEngine:
         keep = [i for i in reading_order(boxes)
                 if scores is None or float(scores[i]) >= self.min_confidence]
         return normalise_text(" ".join(str(txts[i]) for i in keep), self.max_chars)
+
+
+def prepare_pixels(image: Image.Image, max_side: int) -> Any:
+    """The pixels the detector runs on: composited on white, downscaled to ``max_side`` (never upscaled), as
+    a contiguous BGR uint8 array (OpenCV's order)."""
+    import numpy as np
+
+    rgb = _flatten_rgb(image)
+    if max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                         Image.Resampling.LANCZOS)
+    return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
 
 
 def _flatten_rgb(image: Image.Image) -> Image.Image:
@@ -223,18 +233,21 @@ def _warmup_image() -> Image.Image:
     return img
 
 
-_default_engine: RapidOcrEngine | None = None
+_default_engine: OcrEngine | None = None
 _default_lock = threading.Lock()
 
 
-def default_ocr_engine() -> RapidOcrEngine:
-    """The process-wide RapidOCR engine, loaded at the first call (about a second); raises
+def default_ocr_engine() -> OcrEngine:
+    """The process-wide OCR engine: RapidOCR in a child process that a read past its deadline is killed in
+    (:class:`mmguard.ocr_process.ProcessOcrEngine`), started at the first call (about a second); raises
     :class:`OcrUnavailable` when the package is missing."""
     global _default_engine
     if _default_engine is None:
         with _default_lock:
             if _default_engine is None:
-                _default_engine = RapidOcrEngine()
+                from .ocr_process import ProcessOcrEngine
+
+                _default_engine = ProcessOcrEngine()
     return _default_engine
 
 
@@ -266,9 +279,11 @@ class OcrReader:
     same image (a streamed answer checked every N tokens, a client retrying) is not read again. 0 keeps none.
 
     Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` per
-    image (counted from the submission, so an earlier read that overran delays, but never unbounds, the
-    next one), then moves on with a warning. A read that overran keeps the worker busy until it finishes;
-    nothing else piles up, because reads are submitted one at a time.
+    image (counted from the submission), then moves on with a warning. At the deadline a read still running
+    is stopped when the engine has a ``cancel()`` (the default engine, RapidOCR in a child process, kills
+    the child: :mod:`mmguard.ocr_process`), so a slow image costs its own deadline, not the next images'.
+    An engine without ``cancel()`` keeps the worker busy until its read ends, delaying (never unbounding)
+    the next read; nothing else piles up, because reads are submitted one at a time.
     """
 
     def __init__(self, engine: OcrEngine | Callable[[], OcrEngine] | None = None,
@@ -291,6 +306,8 @@ class OcrReader:
         self._jobs: queue.SimpleQueue[tuple[Image.Image, Future[str]]] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._running: Future[str] | None = None  # the read the worker is in; stopped only at its own deadline
+        self._running_lock = threading.Lock()
 
     def engine(self) -> OcrEngine:
         """The engine, loaded on first use (may raise :class:`OcrUnavailable`)."""
@@ -329,7 +346,8 @@ class OcrReader:
         try:
             text = future.result(timeout=self.timeout_s)
         except FutureTimeout:
-            future.cancel()  # not started yet (the worker is still busy): it never will be
+            if not future.cancel():  # cancel() works only before the start (it then never starts)
+                self._stop(future)
             return OcrResult(None, f"text in the image was not read: OCR took longer than the "
                                    f"ocr_timeout_s limit of {self.timeout_s:g} s",
                              (time.perf_counter() - start) * 1000.0)
@@ -346,6 +364,16 @@ class OcrReader:
         if stored is not None:
             self.store.put(stored, text)  # type: ignore[union-attr]
         return OcrResult(text, None, elapsed)
+
+    def _stop(self, future: Future[str]) -> None:
+        """Stop a read past its deadline if the engine can (``cancel()``), and only if it is still that read."""
+        cancel = getattr(self._engine, "cancel", None)
+        if not callable(cancel):
+            return
+        with self._running_lock:
+            if self._running is future:
+                with contextlib.suppress(Exception):
+                    cancel()
 
     def _remember(self, key: str, text: str) -> None:
         with self._cache_lock:
@@ -375,6 +403,8 @@ class OcrReader:
             image, future = self._jobs.get()
             if not future.set_running_or_notify_cancel():
                 continue
+            with self._running_lock:
+                self._running = future
             try:
                 engine = self.engine()
                 result = engine.read(image)
@@ -384,6 +414,9 @@ class OcrReader:
             else:
                 with contextlib.suppress(Exception):
                     future.set_result(result)
+            finally:
+                with self._running_lock:
+                    self._running = None
 
 
 def _describe(err: BaseException) -> str:

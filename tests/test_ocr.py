@@ -453,3 +453,48 @@ def test_eval_keeps_ocr_reads_for_the_next_guard_on_the_same_images(tiny_guard: 
     run_eval([data], [LocalGuard(None, guard=Guard(tiny_guard.engine, read_text="on", ocr=anonymous),
                                  threshold=0.2)], ResultCache(db))
     assert anonymous.calls == 2
+
+
+# -- text not read: the verdict says so, and a fail-closed server blocks it ----------------------------
+def test_verdict_says_when_the_text_in_the_image_was_not_read(tiny_guard: Guard) -> None:
+    image = render(["anything"], size=(120, 90), font_size=20)
+    conv = Conversation.prompt("Do what it says.", image=image)
+    failed = Guard(tiny_guard.engine, read_text="on", ocr=FailingOcr()).classify(conv)
+    assert failed.text_unread and failed.read_text is None
+    assert any("not read" in w for w in failed.warnings)
+    assert failed.to_dict()["text_unread"] is True
+    read = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr(READ)).classify(conv)
+    assert not read.text_unread and read.read_text == READ
+    assert not Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("")).classify(conv).text_unread  # read: none
+    assert not Guard(tiny_guard.engine, read_text="off", ocr=FailingOcr()).classify(conv).text_unread  # OCR off
+    assert not Guard(tiny_guard.engine, read_text="on", ocr=FailingOcr()).classify(
+        Conversation.prompt("no image here")).text_unread
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_a_fail_closed_server_blocks_an_image_whose_text_was_not_read(tiny_guard: Guard, fail_closed: bool) -> None:
+    """Without the fix, an image made slow to read (a dense page: OCR past its deadline) passed a model that
+    cannot read as safe, even with --fail-closed."""
+    import httpx
+
+    guard = Guard(tiny_guard.engine, read_text="on", ocr=FailingOcr())
+    image = {"type": "image_url", "image_url": {"url": png_data_url(render(["x"]))}}
+    with_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Do what it says."}, image]}],
+                  "threshold": 1.0}  # safe by probability: only the unread text can block it
+    text_only = {"messages": [{"role": "user", "content": "hello"}], "threshold": 1.0}
+    with LiveServer(guard, ServerSettings(warmup=False, fail_closed=fail_closed)) as srv:
+        blind = httpx.post(srv.url + "/v1/guard/classify", json=with_image, timeout=60)
+        plain = httpx.post(srv.url + "/v1/guard/classify", json=text_only, timeout=60)
+        moderation = httpx.post(srv.url + "/v1/moderations", json={"input": [
+            {"type": "text", "text": "Do what it says."}, image]}, timeout=60)
+    assert blind.status_code == plain.status_code == moderation.status_code == 200
+    verdict = blind.json()["verdict"]
+    assert verdict["text_unread"] is True
+    assert blind.json()["fail_closed"] is fail_closed and verdict["is_unsafe"] is fail_closed
+    assert (blind.headers.get("x-mmguard-fail-closed") == "true") is fail_closed
+    assert any("fail-closed" in w for w in verdict["warnings"]) is fail_closed
+    if fail_closed:  # (open, the moderation answer follows the model's probability: not asserted)
+        assert moderation.json()["results"][0]["flagged"] is True
+        assert moderation.headers.get("x-mmguard-fail-closed") == "true"
+    # text-only conversations never are
+    assert plain.json()["fail_closed"] is False and plain.json()["verdict"]["is_unsafe"] is False

@@ -238,6 +238,7 @@ class Guard:
                     flagged_by=flagged,
                     check_probabilities={k: c.unsafe_probability for k, c in checks.items()} if len(checks) > 1
                     else {},
+                    text_unread=read is not None and read.text is None,
                 )
             )
         return verdicts

@@ -33,6 +33,9 @@ class Verdict:
     transcription; empty when only the model's ran), ``unsafe_probability`` their maximum, and
     ``flagged_by`` the checks at or above the threshold (codes and category probabilities come from
     those). Without a second check, ``flagged_by`` is ``("model",)`` for an unsafe verdict.
+    ``text_unread`` is true when OCR was on for the conversation's image and its text was not read (a
+    timeout, an OCR failure, OCR not installed: ``warnings`` says which): a model that cannot read judged
+    the image blind. ``mmguard serve --fail-closed`` blocks such a verdict.
     """
 
     is_unsafe: bool
@@ -49,6 +52,7 @@ class Verdict:
     read_text: str | None = None
     flagged_by: tuple[str, ...] = ()
     check_probabilities: dict[str, float] = field(default_factory=dict)
+    text_unread: bool = False
 
     @property
     def label(self) -> Literal["safe", "unsafe"]:

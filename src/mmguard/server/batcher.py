@@ -250,7 +250,20 @@ class Batcher:
                             results.append(self._failure(spec, one_err))
             for i, res in zip(idxs, results, strict=True):
                 outcomes[i] = res
-        return [o for o in outcomes if o is not None]
+        done = [o for o in outcomes if o is not None]
+        if self.fail_closed:
+            done = [self._closed_if_unread(spec, o) for spec, o in zip(specs, done, strict=True)]
+        return done
+
+    def _closed_if_unread(self, spec: WorkSpec, outcome: Outcome) -> Outcome:
+        """Fail-closed: a safe verdict on an image whose text OCR did not read (a model that cannot read
+        judged it blind; an image made slow to read must not pass for that) is a block."""
+        v = outcome.verdict
+        if v is None or not v.text_unread or v.is_unsafe:
+            return outcome
+        self.metrics.fail_closed.inc()
+        note = "fail-closed: the text in the image was not read, and this model cannot read it"
+        return Outcome(replace(v, is_unsafe=True, warnings=(*v.warnings, note)), fail_closed=True)
 
     def _classify(self, group: list[WorkSpec]) -> list[Verdict]:
         head = group[0]

@@ -52,14 +52,25 @@ def metrics(rows: list[dict], name: str, thr: float, rule: str) -> dict:
 
 
 def choose(rows: list[dict], name: str, task: str, rule: str) -> float:
+    """The task's threshold: the best validation F1 within the FPR budget, placed midway in the gap between
+    the lowest probability it flags and the highest it does not. A threshold equal to an item's probability
+    (or that probability rounded) decides that item by float noise: across machines and batch shapes the same
+    item scores within ~1e-6 (0.588078 in one run, 0.5880793 in another), and the 4-decimal threshold once
+    recorded (0.5881) left the validation item at 0.588079 unflagged (prompt F1 0.877 reported, 0.876 run)."""
     sel = [r for r in rows if r["task"] == task]
-    candidates = sorted({round(prob(r, name, rule), 6) for r in sel} | {0.5})
+    scores = sorted({prob(r, name, rule) for r in sel})
+    candidates = sorted({round(p, 6) for p in scores} | {0.5})
     best, best_f1 = 0.5, -1.0
     for thr in candidates:
         m = metrics(sel, name, thr, rule)
         if m["fpr"] <= FPR_BUDGET[task] - MARGIN and m["f1"] > best_f1:
             best, best_f1 = thr, m["f1"]
-    return best
+    below = [p for p in scores if p < best]
+    above = [p for p in scores if p >= best]
+    if not below or not above:
+        return best
+    mid = round((below[-1] + above[0]) / 2, 6)
+    return mid if below[-1] < mid <= above[0] else (below[-1] + above[0]) / 2
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,7 +105,7 @@ def main() -> None:
         with open(info, encoding="utf-8") as fh:
             model_info = json.load(fh)
         model_info["image_verdict"] = rule
-        model_info["thresholds"] = {task: round(t, 4) for task, t in thr.items()}  # the guard's defaults
+        model_info["thresholds"] = dict(thr)  # the guard's defaults, exactly as measured (never rounded)
         with open(info, "w", encoding="utf-8") as fh:
             json.dump(model_info, fh, indent=2)
             fh.write("\n")
@@ -113,8 +124,8 @@ def main() -> None:
         "response, text": ([r for r in test if r["task"] == "response" and r["modality"] == "text"], ""),
         "response, image+text": ([r for r in test if r["task"] == "response" and r["modality"] == "image+text"], ""),
     }
-    print(f"thresholds chosen on validation ({len(val)} items): prompt {thr['prompt']:.4f}, "
-          f"response {thr['response']:.4f}")
+    print(f"thresholds chosen on validation ({len(val)} items): prompt {thr['prompt']:.6g}, "
+          f"response {thr['response']:.6g}")
     for task in ("prompt", "response"):
         m = metrics([r for r in val if r["task"] == task], name, thr[task], rule)
         print(f"  validation {task}: F1 {m['f1']:.3f} FPR {m['fpr']:.3f} (n {m['n']})")

@@ -48,9 +48,8 @@ def _run(tmp: Path, val_pixels_flag_benign: bool, *extra: str) -> tuple[str, dic
 
 def test_validation_chooses_the_text_rule_when_pixels_flag_benign_images(tmp_path: Path) -> None:
     stdout, acc, info = _run(tmp_path, True)
-    recorded = {k: round(t, 4) for k, t in acc["thresholds"].items()}
     assert acc["image_verdict"] == "text"
-    assert info == {"adapter": True, "image_verdict": "text", "thresholds": recorded}
+    assert info == {"adapter": True, "image_verdict": "text", "thresholds": acc["thresholds"]}  # exact
     assert "image verdict rule: 'text'" in stdout
     assert acc["test"]["benign image+text prompts"]["fpr"] == 0.0  # the text check decides on test too
 
@@ -67,3 +66,24 @@ def test_a_fixed_rule_is_applied_as_given(tmp_path: Path) -> None:
     _, acc, info = _run(tmp_path, True, "--image-verdict", "max")
     assert acc["image_verdict"] == "max" and info["image_verdict"] == "max"
     assert acc["test"]["benign image+text prompts"]["fpr"] == 1.0
+
+
+def test_the_threshold_sits_midway_in_the_gap_so_noise_and_rounding_decide_nothing() -> None:
+    """The recorded threshold flags exactly the validation items the table counted, with room on both sides
+    (it used to equal the lowest flagged probability, and was then rounded to 4 decimals: 0.588079 -> 0.5881
+    unflagged that very item)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mini_acceptance", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+    probs = [0.05, 0.2, 0.45, 0.5871653, 0.58807927, 0.62, 0.9, 0.95]
+    labels = ["safe", "safe", "safe", "safe", "unsafe", "unsafe", "unsafe", "unsafe"]
+    rows = [{"task": "prompt", "label": y, "predictions": {"g": {"unsafe_probability": p}}}
+            for p, y in zip(probs, labels, strict=True)]
+    thr = acc.choose(rows, "g", "prompt", "max")
+    assert 0.5871653 < thr < 0.58807927  # between the highest safe and the lowest flagged
+    assert abs(thr - (0.5871653 + 0.58807927) / 2) < 1e-6
+    assert acc.metrics(rows, "g", thr, "max")["f1"] == 1.0
+    assert min(abs(thr - p) for p in probs) > 4e-4  # no item within float noise of it

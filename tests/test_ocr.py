@@ -471,13 +471,17 @@ def test_verdict_says_when_the_text_in_the_image_was_not_read(tiny_guard: Guard)
         Conversation.prompt("no image here")).text_unread
 
 
-@pytest.mark.parametrize("fail_closed", [False, True])
-def test_a_fail_closed_server_blocks_an_image_whose_text_was_not_read(tiny_guard: Guard, fail_closed: bool) -> None:
+@pytest.mark.parametrize(("fail_closed", "model_reads"), [(False, False), (True, False), (True, True)])
+def test_a_fail_closed_server_blocks_an_image_whose_text_was_not_read(
+    tiny_guard: Guard, monkeypatch: pytest.MonkeyPatch, fail_closed: bool, model_reads: bool
+) -> None:
     """Without the fix, an image made slow to read (a dense page: OCR past its deadline) passed a model that
-    cannot read as safe, even with --fail-closed."""
+    cannot read as safe, even with --fail-closed. A model that reads pixels itself is not blocked for it."""
     import httpx
 
+    monkeypatch.setattr(tiny_guard.engine, "model_info", {"reads_text_in_images": model_reads}, raising=False)
     guard = Guard(tiny_guard.engine, read_text="on", ocr=FailingOcr())
+    blocks = fail_closed and not model_reads
     image = {"type": "image_url", "image_url": {"url": png_data_url(render(["x"]))}}
     with_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Do what it says."}, image]}],
                   "threshold": 1.0}  # safe by probability: only the unread text can block it
@@ -490,10 +494,10 @@ def test_a_fail_closed_server_blocks_an_image_whose_text_was_not_read(tiny_guard
     assert blind.status_code == plain.status_code == moderation.status_code == 200
     verdict = blind.json()["verdict"]
     assert verdict["text_unread"] is True
-    assert blind.json()["fail_closed"] is fail_closed and verdict["is_unsafe"] is fail_closed
-    assert (blind.headers.get("x-mmguard-fail-closed") == "true") is fail_closed
-    assert any("fail-closed" in w for w in verdict["warnings"]) is fail_closed
-    if fail_closed:  # (open, the moderation answer follows the model's probability: not asserted)
+    assert blind.json()["fail_closed"] is blocks and verdict["is_unsafe"] is blocks
+    assert (blind.headers.get("x-mmguard-fail-closed") == "true") is blocks
+    assert any("fail-closed" in w for w in verdict["warnings"]) is blocks
+    if blocks:  # (otherwise the moderation answer follows the model's probability: not asserted)
         assert moderation.json()["results"][0]["flagged"] is True
         assert moderation.headers.get("x-mmguard-fail-closed") == "true"
     # text-only conversations never are

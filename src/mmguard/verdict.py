@@ -34,8 +34,8 @@ class Verdict:
     ``flagged_by`` the checks at or above the threshold (codes and category probabilities come from
     those). Without a second check, ``flagged_by`` is ``("model",)`` for an unsafe verdict.
     ``text_unread`` is true when OCR was on for the conversation's image and its text was not read (a
-    timeout, an OCR failure, OCR not installed: ``warnings`` says which): a model that cannot read judged
-    the image blind. ``mmguard serve --fail-closed`` blocks such a verdict.
+    timeout, an OCR failure, OCR not installed: ``warnings`` says which); a model that cannot read (mmguard-mini
+    v2) then judged the image blind, and ``mmguard serve --fail-closed`` blocks such a verdict.
     """
 
     is_unsafe: bool

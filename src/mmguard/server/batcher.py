@@ -251,13 +251,13 @@ class Batcher:
             for i, res in zip(idxs, results, strict=True):
                 outcomes[i] = res
         done = [o for o in outcomes if o is not None]
-        if self.fail_closed:
-            done = [self._closed_if_unread(spec, o) for spec, o in zip(specs, done, strict=True)]
+        if self.fail_closed and not self.guard.reads_text_in_images:
+            done = [self._closed_if_unread(o) for o in done]
         return done
 
-    def _closed_if_unread(self, spec: WorkSpec, outcome: Outcome) -> Outcome:
-        """Fail-closed: a safe verdict on an image whose text OCR did not read (a model that cannot read
-        judged it blind; an image made slow to read must not pass for that) is a block."""
+    def _closed_if_unread(self, outcome: Outcome) -> Outcome:
+        """Fail-closed, for a model that cannot read (mmguard-mini v2): a safe verdict on an image whose text
+        OCR did not read was judged blind (and an image made slow to read must not pass for that): a block."""
         v = outcome.verdict
         if v is None or not v.text_unread or v.is_unsafe:
             return outcome

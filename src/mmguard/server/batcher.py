@@ -251,7 +251,8 @@ class Batcher:
             for i, res in zip(idxs, results, strict=True):
                 outcomes[i] = res
         done = [o for o in outcomes if o is not None]
-        if self.fail_closed and not self.guard.reads_text_in_images:
+        # a guard that does not say whether its model reads (a wrapper, a stand-in) is taken to read
+        if self.fail_closed and not getattr(self.guard, "reads_text_in_images", True):
             done = [self._closed_if_unread(o) for o in done]
         return done
 

@@ -69,8 +69,9 @@ def choose(rows: list[dict], name: str, task: str, rule: str) -> float:
     above = [p for p in scores if p >= best]
     if not below or not above:
         return best
-    mid = round((below[-1] + above[0]) / 2, 6)
-    return mid if below[-1] < mid <= above[0] else (below[-1] + above[0]) / 2
+    mid = (below[-1] + above[0]) / 2
+    short = round(mid, 6)  # readable in mmguard.json, unless the gap is narrower than that
+    return short if below[-1] < short <= above[0] else mid
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from .ocr import OcrUnavailable, RapidOcrEngine, prepare_pixels
+from .ocr import OcrUnavailable, RapidOcrEngine, _describe, prepare_pixels
 
 __all__ = ["OcrStopped", "ProcessOcrEngine"]
 
@@ -180,7 +180,7 @@ def _serve(fd: int, options: dict[str, Any]) -> None:
     try:
         engine = RapidOcrEngine(**options)
     except Exception as err:
-        _send_answer(sock, {"error": f"{type(err).__name__}: {err}"})
+        _send_answer(sock, {"error": _describe(err)})
         return
     _send_answer(sock, {"ready": engine.identity})
     while True:
@@ -193,7 +193,7 @@ def _serve(fd: int, options: dict[str, Any]) -> None:
             pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, channels)
             _send_answer(sock, {"text": engine.read_pixels(pixels)})
         except Exception as err:
-            _send_answer(sock, {"error": f"{type(err).__name__}: {err}"})
+            _send_answer(sock, {"error": _describe(err)})
 
 
 if __name__ == "__main__":

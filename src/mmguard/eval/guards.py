@@ -228,7 +228,7 @@ class LocalGuard:
     def cache_id(self) -> str:
         g = self.guard
         # only when OCR is in effect: cache ids of guards without it stay what they were
-        info = g.describe()
+        info = self.describe()
         ocr = ":read_text=on" if info.get("reads_text_with_ocr") else ""
         if ocr and info["image_verdict"] != "max":  # the rule changes image verdicts; ids under "max" stay as they were
             ocr += f":image_verdict={info['image_verdict']}"
@@ -239,10 +239,9 @@ class LocalGuard:
             f"policy={_policy_key(self.policy)}{ocr}{precision}"
         )
 
-    def _threshold_key(self, info: dict[str, Any]) -> str:
+    @staticmethod
+    def _threshold_key(info: dict[str, Any]) -> str:
         """The thresholds the labels were decided at; one number as before, so older caches stay valid."""
-        if self.threshold is not None:
-            return str(self.threshold)
         per_task = info["thresholds"]
         if len(set(per_task.values())) == 1:
             return str(next(iter(per_task.values())))

@@ -386,13 +386,16 @@ def test_logs_leave_content_out(tiny_guard, caplog: pytest.LogCaptureFixture) ->
 # -- FastEngine behind the server ----------------------------------------------------------------------------
 
 
-def test_response_check_after_prompt_check_reuses_the_image_encoding(tiny_guard) -> None:
+def test_response_check_after_prompt_check_reuses_the_image_encoding(tiny_guard, tiny_model_dir) -> None:
     """Two requests, the prompt check then the response check of one image: one encoding (keep_images), the
     plain engine's probabilities, and the reuse visible in /metrics."""
     from mmguard.fast import FastEngine
     from mmguard.guard import Guard
 
-    fast = Guard(FastEngine.from_engine(tiny_guard.engine, keep_images=4))
+    # a model of its own: FastEngine patches its model's vision attention (equal within float rounding), and the
+    # session's tiny_guard must stay the plain engine (test_batch compares it bit for bit with a fresh load)
+    own = Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32").engine
+    fast = Guard(FastEngine.from_engine(own, keep_images=4))
     user = {"role": "user", "content": [{"type": "text", "text": "what is in the picture?"},
                                         {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}
     answer = {"role": "assistant", "content": "a blue rectangle"}

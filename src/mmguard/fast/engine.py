@@ -95,6 +95,9 @@ class FastEngine(Engine):
 
     @classmethod
     def from_engine(cls, engine: Engine, **options: Any) -> FastEngine:
+        """A fast engine on ``engine``'s model, shared, not copied: its vision attention is patched in place, so
+        ``engine``'s own probabilities then move within float rounding (~1e-6 relative; ``quantize`` changes the
+        weights themselves)."""
         fast = cls(engine.model, engine.tokenizer, engine.image_processor, device=engine.device,
                    dtype=engine.dtype, source=engine.source, **options)
         fast.is_random_weights = engine.is_random_weights

@@ -145,6 +145,12 @@ ReadTextOpt = Annotated[
     typer.Option("--read-text", help="Read text in images with OCR and judge it too: off, on, or auto (on when "
                  "the model cannot read, e.g. mmguard-mini v2)."),
 ]
+OCR_TIMEOUT_S = 5.0  # mmguard.ocr.DEFAULT_OCR_TIMEOUT_S (a test holds them equal), not imported: --help stays fast
+OcrTimeoutOpt = Annotated[
+    float,
+    typer.Option("--ocr-timeout", min=0.1, help="Seconds of OCR per image; beyond it the verdict stands on the "
+                 "main check with a warning and text_unread (a dense page of text takes ~10 s on 2 cores)."),
+]
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
@@ -234,7 +240,7 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
 
 def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float | None, fmt: str,
                 batch_size: int = 8, fast: bool = False, quantize: str | None = None,
-                read_text: str = "auto") -> Any:
+                read_text: str = "auto", ocr_timeout_s: float = OCR_TIMEOUT_S) -> Any:
     from .engine import EngineError
     from .guard import READ_TEXT_MODES, Guard
     from .ocr import OcrUnavailable
@@ -252,7 +258,7 @@ def _load_guard(model: str | None, policy: Any, device: str, dtype: str, thresho
         return Guard.from_pretrained(model, policy=policy, device=device, dtype=dtype, threshold=threshold,
                                      prompt_format=fmt_enum, batch_size=batch_size, fast=fast,
                                      fast_options={"quantize": quantize} if quantize else None,
-                                     read_text=read_text)
+                                     read_text=read_text, ocr_timeout_s=ocr_timeout_s)
     except OcrUnavailable as err:
         _fail(str(err), EXIT_MODEL)
     except (EngineError, OSError, ValueError) as err:
@@ -309,6 +315,7 @@ def classify(
     fast: FastOpt = False,
     quantize: QuantizeOpt = None,
     read_text: ReadTextOpt = "auto",
+    ocr_timeout: OcrTimeoutOpt = OCR_TIMEOUT_S,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify one conversation, or every line of a JSONL file (--jsonl)."""
@@ -324,7 +331,8 @@ def classify(
                 _fail(f"--output: folder not found: {output.parent}")
             if output.exists() and output.resolve() == jsonl.resolve():
                 _fail("--output is the --jsonl input file; writing would erase it")
-        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize, read_text)
+        guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize, read_text,
+                            ocr_timeout)
         bad = _classify_jsonl(guard, jsonl, output, batch_size)
         if bad:
             typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output rows hold "
@@ -333,7 +341,7 @@ def classify(
         return
     conv = _conversation(prompt, response, image, input_)
     guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast, quantize=quantize,
-                        read_text=read_text)
+                        read_text=read_text, ocr_timeout_s=ocr_timeout)
     try:
         verdict = guard.classify(conv)
     except ValueError as err:

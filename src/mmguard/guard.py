@@ -12,10 +12,12 @@ from .engine import EncodedItem, Engine, load_engine
 from .ocr import (
     DEFAULT_OCR_TIMEOUT_S,
     OCR_INSTALL_HINT,
+    TRANSCRIPTION_WINDOW_CHARS,
     OcrEngine,
     OcrReader,
     OcrUnavailable,
     ocr_available,
+    transcription_windows,
     with_transcription,
 )
 from .policy import Policy, load_policy
@@ -187,11 +189,10 @@ class Guard:
         prompts = [self.render(c, active) for c in conversations]
         items = [self.engine.encode(p, c.image) for p, c in zip(prompts, conversations, strict=True)]
         reading = self._reading(conversations, active, read_text) if self._read_text_on(read_text) else {}
-        second = {i: r for i, r in reading.items() if r.item is not None}
         n_main = len(items)
-        for r in second.values():
-            r.index = len(items)
-            items.append(r.item)  # type: ignore[arg-type]
+        for r in reading.values():
+            r.indices = list(range(len(items), len(items) + len(r.items)))
+            items.extend(r.items)
         # category codes are decoded for rows at or above the lowest threshold in play (used only if unsafe)
         scored = self.engine.score(items, threshold=min(thresholds, default=0.5), codes=active.active_codes,
                                    batch_size=batch_size or self.batch_size, decode_codes=categories,
@@ -210,8 +211,8 @@ class Guard:
             checks = {"model": s}
             if read is not None:
                 notes.extend(read.notes)
-                if read.index is not None:
-                    checks["ocr"] = scored[read.index]
+                if read.indices:  # a long text is judged in windows: the check is its most unsafe one
+                    checks["ocr"] = max((scored[j] for j in read.indices), key=lambda r: r.unsafe_probability)
             deciding = deciding_checks(checks, rule)
             p_unsafe = max(checks[k].unsafe_probability for k in deciding)
             unsafe = p_unsafe >= thr
@@ -239,6 +240,7 @@ class Guard:
                     check_probabilities={k: c.unsafe_probability for k, c in checks.items()} if len(checks) > 1
                     else {},
                     text_unread=read is not None and read.text is None,
+                    text_truncated=read is not None and not read.complete,
                 )
             )
         return verdicts
@@ -288,20 +290,23 @@ class Guard:
         results = self.ocr_reader.read_many([conversations[i].image for i in idx])  # type: ignore[misc]
         out: dict[int, _Reading] = {}
         for i, res in zip(idx, results, strict=True):
-            read = _Reading(res.text, [res.warning] if res.warning else [])
+            read = _Reading(res.text, [res.warning] if res.warning else [], res.complete)
             image_turn = next(t for t in conversations[i].turns if t.image is not None)
             # nothing read from an image: the text check judges the conversation's own words without it
             # (what the image verdict rule "text" needs); an image alone with nothing read has none
             if res.text or (res.text == "" and image_turn.texts):
                 try:
-                    prompt = self.render(with_transcription(conversations[i], res.text), policy)
-                    read.item = self.engine.encode(prompt, None)
-                    if prompt.escaped_markers:
-                        read.notes.append(f"escaped {prompt.escaped_markers} prompt section marker(s) found in "
+                    escaped = 0
+                    for window in transcription_windows(res.text):
+                        prompt = self.render(with_transcription(conversations[i], window), policy)
+                        read.items.append(self.engine.encode(prompt, None))
+                        escaped += prompt.escaped_markers
+                    if escaped:
+                        read.notes.append(f"escaped {escaped} prompt section marker(s) found in "
                                           "the text read from the image")
                 except Exception as err:  # the transcription is hostile input too: never fail the main check
                     read.notes.append(f"text read from the image was not checked: {type(err).__name__}: {err}")
-                    read.item = None
+                    read.items = []
             out[i] = read
         return out
 
@@ -319,6 +324,8 @@ class Guard:
             "read_text": self.read_text,
             "reads_text_with_ocr": self._read_text_on(None),
             "image_verdict": self.image_verdict,
+            # how much of an image's text is judged, and in what windows
+            "ocr_text_judged": {"max_chars": self.ocr_reader.max_chars, "window_chars": TRANSCRIPTION_WINDOW_CHARS},
             "prefix_cache_tokens": self.engine.max_tokens if isinstance(self.engine, PrefixCachingEngine) else None,
         }
 
@@ -326,11 +333,12 @@ class Guard:
 class _Reading:
     """One image's OCR outcome within a classify_batch call."""
 
-    def __init__(self, text: str | None, notes: list[str]) -> None:
+    def __init__(self, text: str | None, notes: list[str], complete: bool = True) -> None:
         self.text = text
         self.notes = notes
-        self.item: EncodedItem | None = None
-        self.index: int | None = None  # position of the text-only check among the scored items
+        self.complete = complete
+        self.items: list[EncodedItem] = []  # the text-only check, one item per window of a long text
+        self.indices: list[int] = []  # their positions among the scored items
 
 
 def _scaled(progress: Callable[[int], None] | None, shown: int, total: int) -> Callable[[int], None] | None:

@@ -36,8 +36,10 @@ from .images import image_digest
 
 __all__ = [
     "DEFAULT_OCR_CACHE_ENTRIES",
+    "DEFAULT_OCR_MAX_CHARS",
     "DEFAULT_OCR_TIMEOUT_S",
     "TRANSCRIPTION_PREFIX",
+    "TRANSCRIPTION_WINDOW_CHARS",
     "OcrEngine",
     "OcrReader",
     "OcrResult",
@@ -48,12 +50,20 @@ __all__ = [
     "normalise_text",
     "ocr_available",
     "reading_order",
+    "transcription_windows",
     "with_transcription",
 ]
 
 TRANSCRIPTION_PREFIX = "Text in the image: "
 DEFAULT_OCR_TIMEOUT_S = 5.0
-DEFAULT_OCR_CACHE_ENTRIES = 256  # distinct images whose text is remembered (at most 512k characters)
+DEFAULT_OCR_MAX_CHARS = 6000  # of an image's text, judged (in windows); beyond it the verdict says text_truncated
+DEFAULT_OCR_CACHE_ENTRIES = 256  # distinct images whose text is remembered (at most 1.5M characters)
+# one text check judges at most this much of the transcription (about 500 tokens; mmguard-mini v2 was trained on
+# transcriptions far shorter); longer text is judged in overlapping windows of this size
+TRANSCRIPTION_WINDOW_CHARS = 2000
+TRANSCRIPTION_WINDOW_OVERLAP = 200
+_ENGINE_MAX_CHARS = 100_000  # what one read may return at all: a memory bound, not a judging bound
+_NO_BOX_CAP = 1 << 30  # RapidOCR's Det.max_candidates when uncapped (its own default, 1000, is a cap too)
 OCR_INSTALL_HINT = "pip install 'mmguard[ocr]'"
 _WS_RE = re.compile(r"\s+")
 
@@ -101,6 +111,29 @@ def normalise_text(text: str, max_chars: int = 2000) -> str:
     return cut[:space] if space >= max_chars * 0.8 else cut
 
 
+def transcription_windows(text: str, window: int = TRANSCRIPTION_WINDOW_CHARS,
+                          overlap: int = TRANSCRIPTION_WINDOW_OVERLAP) -> list[str]:
+    """``text`` (normalised) as the pieces the text checks judge: itself when at most ``window`` characters,
+    else windows of at most ``window`` characters, cut at word boundaries when one is near, each starting
+    about ``overlap`` characters before the previous one ended (a sentence cut by one window is whole in
+    the next). Harmful text after a page of filler is judged, not cut off."""
+    if not 0 <= overlap < window * 0.8:
+        raise ValueError(f"transcription_windows: need 0 <= overlap < 0.8 * window, got {overlap}, {window}")
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > window:
+        piece = normalise_text(text[start:], window)
+        pieces.append(piece)
+        end = start + len(piece)
+        nxt = end - overlap
+        space = text.find(" ", nxt, end)
+        start = space + 1 if overlap and space != -1 else nxt
+    rest = text[start:].strip()
+    if rest or not pieces:
+        pieces.append(rest)
+    return pieces
+
+
 def reading_order(boxes: Sequence[Sequence[Sequence[float]]]) -> list[int]:
     """Indices of text boxes (each 4 corner points ``(x, y)``) in reading order: lines top to bottom,
     boxes within a line left to right. A box joins the current line when its vertical centre lies
@@ -136,27 +169,33 @@ class RapidOcrEngine:
     """RapidOCR 3.x (PP-OCR det + cls + rec, ONNX, CPU), bounded in size.
 
     The image is composited on white (transparent text stays readable) and downscaled so that its longer
-    side is at most ``max_side`` pixels (the detector runs at that size or less, never upscaled); the
-    detector keeps at most ``max_boxes`` text boxes; lines with a recognition confidence below
-    ``min_confidence`` are dropped; the rest are joined in
-    :func:`reading_order`, whitespace normalised and cut to ``max_chars``. Calls are serialised by a lock
-    (RapidOCR keeps per-call state), so one instance may be shared by threads.
+    side is at most ``max_side`` pixels (the detector runs at that size or less, never upscaled); lines with
+    a recognition confidence below ``min_confidence`` are dropped; the rest are joined in
+    :func:`reading_order`, whitespace normalised and cut to ``max_chars`` (a memory bound: what is judged is
+    bounded by :class:`OcrReader`'s ``max_chars``). Calls are serialised by a lock (RapidOCR keeps per-call
+    state), so one instance may be shared by threads.
+
+    ``max_boxes`` (default: none) caps the detector's candidate regions, and a cap drops text *silently*:
+    RapidOCR keeps the first N contours it finds, bottom of the image first, so 99 small words under a
+    harmful line pushed the line out unread. Without a cap, time is what bounds a busy image: the reader's
+    deadline stops the read, and the verdict says ``text_unread``.
     """
 
     def __init__(
         self,
         *,
         max_side: int = 1280,
-        max_boxes: int = 100,
+        max_boxes: int | None = None,
         min_confidence: float = 0.5,
-        max_chars: int = 2000,
+        max_chars: int = _ENGINE_MAX_CHARS,
         threads: int | None = None,
     ) -> None:
         try:
             from rapidocr import RapidOCR
         except ImportError as err:
             raise OcrUnavailable(f"reading text in images needs RapidOCR: {OCR_INSTALL_HINT} ({err})") from None
-        if max_side < 32 or max_boxes < 1 or max_chars < 1 or not 0.0 <= min_confidence <= 1.0:
+        if max_side < 32 or (max_boxes is not None and max_boxes < 1) or max_chars < 1 \
+                or not 0.0 <= min_confidence <= 1.0:
             raise ValueError("RapidOcrEngine: max_side >= 32, max_boxes >= 1, max_chars >= 1, min_confidence in [0, 1]")
         self.max_side = max_side
         self.max_boxes = max_boxes
@@ -170,7 +209,7 @@ class RapidOcrEngine:
             # would be run at 47104x736. "max" only ever shrinks, to the same bound as ours
             "Det.limit_type": "max",
             "Det.limit_side_len": max_side,
-            "Det.max_candidates": max_boxes,
+            "Det.max_candidates": max_boxes if max_boxes is not None else _NO_BOX_CAP,
         }
         if threads is not None:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
@@ -179,7 +218,7 @@ class RapidOcrEngine:
         from importlib.metadata import version
 
         # what decides the text read from given pixels: a lasting store of reads is keyed by it
-        self.identity = (f"rapidocr-{version('rapidocr')}:side={max_side}:boxes={max_boxes}:"
+        self.identity = (f"rapidocr-{version('rapidocr')}:side={max_side}:boxes={max_boxes or 'all'}:"
                          f"conf={min_confidence}:chars={max_chars}")
         # RapidOCR creates its three ONNX sessions at first use; do it now, so that the first guarded read
         # is not charged for loading
@@ -264,19 +303,26 @@ class OcrStore(Protocol):
 @dataclass(frozen=True)
 class OcrResult:
     """What was read from one image: ``text`` is None when the reading failed or timed out (``warning``
-    says which); "" when it ran and found no text."""
+    says which); "" when it ran and found no text. ``complete`` is False when the image held more text than
+    the reader's ``max_chars`` (``text`` is its first part, and ``warning`` says so)."""
 
     text: str | None
     warning: str | None = None
     elapsed_ms: float = 0.0
+    complete: bool = True
 
 
 class OcrReader:
     """Runs an :class:`OcrEngine` with a time budget per image, remembering what it read.
 
+    Of each image's text, the first ``max_chars`` characters (whitespace normalised) are kept; a read with
+    more is marked incomplete (:attr:`OcrResult.complete`), so that the verdict can say so instead of
+    passing text cut off after a page of filler for the whole.
+
     What was read is kept for the last ``cache_entries`` distinct images (keyed by a hash of the decoded
-    pixels; successful reads only, at most 2,000 characters each): a conversation checked again with the
-    same image (a streamed answer checked every N tokens, a client retrying) is not read again. 0 keeps none.
+    pixels; successful reads only, at most ``max_chars`` + 1 characters each): a conversation checked again
+    with the same image (a streamed answer checked every N tokens, a client retrying) is not read again. 0
+    keeps none.
 
     Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` per
     image (counted from the submission), then moves on with a warning. At the deadline a read still running
@@ -288,15 +334,20 @@ class OcrReader:
 
     def __init__(self, engine: OcrEngine | Callable[[], OcrEngine] | None = None,
                  *, timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
-                 cache_entries: int = DEFAULT_OCR_CACHE_ENTRIES) -> None:
+                 cache_entries: int = DEFAULT_OCR_CACHE_ENTRIES,
+                 max_chars: int = DEFAULT_OCR_MAX_CHARS) -> None:
         if not timeout_s > 0:
             raise ValueError(f"ocr_timeout_s must be > 0, got {timeout_s}")
         if cache_entries < 0:
             raise ValueError(f"cache_entries must be >= 0, got {cache_entries}")
+        if max_chars < 1:
+            raise ValueError(f"ocr max_chars must be >= 1, got {max_chars}")
         self.timeout_s = float(timeout_s)
+        self.max_chars = max_chars
         self.cache_entries = cache_entries
         self.cache_hits = 0
-        self._read_cache: OrderedDict[str, str] = OrderedDict()  # image digest -> normalised text read
+        # image digest -> the text read, whitespace normalised, its first max_chars + 1 characters (see _result)
+        self._read_cache: OrderedDict[str, str] = OrderedDict()
         self._cache_lock = threading.Lock()
         # a lasting store, used only with an engine that states its identity (its settings and version)
         self.store: OcrStore | None = None
@@ -326,19 +377,20 @@ class OcrReader:
                 if known is not None:
                     self._read_cache.move_to_end(key)
                     self.cache_hits += 1
-                    return OcrResult(known, None, (time.perf_counter() - start) * 1000.0)
+                    return self._result(known, (time.perf_counter() - start) * 1000.0)
         try:
             engine = self.engine()  # loaded here, not in the worker: a one-time load is not charged to the deadline
         except Exception as err:
             return OcrResult(None, f"text in the image was not read: {_describe(err)}")
         identity = getattr(engine, "identity", None)
-        stored = f"{identity}:{key}" if key is not None and self.store is not None and identity else None
+        stored = (f"{identity}:kept={self.max_chars}:{key}"
+                  if key is not None and self.store is not None and identity else None)
         if stored is not None:
             known = self.store.get(stored)  # type: ignore[union-attr]
             if known is not None:
                 self._remember(key, known)  # type: ignore[arg-type]
                 self.cache_hits += 1
-                return OcrResult(known, None, (time.perf_counter() - start) * 1000.0)
+                return self._result(known, (time.perf_counter() - start) * 1000.0)
         future: Future[str] = Future()
         self._ensure_worker()
         self._jobs.put((image, future))
@@ -358,12 +410,20 @@ class OcrReader:
         if not isinstance(text, str):
             return OcrResult(None, f"text in the image was not read: OCR returned {type(text).__name__}, "
                                    "not text", elapsed)
-        text = normalise_text(text)
+        # one character past the limit is kept: it is how a remembered read knows it was cut
+        kept = _WS_RE.sub(" ", text).strip()[: self.max_chars + 1]
         if key is not None:
-            self._remember(key, text)
+            self._remember(key, kept)
         if stored is not None:
-            self.store.put(stored, text)  # type: ignore[union-attr]
-        return OcrResult(text, None, elapsed)
+            self.store.put(stored, kept)  # type: ignore[union-attr]
+        return self._result(kept, elapsed)
+
+    def _result(self, kept: str, elapsed_ms: float) -> OcrResult:
+        if len(kept) <= self.max_chars:
+            return OcrResult(kept, None, elapsed_ms)
+        return OcrResult(normalise_text(kept, self.max_chars),
+                         f"text in the image was read only in part: it holds more than the {self.max_chars} "
+                         "characters judged (ocr max_chars)", elapsed_ms, complete=False)
 
     def _stop(self, future: Future[str]) -> None:
         """Stop a read past its deadline if the engine can (``cancel()``), and only if it is still that read."""

@@ -36,6 +36,8 @@ class Verdict:
     ``text_unread`` is true when OCR was on for the conversation's image and its text was not read (a
     timeout, an OCR failure, OCR not installed: ``warnings`` says which); a model that cannot read (mmguard-mini
     v2) then judged the image blind, and ``mmguard serve --fail-closed`` blocks such a verdict.
+    ``text_truncated`` is true when the image held more text than OCR's ``max_chars`` (6,000 by default):
+    ``read_text`` is its first part, the only part judged; ``--fail-closed`` blocks such a safe verdict too.
     """
 
     is_unsafe: bool
@@ -53,6 +55,7 @@ class Verdict:
     flagged_by: tuple[str, ...] = ()
     check_probabilities: dict[str, float] = field(default_factory=dict)
     text_unread: bool = False
+    text_truncated: bool = False
 
     @property
     def label(self) -> Literal["safe", "unsafe"]:

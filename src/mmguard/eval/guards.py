@@ -230,6 +230,9 @@ class LocalGuard:
         # only when OCR is in effect: cache ids of guards without it stay what they were
         info = self.describe()
         ocr = ":read_text=on" if info.get("reads_text_with_ocr") else ""
+        if ocr:  # an image's text judged whole up to max_chars, in windows (before: cut at 2,000 characters)
+            judged = info["ocr_text_judged"]
+            ocr += f":ocr_chars={judged['max_chars']}/{judged['window_chars']}"
         if ocr and info["image_verdict"] != "max":  # the rule changes image verdicts; ids under "max" stay as they were
             ocr += f":image_verdict={info['image_verdict']}"
         # another dtype gives other probabilities (bf16 against fp32: a few 1e-3); float32's ids stay as they were

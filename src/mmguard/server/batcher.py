@@ -258,12 +258,14 @@ class Batcher:
 
     def _closed_if_unread(self, outcome: Outcome) -> Outcome:
         """Fail-closed, for a model that cannot read (mmguard-mini v2): a safe verdict on an image whose text
-        OCR did not read was judged blind (and an image made slow to read must not pass for that): a block."""
+        OCR did not read, or read only in part, was judged blind to (some of) it, and an image made slow to
+        read, or padded with text, must not pass for that: a block."""
         v = outcome.verdict
-        if v is None or not v.text_unread or v.is_unsafe:
+        if v is None or not (v.text_unread or v.text_truncated) or v.is_unsafe:
             return outcome
         self.metrics.fail_closed.inc()
-        note = "fail-closed: the text in the image was not read, and this model cannot read it"
+        note = ("fail-closed: the text in the image was " + ("not read" if v.text_unread else "read only in part")
+                + ", and this model cannot read it")
         return Outcome(replace(v, is_unsafe=True, warnings=(*v.warnings, note)), fail_closed=True)
 
     def _classify(self, group: list[WorkSpec]) -> list[Verdict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -115,3 +116,24 @@ def test_the_guards_default_engine_runs_in_a_child() -> None:
 
     assert isinstance(default_ocr_engine(), ProcessOcrEngine)
     assert isinstance(OcrReader().engine(), ProcessOcrEngine)
+
+
+def test_the_childs_memory_is_capped_and_a_read_past_the_cap_is_a_warning() -> None:
+    """A 1200 px page of text takes the child ~1.1 GB; under a 700 MB cap the read fails inside the child (an
+    error answer or the child's death, either way a warning) instead of growing the host, and the child
+    still reads a sentence afterwards."""
+    from mmguard.ocr_process import ProcessOcrEngine
+
+    capped = ProcessOcrEngine(memory_limit_mb=700)
+    try:
+        status = Path(f"/proc/{capped._proc.pid}/limits").read_text()  # type: ignore[union-attr]
+        assert any(line.startswith("Max data size") and str(700 << 20) in line for line in status.splitlines())
+        reader = OcrReader(capped, timeout_s=60.0, cache_entries=0)
+        page = reader.read(dense_page())
+        assert page.text is None and "OCR failed" in (page.warning or ""), page
+        after = reader.read(sentence())
+        assert after.text is not None and after.text.lower().startswith("steps to pick a lock"), after
+    finally:
+        capped.close()
+    with pytest.raises(ValueError, match="memory_limit_mb"):
+        ProcessOcrEngine(memory_limit_mb=10)

@@ -208,6 +208,7 @@ def test_progress_only_on_stderr_and_only_on_a_terminal(tiny_model_dir: Path, tm
         assert "None" not in res.stderr and "classify" not in res.stdout
         if not terminal:
             assert "classify" not in res.stderr  # no bar at all into a pipe
+            assert "Loading weights" not in res.stderr  # nor transformers' own bar
     bar = termio.progress_bar("x")
     assert bar.disable is False and bar.console.stderr  # the patched terminal: drawn, on stderr
 

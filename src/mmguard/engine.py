@@ -552,7 +552,9 @@ def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str |
         raise EngineError(f"cannot load a model config from {src!r}: {err}") from None
     if getattr(config, "model_type", None) != "mllama":
         raise EngineError(f"{src} is a {getattr(config, 'model_type', '?')!r} model; mmguard needs an Mllama model")
-    with warnings.catch_warnings():
+    from .termio import library_bars_only_on_terminal
+
+    with warnings.catch_warnings(), library_bars_only_on_terminal():
         warnings.simplefilter("ignore")
         model = MllamaForConditionalGeneration.from_pretrained(weights, dtype=torch_dtype, **kwargs)
         if info.get("adapter"):

@@ -2,6 +2,7 @@
 
 * :func:`progress_bar`: a rich progress bar drawn on stderr, and only when stderr is a terminal (a pipe, a
   file or a CI log gets no bar at all, and stdout never does, so piped JSON stays clean).
+* :func:`library_bars_only_on_terminal`: the same rule for the bars transformers draws itself.
 * :class:`StderrHandler`: a logging handler that writes to whatever ``sys.stderr`` is when a record is
   emitted. ``logging.StreamHandler()`` binds the stream object at setup; when that object is a capture
   (pytest, typer's ``CliRunner``) that is closed later, every later record prints ``--- Logging error ---
@@ -10,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -27,7 +30,25 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["RateColumn", "StderrHandler", "progress_bar", "stderr_is_terminal"]
+__all__ = ["RateColumn", "StderrHandler", "library_bars_only_on_terminal", "progress_bar", "stderr_is_terminal"]
+
+
+@contextlib.contextmanager
+def library_bars_only_on_terminal() -> Iterator[None]:
+    """transformers and huggingface_hub draw tqdm bars ("Loading weights") on stderr whatever it is; off a
+    terminal (a log file, a pipe, a server's journal) they are turned off for the block and restored after."""
+    if stderr_is_terminal():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def stderr_is_terminal() -> bool:

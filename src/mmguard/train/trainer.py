@@ -633,9 +633,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         from ..base_models import smollm2_mllama_base
         from ..engine import _load_image_processor
+        from ..termio import library_bars_only_on_terminal
 
         base_dir = smollm2_mllama_base()
-        model = MllamaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
+        with library_bars_only_on_terminal():
+            model = MllamaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         processor = _load_image_processor(base_dir, int(model.config.vision_config.image_size))
     else:

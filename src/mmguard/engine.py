@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .conversation import ConversationError
 from .model_format import CodeTrie, FormatError, TokenFormat
 from .prompt import RenderedPrompt
 from .tokenizer import encode_prompt
@@ -35,6 +36,7 @@ __all__ = [
     "EncodedItem",
     "Engine",
     "EngineError",
+    "PromptTooLongError",
     "ScoredItem",
     "compile_layers",
     "load_engine",
@@ -56,6 +58,16 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 class EngineError(RuntimeError):
     pass
+
+
+class PromptTooLongError(ConversationError):
+    """The conversation, in the prompt template, is longer than the model's context: an input error (the
+    message names the limit), not a model failure."""
+
+
+# positions kept free after the prompt, for the category codes generated after "unsafe" (13 codes of up to 3
+# tokens, with separators, fit)
+CODE_GENERATION_ROOM = 64
 
 
 def _image_processor_class() -> Any:
@@ -183,11 +195,20 @@ class Engine:
         self.safe_id = self.format.safe_decision_id
         self.unsafe_id = self.format.unsafe_decision_id
         self.eot_id = self.format.eot_id
+        # the longest prompt the model was built for: past it, positions are untrained (an answer would mean
+        # nothing) and time grows with the square of the length (mmguard-mini v2 on 2 cores: 7k tokens ~30 s)
+        context = getattr(cfg.text_config, "max_position_embeddings", None)
+        self.max_prompt_tokens: int | None = int(context) - CODE_GENERATION_ROOM if context else None
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, prompt: RenderedPrompt, image: Image.Image | None) -> EncodedItem:
         ids = encode_prompt(self.tokenizer, prompt)
         ids += self.decision_prefix_ids(prompt.decision_prefix)
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"the conversation takes {len(ids)} tokens in the prompt template, over this model's limit of "
+                f"{self.max_prompt_tokens} ({self.max_prompt_tokens + CODE_GENERATION_ROOM} positions, less "
+                f"{CODE_GENERATION_ROOM} for category codes): shorten it, or judge it in parts")
         if (image is not None) != prompt.has_image:
             raise EngineError("prompt and image disagree on whether an image is present")
         return EncodedItem(ids, image, prompt)

@@ -239,7 +239,7 @@ class Guard:
                     flagged_by=flagged,
                     check_probabilities={k: c.unsafe_probability for k, c in checks.items()} if len(checks) > 1
                     else {},
-                    text_unread=read is not None and read.text is None,
+                    text_unread=read is not None and (read.text is None or read.unjudged),
                     text_truncated=read is not None and not read.complete,
                 )
             )
@@ -307,6 +307,7 @@ class Guard:
                 except Exception as err:  # the transcription is hostile input too: never fail the main check
                     read.notes.append(f"text read from the image was not checked: {type(err).__name__}: {err}")
                     read.items = []
+                    read.unjudged = True  # as good as unread (a conversation padded to the context's end)
             out[i] = read
         return out
 
@@ -339,6 +340,7 @@ class _Reading:
         self.complete = complete
         self.items: list[EncodedItem] = []  # the text-only check, one item per window of a long text
         self.indices: list[int] = []  # their positions among the scored items
+        self.unjudged = False  # read, but its text check could not be built
 
 
 def _scaled(progress: Callable[[int], None] | None, shown: int, total: int) -> Callable[[int], None] | None:

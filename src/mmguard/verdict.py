@@ -34,7 +34,8 @@ class Verdict:
     ``flagged_by`` the checks at or above the threshold (codes and category probabilities come from
     those). Without a second check, ``flagged_by`` is ``("model",)`` for an unsafe verdict.
     ``text_unread`` is true when OCR was on for the conversation's image and its text was not read (a
-    timeout, an OCR failure, OCR not installed: ``warnings`` says which); a model that cannot read (mmguard-mini
+    timeout, an OCR failure, OCR not installed) or was read but could not be checked (the conversation with it
+    is past the model's context): ``warnings`` says which; a model that cannot read (mmguard-mini
     v2) then judged the image blind, and ``mmguard serve --fail-closed`` blocks such a verdict.
     ``text_truncated`` is true when the image held more text than OCR's ``max_chars`` (6,000 by default):
     ``read_text`` is its first part, the only part judged; ``--fail-closed`` blocks such a safe verdict too.

@@ -1,0 +1,91 @@
+"""A conversation longer than the model's context is an input error that names the limit, everywhere: never a
+forward pass over untrained positions (meaningless answers, and time growing faster than the length: on 2
+cores mmguard-mini v2 took 28 s for 32,000 characters, 74 s for 60,000, which are 14,428 tokens, past its 8,192
+positions; now refused in 0.03 s), never a model error (503 or fail-closed). The tiny random model proves the
+plumbing; its context is 4,096 positions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmguard import Conversation
+from mmguard.conversation import ConversationError
+from mmguard.engine import CODE_GENERATION_ROOM, PromptTooLongError
+from mmguard.guard import Guard
+from mmguard.server.settings import ServerSettings
+from mmguard.server.testing import LiveServer
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{k % 10}" for k in range(n))
+
+
+def tokens(guard: Guard, conv: Conversation) -> int:
+    return len(guard.engine.encode(guard.render(conv), conv.image).input_ids)
+
+
+def test_the_limit_is_the_models_context_less_room_for_codes(tiny_guard: Guard) -> None:
+    limit = tiny_guard.engine.max_prompt_tokens
+    assert limit == tiny_guard.engine.model.config.text_config.max_position_embeddings - CODE_GENERATION_ROOM
+    long = Conversation.prompt(words(3000))
+    assert tokens(tiny_guard, Conversation.prompt(words(100))) < limit < 2 * 3000  # "w3" is 2 tokens here
+    with pytest.raises(PromptTooLongError, match=f"over this model's limit of {limit}") as err:
+        tiny_guard.classify(long)
+    assert isinstance(err.value, ConversationError)  # an input error, like the other conversation rules
+    with pytest.raises(PromptTooLongError):
+        tiny_guard.classify_batch([Conversation.prompt("hello"), long])
+
+
+def test_the_server_answers_400_naming_the_limit_even_fail_closed(tiny_guard: Guard) -> None:
+    body = {"messages": [{"role": "user", "content": words(3000)}]}
+    for fail_closed in (False, True):
+        with LiveServer(tiny_guard, ServerSettings(warmup=False, fail_closed=fail_closed)) as srv:
+            answer = httpx.post(srv.url + "/v1/guard/classify", json=body, timeout=120)
+            fine = httpx.post(srv.url + "/v1/guard/classify", json={"messages": [
+                {"role": "user", "content": "hello"}]}, timeout=120)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "invalid_input" and "over this model's limit" in error["message"]
+        assert fine.status_code == 200
+
+
+def test_the_cli_fails_with_the_limit_in_its_message(tiny_model_dir: Path) -> None:
+    from mmguard.cli import app
+
+    res = CliRunner().invoke(app, ["classify", "-m", str(tiny_model_dir), "--device", "cpu",
+                                   "--input", "-"], input=json.dumps({"messages": [
+                                       {"role": "user", "content": words(3000)}]}))
+    assert res.exit_code not in (0, 1) and "over this model's limit" in res.output, res.output
+
+
+class FixedOcr:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def read(self, image: Image.Image) -> str:
+        return self.text
+
+
+def test_text_in_the_image_that_would_pass_the_context_is_marked_unread(tiny_guard: Guard) -> None:
+    """Padding the conversation to just under the limit must not leave the image's text unjudged silently."""
+    limit = tiny_guard.engine.max_prompt_tokens
+    assert limit is not None
+    image = Image.new("RGB", (64, 48), "white")
+    base = tokens(tiny_guard, Conversation.prompt(words(100), image=image))
+    per_word = (tokens(tiny_guard, Conversation.prompt(words(300), image=image)) - base) / 200
+    n = 100 + int((limit - 60 - base) / per_word)  # the main prompt just fits
+    conv = Conversation.prompt(words(n), image=image)
+    assert limit - 120 < tokens(tiny_guard, conv) <= limit
+    guard = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr(words(200)))  # its check does not fit
+    verdict = guard.classify(conv)
+    assert verdict.text_unread and verdict.read_text == words(200)
+    assert verdict.check_probabilities == {}
+    assert any("not checked" in w and "limit" in w for w in verdict.warnings)
+    short = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("hello")).classify(conv)
+    assert not short.text_unread and set(short.check_probabilities) == {"model", "ocr"}

@@ -306,3 +306,28 @@ def test_release_block_drops_held_text() -> None:
     chunk = json.loads(closing.removeprefix(b"data: "))
     assert chunk["id"] == "x" and chunk["choices"][0]["finish_reason"] == "content_filter"
     assert rel.all_blocked and rel.due_checks() == []
+
+
+def test_an_answer_past_the_guards_context_is_never_released_unchecked(tiny_guard: Any) -> None:
+    """The tiny guard's context is 4,096 positions; a 3,000-word answer does not fit. The plain answer is an error
+    naming the limit; the stream stops at the last checked window with an error event: nothing unjudged leaves."""
+    upstream = StubUpstream(" ".join(f"w{i}" for i in range(3000)))
+    tiny_guard.threshold = 1.0  # everything that is judged passes: only the limit can stop the answer
+    try:
+        with LiveApp(upstream.app) as up, LiveProxy(tiny_guard, proxy_settings(up.url + "/v1", check_every=500)) as srv:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            plain = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+            stream = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120)
+    finally:
+        tiny_guard.threshold = 0.5
+    assert plain.status_code == 400
+    message = plain.json()["error"]["message"]
+    assert message.startswith("the output check failed: ") and "over this model's limit of 4032" in message
+    assert "w2999" not in plain.text
+    assert stream.status_code == 200
+    events = [json.loads(line[6:]) for line in stream.text.splitlines()
+              if line.startswith("data: {")]
+    released = "".join((e["choices"][0]["delta"].get("content") or "") for e in events if e.get("choices"))
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and "over this model's limit of 4032" in errors[0]["message"]
+    assert "w2999" not in released and upstream.answer.startswith(released)

@@ -301,8 +301,12 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             and isinstance(ch["message"].get("content"), str) and ch["message"]["content"].strip()
         ]
         started = time.perf_counter()
-        verdicts = await asyncio.gather(*(state.check("output", with_answer(judged, ch["message"]["content"]))
-                                          for ch in judged_choices))
+        try:
+            verdicts = await asyncio.gather(*(state.check("output", with_answer(judged, ch["message"]["content"]))
+                                              for ch in judged_choices))
+        except APIError as err:  # as the stream says it: the answer, not the request, could not be judged
+            raise APIError(err.status, f"the output check failed: {err.message}", type=err.type, param=err.param,
+                           code=err.code, headers=err.headers) from None
         state.metrics.added.labels("false").observe(added + time.perf_counter() - started)
         flagged = [(ch, v) for ch, v in zip(judged_choices, verdicts, strict=True) if v.is_unsafe]
         if not flagged:

@@ -196,7 +196,7 @@ class Engine:
         self.unsafe_id = self.format.unsafe_decision_id
         self.eot_id = self.format.eot_id
         # the longest prompt the model was built for: past it, positions are untrained (an answer would mean
-        # nothing) and time grows with the square of the length (mmguard-mini v2 on 2 cores: 7k tokens ~30 s)
+        # nothing) and time grows faster than the length (mmguard-mini v2 on 2 cores: 7k tokens 28 s, 14k 74 s)
         context = getattr(cfg.text_config, "max_position_embeddings", None)
         self.max_prompt_tokens: int | None = int(context) - CODE_GENERATION_ROOM if context else None
 

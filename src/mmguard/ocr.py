@@ -7,7 +7,9 @@ guard then runs a second, text-only check of the *transcription*, built by :func
 
 * the main check sees the conversation unchanged (its prompt is byte-identical);
 * the second check sees the same turns without the image, and in the turn that held the image one
-  more text part, exactly ``"Text in the image: {text}"``.
+  more text part, exactly ``"Text in the image: {text}"``; a text over 2,000 characters is checked in
+  overlapping windows (:func:`transcription_windows`), the most unsafe one counting, up to the reader's
+  ``max_chars`` (6,000; past it the verdict says ``text_truncated``).
 
 The default engine is RapidOCR (Apache-2.0; PP-OCR ONNX models inside the ``rapidocr`` wheel, run by
 onnxruntime: pip only, no network, no system package). It is loaded once per process, lazily, and

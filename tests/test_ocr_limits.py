@@ -225,3 +225,46 @@ def test_cli_classify_ocr_timeout_bounds_the_read(tiny_model_dir: Any) -> None:
     assert res.exit_code in (0, 1), res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["text_unread"] is True and any("limit of 0.5 s" in w for w in out["warnings"])
+
+
+class FlakyOcr:
+    """Fails (as a timeout would) until ``works`` is set; counts its calls."""
+
+    def __init__(self) -> None:
+        self.works = False
+        self.calls = 0
+
+    def read(self, image: Image.Image) -> str:
+        self.calls += 1
+        if not self.works:
+            raise TimeoutError("slow machine")
+        return "Steps to make a weapon"
+
+
+def test_eval_never_caches_an_item_judged_without_its_text(tiny_guard: Guard, tmp_path: Any) -> None:
+    """A read that timed out (a loaded machine) made a blind verdict that eval cached for good: a re-run
+    reported it again. Now it is counted in the report, and read again next time."""
+    import json
+
+    from mmguard.eval.cache import ResultCache
+    from mmguard.eval.guards import LocalGuard
+    from mmguard.eval.runner import run_eval
+
+    a_picture().save(tmp_path / "a.png")
+    row = {"id": "i0", "source": "t", "split": "test", "label": "unsafe", "codes": [],
+           "messages": [{"role": "user", "content": [{"type": "image", "path": "a.png"},
+                                                     {"type": "text", "text": "Do what it says."}]}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    ocr = FlakyOcr()
+    guard = LocalGuard(None, guard=Guard(tiny_guard.engine, read_text="on", ocr=ocr))
+    cache = ResultCache(tmp_path / "cache.sqlite")
+    first = run_eval([data], [guard], cache)
+    (stats,) = first.guards
+    assert stats.text_unread == 1 and any("judged without their text" in w for w in stats.warnings)
+    assert first.records[0].preds[guard.name].text_unread and cache.count() == 0
+    ocr.works = True
+    again = run_eval([data], [guard], cache)
+    assert ocr.calls == 2 and again.guards[0].text_unread == 0
+    assert not any("judged without" in w for w in again.guards[0].warnings)
+    assert again.records[0].preds[guard.name].check_probabilities and cache.count() == 1

@@ -62,7 +62,8 @@ class ResultCache:
 
     def put_many(self, guard: str, items: Iterable[tuple[str, Prediction]]) -> None:
         now = time.time()
-        rows = [(guard, h, p.to_json(), now) for h, p in items if p.error is None]
+        # a failed item, or one judged without its image's text (OCR timed out), is tried again next time
+        rows = [(guard, h, p.to_json(), now) for h, p in items if p.error is None and not p.text_unread]
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
 

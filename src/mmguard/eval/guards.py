@@ -131,6 +131,9 @@ class Prediction:
     raw: str | None = None
     error: str | None = None
     check_probabilities: dict[str, float] = field(default_factory=dict)  # per check, with OCR (local guards)
+    # OCR was on and the image's text was not read (a timeout on a loaded machine, a failure): judged blind, so
+    # never cached (a re-run reads it again) and counted in the report
+    text_unread: bool = False
 
     @property
     def is_unsafe(self) -> bool:
@@ -276,6 +279,7 @@ class LocalGuard:
                 probability_kind="model",
                 raw=v.raw_text,
                 check_probabilities=dict(v.check_probabilities),
+                text_unread=bool(getattr(v, "text_unread", False)),
             )
             for v in verdicts
         ]

@@ -46,6 +46,7 @@ class GuardStats:
     computed: int = 0
     cached: int = 0
     errors: int = 0
+    text_unread: int = 0  # image items judged without their text (OCR timed out or failed)
     probability_kinds: Counter[str] = field(default_factory=Counter)
     unknown_codes: Counter[str] = field(default_factory=Counter)
     error_examples: list[dict[str, str]] = field(default_factory=list)
@@ -175,6 +176,7 @@ def run_eval(
                     continue
                 st.probability_kinds[pred.probability_kind] += 1
                 st.unknown_codes.update(pred.unknown_codes)
+                st.text_unread += pred.text_unread
         result.records.extend(recs)
         if predictions is not None:
             for rec in recs:
@@ -191,6 +193,9 @@ def run_eval(
             )
         if st.probability_kinds.get("score"):
             st.warnings.add("moderation scores are not calibrated probabilities")
+        if st.text_unread:
+            st.warnings.add(f"{st.text_unread} image item(s) judged without their text: OCR timed out or failed "
+                            "(see the verdicts' warnings); not cached, so a re-run reads them again")
     return result
 
 
@@ -213,6 +218,7 @@ def _record_json(rec: ItemRecord) -> dict[str, Any]:
                 "unknown_codes": p.unknown_codes,
                 **({"check_probabilities": p.check_probabilities} if p.check_probabilities else {}),
                 **({"error": p.error} if p.error else {}),
+                **({"text_unread": True} if p.text_unread else {}),
             }
             for name, p in rec.preds.items()
         },

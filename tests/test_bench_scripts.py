@@ -145,3 +145,17 @@ def test_train_compile_times_eager_and_compiled_steps_on_the_same_batches(tmp_pa
     assert sum(report["timed_batch_kinds"].values()) >= 1
     assert all(s > 0 for s in report["step_s_p50"].values())
     assert report["max_abs_loss_diff"] < 0.05  # bf16 autocast: close, not bitwise
+
+
+def test_ocr_box_cap_compares_both_engines_on_each_set(datasets_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cap.json"
+    argv = ["--datasets", str(datasets_dir), "--figstep", "2", "--harmful", "2", "--photos", "1", "--out", str(out)]
+    assert load("ocr_box_cap").main(argv) == 0
+    report = json.loads(out.read_text())
+    assert {name: s["images"] for name, s in report["sets"].items()} == {
+        "figstep": 2, "mm_harmfulbench": 2, "skimage_photos": 1}
+    assert all(0 <= s["read_identically"] <= s["images"] and s["ratio_of_means"] > 0
+               for s in report["sets"].values())
+    hostile = report["hostile"]
+    assert set(hostile) == {"line_above_99_words", "line_above_200_words"}
+    assert all(h["uncapped"]["has_request"] and not h["capped"]["has_request"] for h in hostile.values())

@@ -65,7 +65,7 @@ def test_labels_follow_the_guards_own_thresholds_by_default(tiny_guard: Guard, t
     report = write_report(result, tmp_path / "out", plots=False)
     assert report["threshold"] is None
     text = (tmp_path / "out" / "report.md").read_text()
-    assert f"each guard's own (own prompt {cut:.4g}, response 0.9; fixed prompt 0.5, response 0.5)" in text
+    assert f"each guard's own (own prompt {cut:g}, response 0.9; fixed prompt 0.5, response 0.5)" in text
 
 
 def test_a_server_guard_without_a_threshold_lets_the_server_decide(tiny_guard: Guard, tmp_path: Path) -> None:

@@ -187,7 +187,7 @@ def _threshold_text(report: dict[str, Any]) -> str:
         desc = g.get("description") or {}
         per_task = desc.get("thresholds")
         if isinstance(per_task, dict) and per_task:
-            values = ", ".join(f"{task} {value:.4g}" for task, value in sorted(per_task.items()))
+            values = ", ".join(f"{task} {value:g}" for task, value in sorted(per_task.items()))  # as applied
             own.append(f"{g['name']} {values}")
         elif desc.get("kind") == "mmguard-server":
             own.append(f"{g['name']} the server's")

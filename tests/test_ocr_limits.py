@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFont
 
 from mmguard import Conversation
@@ -21,6 +23,7 @@ from mmguard.ocr import (
     OcrReader,
     RapidOcrEngine,
     transcription_windows,
+    window_spans,
     with_transcription,
 )
 from mmguard.server.settings import ServerSettings
@@ -101,6 +104,35 @@ def test_transcription_windows_cover_long_text_with_overlap() -> None:
     assert "".join(transcription_windows(solid, overlap=0)) == solid
     with pytest.raises(ValueError, match="overlap"):
         transcription_windows(text, window=100, overlap=90)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(words=st.lists(st.text(alphabet="abcxyz\u00e9\u4e2d.-", min_size=1, max_size=30), max_size=120),
+       window=st.integers(min_value=20, max_value=200), share=st.floats(min_value=0.0, max_value=0.75))
+def test_transcription_windows_properties(words: list[str], window: int, share: float) -> None:
+    """Any normalised text, window and overlap: each piece fits and is the slice its span names, spans move
+    forward, no character but a space is left out, and every word short enough is whole in some piece."""
+    text = " ".join(words)
+    overlap = int(window * share)
+    spans = window_spans(text, window=window, overlap=overlap)
+    pieces = transcription_windows(text, window=window, overlap=overlap)
+    assert pieces == [text[s:e] for s, e in spans]
+    assert all(0 < len(p) <= window for p in pieces) or pieces == [""]
+    assert all(p == p.strip() for p in pieces)
+    if len(text) <= window:
+        assert pieces == [text]
+        return
+    assert all(s1 < s2 and e1 < e2 for (s1, e1), (s2, e2) in itertools.pairwise(spans))
+    covered = [False] * len(text)
+    for s, e in spans:
+        covered[s:e] = [True] * (e - s)
+    assert all(covered[i] or text[i] == " " for i in range(len(text)))  # nothing is left unjudged
+    pos = 0
+    for w in words:  # a word that fits in the overlap is whole in one piece
+        begin = text.index(w, pos)
+        pos = end = begin + len(w)
+        if len(w) < overlap:
+            assert any(s <= begin and end <= e for s, e in spans), (w, spans)
 
 
 # -- the reader keeps max_chars and says when it cut ------------------------------------------------------

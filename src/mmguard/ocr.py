@@ -53,6 +53,7 @@ __all__ = [
     "ocr_available",
     "reading_order",
     "transcription_windows",
+    "window_spans",
     "with_transcription",
 ]
 
@@ -119,21 +120,27 @@ def transcription_windows(text: str, window: int = TRANSCRIPTION_WINDOW_CHARS,
     else windows of at most ``window`` characters, cut at word boundaries when one is near, each starting
     about ``overlap`` characters before the previous one ended (a sentence cut by one window is whole in
     the next). Harmful text after a page of filler is judged, not cut off."""
+    return [text[s:e] for s, e in window_spans(text, window, overlap)]
+
+
+def window_spans(text: str, window: int = TRANSCRIPTION_WINDOW_CHARS,
+                 overlap: int = TRANSCRIPTION_WINDOW_OVERLAP) -> list[tuple[int, int]]:
+    """Where :func:`transcription_windows`' pieces lie in ``text``: ``(start, end)`` slices, in order."""
     if not 0 <= overlap < window * 0.8:
         raise ValueError(f"transcription_windows: need 0 <= overlap < 0.8 * window, got {overlap}, {window}")
-    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
     start = 0
     while len(text) - start > window:
-        piece = normalise_text(text[start:], window)
-        pieces.append(piece)
-        end = start + len(piece)
-        nxt = end - overlap
-        space = text.find(" ", nxt, end)
-        start = space + 1 if overlap and space != -1 else nxt
-    rest = text[start:].strip()
-    if rest or not pieces:
-        pieces.append(rest)
-    return pieces
+        space = text.rfind(" ", start, start + window + 1)  # a cut at a space keeps the word after it whole
+        end = space if space - start >= window * 0.8 else start + window
+        spans.append((start, end))
+        back = text.find(" ", end - overlap, end) if overlap else -1
+        start = back + 1 if back != -1 else end  # progress: end - overlap > start, as overlap < 0.8 * window
+        while start < len(text) and text[start] == " ":
+            start += 1
+    if start < len(text) or not spans:
+        spans.append((start, len(text)))
+    return spans
 
 
 def reading_order(boxes: Sequence[Sequence[Sequence[float]]]) -> list[int]:

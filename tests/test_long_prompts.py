@@ -89,3 +89,30 @@ def test_text_in_the_image_that_would_pass_the_context_is_marked_unread(tiny_gua
     assert any("not checked" in w and "limit" in w for w in verdict.warnings)
     short = Guard(tiny_guard.engine, read_text="on", ocr=FixedOcr("hello")).classify(conv)
     assert not short.text_unread and set(short.check_probabilities) == {"model", "ocr"}
+
+
+def test_a_guard_can_set_a_lower_limit_than_the_model(tiny_guard: Guard) -> None:
+    """An operator bounds the time one request holds the model: the guard refuses past its own limit, the main
+    check and the image-text check alike, and says which limit."""
+    short = Guard(tiny_guard.engine, max_prompt_tokens=400)
+    assert short.describe()["max_prompt_tokens"] == 400
+    assert tiny_guard.describe()["max_prompt_tokens"] == tiny_guard.engine.max_prompt_tokens
+    assert short.classify(Conversation.prompt("hello")).threshold > 0  # fits: judged
+    with pytest.raises(PromptTooLongError, match="over this guard's limit of 400 \\(max_prompt_tokens; the model "
+                                                 f"allows {tiny_guard.engine.max_prompt_tokens}\\)"):
+        short.classify(Conversation.prompt(words(400)))
+    image = Image.new("RGB", (64, 48), "white")
+    reading = Guard(tiny_guard.engine, max_prompt_tokens=400, read_text="on", ocr=FixedOcr(words(300)))
+    verdict = reading.classify(Conversation.prompt("hello", image=image))
+    assert verdict.text_unread and any("guard's limit of 400" in w for w in verdict.warnings)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        Guard(tiny_guard.engine, max_prompt_tokens=0)
+
+
+def test_serve_and_proxy_take_max_prompt_tokens() -> None:
+    from mmguard.cli import _register_tools, app
+
+    for command in ("serve", "proxy"):
+        _register_tools([command])  # the CLI registers its tool commands lazily, as its main() does
+        res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+        assert "--max-prompt-tokens" in res.output, res.output

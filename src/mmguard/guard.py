@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .conversation import Conversation
-from .engine import EncodedItem, Engine, load_engine
+from .engine import EncodedItem, Engine, PromptTooLongError, load_engine
 from .ocr import (
     DEFAULT_OCR_TIMEOUT_S,
     OCR_INSTALL_HINT,
@@ -63,6 +63,7 @@ class Guard:
         read_text: str = "auto",
         ocr: OcrEngine | None = None,
         ocr_timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         """``read_text``: ``off``, ``on`` or ``auto`` (on when the model cannot read text in images, by its
         ``mmguard.json``): an image's text is read by OCR (``ocr``: any :class:`mmguard.ocr.OcrEngine`,
@@ -72,7 +73,15 @@ class Guard:
 
         ``threshold``: unsafe when P(unsafe) >= it, for every conversation; ``None`` (the default): each task's
         threshold chosen on a validation split and recorded in the model's ``mmguard.json`` (``thresholds``,
-        e.g. mmguard-mini v2's), else 0.5 (:meth:`threshold_for`)."""
+        e.g. mmguard-mini v2's), else 0.5 (:meth:`threshold_for`).
+
+        ``max_prompt_tokens``: the longest conversation this guard judges, in tokens with the prompt template
+        (``None``: the model's context, ``engine.max_prompt_tokens``); a longer one raises
+        :class:`mmguard.engine.PromptTooLongError` naming the limit. A server on a small CPU host lowers it to
+        bound the time one request can hold the model (mmguard-mini v2 on 2 cores: 7k tokens take 28 s)."""
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.max_prompt_tokens = max_prompt_tokens
         self.engine = engine
         self.policy = load_policy(policy)
         self.threshold = None if threshold is None else _check_threshold(threshold)
@@ -107,6 +116,7 @@ class Guard:
         ocr_timeout_s: float = DEFAULT_OCR_TIMEOUT_S,
         prefix_cache: bool = False,
         prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
+        max_prompt_tokens: int | None = None,
     ) -> Guard:
         """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model).
 
@@ -114,7 +124,8 @@ class Guard:
         image encoded once per call, cross-attention over real tiles only); it gives the same results and is
         tested to, but its speed-up is not yet measured on a GPU (docs/performance.md). ``fast_options`` are
         FastEngine's (``keep_images``, ``mask_free_text``; the approximations ``quantize`` and
-        ``real_tiles_only``) and imply ``fast``. ``read_text``, ``ocr``, ``ocr_timeout_s``: see :meth:`__init__`.
+        ``real_tiles_only``) and imply ``fast``. ``read_text``, ``ocr``, ``ocr_timeout_s``, ``max_prompt_tokens``:
+        see :meth:`__init__`.
 
         ``prefix_cache=True`` (plain engine only) keeps the KV of the template prefix (task line and category
         block, about half of a short text prompt) and of recent conversations, up to ``prefix_cache_tokens``
@@ -135,7 +146,8 @@ class Guard:
                 raise ValueError("prefix_cache works on the plain engine, not with fast=True")
             engine = PrefixCachingEngine.from_engine(engine, max_tokens=prefix_cache_tokens)
         return cls(engine, policy=policy, threshold=threshold, prompt_format=prompt_format, markers=markers,
-                   batch_size=batch_size, read_text=read_text, ocr=ocr, ocr_timeout_s=ocr_timeout_s)
+                   batch_size=batch_size, read_text=read_text, ocr=ocr, ocr_timeout_s=ocr_timeout_s,
+                   max_prompt_tokens=max_prompt_tokens)
 
     # -- prompts -----------------------------------------------------------------------------------
     def render(self, conversation: Conversation, policy: Policy | None = None) -> RenderedPrompt:
@@ -187,7 +199,7 @@ class Guard:
         thresholds = [self.threshold_for(c.task) if fixed is None else fixed for c in conversations]
         start = time.perf_counter()
         prompts = [self.render(c, active) for c in conversations]
-        items = [self.engine.encode(p, c.image) for p, c in zip(prompts, conversations, strict=True)]
+        items = [self.encode(p, c.image) for p, c in zip(prompts, conversations, strict=True)]
         reading = self._reading(conversations, active, read_text) if self._read_text_on(read_text) else {}
         n_main = len(items)
         for r in reading.values():
@@ -245,6 +257,17 @@ class Guard:
             )
         return verdicts
 
+    def encode(self, prompt: RenderedPrompt, image: Any) -> EncodedItem:
+        """The engine's encoding, refused past the guard's ``max_prompt_tokens`` (the engine refuses past the
+        model's context)."""
+        item = self.engine.encode(prompt, image)
+        limit = self.max_prompt_tokens
+        if limit is not None and len(item.input_ids) > limit:
+            raise PromptTooLongError(
+                f"the conversation takes {len(item.input_ids)} tokens in the prompt template, over this guard's "
+                f"limit of {limit} (max_prompt_tokens; the model allows {self.engine.max_prompt_tokens})")
+        return item
+
     def threshold_for(self, task: str) -> float:
         """The decision threshold of a ``prompt`` or ``response`` classification: the guard's fixed one if
         set, else the model's validated one for that task (``mmguard.json``), else 0.5."""
@@ -299,7 +322,7 @@ class Guard:
                     escaped = 0
                     for window in transcription_windows(res.text):
                         prompt = self.render(with_transcription(conversations[i], window), policy)
-                        read.items.append(self.engine.encode(prompt, None))
+                        read.items.append(self.encode(prompt, None))
                         escaped += prompt.escaped_markers
                     if escaped:
                         read.notes.append(f"escaped {escaped} prompt section marker(s) found in "
@@ -327,6 +350,9 @@ class Guard:
             "image_verdict": self.image_verdict,
             # how much of an image's text is judged, and in what windows
             "ocr_text_judged": {"max_chars": self.ocr_reader.max_chars, "window_chars": TRANSCRIPTION_WINDOW_CHARS},
+            "max_prompt_tokens": min((n for n in (self.max_prompt_tokens,
+                                                  getattr(self.engine, "max_prompt_tokens", None)) if n),
+                                     default=None),  # the limit in effect: the guard's or the model's
             "prefix_cache_tokens": self.engine.max_tokens if isinstance(self.engine, PrefixCachingEngine) else None,
         }
 

@@ -66,6 +66,10 @@ def command(
                              ] = None,
     metrics_auth: Annotated[bool, typer.Option(help="Require the proxy key for /metrics too")] = False,
     fast: Annotated[bool, typer.Option(help="FastEngine (exact; see mmguard serve --help); no prefix cache")] = False,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(min=64, help="Longest conversation the guard judges, in tokens with the template "
+                                 "(default: the model's context); past it a prompt gets 400 and an answer stops")
+    ] = None,
 ) -> None:
     """Guardrail proxy: OpenAI-compatible chat completions through Llama Guard input and output rails."""
     import uvicorn
@@ -100,7 +104,7 @@ def command(
             settings = replace(settings, guard=replace(guard_settings, torch_threads=max(1, (os.cpu_count() or 2) - 1)))
     try:
         guard = Guard.from_pretrained(Path(model) if model and Path(model).exists() else model, device=device,
-                                      dtype=dtype, policy=policy, fast=fast)
+                                      dtype=dtype, policy=policy, fast=fast, max_prompt_tokens=max_prompt_tokens)
     except EngineError as err:
         typer.echo(f"error: cannot load model {model or '(default)'}: {err}", err=True)
         raise typer.Exit(3) from None

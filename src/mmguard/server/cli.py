@@ -141,6 +141,11 @@ def command(
     ocr_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds of OCR per image; beyond it the verdict carries a warning")
     ] = 5.0,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(min=64, help="Longest conversation judged, in tokens with the template (default: "
+                                 "the model's context, 8,128 on mmguard-mini v2); longer ones get 400 naming the "
+                                 "limit. Bounds the time one request holds the model (2 CPU cores: 7k tokens 28 s)")
+    ] = None,
     engine: Annotated[
         str, typer.Option(help="uvicorn (one process) or ray (Ray Serve: --replicas guards behind this address; "
                           "needs mmguard[ray], see docs/scale-out.md)")
@@ -213,7 +218,7 @@ def command(
         ray_fast = {"keep_images": keep_images, "mask_free_text": mask_free_text, "quantize": quantize}
         guard_args = {"model": model, "device": device, "dtype": dtype, "policy": policy, "fast": fast,
                       "fast_options": ray_fast if (fast or quantize or mask_free_text) else None,
-                      "read_text": read_text, "ocr_timeout_s": ocr_timeout,
+                      "read_text": read_text, "ocr_timeout_s": ocr_timeout, "max_prompt_tokens": max_prompt_tokens,
                       **cache_args}
         if torch_threads is None and not gpus_per_replica:
             settings = replace(settings, torch_threads=1)  # replicas share the machine's cores
@@ -236,7 +241,7 @@ def command(
             return Guard.from_pretrained(
                 Path(model) if model and Path(model).exists() else model, device=device, dtype=dtype,
                 policy=policy, fast=fast, fast_options=fast_options, read_text=read_text, ocr_timeout_s=ocr_timeout,
-                **cache_args,
+                max_prompt_tokens=max_prompt_tokens, **cache_args,
             )
         except OcrUnavailable as err:
             typer.echo(f"error: {err}", err=True)

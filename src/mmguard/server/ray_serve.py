@@ -74,7 +74,7 @@ def guard_application(
 
 
 _GUARD_KEYS = ("model", "device", "dtype", "policy", "threshold", "fast", "batch_size", "prompt_format", "read_text",
-               "prefix_cache", "prefix_cache_tokens")
+               "ocr_timeout_s", "max_prompt_tokens", "prefix_cache", "prefix_cache_tokens")
 _SETTING_TYPES = {f.name: f.type for f in fields(ServerSettings)}
 
 
@@ -99,7 +99,8 @@ def build_app(args: dict[str, Any]) -> Any:
     ``import_path: mmguard.server.ray_serve:build_app`` in a Serve config.
 
     Arguments: ``model``, ``device``, ``dtype``, ``policy``, ``threshold``, ``fast``, ``batch_size``,
-    ``prompt_format`` (the guard); ``num_replicas`` (default 1), or ``min_replicas`` / ``max_replicas`` /
+    ``prompt_format``, ``read_text``, ``ocr_timeout_s``, ``max_prompt_tokens``, ``prefix_cache``,
+    ``prefix_cache_tokens`` (the guard); ``num_replicas`` (default 1), or ``min_replicas`` / ``max_replicas`` /
     ``target_ongoing_requests`` (autoscaling); ``num_gpus`` (default 1 when ``device`` is ``cuda``: one GPU
     per replica; else 0), ``num_cpus``, ``max_ongoing_requests``;
     every ``ServerSettings`` field (``model_id``, ``max_batch_size``, ``api_keys`` as ``k1,k2`` ...).

@@ -300,3 +300,23 @@ def test_eval_never_caches_an_item_judged_without_its_text(tiny_guard: Guard, tm
     assert ocr.calls == 2 and again.guards[0].text_unread == 0
     assert not any("judged without" in w for w in again.guards[0].warnings)
     assert again.records[0].preds[guard.name].check_probabilities and cache.count() == 1
+
+
+def test_eval_local_guards_take_the_ocr_deadline(tiny_model_dir: Any) -> None:
+    from typer.testing import CliRunner
+
+    from mmguard.eval.cli import command
+    from mmguard.eval.guards import make_guard
+    from mmguard.ocr import DEFAULT_OCR_TIMEOUT_S
+
+    slow_ok = make_guard(f"local:{tiny_model_dir}", device="cpu", dtype="float32", ocr_timeout_s=30.0)
+    assert slow_ok.guard.ocr_reader.timeout_s == 30.0  # type: ignore[attr-defined]
+    default = make_guard(f"local:{tiny_model_dir}", device="cpu", dtype="float32")
+    assert default.guard.ocr_reader.timeout_s == DEFAULT_OCR_TIMEOUT_S  # type: ignore[attr-defined]
+    import typer
+
+    app = typer.Typer()
+    app.command("eval")(command)
+    app.command("noop", hidden=True)(lambda: None)
+    res = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert "--ocr-timeout" in res.output

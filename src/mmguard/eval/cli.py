@@ -53,6 +53,10 @@ def command(
         str, typer.Option("--read-text", help="Local guards: read text in images with OCR (off, on, or auto: on "
                           "when the model cannot read).")
     ] = "auto",
+    ocr_timeout: Annotated[
+        float, typer.Option("--ocr-timeout", min=0.1, help="Local guards: seconds of OCR per image (items read past it "
+                            "are judged blind, counted in the report and not cached).")
+    ] = 5.0,
     prefix_cache: Annotated[
         bool, typer.Option("--prefix-cache", help="Local guards: compute the template prefix (task and categories) "
                            "once and reuse it (exact; faster on text items).")
@@ -102,6 +106,7 @@ def command(
                     retries=retries,
                     timeout=timeout,
                     read_text=read_text,
+                    ocr_timeout_s=ocr_timeout,
                     prefix_cache=prefix_cache,
                 )
             )

@@ -207,8 +207,10 @@ class LocalGuard:
         guard: Any = None,
         read_text: str = "auto",
         prefix_cache: bool = False,
+        ocr_timeout_s: float | None = None,
     ) -> None:
         from ..guard import Guard
+        from ..ocr import DEFAULT_OCR_TIMEOUT_S
 
         self.source = source
         self.threshold = threshold
@@ -220,6 +222,7 @@ class LocalGuard:
             else Guard.from_pretrained(
                 source, device=device, dtype=dtype, threshold=threshold, batch_size=batch_size, policy=policy,
                 read_text=read_text, prefix_cache=prefix_cache,
+                ocr_timeout_s=DEFAULT_OCR_TIMEOUT_S if ocr_timeout_s is None else ocr_timeout_s,
             )
         )
         model = str(self.guard.engine.source or source or "default")
@@ -735,6 +738,7 @@ def make_guard(
     policy: Policy = DEFAULT_POLICY,
     read_text: str = "auto",
     prefix_cache: bool = False,
+    ocr_timeout_s: float | None = None,
 ) -> EvalGuard:
     """Build a guard from a ``--guard`` spec (see the module docstring)."""
     name: str | None = None
@@ -744,7 +748,8 @@ def make_guard(
     kind, _, rest = spec.partition(":")
     http = {"concurrency": concurrency, "retries": retries, "timeout": timeout}
     local: dict[str, Any] = {"threshold": threshold, "device": device, "dtype": dtype, "batch_size": batch_size,
-                             "policy": policy, "read_text": read_text, "prefix_cache": prefix_cache}
+                             "policy": policy, "read_text": read_text, "prefix_cache": prefix_cache,
+                             "ocr_timeout_s": ocr_timeout_s}
     if spec in ("default", "mmguard-mini"):
         return LocalGuard(None, name=name or "mmguard-mini", **local)
     if spec in ("llama-guard-3-vision", LLAMA_GUARD_3_VISION):

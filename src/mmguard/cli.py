@@ -145,7 +145,9 @@ ReadTextOpt = Annotated[
     typer.Option("--read-text", help="Read text in images with OCR and judge it too: off, on, or auto (on when "
                  "the model cannot read, e.g. mmguard-mini v2)."),
 ]
-OCR_TIMEOUT_S = 5.0  # mmguard.ocr.DEFAULT_OCR_TIMEOUT_S (a test holds them equal), not imported: --help stays fast
+# mmguard.ocr.DEFAULT_OCR_TIMEOUT_S (a test holds them equal), not imported: --help stays fast; the default of every
+# command's --ocr-timeout (classify, eval, serve)
+OCR_TIMEOUT_S = 5.0
 OcrTimeoutOpt = Annotated[
     float,
     typer.Option("--ocr-timeout", min=0.1, help="Seconds of OCR per image; beyond it the verdict stands on the "

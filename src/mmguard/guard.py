@@ -257,6 +257,12 @@ class Guard:
             )
         return verdicts
 
+    @property
+    def prompt_token_limit(self) -> int | None:
+        """The limit in effect: the lower of the guard's ``max_prompt_tokens`` and the model's context."""
+        limits = [n for n in (self.max_prompt_tokens, getattr(self.engine, "max_prompt_tokens", None)) if n]
+        return min(limits, default=None)
+
     def encode(self, prompt: RenderedPrompt, image: Any) -> EncodedItem:
         """The engine's encoding, refused past the guard's ``max_prompt_tokens`` (the engine refuses past the
         model's context)."""
@@ -350,9 +356,7 @@ class Guard:
             "image_verdict": self.image_verdict,
             # how much of an image's text is judged, and in what windows
             "ocr_text_judged": {"max_chars": self.ocr_reader.max_chars, "window_chars": TRANSCRIPTION_WINDOW_CHARS},
-            "max_prompt_tokens": min((n for n in (self.max_prompt_tokens,
-                                                  getattr(self.engine, "max_prompt_tokens", None)) if n),
-                                     default=None),  # the limit in effect: the guard's or the model's
+            "max_prompt_tokens": self.prompt_token_limit,
             "prefix_cache_tokens": self.engine.max_tokens if isinstance(self.engine, PrefixCachingEngine) else None,
         }
 

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..cli import OCR_TIMEOUT_S
+
 __all__ = ["command"]
 
 
@@ -56,7 +58,7 @@ def command(
     ocr_timeout: Annotated[
         float, typer.Option("--ocr-timeout", min=0.1, help="Local guards: seconds of OCR per image (items read past it "
                             "are judged blind, counted in the report and not cached).")
-    ] = 5.0,
+    ] = OCR_TIMEOUT_S,
     prefix_cache: Annotated[
         bool, typer.Option("--prefix-cache", help="Local guards: compute the template prefix (task and categories) "
                            "once and reuse it (exact; faster on text items).")

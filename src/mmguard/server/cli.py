@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..cli import OCR_TIMEOUT_S
+
 __all__ = ["command"]
 
 
@@ -140,7 +142,7 @@ def command(
     ] = "auto",
     ocr_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds of OCR per image; beyond it the verdict carries a warning")
-    ] = 5.0,
+    ] = OCR_TIMEOUT_S,
     max_prompt_tokens: Annotated[
         int | None, typer.Option(min=64, help="Longest conversation judged, in tokens with the template (default: "
                                  "the model's context, 8,128 on mmguard-mini v2); longer ones get 400 naming the "

@@ -116,3 +116,20 @@ def test_serve_and_proxy_take_max_prompt_tokens() -> None:
         _register_tools([command])  # the CLI registers its tool commands lazily, as its main() does
         res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
         assert "--max-prompt-tokens" in res.output, res.output
+
+
+def test_batch_gives_a_line_past_the_limit_an_error_row_and_judges_the_rest(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from mmguard.cli import _register_tools, app
+
+    src = tmp_path / "convs.jsonl"
+    lines = [{"id": i, "messages": [{"role": "user", "content": words(500) if i == 1 else "hello"}]} for i in range(3)]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    _register_tools(["batch"])
+    res = CliRunner().invoke(app, ["batch", str(src), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir),
+                                   "--device", "cpu", "--dtype", "float32", "--max-prompt-tokens", "400"])
+    assert res.exit_code == 2 and "1 line(s) were invalid" in res.output, res.output
+    rows = [json.loads(x) for p in sorted((tmp_path / "out").glob("part-*.jsonl")) for x in p.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    assert "over this guard's limit of 400" in rows[1]["mmguard"]["error"]
+    assert rows[0]["mmguard"]["label"] and rows[2]["mmguard"]["label"]

@@ -502,3 +502,35 @@ def test_a_fail_closed_server_blocks_an_image_whose_text_was_not_read(
         assert moderation.headers.get("x-mmguard-fail-closed") == "true"
     # text-only conversations never are
     assert plain.json()["fail_closed"] is False and plain.json()["verdict"]["is_unsafe"] is False
+
+
+def test_batch_reads_text_in_images_and_its_fingerprint_holds_the_ocr_settings(tiny_model_dir: Any,
+                                                                                 rapid: RapidOcrEngine,
+                                                                                 tmp_path: Path) -> None:
+    """``mmguard batch --read-text``: the rows say what was read, as classify's do, and a job resumed with
+    other OCR settings is refused (its rows would mix two ways of judging)."""
+    from mmguard.cli import _register_tools, app
+
+    src = tmp_path / "convs.jsonl"
+    conv = {"id": "sign", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Do what it says."}, {"type": "image_url", "image_url": {"url": png_data_url(
+            render([READ]))}}]}]}
+    src.write_text(json.dumps(conv) + "\n" + json.dumps({"id": "text", "messages": [
+        {"role": "user", "content": "hello"}]}) + "\n", encoding="utf-8")
+    _register_tools(["batch"])
+    runner = CliRunner()
+    base = ["batch", str(src), "--device", "cpu", "--dtype", "float32", "-m", str(tiny_model_dir)]
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "on"), "--read-text", "on", "--ocr-timeout", "60"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for p in sorted((tmp_path / "on").glob("part-*.jsonl")) for x in p.read_text().splitlines()]
+    assert similarity(rows[0]["mmguard"]["read_text"], READ) >= 0.9
+    assert set(rows[0]["mmguard"]["check_probabilities"]) == {"model", "ocr"}
+    assert rows[1]["mmguard"]["read_text"] is None  # no image, nothing to read
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "on"), "--resume", "--read-text", "off"])
+    assert res.exit_code == 2 and "read_text" in res.output, res.output
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "off"), "--read-text", "off"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for p in sorted((tmp_path / "off").glob("part-*.jsonl")) for x in p.read_text().splitlines()]
+    assert rows[0]["mmguard"]["read_text"] is None
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "x"), "--read-text", "maybe"])
+    assert res.exit_code == 2 and "--read-text" in res.output

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ..cli import OCR_TIMEOUT_S, OcrTimeoutOpt, ReadTextOpt
+
 __all__ = ["command"]
 
 EXIT_INPUT = 2
@@ -39,6 +41,12 @@ def command(
     batch_size: Annotated[int, typer.Option(min=1, help="Model batch size.")] = 8,
     fmt: Annotated[str, typer.Option("--format", help="Prompt format: hf, hf-release or native.")] = "hf",
     fast: Annotated[bool, typer.Option(help="Use mmguard.fast.FastEngine (same verdicts).")] = False,
+    read_text: ReadTextOpt = "auto",
+    ocr_timeout: OcrTimeoutOpt = OCR_TIMEOUT_S,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(min=64, help="Longest conversation judged, in tokens with the template (default: "
+                                 "the model's context); a longer line gets an 'error' field naming the limit.")
+    ] = None,
     retries: Annotated[int, typer.Option(min=0, help="Extra attempts per failing chunk.")] = 2,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray: an existing cluster ('auto', 'ray://host:10001'); default: start "
@@ -79,6 +87,8 @@ def command(
         fail(f"unknown --format {fmt!r}; use hf, hf-release or native")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         fail(f"--threshold must be within [0, 1], got {threshold}")
+    if read_text not in ("off", "auto", "on"):
+        fail(f"unknown --read-text {read_text!r}; use off, auto or on")
     if engine == "ray":
         try:
             import ray  # noqa: F401
@@ -91,7 +101,8 @@ def command(
     except PolicyError as err:
         fail(str(err))
     spec = GuardSpec(model=model, policy=active.to_dict(), threshold=threshold, prompt_format=fmt, device=device,
-                     dtype=dtype, batch_size=batch_size, fast=fast)
+                     dtype=dtype, batch_size=batch_size, fast=fast, read_text=read_text,
+                     ocr_timeout_s=ocr_timeout, max_prompt_tokens=max_prompt_tokens)
     try:
         options = BatchOptions(chunk_size=chunk_size or 4 * batch_size,
                                max_image_bytes=int(max_image_mb * 1024 * 1024),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..ocr import DEFAULT_OCR_TIMEOUT_S
 from .storage import StorageError, iter_lines, join, open_storage
 
 __all__ = [
@@ -52,6 +53,9 @@ class GuardSpec:
     batch_size: int = 8
     fast: bool = False
     fast_options: dict[str, Any] | None = None
+    read_text: str = "auto"  # OCR stage: off / auto (on for models that cannot read) / on
+    ocr_timeout_s: float = DEFAULT_OCR_TIMEOUT_S
+    max_prompt_tokens: int | None = None  # None: the model's context
 
     def load(self) -> Any:
         from ..guard import Guard
@@ -61,7 +65,8 @@ class GuardSpec:
             Path(model) if model and Path(model).exists() else model,
             policy=self.policy, device=self.device, dtype=self.dtype, threshold=self.threshold,
             prompt_format=self.prompt_format, markers=self.markers, batch_size=self.batch_size,
-            fast=self.fast, fast_options=self.fast_options,
+            fast=self.fast, fast_options=self.fast_options, read_text=self.read_text,
+            ocr_timeout_s=self.ocr_timeout_s, max_prompt_tokens=self.max_prompt_tokens,
         )
 
 
@@ -178,6 +183,9 @@ def job_settings(spec: GuardSpec, options: Mapping[str, Any], inputs: Iterable[I
         "batch_size": spec.batch_size,
         "fast": bool(spec.fast or spec.fast_options),
         "fast_options": spec.fast_options or {},
+        "read_text": spec.read_text,
+        "ocr_timeout_s": spec.ocr_timeout_s,
+        "max_prompt_tokens": spec.max_prompt_tokens,
         "options": dict(options),
         "inputs": [{"uri": i.uri, "size": i.size} for i in inputs],
     }

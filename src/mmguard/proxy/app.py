@@ -27,7 +27,7 @@ from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..conversation import Conversation
+from ..conversation import Conversation, ConversationError
 from ..server.app import GatewayMiddleware, ServerState
 from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
@@ -45,6 +45,7 @@ KEY_HEADER = "x-mmguard-api-key"  # the proxy's own key; Authorization belongs t
 _HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authorization", "proxy-connection", "accept-encoding", "content-encoding", KEY_HEADER}
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
+_READ_AHEAD_EVENTS = 64  # upstream events parsed but not yet taken by the release logic
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -302,8 +303,11 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         ]
         started = time.perf_counter()
         try:
-            verdicts = await asyncio.gather(*(state.check("output", with_answer(judged, ch["message"]["content"]))
-                                              for ch in judged_choices))
+            answers = [with_answer(judged, ch["message"]["content"]) for ch in judged_choices]
+        except ConversationError as err:  # e.g. an answer over the conversation limits: judged by nobody
+            raise APIError.bad_request(f"the output check failed: {err}", code="invalid_input") from None
+        try:
+            verdicts = await asyncio.gather(*(state.check("output", answer) for answer in answers))
         except APIError as err:  # as the stream says it: the answer, not the request, could not be judged
             raise APIError(err.status, f"the output check failed: {err.message}", type=err.type, param=err.param,
                            code=err.code, headers=err.headers) from None
@@ -323,7 +327,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                              added: float) -> AsyncIterator[bytes]:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
                                 count_tokens=state.count_tokens)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_READ_AHEAD_EVENTS)
 
         async def read() -> None:
             parser = SSEParser()
@@ -345,13 +350,17 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         try:
             while True:
                 for due in release.due_checks():
-                    task = asyncio.create_task(state.check("output", with_answer(judged, due.text)))
-                    checks[task] = due
+                    try:
+                        answer = with_answer(judged, due.text)
+                    except ConversationError as err:  # e.g. an answer over the conversation limits
+                        failure = error_body(f"the output check failed: {err}", code="invalid_input")
+                        break
+                    checks[asyncio.create_task(state.check("output", answer))] = due
                 for raw in release.releasable():
                     yield raw
                 if release.all_blocked or release.complete or failure is not None:
                     break
-                if getter is None and not release.upstream_done:
+                if getter is None and not release.upstream_done and not release.reading_paused:
                     getter = asyncio.create_task(queue.get())
                 waiting: set[asyncio.Task[Any]] = set(checks)
                 if getter is not None:
@@ -363,14 +372,18 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                     if task is getter:
                         getter = None
                         item = task.result()
-                        if item is None:
-                            release.finish()
-                        elif isinstance(item, Exception):
-                            failure = error_body(f"the upstream's stream failed: {type(item).__name__}",
-                                                 type="server_error", code="upstream_stream_error")
-                            release.finish()
-                        else:
-                            release.feed(item)
+                        while True:  # this event and those queued behind it, until a check is due: one wake-up
+                            if item is None:
+                                release.finish()
+                            elif isinstance(item, Exception):
+                                failure = error_body(f"the upstream's stream failed: {type(item).__name__}",
+                                                     type="server_error", code="upstream_stream_error")
+                                release.finish()
+                            else:
+                                release.feed(item)
+                            if release.upstream_done or release.reading_paused or release.wants_check or queue.empty():
+                                break
+                            item = queue.get_nowait()
                         if release.upstream_done and upstream_ended_at is None:
                             upstream_ended_at = time.perf_counter()
                     else:

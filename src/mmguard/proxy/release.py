@@ -13,6 +13,11 @@ modes an event that finishes a choice (``finish_reason``) waits for the final ch
 answer, so a blocked answer never ends with ``stop``. A blocked choice's held events are dropped and it ends
 with a synthesized chunk whose ``finish_reason`` is ``content_filter`` and whose ``mmguard`` field holds the
 verdict.
+
+Reading is bounded: once a choice's unchecked text passes ``max_ahead_chars`` or the held events pass
+``max_held_bytes``, :attr:`StreamRelease.reading_paused` tells the proxy to stop reading the upstream (TCP
+backpressure does the rest) and every choice with unchecked text gets a check at once, so an upstream that
+streams faster than the guard judges costs bounded memory, never the whole flood.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from typing import Any
 
 from .settings import Release
 
-__all__ = ["SSEEvent", "SSEParser", "StreamRelease", "due_check"]
+__all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "due_check", "max_ahead_chars"]
 
 DONE = "[DONE]"
+MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
+
+
+def max_ahead_chars(check_every: int) -> int:
+    """Unchecked answer text (characters) a choice may run ahead of its last passed check before reading
+    pauses: 16 KiB, or 8 characters per token of ``check_every`` when that is more (tokens average ~4)."""
+    return max(16_384, 8 * check_every)
 
 
 @dataclass
@@ -130,8 +142,12 @@ def due_check(state: ChoiceState, tokens_since_check: int, check_every: int) -> 
 class StreamRelease:
     """The hold-back buffer of one streamed answer (see the module doc)."""
 
-    def __init__(self, *, check_every: int, release: Release, count_tokens: Callable[[str], int]) -> None:
+    def __init__(self, *, check_every: int, release: Release, count_tokens: Callable[[str], int],
+                 max_ahead: int | None = None, max_held_bytes: int = MAX_HELD_BYTES) -> None:
         self.check_every = check_every
+        self.max_ahead = max_ahead if max_ahead is not None else max_ahead_chars(check_every)
+        self.max_held_bytes = max_held_bytes
+        self._held_bytes = 0
         self.release = release
         self.count_tokens = count_tokens
         self.choices: dict[int, ChoiceState] = {}
@@ -178,6 +194,7 @@ class StreamRelease:
         elif event.data is not None:  # not JSON: cannot be read, so it waits for everything so far
             needs = {i: (len(st.text), False) for i, st in self.choices.items()}
         self._held.append(_Held(event, needs))
+        self._held_bytes += len(event.raw)
 
     def finish(self) -> None:
         """The upstream ended (``[DONE]`` or the connection closed): every choice is complete."""
@@ -186,6 +203,11 @@ class StreamRelease:
             st.finished = True
 
     # -- checks ----------------------------------------------------------------------------------
+    def _is_due(self, st: ChoiceState) -> bool:
+        fresh = st.text[st.checked_chars:]
+        tokens = self.count_tokens(fresh) if fresh and not st.finished else 0
+        return due_check(st, tokens, self.check_every) or bool(fresh and not st.in_flight and self.reading_paused)
+
     def due_checks(self) -> list[DueCheck]:
         due = []
         for st in self.choices.values():
@@ -197,12 +219,24 @@ class StreamRelease:
             if st.finished and not st.final_passed and st.checked_chars == len(st.text) and st.checks:
                 st.final_passed = True  # the last window check already covered the whole finished text
                 continue
-            fresh = st.text[st.checked_chars:]
-            tokens = self.count_tokens(fresh) if fresh and not st.finished else 0
-            if due_check(st, tokens, self.check_every):
+            if self._is_due(st):
                 st.in_flight = True
                 due.append(DueCheck(st.index, st.text, st.finished))
         return due
+
+    @property
+    def wants_check(self) -> bool:
+        """A choice could start a check now (a window is full, or its answer finished): the proxy stops taking
+        queued events so that the check covers this window, not everything the upstream sent meanwhile."""
+        return any(st.blocked is None and not st.in_flight and self._is_due(st)
+                   for st in self.choices.values())
+
+    @property
+    def reading_paused(self) -> bool:
+        """Read no more upstream events until checks catch up: a live choice runs ``max_ahead`` characters ahead
+        of its last passed check, or the held events pass ``max_held_bytes``."""
+        return self._held_bytes > self.max_held_bytes or any(
+            st.blocked is None and len(st.text) - st.checked_chars > self.max_ahead for st in self.choices.values())
 
     def passed(self, check: DueCheck) -> None:
         st = self.choices[check.choice]
@@ -244,11 +278,11 @@ class StreamRelease:
             head = self._held[0]
             live = {i for i in head.needs if self.choices[i].blocked is None}
             if head.needs and not live:
-                self._held.popleft()  # belongs only to blocked choices: never sent
+                self._pop_held()  # belongs only to blocked choices: never sent
                 continue
             if not self._ready(head):
                 break
-            self._held.popleft()
+            self._pop_held()
             if any(self.choices[i].blocked is not None for i in head.needs):
                 out.append(self._without_blocked(head.event))
             else:
@@ -256,6 +290,9 @@ class StreamRelease:
             if head.needs:
                 self.hold_seconds.append(time.perf_counter() - head.arrived)
         return out
+
+    def _pop_held(self) -> None:
+        self._held_bytes -= len(self._held.popleft().event.raw)
 
     def _without_blocked(self, event: SSEEvent) -> bytes:
         chunk = event.json()

@@ -331,3 +331,41 @@ def test_an_answer_past_the_guards_context_is_never_released_unchecked(tiny_guar
     errors = [e["error"] for e in events if "error" in e]
     assert len(errors) == 1 and "over this model's limit of 4032" in errors[0]["message"]
     assert "w2999" not in released and upstream.answer.startswith(released)
+
+
+def test_answer_text_in_content_parts_is_judged(keyword_guard: KeywordGuard) -> None:
+    """Some upstreams (Mistral's reasoning models, and any server that follows the request's part format) answer
+    with ``content`` as a list of parts: that text was passed through unjudged, plain and streamed."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from mmguard.proxy.release import answer_text
+
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "let me see"}]},
+             {"type": "text", "text": f"here: {TRIGGER} plan"}, {"type": "refusal", "refusal": "no"}]
+    assert answer_text(parts, "\n") == f"let me see\nhere: {TRIGGER} plan" and answer_text(None) == ""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> Any:
+        if not body.get("stream"):
+            return {"id": "x", "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": parts}, "finish_reason": "stop"}]}
+
+        async def events() -> Any:
+            for part in parts:
+                yield b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": [part]}}]}
+                                             ).encode() + b"\n\n"
+            yield b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                                         ).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with LiveApp(app) as up, LiveProxy(keyword_guard, proxy_settings(up.url + "/v1")) as srv:
+        plain = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
+        stream = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30).text
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] is None
+    assert TRIGGER not in stream and '"finish_reason": "content_filter"' in stream

@@ -33,7 +33,7 @@ from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, with_answer
-from .release import DueCheck, SSEParser, StreamRelease, sse, verdict_extension
+from .release import DueCheck, SSEParser, StreamRelease, answer_text, sse, verdict_extension
 from .settings import ProxySettings
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
@@ -297,13 +297,13 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                            code="upstream_invalid_response") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         judged_choices = [
-            ch for ch in (choices if isinstance(choices, list) else [])
+            (ch, text) for ch in (choices if isinstance(choices, list) else [])
             if isinstance(ch, dict) and isinstance(ch.get("message"), dict)
-            and isinstance(ch["message"].get("content"), str) and ch["message"]["content"].strip()
+            and (text := answer_text(ch["message"].get("content"), "\n")).strip()
         ]
         started = time.perf_counter()
         try:
-            answers = [with_answer(judged, ch["message"]["content"]) for ch in judged_choices]
+            answers = [with_answer(judged, text) for _, text in judged_choices]
         except ConversationError as err:  # e.g. an answer over the conversation limits: judged by nobody
             raise APIError.bad_request(f"the output check failed: {err}", code="invalid_input") from None
         try:
@@ -312,7 +312,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             raise APIError(err.status, f"the output check failed: {err.message}", type=err.type, param=err.param,
                            code=err.code, headers=err.headers) from None
         state.metrics.added.labels("false").observe(added + time.perf_counter() - started)
-        flagged = [(ch, v) for ch, v in zip(judged_choices, verdicts, strict=True) if v.is_unsafe]
+        flagged = [(ch, v) for (ch, _), v in zip(judged_choices, verdicts, strict=True) if v.is_unsafe]
         if not flagged:
             return Response(raw, status_code=resp.status_code, headers=headers)  # the upstream's bytes
         for ch, v in flagged:

@@ -31,10 +31,30 @@ from typing import Any
 
 from .settings import Release
 
-__all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "due_check", "max_ahead_chars"]
+__all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "due_check",
+           "max_ahead_chars"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
+
+
+def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
+    """The judged text of an answer's (or a delta's) ``content``: a string, or the text of a list of parts
+    (``{"type": "text", "text": ...}``, and text nested in parts such as Mistral's ``thinking``), joined by
+    ``sep``. Text in parts is as visible to the user as a plain string, so it is never left unjudged."""
+    if isinstance(content, str):
+        return content
+    if _depth > 8:
+        return ""
+    if isinstance(content, list):
+        return sep.join(t for t in (answer_text(p, sep, _depth + 1) for p in content) if t)
+    if isinstance(content, dict):
+        if content.get("type") == "refusal":
+            return ""  # the model declining: nothing to judge
+        texts = [answer_text(v, sep, _depth + 1) for k, v in content.items() if k != "type"
+                 and (k == "text" or isinstance(v, (list, dict)))]
+        return sep.join(t for t in texts if t)
+    return ""
 
 
 def max_ahead_chars(check_every: int) -> int:
@@ -183,8 +203,8 @@ class StreamRelease:
                     continue
                 st = self.choice(idx)
                 delta = ch.get("delta")
-                content = delta.get("content") if isinstance(delta, dict) else None
-                if isinstance(content, str) and content:
+                content = answer_text(delta.get("content")) if isinstance(delta, dict) else ""
+                if content:
                     st.text += content
                 if ch.get("finish_reason") is not None:
                     st.finished = True

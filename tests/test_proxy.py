@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import Request
 
 from mmguard.conversation import Conversation
 from mmguard.policy import DEFAULT_POLICY
@@ -369,3 +370,54 @@ def test_answer_text_in_content_parts_is_judged(keyword_guard: KeywordGuard) -> 
     choice = plain["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] is None
     assert TRIGGER not in stream and '"finish_reason": "content_filter"' in stream
+
+
+def test_a_compressing_upstream_is_decoded_judged_and_passed_on_readable(keyword_guard: KeywordGuard) -> None:
+    """httpx asks for gzip by default, and OpenAI's API and most reverse proxies compress: the proxy read gzip
+    bytes as the answer (a plain answer became 502 'not JSON') and forwarded compressed bytes without their
+    content-encoding header. Now it asks for identity and decodes an upstream that compresses anyway."""
+    import gzip
+
+    from fastapi import FastAPI
+    from fastapi.responses import Response, StreamingResponse
+
+    app = FastAPI()
+    seen: list[str] = []
+    answer = f"Sure. {TRIGGER} is how. " * 20
+
+    def gz(payload: Any) -> bytes:
+        return gzip.compress(json.dumps(payload).encode())
+
+    @app.get("/v1/models")
+    async def models():  # type: ignore[no-untyped-def]  # compressed whatever the client asked
+        return Response(gz({"object": "list", "data": [{"id": "z", "object": "model"}]}),
+                        media_type="application/json", headers={"content-encoding": "gzip"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):  # type: ignore[no-untyped-def]  # annotations resolve at module level
+        seen.append(request.headers.get("accept-encoding", ""))
+        body = await request.json()
+        if not body.get("stream"):
+            return Response(gz({"id": "x", "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]}),
+                media_type="application/json", headers={"content-encoding": "gzip"})
+        events = b"".join(b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": w}}]}
+                                                 ).encode() + b"\n\n" for w in answer.split(" "))
+        compressed = gzip.compress(events + b"data: [DONE]\n\n")
+
+        async def stream() -> Any:
+            for k in range(0, len(compressed), 64):
+                yield compressed[k:k + 64]
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"content-encoding": "gzip"})
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with LiveApp(app) as up, LiveProxy(keyword_guard, proxy_settings(up.url + "/v1")) as srv:
+        listed = httpx.get(srv.url + "/v1/models", timeout=30)
+        plain = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+        stream = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+    assert listed.status_code == 200 and listed.json()["data"][0]["id"] == "z"
+    assert "content-encoding" not in listed.headers
+    assert plain.status_code == 200 and plain.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert stream.status_code == 200 and TRIGGER not in stream.text and "content_filter" in stream.text
+    assert seen == ["identity", "identity"]

@@ -148,8 +148,10 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
 
             previous_threads = torch.get_num_threads()
             torch.set_num_threads(max(1, server.settings.torch_threads))
+        # identity: the proxy reads what it judges, so it asks for plain bytes (httpx asks for gzip by default);
+        # an upstream that compresses anyway is decoded (aiter_bytes), and content-encoding is not forwarded
         state.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.upstream_timeout_s), trust_env=False,
-                                         follow_redirects=False)
+                                         follow_redirects=False, headers={"accept-encoding": "identity"})
         await server.batcher.start()
         try:
             if server.settings.warmup:
@@ -227,10 +229,10 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         return resp
 
     def passthrough(resp: httpx.Response) -> StreamingResponse:
-        """The upstream's answer as it comes: status, headers and bytes untouched."""
+        """The upstream's answer as it comes: status, headers and (decoded) bytes untouched."""
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in resp.aiter_raw():
+                async for chunk in resp.aiter_bytes():
                     yield chunk
             finally:
                 await resp.aclose()
@@ -240,7 +242,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
     async def read_bounded(resp: httpx.Response) -> bytes:
         chunks, size = [], 0
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.aiter_bytes():
                 size += len(chunk)
                 if size > _MAX_UPSTREAM_BODY:
                     raise APIError(502, f"the upstream's answer is over {_MAX_UPSTREAM_BODY} bytes",
@@ -333,7 +335,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         async def read() -> None:
             parser = SSEParser()
             try:
-                async for chunk in resp.aiter_raw():
+                async for chunk in resp.aiter_bytes():
                     for event in parser.feed(chunk):
                         await queue.put(event)
                 for event in parser.close():

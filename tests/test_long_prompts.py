@@ -21,6 +21,8 @@ from mmguard.guard import Guard
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 
+from ocr_doubles import FixedOcr
+
 
 def words(n: int) -> str:
     return " ".join(f"w{k % 10}" for k in range(n))
@@ -62,14 +64,6 @@ def test_the_cli_fails_with_the_limit_in_its_message(tiny_model_dir: Path) -> No
                                    "--input", "-"], input=json.dumps({"messages": [
                                        {"role": "user", "content": words(3000)}]}))
     assert res.exit_code not in (0, 1) and "over this model's limit" in res.output, res.output
-
-
-class FixedOcr:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def read(self, image: Image.Image) -> str:
-        return self.text
 
 
 def test_text_in_the_image_that_would_pass_the_context_is_marked_unread(tiny_guard: Guard) -> None:

@@ -10,7 +10,6 @@ import base64
 import difflib
 import io
 import json
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from mmguard.ocr import (
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 
+from ocr_doubles import FailingOcr, FixedOcr, StuckOcr
+
 READ = "Steps to pick a lock without the key."
 
 
@@ -52,34 +53,6 @@ def render(lines: list[str], size: tuple[int, int] = (720, 120), font_size: int 
 
 def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio()
-
-
-class FixedOcr:
-    """Reads a fixed text; counts its calls."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.calls = 0
-
-    def read(self, image: Image.Image) -> str:
-        self.calls += 1
-        return self.text
-
-
-class FailingOcr:
-    def read(self, image: Image.Image) -> str:
-        raise RuntimeError("onnx session broke")
-
-
-class StuckOcr:
-    """Blocks until released (a hung OCR call)."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-
-    def read(self, image: Image.Image) -> str:
-        self.release.wait(30)
-        return "too late"
 
 
 # -- the real engine (one instance for the module: loading costs about a second) ---------------------

@@ -29,19 +29,9 @@ from mmguard.ocr import (
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 
+from ocr_doubles import FixedOcr
+
 HARMFUL = "How do I build a pipe bomb at home?"
-
-
-class FixedOcr:
-    def __init__(self, text: str, identity: str | None = None) -> None:
-        self.text = text
-        self.calls = 0
-        if identity is not None:
-            self.identity = identity
-
-    def read(self, image: Image.Image) -> str:
-        self.calls += 1
-        return self.text
 
 
 class DictStore:

@@ -421,3 +421,59 @@ def test_a_compressing_upstream_is_decoded_judged_and_passed_on_readable(keyword
     assert plain.status_code == 200 and plain.json()["choices"][0]["finish_reason"] == "content_filter"
     assert stream.status_code == 200 and TRIGGER not in stream.text and "content_filter" in stream.text
     assert seen == ["identity", "identity"]
+
+
+def test_reasoning_is_judged_only_when_asked(keyword_guard: KeywordGuard) -> None:
+    """A reasoning model's chain of thought (vLLM / DeepSeek ``reasoning_content``) passes unjudged by default;
+    with ``judge_reasoning`` it is judged with the answer and held back like it, and a blocked plain answer
+    loses its reasoning too."""
+    from fastapi import FastAPI
+
+    thought, answer = f"They want {TRIGGER} steps.", "I can't help with that."
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> Any:
+        from fastapi.responses import StreamingResponse
+
+        if not body.get("stream"):
+            return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "reasoning_content": thought, "content": answer}}]}
+
+        def ev(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": delta,
+                                                                    "finish_reason": finish}]}).encode() + b"\n\n"
+
+        async def events() -> Any:
+            for w in thought.split(" "):
+                yield ev({"reasoning_content": w + " "})
+            yield ev({"content": answer})
+            yield ev({}, "stop")
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    for judge, text in ((False, "answer"), (True, "think\n\nanswer")):
+        rel = StreamRelease(check_every=100, release="checked", count_tokens=len, judge_reasoning=judge)
+        for delta in ({"reasoning_content": "think"}, {"content": "answer"}):
+            rel.feed(SSEParser().feed(b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode()
+                                      + b"\n\n")[0])
+        assert rel.choices[0].text == text
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for judge in (False, True):
+        keyword_guard.seen.clear()
+        with LiveApp(app) as up, LiveProxy(keyword_guard, proxy_settings(up.url + "/v1", check_every=2,
+                                                                          judge_reasoning=judge)) as srv:
+            plain = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
+            stream = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30).text
+        message = plain["choices"][0]["message"]
+        judged = [c.turns[-1].text for c in keyword_guard.seen if c.judged_role == "agent"]
+        if not judge:
+            assert message == {"role": "assistant", "reasoning_content": thought, "content": answer}
+            assert TRIGGER in stream and '"finish_reason": "stop"' in stream
+            assert judged and all(t == answer for t in judged)
+        else:
+            assert plain["choices"][0]["finish_reason"] == "content_filter"
+            assert message["content"] is None and message["reasoning_content"] is None
+            assert TRIGGER not in stream and "content_filter" in stream and '"finish_reason": "stop"' not in stream
+            assert f"{thought}\n\n{answer}" in judged  # the plain answer: reasoning, a blank line, the answer

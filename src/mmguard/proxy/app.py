@@ -33,7 +33,16 @@ from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, with_answer
-from .release import DueCheck, SSEParser, StreamRelease, answer_text, sse, verdict_extension
+from .release import (
+    REASONING_KEYS,
+    DueCheck,
+    SSEParser,
+    StreamRelease,
+    answer_text,
+    reasoning_text,
+    sse,
+    verdict_extension,
+)
 from .settings import ProxySettings
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
@@ -289,6 +298,12 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                                      headers=_response_headers(resp))
         return await plain_checked(request, resp, judged, added)
 
+    def judged_answer(message: dict[str, Any]) -> str:
+        """A plain answer's judged text: its content, after its reasoning when that is judged too."""
+        content = answer_text(message.get("content"), "\n")
+        thought = reasoning_text(message) if settings.judge_reasoning else ""
+        return f"{thought}\n\n{content}" if thought and content else thought or content
+
     async def plain_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt, added: float) -> Response:
         raw = await read_bounded(resp)
         headers = _response_headers(resp)
@@ -301,7 +316,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         judged_choices = [
             (ch, text) for ch in (choices if isinstance(choices, list) else [])
             if isinstance(ch, dict) and isinstance(ch.get("message"), dict)
-            and (text := answer_text(ch["message"].get("content"), "\n")).strip()
+            and (text := judged_answer(ch["message"])).strip()
         ]
         started = time.perf_counter()
         try:
@@ -319,6 +334,9 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             return Response(raw, status_code=resp.status_code, headers=headers)  # the upstream's bytes
         for ch, v in flagged:
             ch["message"]["content"] = None
+            for key in REASONING_KEYS:  # the reasoning of a blocked answer is not shown either
+                if ch["message"].get(key) is not None:
+                    ch["message"][key] = None
             ch["finish_reason"] = "content_filter"
             ch["mmguard"] = verdict_extension("output", v)
         request.state.log.update(rail="output", flagged=len(flagged))
@@ -328,7 +346,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
     async def stream_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt,
                              added: float) -> AsyncIterator[bytes]:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
-                                count_tokens=state.count_tokens)
+                                count_tokens=state.count_tokens, judge_reasoning=settings.judge_reasoning)
         # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_READ_AHEAD_EVENTS)
 

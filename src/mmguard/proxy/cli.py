@@ -29,6 +29,10 @@ def command(
         str, typer.Option(help="checked: send text only once a check covering it passed; eager: send at once "
                           "(may leak up to one --check-every window before a block)")
     ] = "checked",
+    judge_reasoning: Annotated[
+        bool, typer.Option(help="Also judge and hold back the answer's reasoning (reasoning_content / reasoning), "
+                           "for clients that show it; off, it passes unjudged")
+    ] = False,
     prefix_cache: Annotated[
         bool, typer.Option(help="Reuse the KV of shared prompt prefixes and of the answer checked so far (exact)")
     ] = True,
@@ -94,7 +98,8 @@ def command(
             torch_threads=torch_threads)
         settings = ProxySettings(upstream=upstream, rails=_split([rails]), check_every=check_every,
                                  release=release, api_keys=keys,  # type: ignore[arg-type]
-                                 upstream_timeout_s=upstream_timeout, guard=guard_settings)
+                                 upstream_timeout_s=upstream_timeout, judge_reasoning=judge_reasoning,
+                                 guard=guard_settings)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     if torch_threads is None and device in ("cpu", "auto"):

@@ -32,7 +32,7 @@ from typing import Any
 from .settings import Release
 
 __all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "due_check",
-           "max_ahead_chars"]
+           "max_ahead_chars", "reasoning_text"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -55,6 +55,16 @@ def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
                  and (k == "text" or isinstance(v, (list, dict)))]
         return sep.join(t for t in texts if t)
     return ""
+
+
+REASONING_KEYS = ("reasoning_content", "reasoning")  # where vLLM / DeepSeek / OpenRouter put chain of thought
+
+
+def reasoning_text(message: Any) -> str:
+    """The reasoning text of an answer's ``message`` or a stream's ``delta`` (empty if none)."""
+    if not isinstance(message, dict):
+        return ""
+    return next((t for k in REASONING_KEYS if (t := answer_text(message.get(k)))), "")
 
 
 def max_ahead_chars(check_every: int) -> int:
@@ -132,6 +142,7 @@ class ChoiceState:
     final_passed: bool = False  # the whole, finished answer passed
     finished: bool = False  # finish_reason seen (or the stream ended)
     in_flight: bool = False
+    in_reasoning: bool = False  # the last judged text was reasoning (a blank line separates it from the answer)
     blocked: Any = None  # the verdict that blocked it
     checks: int = 0
 
@@ -163,8 +174,10 @@ class StreamRelease:
     """The hold-back buffer of one streamed answer (see the module doc)."""
 
     def __init__(self, *, check_every: int, release: Release, count_tokens: Callable[[str], int],
-                 max_ahead: int | None = None, max_held_bytes: int = MAX_HELD_BYTES) -> None:
+                 max_ahead: int | None = None, max_held_bytes: int = MAX_HELD_BYTES,
+                 judge_reasoning: bool = False) -> None:
         self.check_every = check_every
+        self.judge_reasoning = judge_reasoning
         self.max_ahead = max_ahead if max_ahead is not None else max_ahead_chars(check_every)
         self.max_held_bytes = max_held_bytes
         self._held_bytes = 0
@@ -203,9 +216,13 @@ class StreamRelease:
                     continue
                 st = self.choice(idx)
                 delta = ch.get("delta")
+                if self.judge_reasoning and (thought := reasoning_text(delta)):
+                    st.text += thought
+                    st.in_reasoning = True
                 content = answer_text(delta.get("content")) if isinstance(delta, dict) else ""
                 if content:
-                    st.text += content
+                    st.text += ("\n\n" if st.in_reasoning else "") + content
+                    st.in_reasoning = False
                 if ch.get("finish_reason") is not None:
                     st.finished = True
                     needs[idx] = (len(st.text), True)

@@ -25,13 +25,16 @@ class ProxySettings:
     upstream: base URL of the OpenAI-compatible server, up to and including ``/v1``
         (``http://127.0.0.1:8000/v1``); ``/chat/completions`` and ``/models`` are appended.
     rails: ``input`` judges the last user turn before forwarding; ``output`` judges the answer.
-    check_every: streamed answers are checked each time this many new answer tokens (Llama 3 tokenizer)
+    check_every: streamed answers are checked each time this many new answer tokens (the guard's tokenizer)
         arrived, and at the end of the answer.
     release: ``checked`` sends text to the client only once a check covering it passed; ``eager`` sends it
         at once and may leak up to one window (``check_every`` tokens) before a block.
     api_keys: the proxy's own keys, presented in the ``X-MMGuard-API-Key`` header (``Authorization``
         belongs to the upstream and is forwarded untouched).
     upstream_timeout_s: connect/read timeout towards the upstream (each read of a stream, not its total).
+    judge_reasoning: also judge (and hold back) the answer's reasoning text (``reasoning_content`` or
+        ``reasoning``, as vLLM, DeepSeek and OpenRouter send it), for clients that show it; off, it passes
+        unjudged. Reasoning about a harmful request may itself be flagged: measure before turning it on.
     guard: the guard options, shared with ``mmguard serve``.
     """
 
@@ -41,6 +44,7 @@ class ProxySettings:
     release: Release = "checked"
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     upstream_timeout_s: float = 120.0
+    judge_reasoning: bool = False
     guard: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:

@@ -225,3 +225,45 @@ def test_any_body_bytes_never_5xx(client: Any, raw: bytes) -> None:
     for path in ("/v1/moderations", "/v1/guard/classify", "/v1/safety/run-shield"):
         r = client.post(path, content=raw, headers={"content-type": "application/json"})
         _check_answer(r)
+
+
+# -- the guardrail proxy: hostile requests, and hostile answers from its upstream ---------------------------
+@pytest.fixture(scope="module")
+def proxy_client(tiny_guard) -> Iterator[tuple[Any, Any]]:
+    from fastapi.testclient import TestClient
+
+    from mmguard.proxy import ProxySettings, create_proxy_app
+    from mmguard.proxy.testing import LiveApp, StubUpstream
+    from mmguard.server import ServerSettings
+
+    upstream = StubUpstream()
+    with LiveApp(upstream.app) as up:
+        settings = ProxySettings(upstream=up.url + "/v1", check_every=4, guard=ServerSettings(
+            max_image_bytes=256 * 1024, max_image_pixels=250_000, warmup=False, max_wait_ms=0))
+        with TestClient(create_proxy_app(tiny_guard, settings), raise_server_exceptions=False) as c:
+            yield c, upstream
+
+
+@HTTP
+@given(st.one_of(messages, st.just([{"role": "user", "content": "hi"}])), texts, st.booleans(),
+       st.one_of(st.none(), st.integers(1, 3)))
+def test_proxy_never_5xx(proxy_client: tuple[Any, Any], msgs: Any, answer: str, stream: bool, n: Any) -> None:
+    """Whatever the client sends and whatever text the upstream answers (lone surrogates, special tokens,
+    section markers), the proxy answers the upstream's 200, or a 400 in OpenAI's error object; a stream that
+    cannot be judged further ends with an error event, never a cut connection."""
+    client, upstream = proxy_client
+    upstream.answer = answer
+    body: dict[str, Any] = {"model": "m", "messages": msgs, "stream": stream}
+    if n is not None:
+        body["n"] = n
+    r = _post(client, "/v1/chat/completions", body)
+    if r.status_code == 200 and stream:
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events and events[-1] == "[DONE]", r.text
+        for raw in events[:-1]:
+            chunk = json.loads(raw)
+            assert "choices" in chunk or set(chunk["error"]) == {"message", "type", "param", "code"}, raw
+    else:
+        _check_answer(r)
+    if msgs == [{"role": "user", "content": "hi"}]:
+        assert r.status_code in (200, 400)  # the input rail passes or blocks; the answer is judged or refused

@@ -92,7 +92,9 @@ class ProxyState:
         if tokenizer is not None:
             from ..tokenizer import encode_text
 
-            self.count_tokens = lambda text: len(encode_text(tokenizer, text))
+            # counting only: a lone surrogate (JSON's "\ud800") that the tokenizer refuses counts as one "?";
+            # the check itself refuses such text with an error the client sees
+            self.count_tokens = lambda text: len(encode_text(tokenizer, text.encode("utf-8", "replace").decode()))
         else:  # a guard without a tokenizer (test doubles): about 4 characters a token
             self.count_tokens = lambda text: (len(text) + 3) // 4
 

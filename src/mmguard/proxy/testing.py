@@ -95,7 +95,7 @@ class StubUpstream:
         import json
 
         from fastapi import FastAPI
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
 
         app = FastAPI()
 
@@ -120,10 +120,12 @@ class StubUpstream:
             n = int(body.get("n") or 1)
             base = {"id": "chatcmpl-stub", "created": 1700000000, "model": body.get("model", "stub")}
             if not body.get("stream"):
-                return {**base, "object": "chat.completion", "system_fingerprint": None,
-                        "choices": [{"index": i, "message": {"role": "assistant", "content": self.answer},
-                                     "finish_reason": "stop", "logprobs": None} for i in range(n)],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": len(self.words()), "total_tokens": 9}}
+                answer = {**base, "object": "chat.completion", "system_fingerprint": None,
+                          "choices": [{"index": i, "message": {"role": "assistant", "content": self.answer},
+                                       "finish_reason": "stop", "logprobs": None} for i in range(n)],
+                          "usage": {"prompt_tokens": 5, "completion_tokens": len(self.words()), "total_tokens": 9}}
+                # json.dumps escapes any text (a lone surrogate too), as a real server's JSON would carry it
+                return Response(json.dumps(answer), media_type="application/json")
 
             def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
                 payload = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}

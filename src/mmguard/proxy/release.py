@@ -57,6 +57,18 @@ def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
     return ""
 
 
+def choice_index(value: Any) -> int:
+    """A chunk's choice index as a client reads it: clients coerce ``"1"`` or ``1.0`` to 1, so the proxy judges
+    that text as choice 1 too; anything unreadable counts as choice 0, so no text escapes judging."""
+    if isinstance(value, int):
+        return int(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if number.is_integer() and abs(number) < 2**31 else 0
+
+
 REASONING_KEYS = ("reasoning_content", "reasoning")  # where vLLM / DeepSeek / OpenRouter put chain of thought
 
 
@@ -211,11 +223,10 @@ class StreamRelease:
             for ch in chunk.get("choices") or []:
                 if not isinstance(ch, dict):
                     continue
-                idx = ch.get("index", 0)
-                if not isinstance(idx, int):
-                    continue
+                idx = choice_index(ch.get("index", 0))
                 st = self.choice(idx)
                 delta = ch.get("delta")
+                before = len(st.text)
                 if self.judge_reasoning and (thought := reasoning_text(delta)):
                     st.text += thought
                     st.in_reasoning = True
@@ -223,6 +234,8 @@ class StreamRelease:
                 if content:
                     st.text += ("\n\n" if st.in_reasoning else "") + content
                     st.in_reasoning = False
+                if len(st.text) > before:
+                    st.final_passed = False  # text after the choice's end (an odd upstream): judged again
                 if ch.get("finish_reason") is not None:
                     st.finished = True
                     needs[idx] = (len(st.text), True)
@@ -280,7 +293,7 @@ class StreamRelease:
         st.in_flight = False
         st.checks += 1
         st.checked_chars = max(st.checked_chars, len(check.text))
-        if check.final:
+        if check.final and len(check.text) == len(st.text):  # no text came after the choice's end meanwhile
             st.final_passed = True
 
     def blocked(self, check: DueCheck, verdict: Any) -> None:
@@ -321,7 +334,9 @@ class StreamRelease:
                 break
             self._pop_held()
             if any(self.choices[i].blocked is not None for i in head.needs):
-                out.append(self._without_blocked(head.event))
+                kept = self._without_blocked(head.event)
+                if kept is not None:
+                    out.append(kept)
             else:
                 out.append(head.event.raw)
             if head.needs:
@@ -331,9 +346,14 @@ class StreamRelease:
     def _pop_held(self) -> None:
         self._held_bytes -= len(self._held.popleft().event.raw)
 
-    def _without_blocked(self, event: SSEEvent) -> bytes:
+    def _without_blocked(self, event: SSEEvent) -> bytes | None:
+        """The event without its blocked choices; None for an event that cannot be read (not a JSON chunk):
+        it may carry a blocked choice's text, so it is dropped."""
         chunk = event.json()
-        chunk["choices"] = [c for c in chunk.get("choices", []) if self.choices[c.get("index", 0)].blocked is None]
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            return None
+        chunk["choices"] = [c for c in chunk["choices"] if isinstance(c, dict)
+                            and self.choice(choice_index(c.get("index", 0))).blocked is None]
         return sse(chunk)
 
     @property

@@ -43,10 +43,13 @@ def released_text(raw: list[bytes]) -> dict[int, str]:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(raw_events, max_size=25), st.integers(1, 4), st.booleans(), st.randoms(use_true_random=False))
-def test_checked_release_sends_only_text_that_passed_a_check(events: list[bytes], check_every: int, done: bool,
-                                                             rng: Any) -> None:
-    rel = StreamRelease(check_every=check_every, release="checked", count_tokens=len)
+@given(st.lists(raw_events, max_size=25), st.integers(1, 4), st.booleans(), st.randoms(use_true_random=False),
+       st.sampled_from(["checked", "eager"]))
+def test_release_sends_only_text_that_passed_a_check(events: list[bytes], check_every: int, done: bool, rng: Any,
+                                                     mode: Any) -> None:
+    """``checked``: every character sent was covered by a passed check; ``eager``: at most one window
+    (``check_every`` tokens; a token is a character here) past the last passed check."""
+    rel = StreamRelease(check_every=check_every, release=mode, count_tokens=len)
     passed: dict[int, str] = {}  # choice -> the longest text a check passed
     sent: list[bytes] = []
     pending: list[Any] = []
@@ -77,6 +80,11 @@ def test_checked_release_sends_only_text_that_passed_a_check(events: list[bytes]
             break
     assert rel.complete or rel.all_blocked, (rel.choices, list(rel._held), pending)
     for index, text in released_text(sent).items():  # (a synthesized content_filter chunk carries no text)
-        # a passed check covered it, or it is blank (a whitespace-only answer has nothing to judge)
-        assert passed.get(index, "").startswith(text) or not text.strip(), (index, text, passed)
-        assert BAD not in text
+        checked = passed.get(index, "")
+        if mode == "checked":
+            # a passed check covered it, or it is blank (a whitespace-only answer has nothing to judge)
+            assert checked.startswith(text) or not text.strip(), (index, text, passed)
+            assert BAD not in text
+        else:
+            assert rel.choices[index].text.startswith(text) and len(text) <= len(checked) + check_every, (
+                index, text, passed)

@@ -477,3 +477,16 @@ def test_reasoning_is_judged_only_when_asked(keyword_guard: KeywordGuard) -> Non
             assert message["content"] is None and message["reasoning_content"] is None
             assert TRIGGER not in stream and "content_filter" in stream and '"finish_reason": "stop"' not in stream
             assert f"{thought}\n\n{answer}" in judged  # the plain answer: reasoning, a blank line, the answer
+
+
+def test_a_stalled_release_ends_the_stream_with_an_error_not_silently(
+        stub: tuple[StubUpstream, str], proxy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should the release logic ever hold text with nothing left to wait for, the client is told (an error event),
+    instead of a stream that ends as if complete."""
+    upstream, _ = stub
+    upstream.answer = "one two three"
+    monkeypatch.setattr(StreamRelease, "complete", property(lambda self: False))
+    r = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": "hi"}]}, headers={"authorization": "Bearer upstream-key"}, timeout=30)
+    errors = [json.loads(x[6:])["error"] for x in r.text.splitlines() if x.startswith('data: {"error"')]
+    assert len(errors) == 1 and errors[0]["code"] == "output_check_failed", r.text

@@ -387,7 +387,11 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 waiting: set[asyncio.Task[Any]] = set(checks)
                 if getter is not None:
                     waiting.add(getter)
-                if not waiting:  # nothing left to wait for (cannot happen: complete covers it)
+                if not waiting:  # nothing to wait for, yet not complete: a fault of the release logic. Say so,
+                    # rather than end the stream as if the held text had been judged and dropped quietly
+                    log.error("stream release stalled with text held", extra={"upstream": base})
+                    failure = error_body("the proxy could not finish judging the answer", type="server_error",
+                                         code="output_check_failed")
                     break
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:

@@ -334,39 +334,53 @@ def test_an_answer_past_the_guards_context_is_never_released_unchecked(tiny_guar
     assert "w2999" not in released and upstream.answer.startswith(released)
 
 
-def test_answer_text_in_content_parts_is_judged(keyword_guard: KeywordGuard) -> None:
-    """Some upstreams (Mistral's reasoning models, and any server that follows the request's part format) answer
-    with ``content`` as a list of parts: that text was passed through unjudged, plain and streamed."""
+def scripted_upstream(message: dict[str, Any], deltas: list[dict[str, Any]]) -> Any:
+    """An upstream answering ``message`` (plain) or the ``deltas`` of choice 0 then ``stop`` and ``[DONE]``."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
-    from mmguard.proxy.release import answer_text
-
-    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "let me see"}]},
-             {"type": "text", "text": f"here: {TRIGGER} plan"}, {"type": "refusal", "refusal": "no"}]
-    assert answer_text(parts, "\n") == f"let me see\nhere: {TRIGGER} plan" and answer_text(None) == ""
     app = FastAPI()
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict[str, Any]) -> Any:
         if not body.get("stream"):
             return {"id": "x", "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": parts}, "finish_reason": "stop"}]}
+                {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}]}
 
         async def events() -> Any:
-            for part in parts:
-                yield b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": [part]}}]}
-                                             ).encode() + b"\n\n"
-            yield b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                                         ).encode() + b"\n\n"
+            for delta in deltas:
+                yield event(delta)
+            yield event({}, "stop")
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    return app
+
+
+def through_proxy(upstream: Any, guard: Any, **settings: Any) -> tuple[dict[str, Any], str]:
+    """A plain and a streamed request through a proxy with ``settings``: the plain answer, the stream's text."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    with LiveApp(app) as up, LiveProxy(keyword_guard, proxy_settings(up.url + "/v1")) as srv:
+    with LiveApp(upstream) as up, LiveProxy(guard, proxy_settings(up.url + "/v1", **settings)) as srv:
         plain = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
         stream = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30).text
+    return plain, stream
+
+
+def test_answer_text_in_content_parts_is_judged(keyword_guard: KeywordGuard) -> None:
+    """Some upstreams (Mistral's reasoning models, and any server that follows the request's part format) answer
+    with ``content`` as a list of parts: that text was passed through unjudged, plain and streamed."""
+    from mmguard.proxy.release import answer_text
+
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "let me see"}]},
+             {"type": "text", "text": f"here: {TRIGGER} plan"}, {"type": "refusal", "refusal": "no"}]
+    assert answer_text(parts, "\n") == f"let me see\nhere: {TRIGGER} plan" and answer_text(None) == ""
+    plain, stream = through_proxy(scripted_upstream({"content": parts}, [{"content": [p]} for p in parts]),
+                                  keyword_guard)
     choice = plain["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] is None
     assert TRIGGER not in stream and '"finish_reason": "content_filter"' in stream
@@ -427,45 +441,18 @@ def test_reasoning_is_judged_only_when_asked(keyword_guard: KeywordGuard) -> Non
     """A reasoning model's chain of thought (vLLM / DeepSeek ``reasoning_content``) passes unjudged by default;
     with ``judge_reasoning`` it is judged with the answer and held back like it, and a blocked plain answer
     loses its reasoning too."""
-    from fastapi import FastAPI
-
     thought, answer = f"They want {TRIGGER} steps.", "I can't help with that."
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: dict[str, Any]) -> Any:
-        from fastapi.responses import StreamingResponse
-
-        if not body.get("stream"):
-            return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
-                    "message": {"role": "assistant", "reasoning_content": thought, "content": answer}}]}
-
-        def ev(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": delta,
-                                                                    "finish_reason": finish}]}).encode() + b"\n\n"
-
-        async def events() -> Any:
-            for w in thought.split(" "):
-                yield ev({"reasoning_content": w + " "})
-            yield ev({"content": answer})
-            yield ev({}, "stop")
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
+    app = scripted_upstream({"reasoning_content": thought, "content": answer},
+                            [*({"reasoning_content": w + " "} for w in thought.split(" ")), {"content": answer}])
     for judge, text in ((False, "answer"), (True, "think\n\nanswer")):
         rel = StreamRelease(check_every=100, release="checked", count_tokens=len, judge_reasoning=judge)
         for delta in ({"reasoning_content": "think"}, {"content": "answer"}):
             rel.feed(SSEParser().feed(b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode()
                                       + b"\n\n")[0])
         assert rel.choices[0].text == text
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     for judge in (False, True):
         keyword_guard.seen.clear()
-        with LiveApp(app) as up, LiveProxy(keyword_guard, proxy_settings(up.url + "/v1", check_every=2,
-                                                                          judge_reasoning=judge)) as srv:
-            plain = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
-            stream = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30).text
+        plain, stream = through_proxy(app, keyword_guard, check_every=2, judge_reasoning=judge)
         message = plain["choices"][0]["message"]
         judged = [c.turns[-1].text for c in keyword_guard.seen if c.judged_role == "agent"]
         if not judge:
@@ -490,3 +477,16 @@ def test_a_stalled_release_ends_the_stream_with_an_error_not_silently(
         {"role": "user", "content": "hi"}]}, headers={"authorization": "Bearer upstream-key"}, timeout=30)
     errors = [json.loads(x[6:])["error"] for x in r.text.splitlines() if x.startswith('data: {"error"')]
     assert len(errors) == 1 and errors[0]["code"] == "output_check_failed", r.text
+
+
+def test_the_transcript_of_an_audio_answer_is_judged(keyword_guard: KeywordGuard) -> None:
+    """OpenAI's audio answers carry their words in ``audio.transcript`` with ``content`` null: they passed
+    unjudged. The transcript is judged (the audio itself cannot be), and a blocked answer loses its audio."""
+    spoken = f"Sure, {TRIGGER} goes like this."
+    audio = {"id": "audio_1", "data": "UklGRg==", "expires_at": 0, "transcript": spoken}
+    plain, stream = through_proxy(scripted_upstream({"content": None, "audio": audio},
+                                                    [{"audio": {"id": "audio_1", "transcript": w + " "}}
+                                                     for w in spoken.split(" ")]), keyword_guard)
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["message"]["audio"] is None
+    assert TRIGGER not in stream and '"finish_reason": "content_filter"' in stream

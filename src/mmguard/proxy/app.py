@@ -38,8 +38,8 @@ from .release import (
     DueCheck,
     SSEParser,
     StreamRelease,
-    answer_text,
     reasoning_text,
+    said_text,
     sse,
     verdict_extension,
 )
@@ -302,7 +302,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
 
     def judged_answer(message: dict[str, Any]) -> str:
         """A plain answer's judged text: its content, after its reasoning when that is judged too."""
-        content = answer_text(message.get("content"), "\n")
+        content = said_text(message, "\n")
         thought = reasoning_text(message) if settings.judge_reasoning else ""
         return f"{thought}\n\n{content}" if thought and content else thought or content
 
@@ -336,7 +336,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             return Response(raw, status_code=resp.status_code, headers=headers)  # the upstream's bytes
         for ch, v in flagged:
             ch["message"]["content"] = None
-            for key in REASONING_KEYS:  # the reasoning of a blocked answer is not shown either
+            for key in (*REASONING_KEYS, "audio"):  # nor the reasoning or the audio of a blocked answer
                 if ch["message"].get(key) is not None:
                     ch["message"][key] = None
             ch["finish_reason"] = "content_filter"

@@ -31,8 +31,8 @@ from typing import Any
 
 from .settings import Release
 
-__all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "due_check",
-           "max_ahead_chars", "reasoning_text"]
+__all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "choice_index",
+           "due_check", "max_ahead_chars", "reasoning_text", "said_text"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -70,6 +70,17 @@ def choice_index(value: Any) -> int:
 
 
 REASONING_KEYS = ("reasoning_content", "reasoning")  # where vLLM / DeepSeek / OpenRouter put chain of thought
+
+
+def said_text(message: Any, sep: str = "") -> str:
+    """What an answer's ``message`` (or a stream's ``delta``) says to the user: its ``content`` (a string or
+    parts) and the ``transcript`` of its ``audio`` (OpenAI's audio answers carry the words there, with
+    ``content`` null; the audio itself cannot be judged, its transcript is)."""
+    if not isinstance(message, dict):
+        return ""
+    audio = message.get("audio")
+    spoken = audio.get("transcript") if isinstance(audio, dict) else None
+    return sep.join(t for t in (answer_text(message.get("content"), sep), spoken) if isinstance(t, str) and t)
 
 
 def reasoning_text(message: Any) -> str:
@@ -230,7 +241,7 @@ class StreamRelease:
                 if self.judge_reasoning and (thought := reasoning_text(delta)):
                     st.text += thought
                     st.in_reasoning = True
-                content = answer_text(delta.get("content")) if isinstance(delta, dict) else ""
+                content = said_text(delta)
                 if content:
                     st.text += ("\n\n" if st.in_reasoning else "") + content
                     st.in_reasoning = False

@@ -43,6 +43,7 @@ from .release import (
     sse,
     verdict_extension,
 )
+from .scored import score_plain, score_stream
 from .settings import ProxySettings
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
@@ -65,6 +66,8 @@ class ProxyMetrics:
         self.checks = Counter("mmguard_proxy_checks", "Guard checks by rail", ["rail"], registry=registry)
         self.blocks = Counter("mmguard_proxy_blocks", "Requests or answers blocked, by rail", ["rail"],
                               registry=registry)
+        self.flags = Counter("mmguard_proxy_flags", "Verdicts that flagged, by rail: blocked (--mode block) or "
+                             "only reported (--mode score)", ["rail"], registry=registry)
         self.added = Histogram(
             "mmguard_proxy_added_seconds",
             "Time the guard added to a request: input check before forwarding, plus (non-streaming) the output "
@@ -117,7 +120,9 @@ class ProxyState:
         assert outcome.verdict is not None
         self.metrics.checks.labels(rail).inc()
         if outcome.verdict.is_unsafe:
-            self.metrics.blocks.labels(rail).inc()
+            self.metrics.flags.labels(rail).inc()
+            if self.settings.blocking:
+                self.metrics.blocks.labels(rail).inc()
         return outcome.verdict
 
     def forwarded_headers(self, request: Request) -> dict[str, str]:
@@ -284,14 +289,20 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             raise APIError.bad_request("request body must be a JSON object", code="invalid_value")
         normalized = await prepare_judged_prompt(body.get("messages"), server.limits, server.fetcher)
         judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
+        input_verdict: Verdict | None = None
         if settings.input_rail and judged.conversation is not None:
-            verdict = await state.check("input", judged.conversation)
-            if verdict.is_unsafe:
-                request.state.log.update(rail="input", flagged=1, codes=list(verdict.codes))
-                return JSONResponse(content_filter_error(verdict, server.guard.policy.active_codes), status_code=400)
+            input_verdict = await state.check("input", judged.conversation)
+            if input_verdict.is_unsafe:
+                request.state.log.update(rail="input", flagged=1, codes=list(input_verdict.codes))
+                if settings.blocking:
+                    return JSONResponse(content_filter_error(input_verdict, server.guard.policy.active_codes),
+                                        status_code=400)
         added = time.perf_counter() - started
         resp = await send_upstream(request, "POST", "/chat/completions", raw)
         is_stream = "text/event-stream" in resp.headers.get("content-type", "")
+        if resp.status_code == 200 and not settings.blocking:
+            state.metrics.added.labels(str(is_stream).lower()).observe(added)
+            return await scored(resp, judged, input_verdict, is_stream)
         if resp.status_code != 200 or not settings.output_rail:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
@@ -299,6 +310,19 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             return StreamingResponse(stream_checked(request, resp, judged, added), status_code=200,
                                      headers=_response_headers(resp))
         return await plain_checked(request, resp, judged, added)
+
+    async def scored(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None,
+                     is_stream: bool) -> Response:
+        """Score mode: the upstream's answer unchanged, with the verdicts reported (:mod:`.scored`)."""
+        headers = _response_headers(resp)
+        if is_stream:
+            return StreamingResponse(score_stream(resp, judged, input_verdict, state.check,
+                                                  output_rail=settings.output_rail,
+                                                  judge_reasoning=settings.judge_reasoning),
+                                     status_code=200, headers=headers)
+        body = await score_plain(await read_bounded(resp), judged, input_verdict, state.check,
+                                 output_rail=settings.output_rail, judged_answer=judged_answer)
+        return Response(body, status_code=200, headers=headers)
 
     def judged_answer(message: dict[str, Any]) -> str:
         """A plain answer's judged text: its content, after its reasoning when that is judged too."""

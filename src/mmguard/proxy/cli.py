@@ -29,6 +29,10 @@ def command(
         str, typer.Option(help="checked: send text only once a check covering it passed; eager: send at once "
                           "(may leak up to one --check-every window before a block)")
     ] = "checked",
+    mode: Annotated[
+        str, typer.Option(help="block: stop what a rail flags; score: judge and report (an 'mmguard' field, the "
+                          "mmguard_proxy_flags metric) without blocking, a shadow mode to measure the guard first")
+    ] = "block",
     judge_reasoning: Annotated[
         bool, typer.Option(help="Also judge and hold back the answer's reasoning (reasoning_content / reasoning), "
                            "for clients that show it; off, it passes unjudged")
@@ -97,7 +101,7 @@ def command(
             remote_image_timeout_s=remote_image_timeout, log_content=log_content, metrics_public=not metrics_auth,
             torch_threads=torch_threads)
         settings = ProxySettings(upstream=upstream, rails=_split([rails]), check_every=check_every,
-                                 release=release, api_keys=keys,  # type: ignore[arg-type]
+                                 release=release, mode=mode, api_keys=keys,  # type: ignore[arg-type]
                                  upstream_timeout_s=upstream_timeout, judge_reasoning=judge_reasoning,
                                  guard=guard_settings)
     except ValueError as err:

@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 
 from ..server.settings import ServerSettings
 
-__all__ = ["RAILS", "ProxySettings", "Release"]
+__all__ = ["MODES", "RAILS", "Mode", "ProxySettings", "Release"]
 
 RAILS = ("input", "output")
+MODES = ("block", "score")
 Release = Literal["checked", "eager"]
+Mode = Literal["block", "score"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class ProxySettings:
     api_keys: the proxy's own keys, presented in the ``X-MMGuard-API-Key`` header (``Authorization``
         belongs to the upstream and is forwarded untouched).
     upstream_timeout_s: connect/read timeout towards the upstream (each read of a stream, not its total).
+    mode: ``block`` (default) stops what a rail flags; ``score`` judges and reports without blocking (a shadow
+        deployment: :mod:`mmguard.proxy.scored`).
     judge_reasoning: also judge (and hold back) the answer's reasoning text (``reasoning_content`` or
         ``reasoning``, as vLLM, DeepSeek and OpenRouter send it), for clients that show it; off, it passes
         unjudged. Reasoning about a harmful request may itself be flagged: measure before turning it on.
@@ -45,6 +49,7 @@ class ProxySettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     upstream_timeout_s: float = 120.0
     judge_reasoning: bool = False
+    mode: Mode = "block"
     guard: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:
@@ -58,12 +63,18 @@ class ProxySettings:
             raise ValueError(f"check_every must be at least 1 token, got {self.check_every}")
         if self.release not in ("checked", "eager"):
             raise ValueError(f"release must be 'checked' or 'eager', got {self.release!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'block' or 'score', got {self.mode!r}")
         if self.upstream_timeout_s <= 0:
             raise ValueError("upstream_timeout_s must be > 0")
 
     @property
     def upstream_base(self) -> str:
         return self.upstream.rstrip("/")
+
+    @property
+    def blocking(self) -> bool:
+        return self.mode == "block"
 
     @property
     def input_rail(self) -> bool:

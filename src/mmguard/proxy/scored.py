@@ -1,0 +1,114 @@
+"""Score mode (``mmguard proxy --mode score``): judge both rails and report, never block.
+
+A shadow deployment: the guard sees live traffic and its verdicts are measured (the ``mmguard_proxy_flags``
+metric, the access log, and the answers' ``mmguard`` field) before it is trusted to block, as OpenAI's
+``moderation`` option does with ``mode: "score"``. The upstream's answer reaches the client unchanged, and
+streamed text is not held back. What is added:
+
+* a plain answer gets a top-level ``mmguard`` field;
+* a stream gets one more chunk before ``data: [DONE]``: ``{"object": "chat.completion.chunk", "choices": [],
+  "mmguard": {...}}`` (a chunk without choices, as a usage chunk is).
+
+In both: ``{"mode": "score", "input": VERDICT | null, "output": [VERDICT + "index", ...]}``, each VERDICT the
+block mode's ``mmguard`` object; an output check that could not run is ``{"rail": "output", "index": i,
+"error": "..."}`` there, never a failed request. A streamed answer is judged once, whole, when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from ..conversation import MAX_TEXT_CHARS, Conversation, ConversationError
+from ..server.errors import APIError
+from ..verdict import Verdict
+from .judged import JudgedPrompt, with_answer
+from .release import SSEParser, choice_index, reasoning_text, said_text, sse, verdict_extension
+
+__all__ = ["score_plain", "score_stream"]
+
+Check = Callable[[str, Conversation], Awaitable[Verdict]]
+
+
+async def _judge_answer(check: Check, judged: JudgedPrompt, index: int, text: str) -> dict[str, Any]:
+    try:
+        verdict = await check("output", with_answer(judged, text))
+    except (APIError, ConversationError) as err:  # reported, never a failed request
+        message = err.message if isinstance(err, APIError) else str(err)
+        return {"rail": "output", "index": index, "error": f"the output check failed: {message}"}
+    return {**verdict_extension("output", verdict), "index": index}
+
+
+def _report(input_verdict: Verdict | None, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"mode": "score", "input": verdict_extension("input", input_verdict) if input_verdict else None,
+            "output": outputs}
+
+
+async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict | None, check: Check, *,
+                      output_rail: bool, judged_answer: Callable[[dict[str, Any]], str]) -> bytes:
+    """The plain answer with its ``mmguard`` report; an answer that is not a JSON object is returned as it is
+    (there is nothing to report on, and score mode never fails a request)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(data, dict):
+        return raw
+    outputs: list[dict[str, Any]] = []
+    choices = data.get("choices")
+    for position, ch in enumerate(choices if isinstance(choices, list) and output_rail else []):
+        message = ch.get("message") if isinstance(ch, dict) else None
+        text = judged_answer(message) if isinstance(message, dict) else ""
+        if text.strip():
+            outputs.append(await _judge_answer(check, judged, choice_index(ch.get("index", position)), text))
+    data["mmguard"] = _report(input_verdict, outputs)
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, check: Check, *,
+                       output_rail: bool, judge_reasoning: bool) -> AsyncIterator[bytes]:
+    """The upstream's events as they come (not held back), then the report chunk, then ``[DONE]``."""
+    parser = SSEParser()
+    texts: dict[int, str] = {}
+    meta: dict[str, Any] = {}
+    saw_done = False
+    failure = ""
+    try:
+        async for chunk in resp.aiter_bytes():
+            for event in parser.feed(chunk):
+                if event.is_done:
+                    saw_done = True  # sent after the report
+                    continue
+                yield event.raw
+                body = event.json()
+                if not isinstance(body, dict):
+                    continue
+                for key in ("id", "created", "model"):
+                    meta.setdefault(key, body.get(key))
+                for ch in body.get("choices") or []:
+                    if not isinstance(ch, dict):
+                        continue
+                    index = choice_index(ch.get("index", 0))
+                    said = (reasoning_text(ch.get("delta")) if judge_reasoning else "") + said_text(ch.get("delta"))
+                    if said and len(texts.get(index, "")) <= MAX_TEXT_CHARS:  # past it the check reports the limit
+                        texts[index] = texts.get(index, "") + said
+        for event in parser.close():
+            if not event.is_done:
+                yield event.raw
+    except (httpx.HTTPError, ValueError) as err:  # the report says the stream broke, and what it judged
+        failure = f"the upstream's stream failed: {type(err).__name__}"
+    finally:
+        await resp.aclose()
+    outputs = [await _judge_answer(check, judged, index, text)
+               for index, text in sorted(texts.items()) if output_rail and text.strip()]
+    if failure:
+        outputs.append({"rail": "output", "error": failure})
+    yield sse({"id": meta.get("id") or "chatcmpl-mmguard", "object": "chat.completion.chunk",
+               "created": meta.get("created") or int(time.time()), "model": meta.get("model") or "",
+               "choices": [], "mmguard": _report(input_verdict, outputs)})
+    if saw_done or failure:
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,81 @@
+"""``mmguard proxy --mode score``: both rails judge, nothing is blocked or held back, and the verdicts are
+reported in an ``mmguard`` field (plain) or a last chunk before ``[DONE]`` (streamed), and in the metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+from test_proxy import TRIGGER, KeywordGuard, proxy_settings
+
+from mmguard.conversation import MAX_TEXT_CHARS
+from mmguard.proxy import ProxySettings
+from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
+
+ANSWER = f"Here is how: {TRIGGER} in three steps."
+PROMPT = {"model": "m", "messages": [{"role": "user", "content": f"tell me {TRIGGER}"}]}
+
+
+@contextmanager
+def score_proxy(upstream: StubUpstream, guard: KeywordGuard) -> Iterator[str]:
+    """The proxy's URL, in score mode in front of ``upstream``."""
+    with LiveApp(upstream.app) as up, LiveProxy(guard, proxy_settings(up.url + "/v1", mode="score")) as srv:
+        yield srv.url
+
+
+def test_score_mode_reports_and_never_blocks() -> None:
+    upstream, guard = StubUpstream(ANSWER), KeywordGuard()
+    with score_proxy(upstream, guard) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "n": 2}, timeout=30)
+        chunks = [c.model_dump() for c in openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+                  .chat.completions.create(**PROMPT, stream=True)]
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+    assert plain.status_code == 200 and len(upstream.requests) == 2  # the flagged prompt was forwarded
+    body = plain.json()
+    assert [c["message"]["content"] for c in body["choices"]] == [ANSWER, ANSWER]  # unchanged
+    report = body["mmguard"]
+    assert report["mode"] == "score" and report["input"]["flagged"] and report["input"]["rail"] == "input"
+    assert [(o["index"], o["flagged"], o["codes"]) for o in report["output"]] == [(0, True, ["S1"]), (1, True, ["S1"])]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == ANSWER  # streamed whole, nothing held back or cut
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    last = chunks[-1]
+    assert last["choices"] == [] and last["mmguard"]["input"]["flagged"]
+    assert [(o["index"], o["flagged"]) for o in last["mmguard"]["output"]] == [(0, True)]
+    assert 'mmguard_proxy_flags_total{rail="input"} 2.0' in metrics
+    assert 'mmguard_proxy_flags_total{rail="output"} 3.0' in metrics
+    assert "mmguard_proxy_blocks_total{" not in metrics  # counted as flags, never as blocks
+
+
+def test_score_mode_reports_an_output_check_that_could_not_run_and_a_safe_answer() -> None:
+    long_answer = "w " * (MAX_TEXT_CHARS // 2 + 10)  # over the conversation limit: cannot be judged
+    upstream, guard = StubUpstream(long_answer), KeywordGuard()
+    with score_proxy(upstream, guard) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json=PROMPT, timeout=60)
+        stream = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "stream": True}, timeout=60)
+        upstream.answer = "fine weather today"
+        safe = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "messages": [
+            {"role": "user", "content": "hello"}]}, timeout=30).json()
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == long_answer
+    (error,) = plain.json()["mmguard"]["output"]
+    assert error["index"] == 0 and error["error"].startswith("the output check failed: ") and \
+        f"limit of {MAX_TEXT_CHARS}" in error["error"]
+    events = [x[6:] for x in stream.text.splitlines() if x.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])["mmguard"]["output"][0]
+    assert safe["mmguard"]["input"]["flagged"] is False and safe["mmguard"]["output"][0]["flagged"] is False
+
+
+def test_mode_is_validated_and_on_the_cli() -> None:
+    from typer.testing import CliRunner
+
+    from mmguard.cli import _register_tools, app
+
+    with pytest.raises(ValueError, match="mode must be 'block' or 'score'"):
+        ProxySettings(upstream="http://127.0.0.1:1/v1", mode="log")  # type: ignore[arg-type]
+    _register_tools(["proxy"])
+    res = CliRunner().invoke(app, ["proxy", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert "--mode" in res.output and "--judge-reasoning" in res.output

@@ -79,3 +79,16 @@ def test_mode_is_validated_and_on_the_cli() -> None:
     _register_tools(["proxy"])
     res = CliRunner().invoke(app, ["proxy", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
     assert "--mode" in res.output and "--judge-reasoning" in res.output
+
+
+def test_score_mode_judges_at_most_128_choices() -> None:
+    """A hostile upstream's thousand choices are not a thousand checks: the first 128 are judged, the rest
+    reported as not judged."""
+    upstream, guard = StubUpstream("ok"), KeywordGuard()
+    with score_proxy(upstream, guard) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "n": 200}, timeout=60).json()
+        stream = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "n": 200, "stream": True}, timeout=60)
+    assert len(plain["choices"]) == 200 and len(plain["mmguard"]["output"]) == 129
+    assert plain["mmguard"]["output"][-1]["error"] == "72 choices past the first 128 not judged"
+    report = json.loads([x[6:] for x in stream.text.splitlines() if x.startswith("data: {")][-1])["mmguard"]
+    assert len(report["output"]) == 129 and report["output"][-1]["error"].startswith("72 choices past")

@@ -32,6 +32,7 @@ from .release import SSEParser, choice_index, reasoning_text, said_text, sse, ve
 __all__ = ["score_plain", "score_stream"]
 
 Check = Callable[[str, Conversation], Awaitable[Verdict]]
+MAX_CHOICES = 128  # OpenAI's largest n: a stream with more choice indices is not an answer to judge whole
 
 
 async def _judge_answer(check: Check, judged: JudgedPrompt, index: int, text: str) -> dict[str, Any]:
@@ -60,11 +61,15 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
         return raw
     outputs: list[dict[str, Any]] = []
     choices = data.get("choices")
-    for position, ch in enumerate(choices if isinstance(choices, list) and output_rail else []):
+    listed = choices if isinstance(choices, list) and output_rail else []
+    for position, ch in enumerate(listed[:MAX_CHOICES]):
         message = ch.get("message") if isinstance(ch, dict) else None
         text = judged_answer(message) if isinstance(message, dict) else ""
         if text.strip():
             outputs.append(await _judge_answer(check, judged, choice_index(ch.get("index", position)), text))
+    if len(listed) > MAX_CHOICES:
+        outputs.append({"rail": "output", "error": f"{len(listed) - MAX_CHOICES} choices past the first "
+                                                   f"{MAX_CHOICES} not judged"})
     data["mmguard"] = _report(input_verdict, outputs)
     return json.dumps(data, ensure_ascii=False).encode()
 
@@ -77,6 +82,7 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
     meta: dict[str, Any] = {}
     saw_done = False
     failure = ""
+    dropped: set[int] = set()
     try:
         async for chunk in resp.aiter_bytes():
             for event in parser.feed(chunk):
@@ -88,11 +94,15 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
                 if not isinstance(body, dict):
                     continue
                 for key in ("id", "created", "model"):
-                    meta.setdefault(key, body.get(key))
+                    if meta.get(key) is None:
+                        meta[key] = body.get(key)
                 for ch in body.get("choices") or []:
                     if not isinstance(ch, dict):
                         continue
                     index = choice_index(ch.get("index", 0))
+                    if index not in texts and len(texts) >= MAX_CHOICES:
+                        dropped.add(index)  # more choices than any client asks for: reported, not judged
+                        continue
                     said = (reasoning_text(ch.get("delta")) if judge_reasoning else "") + said_text(ch.get("delta"))
                     if said and len(texts.get(index, "")) <= MAX_TEXT_CHARS:  # past it the check reports the limit
                         texts[index] = texts.get(index, "") + said
@@ -105,6 +115,8 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
         await resp.aclose()
     outputs = [await _judge_answer(check, judged, index, text)
                for index, text in sorted(texts.items()) if output_rail and text.strip()]
+    if dropped:
+        outputs.append({"rail": "output", "error": f"{len(dropped)} choices past the first {MAX_CHOICES} not judged"})
     if failure:
         outputs.append({"rail": "output", "error": failure})
     yield sse({"id": meta.get("id") or "chatcmpl-mmguard", "object": "chat.completion.chunk",

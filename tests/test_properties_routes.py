@@ -228,8 +228,8 @@ def test_any_body_bytes_never_5xx(client: Any, raw: bytes) -> None:
 
 
 # -- the guardrail proxy: hostile requests, and hostile answers from its upstream ---------------------------
-@pytest.fixture(scope="module")
-def proxy_client(tiny_guard) -> Iterator[tuple[Any, Any]]:
+@pytest.fixture(scope="module", params=["block", "score"])
+def proxy_client(request: pytest.FixtureRequest, tiny_guard: Any) -> Iterator[tuple[Any, Any]]:
     from fastapi.testclient import TestClient
 
     from mmguard.proxy import ProxySettings, create_proxy_app
@@ -238,7 +238,7 @@ def proxy_client(tiny_guard) -> Iterator[tuple[Any, Any]]:
 
     upstream = StubUpstream()
     with LiveApp(upstream.app) as up:
-        settings = ProxySettings(upstream=up.url + "/v1", check_every=4, guard=ServerSettings(
+        settings = ProxySettings(upstream=up.url + "/v1", check_every=4, mode=request.param, guard=ServerSettings(
             max_image_bytes=256 * 1024, max_image_pixels=250_000, warmup=False, max_wait_ms=0))
         with TestClient(create_proxy_app(tiny_guard, settings), raise_server_exceptions=False) as c:
             yield c, upstream

@@ -38,6 +38,7 @@ from .release import (
     DueCheck,
     SSEParser,
     StreamRelease,
+    json_bytes,
     reasoning_text,
     said_text,
     sse,
@@ -367,7 +368,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             ch["mmguard"] = verdict_extension("output", v)
         request.state.log.update(rail="output", flagged=len(flagged))
         headers.pop("content-type", None)
-        return JSONResponse(data, status_code=200, headers=headers)
+        return Response(json_bytes(data), status_code=200, headers=headers, media_type="application/json")
 
     async def stream_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt,
                              added: float) -> AsyncIterator[bytes]:

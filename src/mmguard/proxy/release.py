@@ -32,7 +32,7 @@ from typing import Any
 from .settings import Release
 
 __all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "choice_index",
-           "due_check", "max_ahead_chars", "reasoning_text", "said_text"]
+           "due_check", "json_bytes", "max_ahead_chars", "reasoning_text", "said_text"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -393,8 +393,17 @@ class StreamRelease:
         return sse(chunk)
 
 
+def json_bytes(payload: Any) -> bytes:
+    """JSON as UTF-8; text that UTF-8 cannot hold (a lone surrogate the upstream sent as ``"\\ud800"``) is kept
+    as the upstream wrote it, escaped, instead of failing the response."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode()
+
+
 def sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 def verdict_extension(rail: str, verdict: Any) -> dict[str, Any]:

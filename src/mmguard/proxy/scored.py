@@ -27,7 +27,7 @@ from ..conversation import MAX_TEXT_CHARS, Conversation, ConversationError
 from ..server.errors import APIError
 from ..verdict import Verdict
 from .judged import JudgedPrompt, with_answer
-from .release import SSEParser, choice_index, reasoning_text, said_text, sse, verdict_extension
+from .release import SSEParser, choice_index, json_bytes, reasoning_text, said_text, sse, verdict_extension
 
 __all__ = ["score_plain", "score_stream"]
 
@@ -71,7 +71,7 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
         outputs.append({"rail": "output", "error": f"{len(listed) - MAX_CHOICES} choices past the first "
                                                    f"{MAX_CHOICES} not judged"})
     data["mmguard"] = _report(input_verdict, outputs)
-    return json.dumps(data, ensure_ascii=False).encode()
+    return json_bytes(data)
 
 
 async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, check: Check, *,

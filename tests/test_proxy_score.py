@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import openai
@@ -21,9 +22,9 @@ PROMPT = {"model": "m", "messages": [{"role": "user", "content": f"tell me {TRIG
 
 
 @contextmanager
-def score_proxy(upstream: StubUpstream, guard: KeywordGuard) -> Iterator[str]:
+def score_proxy(upstream: StubUpstream, guard: KeywordGuard, **kw: Any) -> Iterator[str]:
     """The proxy's URL, in score mode in front of ``upstream``."""
-    with LiveApp(upstream.app) as up, LiveProxy(guard, proxy_settings(up.url + "/v1", mode="score")) as srv:
+    with LiveApp(upstream.app) as up, LiveProxy(guard, proxy_settings(up.url + "/v1", mode="score", **kw)) as srv:
         yield srv.url
 
 
@@ -92,3 +93,14 @@ def test_score_mode_judges_at_most_128_choices() -> None:
     assert plain["mmguard"]["output"][-1]["error"] == "72 choices past the first 128 not judged"
     report = json.loads([x[6:] for x in stream.text.splitlines() if x.startswith("data: {")][-1])["mmguard"]
     assert len(report["output"]) == 129 and report["output"][-1]["error"].startswith("72 choices past")
+
+
+def test_score_mode_with_the_input_rail_only_reports_the_input() -> None:
+    upstream, guard = StubUpstream(ANSWER), KeywordGuard()
+    with score_proxy(upstream, guard, rails=("input",)) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json=PROMPT, timeout=30).json()
+        stream = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "stream": True}, timeout=30)
+    assert plain["mmguard"]["input"]["flagged"] and plain["mmguard"]["output"] == []
+    report = json.loads([x[6:] for x in stream.text.splitlines() if x.startswith("data: {")][-1])["mmguard"]
+    assert report["input"]["flagged"] and report["output"] == []
+    assert not [c for c in guard.seen if c.judged_role == "agent"]  # no answer was judged

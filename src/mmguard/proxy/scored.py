@@ -96,12 +96,13 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
                 for key in ("id", "created", "model"):
                     if meta.get(key) is None:
                         meta[key] = body.get(key)
-                for ch in body.get("choices") or []:
+                for ch in body.get("choices") or [] if output_rail else []:
                     if not isinstance(ch, dict):
                         continue
                     index = choice_index(ch.get("index", 0))
                     if index not in texts and len(texts) >= MAX_CHOICES:
-                        dropped.add(index)  # more choices than any client asks for: reported, not judged
+                        if len(dropped) < MAX_CHOICES:  # more choices than any client asks for: reported, not judged
+                            dropped.add(index)
                         continue
                     said = (reasoning_text(ch.get("delta")) if judge_reasoning else "") + said_text(ch.get("delta"))
                     if said and len(texts.get(index, "")) <= MAX_TEXT_CHARS:  # past it the check reports the limit
@@ -113,10 +114,10 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
         failure = f"the upstream's stream failed: {type(err).__name__}"
     finally:
         await resp.aclose()
-    outputs = [await _judge_answer(check, judged, index, text)
-               for index, text in sorted(texts.items()) if output_rail and text.strip()]
+    outputs = [await _judge_answer(check, judged, index, text) for index, text in sorted(texts.items()) if text.strip()]
     if dropped:
-        outputs.append({"rail": "output", "error": f"{len(dropped)} choices past the first {MAX_CHOICES} not judged"})
+        many = f"{len(dropped)}" if len(dropped) < MAX_CHOICES else f"{MAX_CHOICES} or more"
+        outputs.append({"rail": "output", "error": f"{many} choices past the first {MAX_CHOICES} not judged"})
     if failure:
         outputs.append({"rail": "output", "error": failure})
     yield sse({"id": meta.get("id") or "chatcmpl-mmguard", "object": "chat.completion.chunk",

@@ -104,3 +104,19 @@ def test_score_mode_with_the_input_rail_only_reports_the_input() -> None:
     report = json.loads([x[6:] for x in stream.text.splitlines() if x.startswith("data: {")][-1])["mmguard"]
     assert report["input"]["flagged"] and report["output"] == []
     assert not [c for c in guard.seen if c.judged_role == "agent"]  # no answer was judged
+
+
+def test_score_mode_judges_reasoning_as_block_mode_does() -> None:
+    """With judge_reasoning, a streamed answer is judged as its reasoning, a blank line, and the answer: the text
+    block mode judges, so what a shadow deployment measures is what blocking would decide on."""
+    from test_proxy import scripted_upstream, through_proxy
+
+    thought, answer = f"They want {TRIGGER} steps.", "I can't help with that."
+    app = scripted_upstream({"reasoning_content": thought, "content": answer},
+                            [*({"reasoning_content": w + " "} for w in thought.split(" ")), {"content": answer}])
+    judged: dict[str, list[str]] = {}
+    for mode in ("block", "score"):
+        guard = KeywordGuard()
+        through_proxy(app, guard, mode=mode, judge_reasoning=True, check_every=1000)
+        judged[mode] = [c.turns[-1].text for c in guard.seen if c.judged_role == "agent"]
+    assert judged["score"] == judged["block"] == [f"{thought}\n\n{answer}", f"{thought} \n\n{answer}"]

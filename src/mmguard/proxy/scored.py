@@ -83,6 +83,7 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
     saw_done = False
     failure = ""
     dropped: set[int] = set()
+    reasoning: set[int] = set()  # choices whose judged text last grew by reasoning
     try:
         async for chunk in resp.aiter_bytes():
             for event in parser.feed(chunk):
@@ -104,9 +105,15 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
                         if len(dropped) < MAX_CHOICES:  # more choices than any client asks for: reported, not judged
                             dropped.add(index)
                         continue
-                    said = (reasoning_text(ch.get("delta")) if judge_reasoning else "") + said_text(ch.get("delta"))
-                    if said and len(texts.get(index, "")) <= MAX_TEXT_CHARS:  # past it the check reports the limit
-                        texts[index] = texts.get(index, "") + said
+                    thought = reasoning_text(ch.get("delta")) if judge_reasoning else ""
+                    said = said_text(ch.get("delta"))
+                    if thought:
+                        reasoning.add(index)
+                    if said and index in reasoning:  # as block mode joins them: a blank line after the reasoning
+                        said = "\n\n" + said
+                        reasoning.discard(index)
+                    if len(texts.get(index, "")) <= MAX_TEXT_CHARS:  # past it the check reports the limit
+                        texts[index] = texts.get(index, "") + thought + said
         for event in parser.close():
             if not event.is_done:
                 yield event.raw

@@ -201,7 +201,14 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+            # an OpenAI route the rails do not cover (/v1/responses, /v1/completions, ...): forwarding it would
+            # bypass them, and a bare "Not Found" reads as the upstream's
+            code, message = "route_not_proxied", (
+                f"mmguard proxy does not forward {request.url.path}: only /v1/chat/completions passes through the "
+                "guard's rails (and /v1/models); other routes would bypass them")
+        return JSONResponse(error_body(message, code=code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

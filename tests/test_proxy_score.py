@@ -120,3 +120,38 @@ def test_score_mode_judges_reasoning_as_block_mode_does() -> None:
         through_proxy(app, guard, mode=mode, judge_reasoning=True, check_every=1000)
         judged[mode] = [c.turns[-1].text for c in guard.seen if c.judged_role == "agent"]
     assert judged["score"] == judged["block"] == [f"{thought}\n\n{answer}", f"{thought} \n\n{answer}"]
+
+
+class BrokenGuard(KeywordGuard):
+    def classify_batch(self, conversations: Any, **kw: Any) -> Any:
+        raise RuntimeError("the model's device went away")
+
+
+def test_a_shadow_never_changes_what_traffic_gets() -> None:
+    """A request the guard cannot read (two images) and a guard that fails: block mode answers 400 and 503, score
+    mode forwards the request as it came and reports that the checks could not run."""
+    from test_proxy import png_data_url
+
+    two = [{"role": "user", "content": [{"type": "text", "text": "compare"},
+                                        {"type": "image_url", "image_url": {"url": png_data_url()}},
+                                        {"type": "image_url", "image_url": {"url": png_data_url()}}]}]
+    upstream = StubUpstream("fine")
+    with score_proxy(upstream, KeywordGuard()) as url:
+        unreadable = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": two}, timeout=30)
+    assert unreadable.status_code == 200 and len(upstream.requests) == 1
+    assert upstream.requests[0]["body"]["messages"] == two  # forwarded as it came
+    report = unreadable.json()["mmguard"]
+    assert report["input"]["error"].startswith("the input check failed: ") and "image" in report["input"]["error"]
+    assert report["output"][0]["flagged"] is False  # the answer is still judged, after an empty user turn
+    with score_proxy(upstream, BrokenGuard()) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json=PROMPT, timeout=30)
+        stream = httpx.post(url + "/v1/chat/completions", json={**PROMPT, "stream": True}, timeout=30)
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == "fine"
+    report = plain.json()["mmguard"]
+    assert "error" in report["input"] and "error" in report["output"][0]
+    last = json.loads([x[6:] for x in stream.text.splitlines() if x.startswith("data: {")][-1])["mmguard"]
+    assert stream.status_code == 200 and "error" in last["input"] and stream.text.endswith("data: [DONE]\n\n")
+    with LiveApp(upstream.app) as up, LiveProxy(BrokenGuard(), proxy_settings(up.url + "/v1")) as srv:
+        assert httpx.post(srv.url + "/v1/chat/completions", json=PROMPT, timeout=30).status_code == 503
+        assert httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": two},
+                          timeout=30).status_code == 400

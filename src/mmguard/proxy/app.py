@@ -295,22 +295,28 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             raise APIError.bad_request(f"request body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError.bad_request("request body must be a JSON object", code="invalid_value")
-        normalized = await prepare_judged_prompt(body.get("messages"), server.limits, server.fetcher)
-        judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
         input_verdict: Verdict | None = None
-        if settings.input_rail and judged.conversation is not None:
-            input_verdict = await state.check("input", judged.conversation)
-            if input_verdict.is_unsafe:
-                request.state.log.update(rail="input", flagged=1, codes=list(input_verdict.codes))
-                if settings.blocking:
-                    return JSONResponse(content_filter_error(input_verdict, server.guard.policy.active_codes),
-                                        status_code=400)
+        input_error = ""  # score mode: the input could not be judged; reported, and the request goes on
+        try:
+            normalized = await prepare_judged_prompt(body.get("messages"), server.limits, server.fetcher)
+            judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
+            if settings.input_rail and judged.conversation is not None:
+                input_verdict = await state.check("input", judged.conversation)
+        except APIError as err:
+            if settings.blocking:
+                raise
+            judged, input_error = JudgedPrompt(None), err.message  # a shadow never changes what traffic gets
+        if input_verdict is not None and input_verdict.is_unsafe:
+            request.state.log.update(rail="input", flagged=1, codes=list(input_verdict.codes))
+            if settings.blocking:
+                return JSONResponse(content_filter_error(input_verdict, server.guard.policy.active_codes),
+                                    status_code=400)
         added = time.perf_counter() - started
         resp = await send_upstream(request, "POST", "/chat/completions", raw)
         is_stream = "text/event-stream" in resp.headers.get("content-type", "")
         if resp.status_code == 200 and not settings.blocking:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
-            return await scored(resp, judged, input_verdict, is_stream)
+            return await scored(resp, judged, input_verdict, input_error, is_stream)
         if resp.status_code != 200 or not settings.output_rail:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
@@ -319,16 +325,16 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                                      headers=_response_headers(resp))
         return await plain_checked(request, resp, judged, added)
 
-    async def scored(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None,
+    async def scored(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
                      is_stream: bool) -> Response:
         """Score mode: the upstream's answer unchanged, with the verdicts reported (:mod:`.scored`)."""
         headers = _response_headers(resp)
         if is_stream:
-            return StreamingResponse(score_stream(resp, judged, input_verdict, state.check,
+            return StreamingResponse(score_stream(resp, judged, input_verdict, input_error, state.check,
                                                   output_rail=settings.output_rail,
                                                   judge_reasoning=settings.judge_reasoning),
                                      status_code=200, headers=headers)
-        body = await score_plain(await read_bounded(resp), judged, input_verdict, state.check,
+        body = await score_plain(await read_bounded(resp), judged, input_verdict, input_error, state.check,
                                  output_rail=settings.output_rail, judged_answer=judged_answer)
         return Response(body, status_code=200, headers=headers)
 

@@ -10,8 +10,10 @@ streamed text is not held back. What is added:
   "mmguard": {...}}`` (a chunk without choices, as a usage chunk is).
 
 In both: ``{"mode": "score", "input": VERDICT | null, "output": [VERDICT + "index", ...]}``, each VERDICT the
-block mode's ``mmguard`` object; an output check that could not run is ``{"rail": "output", "index": i,
-"error": "..."}`` there, never a failed request. A streamed answer is judged once, whole, when it ends.
+block mode's ``mmguard`` object. A check that could not run (a request the guard cannot read, such as two
+images; a guard that is overloaded; an answer over the limits) is ``{"rail": ..., "error": "..."}`` there,
+never a failed or changed request: the upstream gets what it would get without the proxy. A streamed answer
+is judged once, whole, when it ends.
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ async def _judge_answer(check: Check, judged: JudgedPrompt, index: int, text: st
     return {**verdict_extension("output", verdict), "index": index}
 
 
-def _report(input_verdict: Verdict | None, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"mode": "score", "input": verdict_extension("input", input_verdict) if input_verdict else None,
-            "output": outputs}
+def _report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    judged_input = verdict_extension("input", input_verdict) if input_verdict else None
+    if input_error:
+        judged_input = {"rail": "input", "error": f"the input check failed: {input_error}"}
+    return {"mode": "score", "input": judged_input, "output": outputs}
 
 
-async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict | None, check: Check, *,
+async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
+                      check: Check, *,
                       output_rail: bool, judged_answer: Callable[[dict[str, Any]], str]) -> bytes:
     """The plain answer with its ``mmguard`` report; an answer that is not a JSON object is returned as it is
     (there is nothing to report on, and score mode never fails a request)."""
@@ -70,12 +75,12 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
     if len(listed) > MAX_CHOICES:
         outputs.append({"rail": "output", "error": f"{len(listed) - MAX_CHOICES} choices past the first "
                                                    f"{MAX_CHOICES} not judged"})
-    data["mmguard"] = _report(input_verdict, outputs)
+    data["mmguard"] = _report(input_verdict, input_error, outputs)
     return json_bytes(data)
 
 
-async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, check: Check, *,
-                       output_rail: bool, judge_reasoning: bool) -> AsyncIterator[bytes]:
+async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
+                       check: Check, *, output_rail: bool, judge_reasoning: bool) -> AsyncIterator[bytes]:
     """The upstream's events as they come (not held back), then the report chunk, then ``[DONE]``."""
     parser = SSEParser()
     texts: dict[int, str] = {}
@@ -129,6 +134,6 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
         outputs.append({"rail": "output", "error": failure})
     yield sse({"id": meta.get("id") or "chatcmpl-mmguard", "object": "chat.completion.chunk",
                "created": meta.get("created") or int(time.time()), "model": meta.get("model") or "",
-               "choices": [], "mmguard": _report(input_verdict, outputs)})
+               "choices": [], "mmguard": _report(input_verdict, input_error, outputs)})
     if saw_done or failure:
         yield b"data: [DONE]\n\n"

@@ -155,3 +155,26 @@ def test_a_shadow_never_changes_what_traffic_gets() -> None:
         assert httpx.post(srv.url + "/v1/chat/completions", json=PROMPT, timeout=30).status_code == 503
         assert httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": two},
                           timeout=30).status_code == 400
+
+
+def test_the_access_log_counts_what_a_shadow_would_have_blocked(caplog: pytest.LogCaptureFixture) -> None:
+    """What an operator sums from a shadow deployment, one JSON line per request: the rails that flagged, the
+    codes, the checks that could not run; never the content."""
+    import logging
+
+    from mmguard.server.jsonlog import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="mmguard.server.access")
+    upstream = StubUpstream(ANSWER)
+    with score_proxy(upstream, KeywordGuard()) as url:
+        httpx.post(url + "/v1/chat/completions", json=PROMPT, timeout=30)
+        httpx.post(url + "/v1/chat/completions", json={**PROMPT, "stream": True}, timeout=30)
+        upstream.answer = "fine"
+        httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "hello"}]}, timeout=30)
+    fmt = JsonFormatter()
+    records = [json.loads(fmt.format(r)) for r in caplog.records if r.name == "mmguard.server.access"]
+    chats = [r for r in records if r.get("path") == "/v1/chat/completions"]
+    assert [(r["mode"], r.get("rail"), r.get("flagged"), r.get("codes")) for r in chats] == [
+        ("score", "input,output", 2, ["S1"]), ("score", "input,output", 2, ["S1"]), ("score", None, None, None)]
+    assert not any(TRIGGER in json.dumps(r) for r in chats)

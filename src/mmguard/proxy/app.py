@@ -316,7 +316,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         is_stream = "text/event-stream" in resp.headers.get("content-type", "")
         if resp.status_code == 200 and not settings.blocking:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
-            return await scored(resp, judged, input_verdict, input_error, is_stream)
+            return await scored(request, resp, judged, input_verdict, input_error, is_stream)
         if resp.status_code != 200 or not settings.output_rail:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
@@ -325,16 +325,18 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                                      headers=_response_headers(resp))
         return await plain_checked(request, resp, judged, added)
 
-    async def scored(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
-                     is_stream: bool) -> Response:
+    async def scored(request: Request, resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None,
+                     input_error: str, is_stream: bool) -> Response:
         """Score mode: the upstream's answer unchanged, with the verdicts reported (:mod:`.scored`)."""
         headers = _response_headers(resp)
         if is_stream:
             return StreamingResponse(score_stream(resp, judged, input_verdict, input_error, state.check,
+                                                  request.state.log,
                                                   output_rail=settings.output_rail,
                                                   judge_reasoning=settings.judge_reasoning),
                                      status_code=200, headers=headers)
         body = await score_plain(await read_bounded(resp), judged, input_verdict, input_error, state.check,
+                                 request.state.log,
                                  output_rail=settings.output_rail, judged_answer=judged_answer)
         return Response(body, status_code=200, headers=headers)
 

@@ -46,15 +46,26 @@ async def _judge_answer(check: Check, judged: JudgedPrompt, index: int, text: st
     return {**verdict_extension("output", verdict), "index": index}
 
 
-def _report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+def _report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[str, Any]],
+            log: dict[str, Any]) -> dict[str, Any]:
+    """The ``mmguard`` report; ``log`` (the request's access-log entry) gets what an operator counts from a
+    shadow deployment: which rails flagged, with which codes, and how many checks could not run."""
     judged_input = verdict_extension("input", input_verdict) if input_verdict else None
     if input_error:
         judged_input = {"rail": "input", "error": f"the input check failed: {input_error}"}
+    entries = [e for e in (judged_input, *outputs) if e]
+    flagged = [e for e in entries if e.get("flagged")]
+    log["mode"] = "score"
+    if flagged:
+        log.update(rail=",".join(sorted({e["rail"] for e in flagged})), flagged=len(flagged),
+                   codes=sorted({c for e in flagged for c in e["codes"]}))
+    if failed := sum("error" in e for e in entries):
+        log["checks_failed"] = failed
     return {"mode": "score", "input": judged_input, "output": outputs}
 
 
 async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
-                      check: Check, *,
+                      check: Check, log: dict[str, Any], *,
                       output_rail: bool, judged_answer: Callable[[dict[str, Any]], str]) -> bytes:
     """The plain answer with its ``mmguard`` report; an answer that is not a JSON object is returned as it is
     (there is nothing to report on, and score mode never fails a request)."""
@@ -75,12 +86,13 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
     if len(listed) > MAX_CHOICES:
         outputs.append({"rail": "output", "error": f"{len(listed) - MAX_CHOICES} choices past the first "
                                                    f"{MAX_CHOICES} not judged"})
-    data["mmguard"] = _report(input_verdict, input_error, outputs)
+    data["mmguard"] = _report(input_verdict, input_error, outputs, log)
     return json_bytes(data)
 
 
 async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
-                       check: Check, *, output_rail: bool, judge_reasoning: bool) -> AsyncIterator[bytes]:
+                       check: Check, log: dict[str, Any], *, output_rail: bool,
+                       judge_reasoning: bool) -> AsyncIterator[bytes]:
     """The upstream's events as they come (not held back), then the report chunk, then ``[DONE]``."""
     parser = SSEParser()
     texts: dict[int, str] = {}
@@ -134,6 +146,6 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
         outputs.append({"rail": "output", "error": failure})
     yield sse({"id": meta.get("id") or "chatcmpl-mmguard", "object": "chat.completion.chunk",
                "created": meta.get("created") or int(time.time()), "model": meta.get("model") or "",
-               "choices": [], "mmguard": _report(input_verdict, input_error, outputs)})
+               "choices": [], "mmguard": _report(input_verdict, input_error, outputs, log)})
     if saw_done or failure:
         yield b"data: [DONE]\n\n"

@@ -22,11 +22,11 @@ from fastapi.responses import StreamingResponse
 
 from mmguard.conversation import MAX_TEXT_CHARS, Conversation
 from mmguard.policy import DEFAULT_POLICY
-from mmguard.proxy import ProxySettings
 from mmguard.proxy.release import SSEParser, StreamRelease
 from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
-from mmguard.server.settings import ServerSettings
 from mmguard.verdict import Verdict
+
+from test_proxy import proxy_settings
 
 MB = 1024 * 1024
 
@@ -87,10 +87,6 @@ class SlowGuard:
         return {"model": "slow"}
 
 
-def settings(upstream: str, **kw: Any) -> ProxySettings:
-    return ProxySettings(upstream=upstream, guard=ServerSettings(max_wait_ms=0.0, warmup=False), **kw)
-
-
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -127,7 +123,7 @@ def test_a_fast_upstream_is_read_only_as_far_as_the_checks_allow() -> None:
     upstream = FloodUpstream("hi", total)
     guard = SlowGuard(upstream, delay_s=0.5)
     received, tail = 0, b""
-    with LiveApp(upstream.app) as up, LiveProxy(guard, settings(up.url + "/v1")) as px, \
+    with LiveApp(upstream.app) as up, LiveProxy(guard, proxy_settings(up.url + "/v1")) as px, \
             httpx.stream("POST", px.url + "/v1/chat/completions", json={**BODY, "stream": True}, timeout=120) as r:
         assert r.status_code == 200
         for chunk in r.iter_raw():
@@ -140,7 +136,7 @@ def test_a_fast_upstream_is_read_only_as_far_as_the_checks_allow() -> None:
 def test_an_answer_over_the_conversation_limit_is_an_error_event_or_a_400() -> None:
     words = (MAX_TEXT_CHARS // 5 + 1000) * " word"  # ~5,000 characters past the limit
     flood = FloodUpstream(words[:2000], 8 * MB, piece={"content": " word" * 200})
-    with LiveApp(flood.app) as up, LiveProxy(SlowGuard(flood, delay_s=0.05), settings(up.url + "/v1")) as px:
+    with LiveApp(flood.app) as up, LiveProxy(SlowGuard(flood, delay_s=0.05), proxy_settings(up.url + "/v1")) as px:
         r = httpx.post(px.url + "/v1/chat/completions", json={**BODY, "stream": True}, timeout=120)
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
     errors = [json.loads(x[6:])["error"] for x in r.text.splitlines() if x.startswith('data: {"error"')]
@@ -148,7 +144,7 @@ def test_an_answer_over_the_conversation_limit_is_an_error_event_or_a_400() -> N
     assert errors[0]["message"].startswith("the output check failed: ") and f"limit of {MAX_TEXT_CHARS}" in \
         errors[0]["message"]
     plain = StubUpstream(words)
-    with LiveApp(plain.app) as up, LiveProxy(SlowGuard(delay_s=0.0), settings(up.url + "/v1")) as px:
+    with LiveApp(plain.app) as up, LiveProxy(SlowGuard(delay_s=0.0), proxy_settings(up.url + "/v1")) as px:
         r = httpx.post(px.url + "/v1/chat/completions", json=BODY, timeout=120)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_input" and f"limit of {MAX_TEXT_CHARS}" in r.json()["error"]["message"]

@@ -11,11 +11,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_proxy import TRIGGER, KeywordGuard, proxy_settings
 
 from mmguard.conversation import MAX_TEXT_CHARS
 from mmguard.proxy import ProxySettings
 from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
+
+from test_proxy import TRIGGER, KeywordGuard, proxy_settings
 
 ANSWER = f"Here is how: {TRIGGER} in three steps."
 PROMPT = {"model": "m", "messages": [{"role": "user", "content": f"tell me {TRIGGER}"}]}

@@ -71,6 +71,7 @@ def command(
     ] = None,
 ) -> None:
     """Judge every line of JSONL files in resumable chunks, in this process or on Ray."""
+    from ..guard import READ_TEXT_MODES
     from ..policy import PolicyError, load_policy
     from ..prompt import PromptFormat
     from .job import BatchOptions, JobExists, run_batch
@@ -87,7 +88,7 @@ def command(
         fail(f"unknown --format {fmt!r}; use hf, hf-release or native")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         fail(f"--threshold must be within [0, 1], got {threshold}")
-    if read_text not in ("off", "auto", "on"):
+    if read_text not in READ_TEXT_MODES:
         fail(f"unknown --read-text {read_text!r}; use off, auto or on")
     if engine == "ray":
         try:

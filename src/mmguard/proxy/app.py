@@ -126,6 +126,15 @@ class ProxyState:
                 self.metrics.blocks.labels(rail).inc()
         return outcome.verdict
 
+    async def check_answer(self, judged: JudgedPrompt, answer: str) -> Verdict:
+        """The output rail on one answer to ``judged``. An answer no conversation can hold (over the limits) is
+        an input error (400 ``invalid_input``), as a guard's refusal is: every caller reports it one way."""
+        try:
+            conversation = with_answer(judged, answer)
+        except ConversationError as err:
+            raise APIError.bad_request(str(err), code="invalid_input") from None
+        return await self.check("output", conversation)
+
     def forwarded_headers(self, request: Request) -> dict[str, str]:
         return {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
 
@@ -330,12 +339,12 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         """Score mode: the upstream's answer unchanged, with the verdicts reported (:mod:`.scored`)."""
         headers = _response_headers(resp)
         if is_stream:
-            return StreamingResponse(score_stream(resp, judged, input_verdict, input_error, state.check,
+            return StreamingResponse(score_stream(resp, judged, input_verdict, input_error, state.check_answer,
                                                   request.state.log,
                                                   output_rail=settings.output_rail,
                                                   judge_reasoning=settings.judge_reasoning),
                                      status_code=200, headers=headers)
-        body = await score_plain(await read_bounded(resp), judged, input_verdict, input_error, state.check,
+        body = await score_plain(await read_bounded(resp), judged, input_verdict, input_error, state.check_answer,
                                  request.state.log,
                                  output_rail=settings.output_rail, judged_answer=judged_answer)
         return Response(body, status_code=200, headers=headers)
@@ -362,11 +371,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         ]
         started = time.perf_counter()
         try:
-            answers = [with_answer(judged, text) for _, text in judged_choices]
-        except ConversationError as err:  # e.g. an answer over the conversation limits: judged by nobody
-            raise APIError.bad_request(f"the output check failed: {err}", code="invalid_input") from None
-        try:
-            verdicts = await asyncio.gather(*(state.check("output", answer) for answer in answers))
+            verdicts = await asyncio.gather(*(state.check_answer(judged, text) for _, text in judged_choices))
         except APIError as err:  # as the stream says it: the answer, not the request, could not be judged
             raise APIError(err.status, f"the output check failed: {err.message}", type=err.type, param=err.param,
                            code=err.code, headers=err.headers) from None
@@ -412,12 +417,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         try:
             while True:
                 for due in release.due_checks():
-                    try:
-                        answer = with_answer(judged, due.text)
-                    except ConversationError as err:  # e.g. an answer over the conversation limits
-                        failure = error_body(f"the output check failed: {err}", code="invalid_input")
-                        break
-                    checks[asyncio.create_task(state.check("output", answer))] = due
+                    checks[asyncio.create_task(state.check_answer(judged, due.text))] = due
                 for raw in release.releasable():
                     yield raw
                 if release.all_blocked or release.complete or failure is not None:

@@ -32,7 +32,7 @@ from typing import Any
 from .settings import Release
 
 __all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "choice_index",
-           "due_check", "json_bytes", "max_ahead_chars", "reasoning_text", "said_text"]
+           "delta_text", "due_check", "json_bytes", "max_ahead_chars", "reasoning_text", "said_text"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -88,6 +88,17 @@ def reasoning_text(message: Any) -> str:
     if not isinstance(message, dict):
         return ""
     return next((t for k in REASONING_KEYS if (t := answer_text(message.get(k)))), "")
+
+
+def delta_text(delta: Any, judge_reasoning: bool, after_reasoning: bool) -> tuple[str, bool]:
+    """The judged text one stream delta adds to its choice, and whether that text now ends in reasoning: the
+    reasoning (when judged), then what the delta says, after a blank line when reasoning came before it."""
+    thought = reasoning_text(delta) if judge_reasoning else ""
+    said = said_text(delta)
+    after = after_reasoning or bool(thought)
+    if said and after:
+        return f"{thought}\n\n{said}", False
+    return thought + said, after
 
 
 def max_ahead_chars(check_every: int) -> int:
@@ -161,7 +172,7 @@ class ChoiceState:
     index: int
     text: str = ""
     checked_chars: int = 0  # text[:checked_chars] passed a check
-    checked_tokens: int = 0  # its token count
+    fresh_tokens: tuple[int, int, int] = (0, 0, 0)  # (checked_chars, len(text), tokens of the text between)
     final_passed: bool = False  # the whole, finished answer passed
     finished: bool = False  # finish_reason seen (or the stream ended)
     in_flight: bool = False
@@ -236,16 +247,9 @@ class StreamRelease:
                     continue
                 idx = choice_index(ch.get("index", 0))
                 st = self.choice(idx)
-                delta = ch.get("delta")
-                before = len(st.text)
-                if self.judge_reasoning and (thought := reasoning_text(delta)):
-                    st.text += thought
-                    st.in_reasoning = True
-                content = said_text(delta)
-                if content:
-                    st.text += ("\n\n" if st.in_reasoning else "") + content
-                    st.in_reasoning = False
-                if len(st.text) > before:
+                added, st.in_reasoning = delta_text(ch.get("delta"), self.judge_reasoning, st.in_reasoning)
+                if added:
+                    st.text += added
                     st.final_passed = False  # text after the choice's end (an odd upstream): judged again
                 if ch.get("finish_reason") is not None:
                     st.finished = True
@@ -264,13 +268,24 @@ class StreamRelease:
             st.finished = True
 
     # -- checks ----------------------------------------------------------------------------------
-    def _is_due(self, st: ChoiceState) -> bool:
-        fresh = st.text[st.checked_chars:]
-        tokens = self.count_tokens(fresh) if fresh and not st.finished else 0
-        return due_check(st, tokens, self.check_every) or bool(fresh and not st.in_flight and self.reading_paused)
+    def _fresh_tokens(self, st: ChoiceState) -> int:
+        """Tokens of the text after the last passed check, counted once per state of the choice (the proxy asks
+        after every event it takes, and again when it starts checks)."""
+        key = (st.checked_chars, len(st.text))
+        if st.fresh_tokens[:2] != key:
+            st.fresh_tokens = (*key, self.count_tokens(st.text[st.checked_chars:]))
+        return st.fresh_tokens[2]
+
+    def _is_due(self, st: ChoiceState, paused: bool) -> bool:
+        if st.blocked is not None or st.in_flight:
+            return False
+        fresh = len(st.text) > st.checked_chars
+        tokens = self._fresh_tokens(st) if fresh and not st.finished else 0
+        return due_check(st, tokens, self.check_every) or (fresh and paused)
 
     def due_checks(self) -> list[DueCheck]:
         due = []
+        paused = self.reading_paused
         for st in self.choices.values():
             if st.blocked is not None or st.in_flight:
                 continue
@@ -280,7 +295,7 @@ class StreamRelease:
             if st.finished and not st.final_passed and st.checked_chars == len(st.text) and st.checks:
                 st.final_passed = True  # the last window check already covered the whole finished text
                 continue
-            if self._is_due(st):
+            if self._is_due(st, paused):
                 st.in_flight = True
                 due.append(DueCheck(st.index, st.text, st.finished))
         return due
@@ -289,8 +304,8 @@ class StreamRelease:
     def wants_check(self) -> bool:
         """A choice could start a check now (a window is full, or its answer finished): the proxy stops taking
         queued events so that the check covers this window, not everything the upstream sent meanwhile."""
-        return any(st.blocked is None and not st.in_flight and self._is_due(st)
-                   for st in self.choices.values())
+        paused = self.reading_paused
+        return any(self._is_due(st, paused) for st in self.choices.values())
 
     @property
     def reading_paused(self) -> bool:

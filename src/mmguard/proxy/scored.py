@@ -25,24 +25,23 @@ from typing import Any
 
 import httpx
 
-from ..conversation import MAX_TEXT_CHARS, Conversation, ConversationError
+from ..conversation import MAX_TEXT_CHARS
 from ..server.errors import APIError
 from ..verdict import Verdict
-from .judged import JudgedPrompt, with_answer
-from .release import SSEParser, choice_index, json_bytes, reasoning_text, said_text, sse, verdict_extension
+from .judged import JudgedPrompt
+from .release import SSEParser, choice_index, delta_text, json_bytes, sse, verdict_extension
 
 __all__ = ["score_plain", "score_stream"]
 
-Check = Callable[[str, Conversation], Awaitable[Verdict]]
+CheckAnswer = Callable[[JudgedPrompt, str], Awaitable[Verdict]]  # ProxyState.check_answer
 MAX_CHOICES = 128  # OpenAI's largest n: a stream with more choice indices is not an answer to judge whole
 
 
-async def _judge_answer(check: Check, judged: JudgedPrompt, index: int, text: str) -> dict[str, Any]:
+async def _judge_answer(check: CheckAnswer, judged: JudgedPrompt, index: int, text: str) -> dict[str, Any]:
     try:
-        verdict = await check("output", with_answer(judged, text))
-    except (APIError, ConversationError) as err:  # reported, never a failed request
-        message = err.message if isinstance(err, APIError) else str(err)
-        return {"rail": "output", "index": index, "error": f"the output check failed: {message}"}
+        verdict = await check(judged, text)
+    except APIError as err:  # reported, never a failed request
+        return {"rail": "output", "index": index, "error": f"the output check failed: {err.message}"}
     return {**verdict_extension("output", verdict), "index": index}
 
 
@@ -65,7 +64,7 @@ def _report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[
 
 
 async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
-                      check: Check, log: dict[str, Any], *,
+                      check: CheckAnswer, log: dict[str, Any], *,
                       output_rail: bool, judged_answer: Callable[[dict[str, Any]], str]) -> bytes:
     """The plain answer with its ``mmguard`` report; an answer that is not a JSON object is returned as it is
     (there is nothing to report on, and score mode never fails a request)."""
@@ -91,7 +90,7 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
 
 
 async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
-                       check: Check, log: dict[str, Any], *, output_rail: bool,
+                       check: CheckAnswer, log: dict[str, Any], *, output_rail: bool,
                        judge_reasoning: bool) -> AsyncIterator[bytes]:
     """The upstream's events as they come (not held back), then the report chunk, then ``[DONE]``."""
     parser = SSEParser()
@@ -100,7 +99,7 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
     saw_done = False
     failure = ""
     dropped: set[int] = set()
-    reasoning: set[int] = set()  # choices whose judged text last grew by reasoning
+    after_reasoning: dict[int, bool] = {}  # choices whose judged text last grew by reasoning
     try:
         async for chunk in resp.aiter_bytes():
             for event in parser.feed(chunk):
@@ -122,15 +121,11 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
                         if len(dropped) < MAX_CHOICES:  # more choices than any client asks for: reported, not judged
                             dropped.add(index)
                         continue
-                    thought = reasoning_text(ch.get("delta")) if judge_reasoning else ""
-                    said = said_text(ch.get("delta"))
-                    if thought:
-                        reasoning.add(index)
-                    if said and index in reasoning:  # as block mode joins them: a blank line after the reasoning
-                        said = "\n\n" + said
-                        reasoning.discard(index)
+                    # joined as block mode joins them, so a shadow measures the text blocking would judge
+                    added, after_reasoning[index] = delta_text(ch.get("delta"), judge_reasoning,
+                                                               after_reasoning.get(index, False))
                     if len(texts.get(index, "")) <= MAX_TEXT_CHARS:  # past it the check reports the limit
-                        texts[index] = texts.get(index, "") + thought + said
+                        texts[index] = texts.get(index, "") + added
         for event in parser.close():
             if not event.is_done:
                 yield event.raw

@@ -41,7 +41,6 @@ from .release import (
     json_bytes,
     reasoning_text,
     said_text,
-    sse,
     verdict_extension,
 )
 from .scored import score_plain, score_stream
@@ -472,8 +471,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             for raw in release.releasable():  # a block's closing chunk, and what passed before the failure
                 yield raw
             if failure is not None:
-                yield sse(failure)  # the openai client raises on an 'error' event
-            if release.saw_done or release.all_blocked or failure is not None:
+                yield release.events.error_event(failure)
+            if release.events.ends_with_done and (release.saw_done or release.all_blocked or failure is not None):
                 yield b"data: [DONE]\n\n"  # as the upstream ended, or as OpenAI ends a stream it cut
             tail = time.perf_counter() - upstream_ended_at if upstream_ended_at is not None else 0.0
             state.metrics.added.labels("true").observe(added + tail)

@@ -27,12 +27,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .settings import Release
 
-__all__ = ["MAX_HELD_BYTES", "SSEEvent", "SSEParser", "StreamRelease", "answer_text", "choice_index",
-           "delta_text", "due_check", "json_bytes", "max_ahead_chars", "reasoning_text", "said_text"]
+__all__ = ["MAX_HELD_BYTES", "ChatChunks", "EventFormat", "SSEEvent", "SSEParser", "StreamRelease", "answer_text",
+           "choice_index", "delta_text", "due_check", "json_bytes", "max_ahead_chars", "reasoning_text", "said_text"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -165,6 +165,76 @@ def _event(raw: bytes) -> SSEEvent:
     return SSEEvent(raw, "\n".join(data_lines) if data_lines else None)
 
 
+class EventFormat(Protocol):
+    """How one API's streamed events carry answer text: what :class:`StreamRelease` reads from them, and the
+    events it writes itself (a blocked choice's end, an error). Chat completions (:class:`ChatChunks`) is the
+    default; the Responses API's is :class:`mmguard.proxy.responses.ResponseEvents`."""
+
+    ends_with_done: bool  # the stream ends with 'data: [DONE]'
+
+    def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
+        """Per choice the event speaks of: (choice index, judged text it adds, whether it ends that choice).
+        ``[]``: it carries no answer text (sent at once); None: it cannot be read (held for every choice)."""
+
+    def closing_event(self, index: int, verdict: Any) -> bytes:
+        """The event that ends a blocked choice, with the verdict."""
+
+    def without_blocked(self, event: SSEEvent, blocked: set[int]) -> bytes | None:
+        """``event`` without what it says for the ``blocked`` choices; None: drop it."""
+
+    def error_event(self, body: dict[str, Any]) -> bytes:
+        """An error the client's SDK reports (``body`` is an OpenAI error body)."""
+
+
+class ChatChunks:
+    """Chat completions' ``chat.completion.chunk`` events: ``choices[].delta`` text, ``finish_reason``."""
+
+    ends_with_done = True
+
+    def __init__(self, judge_reasoning: bool = False) -> None:
+        self.judge_reasoning = judge_reasoning
+        self.meta: dict[str, Any] = {}  # id, created, model of the upstream's chunks (for synthesized chunks)
+        self._after_reasoning: dict[int, bool] = {}  # the choice's judged text last grew by reasoning
+
+    def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
+        chunk = event.json()
+        if not isinstance(chunk, dict):
+            return None
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if key in chunk and key not in self.meta:
+                self.meta[key] = chunk[key]
+        readings = []
+        for ch in chunk.get("choices") or []:
+            if not isinstance(ch, dict):
+                continue
+            idx = choice_index(ch.get("index", 0))
+            added, self._after_reasoning[idx] = delta_text(ch.get("delta"), self.judge_reasoning,
+                                                           self._after_reasoning.get(idx, False))
+            readings.append((idx, added, ch.get("finish_reason") is not None))
+        return readings
+
+    def closing_event(self, index: int, verdict: Any) -> bytes:
+        return sse({
+            "id": self.meta.get("id", "chatcmpl-mmguard"),
+            "object": "chat.completion.chunk",
+            "created": self.meta.get("created", int(time.time())),
+            "model": self.meta.get("model", ""),
+            "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter",
+                         "mmguard": verdict_extension("output", verdict)}],
+        })
+
+    def without_blocked(self, event: SSEEvent, blocked: set[int]) -> bytes | None:
+        chunk = event.json()
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            return None  # cannot be read: it may carry a blocked choice's text
+        chunk["choices"] = [c for c in chunk["choices"] if isinstance(c, dict)
+                            and choice_index(c.get("index", 0)) not in blocked]
+        return sse(chunk)
+
+    def error_event(self, body: dict[str, Any]) -> bytes:
+        return sse(body)  # the openai client raises on a chunk with an 'error' field
+
+
 @dataclass
 class ChoiceState:
     """One choice of a streamed answer."""
@@ -176,7 +246,6 @@ class ChoiceState:
     final_passed: bool = False  # the whole, finished answer passed
     finished: bool = False  # finish_reason seen (or the stream ended)
     in_flight: bool = False
-    in_reasoning: bool = False  # the last judged text was reasoning (a blank line separates it from the answer)
     blocked: Any = None  # the verdict that blocked it
     checks: int = 0
 
@@ -209,9 +278,9 @@ class StreamRelease:
 
     def __init__(self, *, check_every: int, release: Release, count_tokens: Callable[[str], int],
                  max_ahead: int | None = None, max_held_bytes: int = MAX_HELD_BYTES,
-                 judge_reasoning: bool = False) -> None:
+                 judge_reasoning: bool = False, events: EventFormat | None = None) -> None:
         self.check_every = check_every
-        self.judge_reasoning = judge_reasoning
+        self.events = events if events is not None else ChatChunks(judge_reasoning)
         self.max_ahead = max_ahead if max_ahead is not None else max_ahead_chars(check_every)
         self.max_held_bytes = max_held_bytes
         self._held_bytes = 0
@@ -221,7 +290,6 @@ class StreamRelease:
         self._held: deque[_Held] = deque()
         self.upstream_done = False
         self.saw_done = False  # the upstream ended with 'data: [DONE]' (not every server sends it)
-        self.meta: dict[str, Any] = {}  # id, created, model of the upstream's chunks (for synthesized chunks)
         self.hold_seconds: list[float] = []  # per released text event: time held back
         self._pending_blocks: list[ChoiceState] = []
 
@@ -232,32 +300,23 @@ class StreamRelease:
 
     # -- upstream side ---------------------------------------------------------------------------
     def feed(self, event: SSEEvent) -> None:
-        if event.is_done:
+        if event.is_done and self.events.ends_with_done:
             self.saw_done = True
             self.finish()
             return
-        chunk = event.json()
+        readings = self.events.read(event)
         needs: dict[int, tuple[int, bool]] = {}
-        if isinstance(chunk, dict):
-            for key in ("id", "created", "model", "system_fingerprint"):
-                if key in chunk and key not in self.meta:
-                    self.meta[key] = chunk[key]
-            for ch in chunk.get("choices") or []:
-                if not isinstance(ch, dict):
-                    continue
-                idx = choice_index(ch.get("index", 0))
+        if readings is None:
+            if event.data is not None:  # cannot be read, so it waits for everything so far
+                needs = {i: (len(st.text), False) for i, st in self.choices.items()}
+        else:
+            for idx, added, finishes in readings:
                 st = self.choice(idx)
-                added, st.in_reasoning = delta_text(ch.get("delta"), self.judge_reasoning, st.in_reasoning)
                 if added:
                     st.text += added
                     st.final_passed = False  # text after the choice's end (an odd upstream): judged again
-                if ch.get("finish_reason") is not None:
-                    st.finished = True
-                    needs[idx] = (len(st.text), True)
-                else:
-                    needs[idx] = (len(st.text), False)
-        elif event.data is not None:  # not JSON: cannot be read, so it waits for everything so far
-            needs = {i: (len(st.text), False) for i, st in self.choices.items()}
+                st.finished = st.finished or finishes
+                needs[idx] = (len(st.text), finishes)
         self._held.append(_Held(event, needs))
         self._held_bytes += len(event.raw)
 
@@ -348,7 +407,7 @@ class StreamRelease:
         newly blocked choices come first (they end those choices)."""
         out: list[bytes] = []
         for st in self._pending_blocks:
-            out.append(self.filter_chunk(st))
+            out.append(self.events.closing_event(st.index, st.blocked))
         self._pending_blocks.clear()
         while self._held:
             head = self._held[0]
@@ -359,8 +418,9 @@ class StreamRelease:
             if not self._ready(head):
                 break
             self._pop_held()
-            if any(self.choices[i].blocked is not None for i in head.needs):
-                kept = self._without_blocked(head.event)
+            blocked = {i for i, st in self.choices.items() if st.blocked is not None}
+            if blocked & set(head.needs):
+                kept = self.events.without_blocked(head.event, blocked)
                 if kept is not None:
                     out.append(kept)
             else:
@@ -371,16 +431,6 @@ class StreamRelease:
 
     def _pop_held(self) -> None:
         self._held_bytes -= len(self._held.popleft().event.raw)
-
-    def _without_blocked(self, event: SSEEvent) -> bytes | None:
-        """The event without its blocked choices; None for an event that cannot be read (not a JSON chunk):
-        it may carry a blocked choice's text, so it is dropped."""
-        chunk = event.json()
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-            return None
-        chunk["choices"] = [c for c in chunk["choices"] if isinstance(c, dict)
-                            and self.choice(choice_index(c.get("index", 0))).blocked is None]
-        return sse(chunk)
 
     @property
     def all_blocked(self) -> bool:
@@ -395,17 +445,6 @@ class StreamRelease:
     @property
     def checks_in_flight(self) -> bool:
         return any(st.in_flight for st in self.choices.values())
-
-    def filter_chunk(self, st: ChoiceState) -> bytes:
-        chunk = {
-            "id": self.meta.get("id", "chatcmpl-mmguard"),
-            "object": "chat.completion.chunk",
-            "created": self.meta.get("created", int(time.time())),
-            "model": self.meta.get("model", ""),
-            "choices": [{"index": st.index, "delta": {}, "logprobs": None, "finish_reason": "content_filter",
-                         "mmguard": verdict_extension("output", st.blocked)}],
-        }
-        return sse(chunk)
 
 
 def json_bytes(payload: Any) -> bytes:

@@ -222,8 +222,8 @@ def test_errors_pass_through_and_bad_input(stub: tuple[StubUpstream, str], proxy
     assert resp.status_code == 400
     resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": "hi"}, timeout=10)
     assert resp.status_code == 400
-    with pytest.raises(openai.NotFoundError, match="does not forward /v1/responses") as missing:
-        client(proxy).responses.create(model="m", input="hi")  # a route the rails do not cover: said, not bare
+    with pytest.raises(openai.NotFoundError, match="does not forward /v1/completions") as missing:
+        client(proxy).completions.create(model="m", prompt="hi")  # a route the rails do not cover: said, not bare
     assert missing.value.code == "route_not_proxied"
 
 

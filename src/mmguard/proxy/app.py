@@ -1,9 +1,10 @@
 """The guardrail proxy: ``create_proxy_app(guard, settings)``.
 
-``POST /v1/chat/completions`` (streaming and not) and ``GET /v1/models`` in front of any OpenAI-compatible
-server. The guard runs through the moderation server's machinery (:class:`mmguard.server.app.ServerState`:
-dynamic batching, the queue's 429, timeouts, fail-closed, image rules, request ids, body limit, JSON access
-log), so concurrent checks of several streams share model batches.
+``POST /v1/chat/completions`` and ``POST /v1/responses`` (streaming and not; :mod:`.routes` says how each
+API's requests and answers read) and ``GET /v1/models`` in front of any OpenAI-compatible server. The guard
+runs through the moderation server's machinery (:class:`mmguard.server.app.ServerState`: dynamic batching,
+the queue's 429, timeouts, fail-closed, image rules, request ids, body limit, JSON access log), so
+concurrent checks of several streams share model batches.
 """
 
 from __future__ import annotations
@@ -33,17 +34,9 @@ from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, with_answer
-from .release import (
-    REASONING_KEYS,
-    DueCheck,
-    SSEParser,
-    StreamRelease,
-    json_bytes,
-    reasoning_text,
-    said_text,
-    verdict_extension,
-)
-from .scored import score_plain, score_stream
+from .release import DueCheck, SSEParser, StreamRelease, json_bytes, verdict_extension
+from .routes import CHAT, RESPONSES, Route
+from .scored import score_plain
 from .settings import ProxySettings
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
@@ -142,12 +135,12 @@ def _response_headers(resp: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
 
 
-def content_filter_error(verdict: Verdict, active_codes: tuple[str, ...]) -> dict[str, Any]:
+def content_filter_error(verdict: Verdict, active_codes: tuple[str, ...], param: str = "messages") -> dict[str, Any]:
     """Azure OpenAI's 400 ``content_filter`` error body, with mmguard's verdict in ``error.mmguard``."""
     probs = verdict.category_probabilities
     body = error_body(
         f"The prompt was filtered by mmguard's input rail: {verdict}. Please modify your prompt and retry.",
-        param="messages", code="content_filter")
+        param=param, code="content_filter")
     body["error"]["status"] = 400
     body["error"]["innererror"] = {
         "code": "ResponsibleAIPolicyViolation",
@@ -214,8 +207,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             # an OpenAI route the rails do not cover (/v1/responses, /v1/completions, ...): forwarding it would
             # bypass them, and a bare "Not Found" reads as the upstream's
             code, message = "route_not_proxied", (
-                f"mmguard proxy does not forward {request.url.path}: only /v1/chat/completions passes through the "
-                "guard's rails (and /v1/models); other routes would bypass them")
+                f"mmguard proxy does not forward {request.url.path}: only /v1/chat/completions and /v1/responses "
+                "pass through the guard's rails (and /v1/models); other routes would bypass them")
         return JSONResponse(error_body(message, code=code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -294,6 +287,14 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", tags=["openai"], summary="Chat completions through the rails")
     async def chat_completions(request: Request) -> Response:
+        return await guarded(request, CHAT)
+
+    @app.post("/v1/responses", tags=["openai"], summary="Responses through the rails")
+    async def responses(request: Request) -> Response:
+        return await guarded(request, RESPONSES)
+
+    async def guarded(request: Request, route: Route) -> Response:
+        """Input rail, forward, output rail (plain or streamed), or score mode's report: one API's request."""
         state.check_key(request)
         started = time.perf_counter()
         raw = await request.body()
@@ -306,7 +307,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         input_verdict: Verdict | None = None
         input_error = ""  # score mode: the input could not be judged; reported, and the request goes on
         try:
-            normalized = await prepare_judged_prompt(body.get("messages"), server.limits, server.fetcher)
+            normalized = await prepare_judged_prompt(route.messages(body), server.limits, server.fetcher,
+                                                     param=route.param)
             judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
             if settings.input_rail and judged.conversation is not None:
                 input_verdict = await state.check("input", judged.conversation)
@@ -317,44 +319,39 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         if input_verdict is not None and input_verdict.is_unsafe:
             request.state.log.update(rail="input", flagged=1, codes=list(input_verdict.codes))
             if settings.blocking:
-                return JSONResponse(content_filter_error(input_verdict, server.guard.policy.active_codes),
-                                    status_code=400)
+                return JSONResponse(content_filter_error(input_verdict, server.guard.policy.active_codes,
+                                                         route.param), status_code=400)
         added = time.perf_counter() - started
-        resp = await send_upstream(request, "POST", "/chat/completions", raw)
+        resp = await send_upstream(request, "POST", route.path, raw)
         is_stream = "text/event-stream" in resp.headers.get("content-type", "")
         if resp.status_code == 200 and not settings.blocking:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
-            return await scored(request, resp, judged, input_verdict, input_error, is_stream)
+            return await scored(request, route, resp, judged, input_verdict, input_error, is_stream)
         if resp.status_code != 200 or not settings.output_rail:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
         if is_stream:
-            return StreamingResponse(stream_checked(request, resp, judged, added), status_code=200,
+            return StreamingResponse(stream_checked(request, route, resp, judged, added), status_code=200,
                                      headers=_response_headers(resp))
-        return await plain_checked(request, resp, judged, added)
+        return await plain_checked(request, route, resp, judged, added)
 
-    async def scored(request: Request, resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None,
-                     input_error: str, is_stream: bool) -> Response:
+    async def scored(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
+                     input_verdict: Verdict | None, input_error: str, is_stream: bool) -> Response:
         """Score mode: the upstream's answer unchanged, with the verdicts reported (:mod:`.scored`)."""
         headers = _response_headers(resp)
         if is_stream:
-            return StreamingResponse(score_stream(resp, judged, input_verdict, input_error, state.check_answer,
-                                                  request.state.log,
-                                                  output_rail=settings.output_rail,
-                                                  judge_reasoning=settings.judge_reasoning),
+            return StreamingResponse(route.score_stream(resp, judged, input_verdict, input_error, state.check_answer,
+                                                        request.state.log, output_rail=settings.output_rail,
+                                                        judge_reasoning=settings.judge_reasoning),
                                      status_code=200, headers=headers)
         body = await score_plain(await read_bounded(resp), judged, input_verdict, input_error, state.check_answer,
-                                 request.state.log,
-                                 output_rail=settings.output_rail, judged_answer=judged_answer)
+                                 request.state.log, output_rail=settings.output_rail,
+                                 answers=lambda data: [(index, text) for index, text, _ in
+                                                       route.answers(data, settings.judge_reasoning)])
         return Response(body, status_code=200, headers=headers)
 
-    def judged_answer(message: dict[str, Any]) -> str:
-        """A plain answer's judged text: its content, after its reasoning when that is judged too."""
-        content = said_text(message, "\n")
-        thought = reasoning_text(message) if settings.judge_reasoning else ""
-        return f"{thought}\n\n{content}" if thought and content else thought or content
-
-    async def plain_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt, added: float) -> Response:
+    async def plain_checked(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
+                            added: float) -> Response:
         raw = await read_bounded(resp)
         headers = _response_headers(resp)
         try:
@@ -362,37 +359,27 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         except ValueError:
             raise APIError(502, "the upstream's answer is not JSON, so it cannot be checked", type="server_error",
                            code="upstream_invalid_response") from None
-        choices = data.get("choices") if isinstance(data, dict) else None
-        judged_choices = [
-            (ch, text) for ch in (choices if isinstance(choices, list) else [])
-            if isinstance(ch, dict) and isinstance(ch.get("message"), dict)
-            and (text := judged_answer(ch["message"])).strip()
-        ]
+        answers = route.answers(data, settings.judge_reasoning) if isinstance(data, dict) else []
         started = time.perf_counter()
         try:
-            verdicts = await asyncio.gather(*(state.check_answer(judged, text) for _, text in judged_choices))
+            verdicts = await asyncio.gather(*(state.check_answer(judged, text) for _, text, _ in answers))
         except APIError as err:  # as the stream says it: the answer, not the request, could not be judged
             raise APIError(err.status, f"the output check failed: {err.message}", type=err.type, param=err.param,
                            code=err.code, headers=err.headers) from None
         state.metrics.added.labels("false").observe(added + time.perf_counter() - started)
-        flagged = [(ch, v) for (ch, _), v in zip(judged_choices, verdicts, strict=True) if v.is_unsafe]
+        flagged = [(target, v) for (_, _, target), v in zip(answers, verdicts, strict=True) if v.is_unsafe]
         if not flagged:
             return Response(raw, status_code=resp.status_code, headers=headers)  # the upstream's bytes
-        for ch, v in flagged:
-            ch["message"]["content"] = None
-            for key in (*REASONING_KEYS, "audio"):  # nor the reasoning or the audio of a blocked answer
-                if ch["message"].get(key) is not None:
-                    ch["message"][key] = None
-            ch["finish_reason"] = "content_filter"
-            ch["mmguard"] = verdict_extension("output", v)
+        for target, verdict in flagged:
+            route.block(target, verdict)
         request.state.log.update(rail="output", flagged=len(flagged))
         headers.pop("content-type", None)
         return Response(json_bytes(data), status_code=200, headers=headers, media_type="application/json")
 
-    async def stream_checked(request: Request, resp: httpx.Response, judged: JudgedPrompt,
+    async def stream_checked(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
                              added: float) -> AsyncIterator[bytes]:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
-                                count_tokens=state.count_tokens, judge_reasoning=settings.judge_reasoning)
+                                count_tokens=state.count_tokens, events=route.events(settings.judge_reasoning))
         # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_READ_AHEAD_EVENTS)
 

@@ -64,15 +64,17 @@ class JudgedPrompt:
         return self.conversation is not None and self.conversation.has_image
 
 
-async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: ImageFetcher) -> list[dict[str, Any]]:
-    """Validate ``messages`` and resolve their images (network part: runs on the event loop)."""
+async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: ImageFetcher,
+                                param: str = "messages") -> list[dict[str, Any]]:
+    """Validate ``messages`` and resolve their images (network part: runs on the event loop); errors name
+    ``param``, the request's field that held them."""
     if not isinstance(messages, list) or not messages:
-        raise APIError.bad_request("'messages' must be a non-empty list of messages", param="messages")
+        raise APIError.bad_request(f"'{param}' must be a non-empty list of messages", param=param)
     kept: list[Any] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
-            raise APIError.bad_request(f"messages[{i}] must be an object with 'role' and 'content'",
-                                       param=f"messages[{i}]")
+            raise APIError.bad_request(f"{param}[{i}] must be an object with 'role' and 'content'",
+                                       param=f"{param}[{i}]")
         role = msg.get("role")
         role_name = role.lower() if isinstance(role, str) else role
         if role_name in _DROPPED_ROLES:
@@ -87,7 +89,7 @@ async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: Ima
     if not users:
         return []
     kept = kept[: users[-1] + 1]
-    return await normalize_messages(kept, limits, fetcher, lenient_roles=True, param="messages")
+    return await normalize_messages(kept, limits, fetcher, lenient_roles=True, param=param)
 
 
 def decode_judged_prompt(normalized: list[dict[str, Any]], limits: ImageLimits) -> JudgedPrompt:

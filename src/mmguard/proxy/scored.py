@@ -31,13 +31,13 @@ from ..verdict import Verdict
 from .judged import JudgedPrompt
 from .release import SSEParser, choice_index, delta_text, json_bytes, sse, verdict_extension
 
-__all__ = ["score_plain", "score_stream"]
+__all__ = ["CheckAnswer", "judge_output", "score_plain", "score_report", "score_stream"]
 
 CheckAnswer = Callable[[JudgedPrompt, str], Awaitable[Verdict]]  # ProxyState.check_answer
 MAX_CHOICES = 128  # OpenAI's largest n: a stream with more choice indices is not an answer to judge whole
 
 
-async def _judge_answer(check: CheckAnswer, judged: JudgedPrompt, index: int, text: str) -> dict[str, Any]:
+async def judge_output(check: CheckAnswer, judged: JudgedPrompt, index: int, text: str) -> dict[str, Any]:
     try:
         verdict = await check(judged, text)
     except APIError as err:  # reported, never a failed request
@@ -45,7 +45,7 @@ async def _judge_answer(check: CheckAnswer, judged: JudgedPrompt, index: int, te
     return {**verdict_extension("output", verdict), "index": index}
 
 
-def _report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[str, Any]],
+def score_report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[str, Any]],
             log: dict[str, Any]) -> dict[str, Any]:
     """The ``mmguard`` report; ``log`` (the request's access-log entry) gets what an operator counts from a
     shadow deployment: which rails flagged, with which codes, and how many checks could not run."""
@@ -65,9 +65,10 @@ def _report(input_verdict: Verdict | None, input_error: str, outputs: list[dict[
 
 async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
                       check: CheckAnswer, log: dict[str, Any], *,
-                      output_rail: bool, judged_answer: Callable[[dict[str, Any]], str]) -> bytes:
-    """The plain answer with its ``mmguard`` report; an answer that is not a JSON object is returned as it is
-    (there is nothing to report on, and score mode never fails a request)."""
+                      output_rail: bool, answers: Callable[[dict[str, Any]], list[tuple[int, str]]]) -> bytes:
+    """The plain answer with its ``mmguard`` report; ``answers`` gives its judged texts by choice index. An
+    answer that is not a JSON object is returned as it is (there is nothing to report on, and score mode
+    never fails a request)."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -75,17 +76,13 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
     if not isinstance(data, dict):
         return raw
     outputs: list[dict[str, Any]] = []
-    choices = data.get("choices")
-    listed = choices if isinstance(choices, list) and output_rail else []
-    for position, ch in enumerate(listed[:MAX_CHOICES]):
-        message = ch.get("message") if isinstance(ch, dict) else None
-        text = judged_answer(message) if isinstance(message, dict) else ""
-        if text.strip():
-            outputs.append(await _judge_answer(check, judged, choice_index(ch.get("index", position)), text))
-    if len(listed) > MAX_CHOICES:
-        outputs.append({"rail": "output", "error": f"{len(listed) - MAX_CHOICES} choices past the first "
+    judged_texts = answers(data) if output_rail else []
+    for index, text in judged_texts[:MAX_CHOICES]:
+        outputs.append(await judge_output(check, judged, index, text))
+    if len(judged_texts) > MAX_CHOICES:
+        outputs.append({"rail": "output", "error": f"{len(judged_texts) - MAX_CHOICES} choices past the first "
                                                    f"{MAX_CHOICES} not judged"})
-    data["mmguard"] = _report(input_verdict, input_error, outputs, log)
+    data["mmguard"] = score_report(input_verdict, input_error, outputs, log)
     return json_bytes(data)
 
 
@@ -133,7 +130,7 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
         failure = f"the upstream's stream failed: {type(err).__name__}"
     finally:
         await resp.aclose()
-    outputs = [await _judge_answer(check, judged, index, text) for index, text in sorted(texts.items()) if text.strip()]
+    outputs = [await judge_output(check, judged, index, text) for index, text in sorted(texts.items()) if text.strip()]
     if dropped:
         many = f"{len(dropped)}" if len(dropped) < MAX_CHOICES else f"{MAX_CHOICES} or more"
         outputs.append({"rail": "output", "error": f"{many} choices past the first {MAX_CHOICES} not judged"})
@@ -141,6 +138,6 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
         outputs.append({"rail": "output", "error": failure})
     yield sse({"id": meta.get("id") or "chatcmpl-mmguard", "object": "chat.completion.chunk",
                "created": meta.get("created") or int(time.time()), "model": meta.get("model") or "",
-               "choices": [], "mmguard": _report(input_verdict, input_error, outputs, log)})
+               "choices": [], "mmguard": score_report(input_verdict, input_error, outputs, log)})
     if saw_done or failure:
         yield b"data: [DONE]\n\n"

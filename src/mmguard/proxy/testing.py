@@ -72,7 +72,8 @@ class LiveProxy(LiveApp):
 
 
 class StubUpstream:
-    """A minimal OpenAI-compatible chat server (FastAPI) answering a fixed text, streamed one word a chunk.
+    """A minimal OpenAI-compatible server (FastAPI): chat completions and Responses answering a fixed text,
+    streamed one word a chunk.
 
     It records every request (``requests``: JSON body and headers) so tests can see what reached it.
     ``required_key``: answer 401 unless ``Authorization: Bearer <key>``.
@@ -81,6 +82,7 @@ class StubUpstream:
     def __init__(self, answer: str = "Hello there!", *, required_key: str | None = None,
                  send_done: bool = True, delay_s: float = 0.0) -> None:
         self.answer = answer
+        self.reasoning = ""  # /v1/responses: a reasoning summary before the answer, when set
         self.delay_s = delay_s  # between streamed words (a generating model's pace)
         self.required_key = required_key
         self.send_done = send_done
@@ -147,7 +149,72 @@ class StubUpstream:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
+        @app.post("/v1/responses")
+        async def responses(request: Request) -> Any:
+            body = await request.json()
+            self.requests.append({"body": body, "headers": dict(request.headers)})
+            refused = denied(request)
+            if refused is not None:
+                return refused
+            done = self.response_object(body.get("model", "stub"), "completed")
+            if not body.get("stream"):
+                return Response(json.dumps(done), media_type="application/json")
+            return StreamingResponse(self.response_events(done), media_type="text/event-stream")
+
         return app
+
+    def response_object(self, model: str, status: str) -> dict[str, Any]:
+        """A Responses API answer: a reasoning item (when ``reasoning`` is set), then the message."""
+        output: list[dict[str, Any]] = []
+        if self.reasoning:
+            output.append({"id": "rs_stub", "type": "reasoning",
+                           "summary": [{"type": "summary_text", "text": self.reasoning}]})
+        output.append({"id": "msg_stub", "type": "message", "status": status, "role": "assistant",
+                       "content": [{"type": "output_text", "text": self.answer, "annotations": []}]})
+        return {"id": "resp_stub", "object": "response", "created_at": 1700000000, "status": status,
+                "model": model, "output": output, "error": None, "incomplete_details": None, "instructions": None,
+                "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto",
+                "tools": [], "top_p": 1.0,
+                "usage": {"input_tokens": 5, "output_tokens": len(self.words()), "total_tokens": 9,
+                          "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens_details": {"reasoning_tokens": 0}}}
+
+    async def response_events(self, done: dict[str, Any]) -> Any:
+        """The Responses API's stream of ``done``, as OpenAI sends it (text one word a delta)."""
+        import json
+
+        sequence = iter(range(1_000_000))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            payload = {"type": kind, "sequence_number": next(sequence), **fields}
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        yield event("response.created", response=started)
+        yield event("response.in_progress", response=started)
+        for position, item in enumerate(done["output"]):
+            if item["type"] == "reasoning":
+                yield event("response.output_item.added", output_index=position, item={**item, "summary": []})
+                text = item["summary"][0]["text"]
+                yield event("response.reasoning_summary_text.delta", item_id=item["id"], output_index=position,
+                            summary_index=0, delta=text)
+                yield event("response.reasoning_summary_text.done", item_id=item["id"], output_index=position,
+                            summary_index=0, text=text)
+                yield event("response.output_item.done", output_index=position, item=item)
+                continue
+            where = {"item_id": item["id"], "output_index": position, "content_index": 0}
+            yield event("response.output_item.added", output_index=position,
+                        item={**item, "status": "in_progress", "content": []})
+            yield event("response.content_part.added", **where,
+                        part={"type": "output_text", "text": "", "annotations": []})
+            for word in self.words():
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                yield event("response.output_text.delta", **where, delta=word, logprobs=[])
+            yield event("response.output_text.done", **where, text=self.answer, logprobs=[])
+            yield event("response.content_part.done", **where, part=item["content"][0])
+            yield event("response.output_item.done", output_index=position, item=item)
+        yield event("response.completed", response=done)
 
 
 # -- a real CPU upstream: SmolLM2-135M-Instruct behind transformers' own OpenAI-compatible server ----------

@@ -1,0 +1,280 @@
+"""The Responses API (``POST /v1/responses``) through the rails: what they judge and how a block reads.
+
+What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from the Responses shapes:
+
+* **input**: ``input`` as a string (one user turn) or a list of items. Message items (``{"role": ...,
+  "content": ...}``, with or without ``"type": "message"``) keep their ``input_text`` / ``output_text`` text
+  and their ``input_image`` (``image_url``: a data URL, or http(s) from allowlisted hosts); an image given only
+  by ``file_id`` lives on the upstream, cannot be judged, and is refused, as are files and audio. Other items
+  (function calls and their outputs, reasoning, item references) are dropped, as tool messages are.
+  ``instructions`` is the system prompt: not judged. With ``previous_response_id`` the earlier turns live on
+  the upstream: the rails judge the turns the request carries.
+* **output**: the answer's ``output`` items in order: the ``output_text`` of its messages, after the text of
+  its reasoning items when ``judge_reasoning`` is on, parts joined by a blank line. Function calls and
+  ``refusal`` parts are not judged.
+* **a blocked answer** keeps its other items and loses its messages and reasoning; it reads as OpenAI's own
+  filter's does: ``status: "incomplete"``, ``incomplete_details: {"reason": "content_filter"}``, and the
+  verdict in ``mmguard``. Streamed, the held events are dropped and a ``response.incomplete`` event says the
+  same.
+* **streams** (:class:`ResponseEvents`) are judged from the text deltas (``response.output_text.delta``;
+  reasoning deltas with ``judge_reasoning``); an event that carries a part's whole text (``*.done``,
+  ``response.completed``) is held like a delta, and text it holds that its deltas did not say is judged too.
+  The terminal event (``response.completed``, ``.incomplete``, ``.failed``) waits for the final check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+
+from ..conversation import MAX_TEXT_CHARS
+from ..server.errors import APIError
+from ..verdict import Verdict
+from .judged import JudgedPrompt
+from .release import SSEEvent, SSEParser, json_bytes, verdict_extension
+from .scored import CheckAnswer, judge_output, score_report
+
+__all__ = ["ResponseEvents", "blocked_response", "input_messages", "response_answer", "response_texts",
+           "score_response_stream"]
+
+TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+_PART_TYPES = {"input_text": "text", "output_text": "text", "text": "text"}
+_SAID_DELTAS = {"response.output_text.delta", "response.audio.transcript.delta"}
+_REASONING_DELTAS = {"response.reasoning_text.delta", "response.reasoning_summary_text.delta"}
+_SAID_DONE = {"response.output_text.done": "text", "response.audio.transcript.done": "transcript"}
+_REASONING_DONE = {"response.reasoning_text.done": "text", "response.reasoning_summary_text.done": "text"}
+
+
+# -- the request -------------------------------------------------------------------------------------------
+def _message_part(part: Any, where: str) -> Any:
+    """A Responses content part as the chat route's part (which the server's input rules then check)."""
+    if not isinstance(part, Mapping):
+        return part  # refused by the shared rules, naming where
+    kind = part.get("type")
+    if kind in _PART_TYPES:
+        return {"type": "text", "text": part.get("text")}
+    if kind == "input_image":
+        if part.get("image_url") is not None:
+            return {"type": "image_url", "image_url": {"url": part.get("image_url")}}
+        raise APIError.bad_request(
+            f"{where}: an input_image given only by file_id cannot be judged (the file lives on the upstream); "
+            "send it as image_url (a data URL)", param=f"{where}.file_id")
+    if kind == "refusal":
+        return part  # an earlier answer's refusal: not judged
+    raise APIError.bad_request(f"{where}: unsupported content type {kind!r} (the guard reads input_text and "
+                               "input_image)", param=f"{where}.type")
+
+
+def input_messages(body: Mapping[str, Any]) -> list[Any]:
+    """A Responses request's ``input`` as chat messages, index for index (dropped items become ``tool``
+    messages, which the rails skip, so that errors name the request's own indices)."""
+    given = body.get("input")
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    if not isinstance(given, list) or not given:
+        raise APIError.bad_request("'input' must be a string or a non-empty list of input items", param="input")
+    messages: list[Any] = []
+    for i, item in enumerate(given):
+        is_message = isinstance(item, Mapping) and item.get("type", "message") == "message" and "role" in item
+        if not is_message:
+            messages.append(item if not isinstance(item, Mapping) else {"role": "tool", "content": ""})
+            continue
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [_message_part(p, f"input[{i}].content[{j}]") for j, p in enumerate(content)]
+        messages.append({"role": item.get("role"), "content": content})
+    return messages
+
+
+# -- a plain answer ----------------------------------------------------------------------------------------
+def _item_texts(item: Any, judge_reasoning: bool) -> list[str]:
+    """The judged texts of one output item: a message's output_text parts; a reasoning item's summary and
+    content text (when judged)."""
+    if not isinstance(item, Mapping):
+        return []
+    if item.get("type") == "message":
+        parts = item.get("content")
+        return [p["text"] for p in parts if isinstance(p, Mapping) and p.get("type") == "output_text"
+                and isinstance(p.get("text"), str)] if isinstance(parts, list) else []
+    if item.get("type") == "reasoning" and judge_reasoning:
+        found = []
+        for key in ("summary", "content"):
+            parts = item.get(key)
+            found += [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)] \
+                if isinstance(parts, list) else []
+        return found
+    return []
+
+
+def response_texts(response: Any, judge_reasoning: bool) -> list[str]:
+    """Every judged text of a response object, in output order."""
+    output = response.get("output") if isinstance(response, Mapping) else None
+    if not isinstance(output, list):
+        return []
+    return [t for item in output for t in _item_texts(item, judge_reasoning) if t]
+
+
+def response_answer(response: Any, judge_reasoning: bool) -> str:
+    """A plain answer's judged text: its texts joined by a blank line."""
+    return "\n\n".join(response_texts(response, judge_reasoning))
+
+
+def blocked_response(response: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+    """``response`` as OpenAI's filter ends one: incomplete for ``content_filter``, without messages or
+    reasoning (other items, such as function calls, stay), and the verdict in ``mmguard``."""
+    output = response.get("output")
+    judged_types = ("message", "reasoning")
+    kept = [item for item in output if not (isinstance(item, Mapping) and item.get("type") in judged_types)] \
+        if isinstance(output, list) else []
+    blocked = {k: v for k, v in response.items() if k != "output_text"}  # the SDK's convenience, if a server sent it
+    blocked.update(status="incomplete", incomplete_details={"reason": "content_filter"}, output=kept,
+                   mmguard=verdict_extension("output", verdict))
+    return blocked
+
+
+# -- a stream ----------------------------------------------------------------------------------------------
+def _event_bytes(kind: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {kind}\n".encode() + b"data: " + json_bytes(payload) + b"\n\n"
+
+
+class ResponseEvents:
+    """The Responses API's streamed events (one answer: choice 0) for :class:`~.release.StreamRelease`."""
+
+    ends_with_done = False  # a Responses stream ends with its terminal event, not '[DONE]'
+
+    def __init__(self, judge_reasoning: bool = False) -> None:
+        self.judge_reasoning = judge_reasoning
+        self.response: dict[str, Any] = {}  # the response object as first announced (for synthesized events)
+        self.sequence = -1  # the largest sequence_number seen
+        self._parts: dict[tuple[Any, ...], str] = {}  # each part's text so far, by (kind, output, part index)
+        self._last: tuple[Any, ...] | None = None  # the part that last added text
+        self.text = ""  # all judged text, parts joined by a blank line
+
+    def _add(self, key: tuple[Any, ...], text: str) -> str:
+        """Text a part says; returns what it adds to the judged text (a blank line before a new part)."""
+        if not text:
+            return ""
+        if len(self.text) > MAX_TEXT_CHARS:  # past what a check reads (it reports the limit): not kept
+            return text
+        added = text if key == self._last or not self.text else "\n\n" + text
+        self._parts[key] = self._parts.get(key, "") + text
+        self._last = key
+        self.text += added
+        return added
+
+    def _whole(self, key: tuple[Any, ...], text: Any) -> str:
+        """A part's whole text (a ``.done`` event): judged where its deltas did not say it."""
+        if not isinstance(text, str):
+            return ""
+        said = self._parts.get(key, "")
+        if text == said:
+            return ""
+        if text.startswith(said):
+            return self._add(key, text[len(said):])
+        self._parts[key] = ""  # the upstream says something else than its deltas did: all of it is judged
+        self._last = None
+        return self._add(key, text)
+
+    def _items(self, items: Any, offset: int = 0) -> str:
+        """The texts of whole output items (``output_item.done``, the terminal event's ``output``)."""
+        added = ""
+        for position, item in enumerate(items if isinstance(items, list) else []):
+            if not isinstance(item, Mapping):
+                continue
+            kind = "said" if item.get("type") == "message" else "reasoning"
+            for j, text in enumerate(_item_texts(item, self.judge_reasoning)):
+                added += self._whole((kind, offset + position, j), text)
+        return added
+
+    def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
+        data = event.json()
+        if not isinstance(data, dict):
+            return None
+        kind = data.get("type")
+        if isinstance(data.get("sequence_number"), int):
+            self.sequence = max(self.sequence, data["sequence_number"])
+        if isinstance(data.get("response"), dict) and not self.response:
+            self.response = data["response"]
+        where = (data.get("output_index"), data.get("content_index", data.get("summary_index")))
+        reasoning = self.judge_reasoning
+        if kind in _SAID_DELTAS or (reasoning and kind in _REASONING_DELTAS):
+            delta = data.get("delta")
+            tag = "said" if kind in _SAID_DELTAS else "reasoning"
+            return [(0, self._add((tag, *where), delta) if isinstance(delta, str) else "", False)]
+        if kind in _SAID_DONE or (reasoning and kind in _REASONING_DONE):
+            tag, field = ("said", _SAID_DONE[kind]) if kind in _SAID_DONE else ("reasoning", _REASONING_DONE[kind])
+            return [(0, self._whole((tag, *where), data.get(field)), False)]
+        if kind in ("response.content_part.done", "response.reasoning_summary_part.done"):
+            part = data.get("part")
+            tag = "said" if kind == "response.content_part.done" else "reasoning"
+            if not isinstance(part, Mapping) or (tag == "reasoning" and not reasoning) or (
+                    tag == "said" and part.get("type") != "output_text"):
+                return [(0, "", False)]
+            return [(0, self._whole((tag, *where), part.get("text")), False)]
+        if kind == "response.output_item.done":
+            return [(0, self._items([data.get("item")], data.get("output_index") or 0), False)]
+        if kind in TERMINAL:
+            response = data.get("response")
+            return [(0, self._items(response.get("output")) if isinstance(response, Mapping) else "", True)]
+        # no answer text (created, in_progress, item added, function call arguments, ...): still the answer's,
+        # so once it is blocked nothing of it (nor an event after the block) reaches the client
+        return [(0, "", False)]
+
+    def _next_sequence(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+    def closing_event(self, index: int, verdict: Any) -> bytes:
+        base = self.response or {"id": "resp_mmguard", "object": "response", "created_at": int(time.time()),
+                                 "model": "", "output": []}
+        return _event_bytes("response.incomplete", {
+            "type": "response.incomplete", "sequence_number": self._next_sequence(),
+            "response": blocked_response({**base, "output": []}, verdict)})
+
+    def without_blocked(self, event: SSEEvent, blocked: set[int]) -> bytes | None:
+        return None  # one answer: once it is blocked, nothing more of it is sent
+
+    def error_event(self, body: dict[str, Any]) -> bytes:
+        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        return _event_bytes("error", {"type": "error", "code": error.get("code"), "message": error.get("message"),
+                                      "param": error.get("param"), "sequence_number": self._next_sequence()})
+
+
+async def score_response_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None,
+                                input_error: str, check: CheckAnswer, log: dict[str, Any], *, output_rail: bool,
+                                judge_reasoning: bool) -> AsyncIterator[bytes]:
+    """Score mode: the upstream's events as they come, except the terminal one, which waits for the verdict
+    and carries the report in ``response.mmguard``; a stream that ends without one gets an ``mmguard.report``
+    event."""
+    parser = SSEParser()
+    events = ResponseEvents(judge_reasoning)
+    terminal: SSEEvent | None = None
+    failure = ""
+    try:
+        async for chunk in resp.aiter_bytes():
+            for event in parser.feed(chunk):
+                if any(ends for *_, ends in events.read(event) or []) and terminal is None:
+                    terminal = event  # sent with the report
+                else:
+                    yield event.raw
+        for event in parser.close():
+            yield event.raw
+    except (httpx.HTTPError, ValueError) as err:
+        failure = f"the upstream's stream failed: {type(err).__name__}"
+    finally:
+        await resp.aclose()
+    outputs = [await judge_output(check, judged, 0, events.text)] if output_rail and events.text.strip() else []
+    if failure:
+        outputs.append({"rail": "output", "error": failure})
+    report = score_report(input_verdict, input_error, outputs, log)
+    payload = terminal.json() if terminal is not None else None
+    if isinstance(payload, dict) and isinstance(payload.get("response"), dict):
+        payload["response"]["mmguard"] = report
+        yield _event_bytes(str(payload.get("type")), payload)
+    else:
+        yield _event_bytes("mmguard.report", {"type": "mmguard.report", "sequence_number": events.sequence + 1,
+                                              "mmguard": report})
+

@@ -1,0 +1,78 @@
+"""The OpenAI APIs the proxy carries through its rails, each described once: where the judged conversation
+is in a request, where the judged text is in an answer, how a blocked answer reads, how its stream reads.
+
+* :data:`CHAT` -- ``POST /v1/chat/completions`` (``messages``; ``choices``, each judged on its own);
+* :data:`RESPONSES` -- ``POST /v1/responses`` (``input``; one answer: :mod:`mmguard.proxy.responses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..verdict import Verdict
+from .release import REASONING_KEYS, ChatChunks, EventFormat, choice_index, reasoning_text, said_text, verdict_extension
+from .responses import ResponseEvents, blocked_response, input_messages, response_answer, score_response_stream
+from .scored import score_stream
+
+__all__ = ["CHAT", "RESPONSES", "Answer", "Route"]
+
+Answer = tuple[int, str, dict[str, Any]]  # (index the client knows it by, judged text, the object a block edits)
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str  # under the upstream's /v1, and the proxy's
+    param: str  # the request field the input rail judges (named in its errors and blocks)
+    messages: Callable[[dict[str, Any]], Any]  # that field as chat messages
+    answers: Callable[[dict[str, Any], bool], list[Answer]]  # a plain answer's judged texts (judge_reasoning)
+    block: Callable[[dict[str, Any], Verdict], None]  # blocks one answer (the Answer's object) in place
+    events: Callable[[bool], EventFormat]  # how its stream reads (judge_reasoning)
+    score_stream: Callable[..., AsyncIterator[bytes]]  # score mode's stream (:func:`.scored.score_stream`'s call)
+
+
+def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
+    """Each choice's judged text: what its message says, after its reasoning when that is judged too."""
+    choices = data.get("choices")
+    found: list[Answer] = []
+    for position, ch in enumerate(choices if isinstance(choices, list) else []):
+        if not isinstance(ch, dict) or not isinstance(ch.get("message"), dict):
+            continue
+        content = said_text(ch["message"], "\n")
+        thought = reasoning_text(ch["message"]) if judge_reasoning else ""
+        text = f"{thought}\n\n{content}" if thought and content else thought or content
+        if text.strip():
+            found.append((choice_index(ch.get("index", position)), text, ch))
+    return found
+
+
+def _block_choice(choice: dict[str, Any], verdict: Verdict) -> None:
+    """A blocked choice as Azure OpenAI's filter ends one: no content (nor reasoning, nor audio)."""
+    choice["message"]["content"] = None
+    for key in (*REASONING_KEYS, "audio"):
+        if choice["message"].get(key) is not None:
+            choice["message"][key] = None
+    choice["finish_reason"] = "content_filter"
+    choice["mmguard"] = verdict_extension("output", verdict)
+
+
+def _responses_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
+    text = response_answer(data, judge_reasoning)
+    return [(0, text, data)] if text.strip() else []
+
+
+def _block_response(data: dict[str, Any], verdict: Verdict) -> None:
+    blocked = blocked_response(data, verdict)
+    data.clear()
+    data.update(blocked)
+
+
+def _chat_messages(body: Mapping[str, Any]) -> Any:
+    return body.get("messages")
+
+
+CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _block_choice, ChatChunks,
+             score_stream)
+RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, ResponseEvents,
+                  score_response_stream)

@@ -412,8 +412,8 @@ class StreamRelease:
         while self._held:
             head = self._held[0]
             live = {i for i in head.needs if self.choices[i].blocked is None}
-            if head.needs and not live:
-                self._pop_held()  # belongs only to blocked choices: never sent
+            if (head.needs and not live) or self.all_blocked:
+                self._pop_held()  # belongs only to blocked choices, or comes after the answer's end: never sent
                 continue
             if not self._ready(head):
                 break

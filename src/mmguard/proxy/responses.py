@@ -37,15 +37,19 @@ from .judged import JudgedPrompt
 from .release import SSEEvent, SSEParser, json_bytes, verdict_extension
 from .scored import CheckAnswer, judge_output, score_report
 
-__all__ = ["ResponseEvents", "blocked_response", "input_messages", "response_answer", "response_texts",
-           "score_response_stream"]
+__all__ = ["ResponseEvents", "blocked_response", "input_messages", "response_answer", "score_response_stream"]
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _PART_TYPES = {"input_text": "text", "output_text": "text", "text": "text"}
-_SAID_DELTAS = {"response.output_text.delta", "response.audio.transcript.delta"}
-_REASONING_DELTAS = {"response.reasoning_text.delta", "response.reasoning_summary_text.delta"}
-_SAID_DONE = {"response.output_text.done": "text", "response.audio.transcript.done": "transcript"}
-_REASONING_DONE = {"response.reasoning_text.done": "text", "response.reasoning_summary_text.done": "text"}
+# text events: their part's tag (said: the answer; summary, thought: reasoning) and the field with the text
+_DELTAS = {"response.output_text.delta": "said", "response.audio.transcript.delta": "said",
+           "response.reasoning_summary_text.delta": "summary", "response.reasoning_text.delta": "thought"}
+_DONE = {"response.output_text.done": ("said", "text"), "response.audio.transcript.done": ("said", "transcript"),
+         "response.reasoning_summary_text.done": ("summary", "text"),
+         "response.reasoning_text.done": ("thought", "text"),
+         "response.content_part.done": ("said", "part"),  # or "thought": the part's type says
+         "response.reasoning_summary_part.done": ("summary", "part")}
+_PART_TAGS = {"output_text": "said", "reasoning_text": "thought", "summary_text": "summary"}
 
 
 # -- the request -------------------------------------------------------------------------------------------
@@ -90,36 +94,42 @@ def input_messages(body: Mapping[str, Any]) -> list[Any]:
 
 
 # -- a plain answer ----------------------------------------------------------------------------------------
-def _item_texts(item: Any, judge_reasoning: bool) -> list[str]:
-    """The judged texts of one output item: a message's output_text parts; a reasoning item's summary and
-    content text (when judged)."""
+def _separator(previous: str | None, tag: str) -> str:
+    """Between two judged parts: nothing within the answer (the SDK's ``output_text`` joins its parts so), a
+    blank line around reasoning (as the chat route joins reasoning and answer)."""
+    return "" if previous == tag == "said" else "\n\n"
+
+
+def _item_texts(item: Any, judge_reasoning: bool) -> list[tuple[str, int, str]]:
+    """The judged parts of one output item, as (tag, part index, text): a message's output_text parts
+    (``said``); a reasoning item's summary (``summary``) and content (``thought``), when judged."""
     if not isinstance(item, Mapping):
         return []
     if item.get("type") == "message":
-        parts = item.get("content")
-        return [p["text"] for p in parts if isinstance(p, Mapping) and p.get("type") == "output_text"
-                and isinstance(p.get("text"), str)] if isinstance(parts, list) else []
-    if item.get("type") == "reasoning" and judge_reasoning:
-        found = []
-        for key in ("summary", "content"):
-            parts = item.get(key)
-            found += [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)] \
-                if isinstance(parts, list) else []
-        return found
-    return []
-
-
-def response_texts(response: Any, judge_reasoning: bool) -> list[str]:
-    """Every judged text of a response object, in output order."""
-    output = response.get("output") if isinstance(response, Mapping) else None
-    if not isinstance(output, list):
+        sources = [("said", "content")]
+    elif item.get("type") == "reasoning" and judge_reasoning:
+        sources = [("summary", "summary"), ("thought", "content")]
+    else:
         return []
-    return [t for item in output for t in _item_texts(item, judge_reasoning) if t]
+    found = []
+    for tag, key in sources:
+        parts = item.get(key)
+        for j, part in enumerate(parts if isinstance(parts, list) else []):
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str) and part.get("type") != "refusal":
+                found.append((tag, j, part["text"]))
+    return found
 
 
 def response_answer(response: Any, judge_reasoning: bool) -> str:
-    """A plain answer's judged text: its texts joined by a blank line."""
-    return "\n\n".join(response_texts(response, judge_reasoning))
+    """A plain answer's judged text: every judged part of its ``output``, in order."""
+    output = response.get("output") if isinstance(response, Mapping) else None
+    text, previous = "", None
+    for item in output if isinstance(output, list) else []:
+        for tag, _, part in _item_texts(item, judge_reasoning):
+            if part:
+                text += (_separator(previous, tag) if text else "") + part
+                previous = tag
+    return text
 
 
 def blocked_response(response: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
@@ -136,6 +146,11 @@ def blocked_response(response: dict[str, Any], verdict: Verdict) -> dict[str, An
 
 
 # -- a stream ----------------------------------------------------------------------------------------------
+def _position(value: Any) -> Any:
+    """An event's output, content or summary index as part of a key: as sent, where it can be one."""
+    return value if isinstance(value, (int, float, str)) or value is None else repr(value)[:64]
+
+
 def _event_bytes(kind: str, payload: dict[str, Any]) -> bytes:
     return f"event: {kind}\n".encode() + b"data: " + json_bytes(payload) + b"\n\n"
 
@@ -154,39 +169,45 @@ class ResponseEvents:
         self.text = ""  # all judged text, parts joined by a blank line
 
     def _add(self, key: tuple[Any, ...], text: str) -> str:
-        """Text a part says; returns what it adds to the judged text (a blank line before a new part)."""
+        """Text a delta says; returns what it adds to the judged text. The answer's deltas are one text (the
+        SDK's ``output_text`` joins its parts), each reasoning part one of its own; a text that something
+        else interrupted is judged again whole from its start, so that it stays in one piece, as shown."""
         if not text:
             return ""
         if len(self.text) > MAX_TEXT_CHARS:  # past what a check reads (it reports the limit): not kept
             return text
-        added = text if key == self._last or not self.text else "\n\n" + text
+        added = text
+        if self.text and key != self._last:
+            added = _separator(self._last[0] if self._last else None, key[0]) + self._parts.get(key, "") + text
         self._parts[key] = self._parts.get(key, "") + text
         self._last = key
         self.text += added
         return added
 
-    def _whole(self, key: tuple[Any, ...], text: Any) -> str:
-        """A part's whole text (a ``.done`` event): judged where its deltas did not say it."""
-        if not isinstance(text, str):
+    def _whole(self, text: Any) -> str:
+        """A whole text (a ``.done`` event's, an item's): judged as a piece of its own unless the judged text
+        already holds it in one piece (it does when the upstream's deltas said it); a delta after such a
+        piece judges its text again whole."""
+        if not isinstance(text, str) or not text or text in self.text:
             return ""
-        said = self._parts.get(key, "")
-        if text == said:
-            return ""
-        if text.startswith(said):
-            return self._add(key, text[len(said):])
-        self._parts[key] = ""  # the upstream says something else than its deltas did: all of it is judged
+        if len(self.text) > MAX_TEXT_CHARS:
+            return text
+        piece = "\n\n" + text if self.text else text
         self._last = None
-        return self._add(key, text)
+        self.text += piece
+        return piece
 
-    def _items(self, items: Any, offset: int = 0) -> str:
-        """The texts of whole output items (``output_item.done``, the terminal event's ``output``)."""
+    def _items(self, items: Any) -> str:
+        """Whole output items (``output_item.done``, the terminal event's ``output``): a message's text as the
+        SDK's ``output_text`` shows it (its parts joined), each reasoning part on its own."""
         added = ""
-        for position, item in enumerate(items if isinstance(items, list) else []):
-            if not isinstance(item, Mapping):
+        for item in items if isinstance(items, list) else []:
+            texts = _item_texts(item, self.judge_reasoning)
+            if texts and texts[0][0] == "said":
+                added += self._whole("".join(t for _, _, t in texts))
                 continue
-            kind = "said" if item.get("type") == "message" else "reasoning"
-            for j, text in enumerate(_item_texts(item, self.judge_reasoning)):
-                added += self._whole((kind, offset + position, j), text)
+            for _, _, text in texts:
+                added += self._whole(text)
         return added
 
     def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
@@ -198,24 +219,21 @@ class ResponseEvents:
             self.sequence = max(self.sequence, data["sequence_number"])
         if isinstance(data.get("response"), dict) and not self.response:
             self.response = data["response"]
-        where = (data.get("output_index"), data.get("content_index", data.get("summary_index")))
-        reasoning = self.judge_reasoning
-        if kind in _SAID_DELTAS or (reasoning and kind in _REASONING_DELTAS):
+        tag = _DELTAS.get(kind) if isinstance(kind, str) else None
+        if tag is not None and (tag == "said" or self.judge_reasoning):
             delta = data.get("delta")
-            tag = "said" if kind in _SAID_DELTAS else "reasoning"
-            return [(0, self._add((tag, *where), delta) if isinstance(delta, str) else "", False)]
-        if kind in _SAID_DONE or (reasoning and kind in _REASONING_DONE):
-            tag, field = ("said", _SAID_DONE[kind]) if kind in _SAID_DONE else ("reasoning", _REASONING_DONE[kind])
-            return [(0, self._whole((tag, *where), data.get(field)), False)]
-        if kind in ("response.content_part.done", "response.reasoning_summary_part.done"):
-            part = data.get("part")
-            tag = "said" if kind == "response.content_part.done" else "reasoning"
-            if not isinstance(part, Mapping) or (tag == "reasoning" and not reasoning) or (
-                    tag == "said" and part.get("type") != "output_text"):
-                return [(0, "", False)]
-            return [(0, self._whole((tag, *where), part.get("text")), False)]
+            part_index = data.get("summary_index", data.get("content_index"))
+            key = ("said",) if tag == "said" else (tag, _position(data.get("output_index")), _position(part_index))
+            return [(0, self._add(key, delta) if isinstance(delta, str) else "", False)]
+        tag, field = _DONE.get(kind, (None, "")) if isinstance(kind, str) else (None, "")
+        text = data.get(field)
+        if field == "part":  # a whole part, judged by its type (a refusal part is not judged)
+            part = text if isinstance(text, Mapping) else {}
+            tag, text = _PART_TAGS.get(str(part.get("type"))), part.get("text")
+        if tag is not None and (tag == "said" or self.judge_reasoning):
+            return [(0, self._whole(text), False)]
         if kind == "response.output_item.done":
-            return [(0, self._items([data.get("item")], data.get("output_index") or 0), False)]
+            return [(0, self._items([data.get("item")]), False)]
         if kind in TERMINAL:
             response = data.get("response")
             return [(0, self._items(response.get("output")) if isinstance(response, Mapping) else "", True)]

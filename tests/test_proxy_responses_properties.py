@@ -1,0 +1,145 @@
+"""The release logic with the Responses API's events (hypothesis): whatever the upstream streams (deltas that
+split a word across events and parts, done events and final responses that say something else than their
+deltas, reasoning, function-call arguments, non-JSON data, odd indices), no answer text reaches the client
+that a passed check did not cover, nothing follows a block, and the stream always completes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmguard.proxy.release import SSEParser, StreamRelease
+from mmguard.proxy.responses import ResponseEvents
+from mmguard.verdict import Verdict
+
+BAD = "BAD"
+UNSAFE = Verdict(is_unsafe=True, unsafe_probability=0.9, threshold=0.5, role="agent", violated=(),
+                 category_probabilities={}, has_image=False)
+words = st.sampled_from(["a", " b", "ok ", BAD, " BA", "D", "B", "AD", "\n", "é", ""])
+texts = st.lists(words, max_size=3).map("".join)
+indices = st.one_of(st.integers(0, 2), st.sampled_from([None, "1", [0], True, -1]))
+
+
+def part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def message(texts: list[str]) -> dict[str, Any]:
+    return {"type": "message", "role": "assistant", "content": [part(t) for t in texts]}
+
+
+def reasoning(text: str) -> dict[str, Any]:
+    return {"type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
+
+
+where = st.fixed_dictionaries({"output_index": indices, "content_index": indices})
+said_events = st.one_of(
+    st.builds(lambda w, d: {"type": "response.output_text.delta", **w, "delta": d}, where, words),
+    st.builds(lambda w, t: {"type": "response.output_text.done", **w, "text": t}, where, texts),
+    st.builds(lambda w, t: {"type": "response.content_part.done", **w, "part": part(t)}, where, texts),
+    st.builds(lambda i, ts: {"type": "response.output_item.done", "output_index": i, "item": message(ts)},
+              indices, st.lists(texts, max_size=2)),
+)
+thought_events = st.one_of(
+    st.builds(lambda i, d: {"type": "response.reasoning_summary_text.delta", "output_index": i, "summary_index": 0,
+                            "delta": d}, indices, words),
+    st.builds(lambda i, t: {"type": "response.output_item.done", "output_index": i, "item": reasoning(t)},
+              indices, texts),
+)
+other_events = st.one_of(
+    st.just({"type": "response.output_item.added", "output_index": 0, "item": message([])}),
+    st.builds(lambda d: {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": d},
+              st.sampled_from(["{", "\"x\": 1", "}"])),  # not judged, never holds BAD
+    st.just({"type": "response.in_progress", "response": {"id": "r", "output": []}}),
+)
+terminal = st.builds(lambda kind, ts: {"type": kind, "response": {"id": "r", "output": [message(ts)]}},
+                     st.sampled_from(["response.completed", "response.incomplete", "response.failed"]),
+                     st.lists(texts, max_size=2))
+
+
+def encode(payload: Any, sequence: int) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    data = {"sequence_number": sequence, **payload}
+    return f"event: {payload['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def said_and_thought(raw: list[bytes]) -> tuple[list[str], list[str]]:
+    """What a client shows of the released events: the answer's texts (its deltas joined, as the SDK's
+    output_text joins parts, and each whole text an event carries) and the reasoning's (each part apart)."""
+    said, thought, deltas = [], [], ""
+    thought_deltas: dict[str, str] = {}
+    for event in SSEParser().feed(b"".join(raw)):
+        data = event.json()
+        if not isinstance(data, dict):
+            continue
+        kind = data.get("type")
+        if kind == "response.output_text.delta":
+            deltas += data["delta"]
+        elif kind == "response.reasoning_summary_text.delta":
+            key = repr((data.get("output_index"), data.get("summary_index")))
+            thought_deltas[key] = thought_deltas.get(key, "") + data["delta"]
+        elif kind == "response.output_text.done":
+            said.append(data["text"])
+        elif kind == "response.content_part.done":
+            said.append(data["part"]["text"])
+        items = [data["item"]] if kind == "response.output_item.done" else \
+            data["response"]["output"] if kind in ("response.completed", "response.incomplete", "response.failed") \
+            else []
+        for item in items:
+            if item["type"] == "message":
+                said.append("".join(p["text"] for p in item["content"]))
+            elif item["type"] == "reasoning":
+                thought += [p["text"] for p in item["summary"]]
+    return [deltas, *said], [*thought_deltas.values(), *thought]
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.data(), st.integers(1, 4), st.randoms(use_true_random=False))
+def test_release_of_responses_events(judge_reasoning: bool, data: Any, check_every: int, rng: Any) -> None:
+    # reasoning first, then the answer, as models send them (judged reasoning and answer are apart by a blank
+    # line, so a word split across them is two words to the guard, and to the reader)
+    thoughts = data.draw(st.lists(thought_events, max_size=3)) if judge_reasoning else []
+    body = data.draw(st.lists(st.one_of(said_events, other_events, st.just(b"data: not json\n\n"),
+                                        st.just(b": comment\n\n")), max_size=20))
+    end = data.draw(st.lists(terminal, max_size=1))
+    stream = b"".join(encode(p, i) for i, p in enumerate([*thoughts, *body, *end]))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    rel = StreamRelease(check_every=check_every, release="checked", count_tokens=len,
+                        events=ResponseEvents(judge_reasoning))
+    sent: list[bytes] = []
+    pending: list[Any] = []
+
+    def settle(all_of_them: bool) -> None:
+        pending.extend(rel.due_checks())
+        while pending and (all_of_them or rng.random() < 0.5):  # checks finish late, in any order
+            due = pending.pop(rng.randrange(len(pending)))
+            rel.blocked(due, UNSAFE) if BAD in due.text else rel.passed(due)
+        sent.extend(rel.releasable())
+
+    parser = SSEParser()
+    for piece in pieces:
+        for event in parser.feed(piece):
+            rel.feed(event)
+        settle(all_of_them=False)
+    for event in parser.close():
+        rel.feed(event)
+    rel.finish()
+    for _ in range(100):
+        settle(all_of_them=True)
+        if rel.complete or rel.all_blocked:
+            break
+    assert rel.complete or rel.all_blocked
+    said, thought = said_and_thought(sent)
+    assert not any(BAD in text for text in said), said
+    if judge_reasoning:
+        assert not any(BAD in text for text in thought), thought
+    if rel.all_blocked:  # the block's response.incomplete ends the stream
+        last = json.loads(sent[-1].split(b"data: ", 1)[1])
+        assert last["type"] == "response.incomplete"
+        assert last["response"]["incomplete_details"] == {"reason": "content_filter"}

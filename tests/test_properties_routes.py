@@ -228,6 +228,13 @@ def test_any_body_bytes_never_5xx(client: Any, raw: bytes) -> None:
 
 
 # -- the guardrail proxy: hostile requests, and hostile answers from its upstream ---------------------------
+def sse_data(body: bytes) -> list[str]:
+    """The data of each server-sent event, as the openai client reads them (U+2028 inside JSON is no line end)."""
+    from openai._streaming import SSEDecoder
+
+    return [event.data for event in SSEDecoder().iter_bytes(iter([body]))]
+
+
 @pytest.fixture(scope="module", params=["block", "score"])
 def proxy_client(request: pytest.FixtureRequest, tiny_guard: Any) -> Iterator[tuple[Any, Any]]:
     from fastapi.testclient import TestClient
@@ -258,7 +265,7 @@ def test_proxy_never_5xx(proxy_client: tuple[Any, Any], msgs: Any, answer: str, 
         body["n"] = n
     r = _post(client, "/v1/chat/completions", body)
     if r.status_code == 200 and stream:
-        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        events = sse_data(r.content)
         assert events and events[-1] == "[DONE]", r.text
         for raw in events[:-1]:
             chunk = json.loads(raw)
@@ -267,3 +274,42 @@ def test_proxy_never_5xx(proxy_client: tuple[Any, Any], msgs: Any, answer: str, 
         _check_answer(r)
     if msgs == [{"role": "user", "content": "hi"}]:
         assert r.status_code in (200, 400)  # the input rail passes or blocks; the answer is judged or refused
+
+
+response_parts = st.one_of(
+    parts,
+    st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text"]),
+                           "text": st.one_of(texts, json_scalars)}),
+    st.fixed_dictionaries({"type": st.just("input_image")},
+                          optional={"image_url": st.one_of(image_refs, json_scalars), "file_id": texts}),
+    st.fixed_dictionaries({"type": st.sampled_from(["input_file", "input_audio", "refusal"])}),
+)
+response_items = st.one_of(
+    st.fixed_dictionaries({"role": roles, "content": st.one_of(texts, st.lists(response_parts, max_size=3),
+                                                               json_scalars)},
+                          optional={"type": st.one_of(st.just("message"), texts)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output", "reasoning",
+                                                    "item_reference"])}),
+    json_scalars,
+)
+response_inputs = st.one_of(texts, st.lists(response_items, max_size=4), json_scalars)
+
+
+@HTTP
+@given(st.one_of(response_inputs, st.just("hi")), texts, st.booleans())
+def test_proxy_responses_never_5xx(proxy_client: tuple[Any, Any], given_input: Any, answer: str, stream: bool) -> None:
+    """``/v1/responses`` as ``/v1/chat/completions``: hostile input items and hostile answer text give the
+    upstream's 200 or a 400 in OpenAI's error object; a stream ends with its terminal event or an error event."""
+    client, upstream = proxy_client
+    upstream.answer = answer
+    r = _post(client, "/v1/responses", {"model": "m", "input": given_input, "stream": stream})
+    if r.status_code == 200 and stream:
+        events = [json.loads(data) for data in sse_data(r.content)]
+        assert events and events[-1]["type"] in ("response.completed", "response.incomplete", "error"), r.text
+        if events[-1]["type"] == "error":
+            assert set(events[-1]) == {"type", "code", "message", "param", "sequence_number"}, events[-1]
+            assert events[-1]["message"] and events[-1]["code"], events[-1]
+    else:
+        _check_answer(r)
+    if given_input == "hi":
+        assert r.status_code in (200, 400)

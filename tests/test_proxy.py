@@ -493,3 +493,39 @@ def test_the_transcript_of_an_audio_answer_is_judged(keyword_guard: KeywordGuard
     choice = plain["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["message"]["audio"] is None
     assert TRIGGER not in stream and '"finish_reason": "content_filter"' in stream
+
+
+def raw_stream_upstream(body: bytes) -> Any:
+    """An upstream whose streamed answer is exactly ``body`` (its plain answer is refused: stream only)."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Any:
+        async def events() -> Any:
+            yield body
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n", "\r"])
+def test_text_after_a_unicode_line_separator_or_in_cr_framed_events_is_judged(keyword_guard: KeywordGuard,
+                                                                                line_end: str) -> None:
+    """Servers that write JSON unescaped (pydantic, vLLM) send U+2028, NEL or \\x1c raw inside a string, and
+    server-sent events may end lines with CR alone. The proxy split lines as str.splitlines does, found no JSON
+    in such an event, and released it unjudged after the other text passed; the client's SDK reads it whole."""
+    chunks = [{"id": "x", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+              for text in ("Sure.", f"\u2028Step one: {TRIGGER}\x85", "\x1c done")]
+    chunks.append({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    body = "".join(f"data: {json.dumps(c, ensure_ascii=False)}{line_end}{line_end}" for c in chunks)
+    body += f"data: [DONE]{line_end}{line_end}"
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with LiveApp(raw_stream_upstream(body.encode())) as up, \
+            LiveProxy(keyword_guard, proxy_settings(up.url + "/v1")) as srv:
+        stream = dumps(client(srv.url).chat.completions.create(**request))  # type: ignore[call-overload]
+    assert TRIGGER not in json.dumps(stream)
+    assert finishing(stream)["finish_reason"] == "content_filter"

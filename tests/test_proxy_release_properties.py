@@ -9,6 +9,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai._streaming import SSEDecoder
 
 from mmguard.proxy.release import SSEParser, StreamRelease, choice_index, said_text
 from mmguard.verdict import Verdict
@@ -16,16 +17,26 @@ from mmguard.verdict import Verdict
 BAD = "BAD"
 UNSAFE = Verdict(is_unsafe=True, unsafe_probability=0.9, threshold=0.5, role="agent", violated=(),
                  category_probabilities={}, has_image=False)
-words = st.sampled_from(["a", " b", "ok ", BAD, " BA", "D", "\n", "é", ""])
+# U+2028, NEL and \x1c end lines for str.splitlines, not for server-sent events: JSON may carry them raw
+words = st.sampled_from(["a", " b", "ok ", BAD, " BA", "D", "\n", "é", "", "\u2028", "\x85", "\x1c"])
 contents = st.one_of(words, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": words}), max_size=2))
 indices = st.one_of(st.integers(0, 2), st.sampled_from(["1", 1.0, None, "x", True]))  # clients coerce "1", 1.0
 choice_events = st.fixed_dictionaries(
     {"index": indices, "delta": st.fixed_dictionaries({}, optional={
         "content": contents, "audio": st.fixed_dictionaries({"transcript": words})}),
      "finish_reason": st.one_of(st.none(), st.just("stop"))})
+line_ends = st.sampled_from(["\n", "\r\n", "\r"])  # each is a line end in server-sent events
+
+
+def sse_bytes(payload: Any, ascii_only: bool, end: str) -> bytes:
+    """An event as a server may write it: JSON escaped to ASCII or not, any of the three line ends."""
+    return f"data: {json.dumps(payload, ensure_ascii=ascii_only)}{end}{end}".encode()
+
+
 raw_events = st.one_of(
-    st.lists(st.one_of(choice_events, st.just("not a choice")), min_size=1, max_size=2).map(
-        lambda chs: b"data: " + json.dumps({"id": "x", "choices": chs}).encode() + b"\n\n"),
+    st.builds(lambda chs, ascii_only, end: sse_bytes({"id": "x", "choices": chs}, ascii_only, end),
+              st.lists(st.one_of(choice_events, st.just("not a choice")), min_size=1, max_size=2), st.booleans(),
+              line_ends),
     st.just(b"data: not json\n\n"),
     st.just(b": a comment\n\n"),
     st.just(b"data: {\"usage\": {}}\n\n"),
@@ -33,9 +44,13 @@ raw_events = st.one_of(
 
 
 def released_text(raw: list[bytes]) -> dict[int, str]:
+    """What the openai client reads from the released bytes (its own SSE decoder, not the proxy's)."""
     out: dict[int, str] = {}
-    for event in SSEParser().feed(b"".join(raw)):
-        chunk = event.json()
+    for event in SSEDecoder().iter_bytes(iter([b"".join(raw)])):
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            continue
         for ch in chunk.get("choices", []) if isinstance(chunk, dict) else []:
             if isinstance(ch, dict):  # as a client reads it
                 index = choice_index(ch.get("index", 0))

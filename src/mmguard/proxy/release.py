@@ -23,6 +23,7 @@ streams faster than the guard judges costs bounded memory, never the whole flood
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -127,41 +128,52 @@ class SSEEvent:
             return None
 
 
+# the only line ends of server-sent events: CRLF, CR, LF (str.splitlines also splits at U+2028, NEL, \x1c...,
+# which JSON may carry raw inside a string: splitting there cut such an event's text out of what was judged)
+_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
 class SSEParser:
-    """Splits a byte stream into events (blank-line separated, LF or CRLF), bounded in size."""
+    """Splits a byte stream into events (blank-line separated; lines end with LF, CRLF or CR, as the
+    server-sent events standard and the openai client read them), bounded in size."""
 
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
         self._buffer = b""
+        self._scanned = 0  # the buffer before this holds no event end (searched once, not at every chunk)
         self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
         events: list[SSEEvent] = []
         while True:
-            cut = _event_end(self._buffer)
+            cut = self._event_end()
             if cut is None:
                 break
-            raw, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            raw, self._buffer, self._scanned = self._buffer[:cut], self._buffer[cut:], 0
             events.append(_event(raw))
         if len(self._buffer) > self.max_event_bytes:
             raise ValueError(f"upstream sent a server-sent event over {self.max_event_bytes} bytes")
         return events
 
+    def _event_end(self) -> int | None:
+        buf = self._buffer
+        found = _BLANK_LINE.search(buf, max(0, self._scanned - 3))
+        if found is None or (found.end() == len(buf) and buf.endswith(b"\r")):
+            self._scanned = len(buf) if found is None else found.start()  # a CR at the end may begin a CRLF
+            return None
+        return found.end()
+
     def close(self) -> list[SSEEvent]:
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer, self._scanned = self._buffer, b"", 0
         return [_event(rest)] if rest.strip() else []
-
-
-def _event_end(buf: bytes) -> int | None:
-    ends = [i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := buf.find(sep)) >= 0]
-    return min(ends) if ends else None
 
 
 def _event(raw: bytes) -> SSEEvent:
     data_lines = []
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        if line.startswith("data:"):
-            data_lines.append(line[5:].removeprefix(" "))
+    for line in _LINE_END.split(raw):
+        if line.startswith(b"data:"):
+            data_lines.append(line[5:].removeprefix(b" ").decode("utf-8", errors="replace"))
     return SSEEvent(raw, "\n".join(data_lines) if data_lines else None)
 
 
@@ -174,7 +186,8 @@ class EventFormat(Protocol):
 
     def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
         """Per choice the event speaks of: (choice index, judged text it adds, whether it ends that choice).
-        ``[]``: it carries no answer text (sent at once); None: it cannot be read (held for every choice)."""
+        ``[]``: it carries no answer text (sent at once); None: it cannot be read, so it is dropped (what it
+        says cannot be judged)."""
 
     def closing_event(self, index: int, verdict: Any) -> bytes:
         """The event that ends a blocked choice, with the verdict."""
@@ -290,6 +303,7 @@ class StreamRelease:
         self._held: deque[_Held] = deque()
         self.upstream_done = False
         self.saw_done = False  # the upstream ended with 'data: [DONE]' (not every server sends it)
+        self.unreadable = 0  # events with data that is not a JSON object: dropped
         self.hold_seconds: list[float] = []  # per released text event: time held back
         self._pending_blocks: list[ChoiceState] = []
 
@@ -307,8 +321,9 @@ class StreamRelease:
         readings = self.events.read(event)
         needs: dict[int, tuple[int, bool]] = {}
         if readings is None:
-            if event.data is not None:  # cannot be read, so it waits for everything so far
-                needs = {i: (len(st.text), False) for i, st in self.choices.items()}
+            if event.data is not None:  # data the proxy cannot read cannot be judged: never passed on
+                self.unreadable += 1
+                return
         else:
             for idx, added, finishes in readings:
                 st = self.choice(idx)

@@ -463,12 +463,10 @@ class StreamRelease:
 
 
 def json_bytes(payload: Any) -> bytes:
-    """JSON as UTF-8; text that UTF-8 cannot hold (a lone surrogate the upstream sent as ``"\\ud800"``) is kept
-    as the upstream wrote it, escaped, instead of failing the response."""
-    try:
-        return json.dumps(payload, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return json.dumps(payload).encode()
+    """JSON the proxy writes itself, escaped to ASCII: a lone surrogate the upstream sent as ``"\\ud800"`` stays
+    as it was written (UTF-8 cannot hold it), and U+2028, NEL and the like never reach a client raw, where one
+    that splits lines as str.splitlines does would cut an event in two."""
+    return json.dumps(payload).encode()
 
 
 def sse(payload: Any) -> bytes:

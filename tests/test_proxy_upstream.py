@@ -113,3 +113,19 @@ def test_upstream_error_status_passes_through(upstream: tuple[str, str], proxy: 
     # transformers 5.24's serve (which answers this request with a 500)
     assert b.content == a.content
     assert b.headers.get("content-type") == a.headers.get("content-type")
+
+
+def test_responses_api_passes_through(upstream: tuple[str, str], proxy: tuple[str, Guard]) -> None:
+    """``/v1/responses`` (transformers serve implements it) plain and streamed: the same answer as direct."""
+    direct, via = clients(upstream, proxy)
+    request: dict[str, Any] = {"model": upstream[1], "temperature": 0.0, "max_output_tokens": 24,
+                               "instructions": "You are brief.",
+                               "input": [{"role": "user", "content": [{"type": "input_text",
+                                                                       "text": "Name three colours."}]}]}
+    a, b = direct.responses.create(**request), via.responses.create(**request)
+    assert b.output_text == a.output_text and a.output_text and b.status == a.status
+    streamed = [list(client.responses.create(stream=True, **request)) for client in (direct, via)]
+    kinds = [[e.type for e in events] for events in streamed]
+    deltas = ["".join(e.delta for e in events if e.type == "response.output_text.delta") for events in streamed]
+    assert kinds[0] == kinds[1] and deltas[0] == deltas[1] == a.output_text
+    assert kinds[1][-1] == "response.completed"

@@ -190,7 +190,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 torch.set_num_threads(previous_threads)
 
     app = FastAPI(title="mmguard guardrail proxy", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible chat completions through Llama Guard 3 Vision input and output rails.")
+                  description="OpenAI-compatible chat completions and Responses through Llama Guard 3 Vision input "
+                              "and output rails.")
     app.state.mmguard = server
     app.state.proxy = state
 

@@ -79,7 +79,7 @@ def command(
                                  "(default: the model's context); past it a prompt gets 400 and an answer stops")
     ] = None,
 ) -> None:
-    """Guardrail proxy: OpenAI-compatible chat completions through Llama Guard input and output rails."""
+    """Guardrail proxy: OpenAI chat completions and Responses through Llama Guard input and output rails."""
     import uvicorn
 
     from ..engine import EngineError

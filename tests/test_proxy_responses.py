@@ -136,6 +136,9 @@ def test_requests_the_guard_cannot_read_are_refused_naming_the_item() -> None:
             resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": given}, timeout=30)
             assert resp.status_code == 400, resp.text
             assert resp.json()["error"]["param"] == param
+        odd_type = httpx.post(url + "/v1/responses", timeout=30, json={  # a role makes it a message to judge
+            "model": "m", "input": [{"type": "custom", "role": "user", "content": f"tell me {TRIGGER}"}]})
+        assert odd_type.status_code == 400 and odd_type.json()["error"]["code"] == "content_filter"
         tool_turn = httpx.post(url + "/v1/responses", timeout=30, json={  # a tool loop's turn: no user text
             "model": "m", "previous_response_id": "resp_0",
             "input": [{"type": "function_call_output", "call_id": "c1", "output": "42"}]})

@@ -2,8 +2,8 @@
 
 What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from the Responses shapes:
 
-* **input**: ``input`` as a string (one user turn) or a list of items. Message items (``{"role": ...,
-  "content": ...}``, with or without ``"type": "message"``) keep their ``input_text`` / ``output_text`` text
+* **input**: ``input`` as a string (one user turn) or a list of items. Message items (any item with a
+  ``role``: ``{"role": ..., "content": ...}``, with or without ``"type": "message"``) keep their ``input_text`` / ``output_text`` text
   and their ``input_image`` (``image_url``: a data URL, or http(s) from allowlisted hosts); an image given only
   by ``file_id`` lives on the upstream, cannot be judged, and is refused, as are files and audio. Other items
   (function calls and their outputs, reasoning, item references) are dropped, as tool messages are.
@@ -82,8 +82,9 @@ def input_messages(body: Mapping[str, Any]) -> list[Any]:
         raise APIError.bad_request("'input' must be a string or a non-empty list of input items", param="input")
     messages: list[Any] = []
     for i, item in enumerate(given):
-        is_message = isinstance(item, Mapping) and item.get("type", "message") == "message" and "role" in item
-        if not is_message:
+        # anything with a role is read as a message, whatever its type says: a lenient upstream may take it for
+        # one, so it must not pass unjudged
+        if not (isinstance(item, Mapping) and "role" in item):
             messages.append(item if not isinstance(item, Mapping) else {"role": "tool", "content": ""})
             continue
         content = item.get("content")

@@ -495,15 +495,15 @@ def test_the_transcript_of_an_audio_answer_is_judged(keyword_guard: KeywordGuard
     assert TRIGGER not in stream and '"finish_reason": "content_filter"' in stream
 
 
-def raw_stream_upstream(body: bytes) -> Any:
-    """An upstream whose streamed answer is exactly ``body`` (its plain answer is refused: stream only)."""
+def raw_stream_upstream(body: bytes, path: str = "/v1/chat/completions") -> Any:
+    """An upstream that answers any POST to ``path`` with exactly ``body``, as a stream."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
     app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    async def chat() -> Any:
+    @app.post(path)
+    async def answer() -> Any:
         async def events() -> Any:
             yield body
 

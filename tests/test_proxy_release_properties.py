@@ -58,21 +58,18 @@ def released_text(raw: list[bytes]) -> dict[int, str]:
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(raw_events, max_size=25), st.integers(1, 4), st.booleans(), st.randoms(use_true_random=False),
-       st.sampled_from(["checked", "eager"]))
-def test_release_sends_only_text_that_passed_a_check(events: list[bytes], check_every: int, done: bool, rng: Any,
-                                                     mode: Any) -> None:
-    """``checked``: every character sent was covered by a passed check; ``eager``: at most one window
-    (``check_every`` tokens; a token is a character here) past the last passed check."""
-    rel = StreamRelease(check_every=check_every, release=mode, count_tokens=len)
-    passed: dict[int, str] = {}  # choice -> the longest text a check passed
+def run_release(rel: StreamRelease, pieces: list[bytes], rng: Any, end: bytes = b"") -> tuple[list[bytes],
+                                                                                         dict[int, str]]:
+    """Feeds ``pieces`` (then ``end``) of an upstream stream to ``rel`` as the proxy does, with checks that
+    finish late and in any order (a check blocks when its text holds BAD), until the stream completes.
+    Returns the released bytes and, per choice, the longest text a check passed."""
+    passed: dict[int, str] = {}
     sent: list[bytes] = []
     pending: list[Any] = []
 
     def settle(all_of_them: bool) -> None:
         pending.extend(rel.due_checks())
-        while pending and (all_of_them or rng.random() < 0.5):  # checks finish late, in any order
+        while pending and (all_of_them or rng.random() < 0.5):
             due = pending.pop(rng.randrange(len(pending)))
             if BAD in due.text:
                 rel.blocked(due, UNSAFE)
@@ -82,19 +79,30 @@ def test_release_sends_only_text_that_passed_a_check(events: list[bytes], check_
         sent.extend(rel.releasable())
 
     parser = SSEParser()
-    for raw in events:
-        for event in parser.feed(raw):
+    for piece in [*pieces, end]:
+        for event in parser.feed(piece):
             rel.feed(event)
         settle(all_of_them=False)
-    if done:
-        for event in parser.feed(b"data: [DONE]\n\n"):
-            rel.feed(event)
+    for event in parser.close():
+        rel.feed(event)
     rel.finish()
     for _ in range(100):
         settle(all_of_them=True)
         if rel.complete or rel.all_blocked:
             break
     assert rel.complete or rel.all_blocked, (rel.choices, list(rel._held), pending)
+    return sent, passed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(raw_events, max_size=25), st.integers(1, 4), st.booleans(), st.randoms(use_true_random=False),
+       st.sampled_from(["checked", "eager"]))
+def test_release_sends_only_text_that_passed_a_check(events: list[bytes], check_every: int, done: bool, rng: Any,
+                                                     mode: Any) -> None:
+    """``checked``: every character sent was covered by a passed check; ``eager``: at most one window
+    (``check_every`` tokens; a token is a character here) past the last passed check."""
+    rel = StreamRelease(check_every=check_every, release=mode, count_tokens=len)
+    sent, passed = run_release(rel, events, rng, b"data: [DONE]\n\n" if done else b"")
     for index, text in released_text(sent).items():  # (a synthesized content_filter chunk carries no text)
         checked = passed.get(index, "")
         if mode == "checked":

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
 
-from test_proxy import TRIGGER, KeywordGuard, png_data_url, proxy_settings
+from test_proxy import TRIGGER, KeywordGuard, png_data_url, proxy_settings, raw_stream_upstream
 
 SAFE = "A cat sits on a warm mat in the sun, watching birds."
 UNSAFE = " ".join(f"w{i}" for i in range(40)) + f" {TRIGGER} " + " ".join(f"x{i}" for i in range(20))
@@ -181,16 +181,7 @@ def test_text_only_the_done_events_say_is_judged() -> None:
 def test_a_lone_surrogate_in_a_delta_ends_the_stream_with_an_error_event() -> None:
     raw = (b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "sequence_number": 0, '
            b'"output_index": 0, "content_index": 0, "delta": "bad \\ud800 text"}\n\n')
-    app = FastAPI()
-
-    @app.post("/v1/responses")
-    async def respond() -> StreamingResponse:
-        async def body() -> Any:
-            yield raw
-
-        return StreamingResponse(body(), media_type="text/event-stream")
-
-    with proxied(app, KeywordGuard()) as (url, _):
+    with proxied(raw_stream_upstream(raw, "/v1/responses"), KeywordGuard()) as (url, _):
         resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
     assert resp.status_code == 200
     assert "bad" not in resp.text  # the unjudged text is not released

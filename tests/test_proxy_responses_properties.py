@@ -10,15 +10,14 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai._streaming import SSEDecoder
 
-from mmguard.proxy.release import SSEParser, StreamRelease
+from mmguard.proxy.release import StreamRelease
 from mmguard.proxy.responses import ResponseEvents
-from mmguard.verdict import Verdict
 
-BAD = "BAD"
-UNSAFE = Verdict(is_unsafe=True, unsafe_probability=0.9, threshold=0.5, role="agent", violated=(),
-                 category_probabilities={}, has_image=False)
-words = st.sampled_from(["a", " b", "ok ", BAD, " BA", "D", "B", "AD", "\n", "é", ""])
+from test_proxy_release_properties import BAD, run_release
+
+words = st.sampled_from(["a", " b", "ok ", BAD, " BA", "D", "B", "AD", "\n", "é", "", "\u2028", "\x85"])
 texts = st.lists(words, max_size=3).map("".join)
 indices = st.one_of(st.integers(0, 2), st.sampled_from([None, "1", [0], True, -1]))
 
@@ -60,11 +59,12 @@ terminal = st.builds(lambda kind, ts: {"type": kind, "response": {"id": "r", "ou
                      st.lists(texts, max_size=2))
 
 
-def encode(payload: Any, sequence: int) -> bytes:
+def encode(payload: Any, sequence: int, ascii_only: bool, end: str) -> bytes:
+    """An event as a server may write it: JSON escaped to ASCII or not, any of the three line ends."""
     if isinstance(payload, bytes):
         return payload
-    data = {"sequence_number": sequence, **payload}
-    return f"event: {payload['type']}\ndata: {json.dumps(data)}\n\n".encode()
+    data = json.dumps({"sequence_number": sequence, **payload}, ensure_ascii=ascii_only)
+    return f"event: {payload['type']}{end}data: {data}{end}{end}".encode()
 
 
 def said_and_thought(raw: list[bytes]) -> tuple[list[str], list[str]]:
@@ -72,8 +72,11 @@ def said_and_thought(raw: list[bytes]) -> tuple[list[str], list[str]]:
     output_text joins parts, and each whole text an event carries) and the reasoning's (each part apart)."""
     said, thought, deltas = [], [], ""
     thought_deltas: dict[str, str] = {}
-    for event in SSEParser().feed(b"".join(raw)):
-        data = event.json()
+    for event in SSEDecoder().iter_bytes(iter([b"".join(raw)])):  # the openai client's reading, not the proxy's
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            continue
         if not isinstance(data, dict):
             continue
         kind = data.get("type")
@@ -106,40 +109,19 @@ def test_release_of_responses_events(judge_reasoning: bool, data: Any, check_eve
     body = data.draw(st.lists(st.one_of(said_events, other_events, st.just(b"data: not json\n\n"),
                                         st.just(b": comment\n\n")), max_size=20))
     end = data.draw(st.lists(terminal, max_size=1))
-    stream = b"".join(encode(p, i) for i, p in enumerate([*thoughts, *body, *end]))
+    ascii_only, line_end = data.draw(st.booleans()), data.draw(st.sampled_from(["\n", "\r\n", "\r"]))
+    stream = b"".join(encode(p, i, ascii_only, line_end) for i, p in enumerate([*thoughts, *body, *end]))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
 
     rel = StreamRelease(check_every=check_every, release="checked", count_tokens=len,
                         events=ResponseEvents(judge_reasoning))
-    sent: list[bytes] = []
-    pending: list[Any] = []
-
-    def settle(all_of_them: bool) -> None:
-        pending.extend(rel.due_checks())
-        while pending and (all_of_them or rng.random() < 0.5):  # checks finish late, in any order
-            due = pending.pop(rng.randrange(len(pending)))
-            rel.blocked(due, UNSAFE) if BAD in due.text else rel.passed(due)
-        sent.extend(rel.releasable())
-
-    parser = SSEParser()
-    for piece in pieces:
-        for event in parser.feed(piece):
-            rel.feed(event)
-        settle(all_of_them=False)
-    for event in parser.close():
-        rel.feed(event)
-    rel.finish()
-    for _ in range(100):
-        settle(all_of_them=True)
-        if rel.complete or rel.all_blocked:
-            break
-    assert rel.complete or rel.all_blocked
+    sent, _ = run_release(rel, pieces, rng)
     said, thought = said_and_thought(sent)
     assert not any(BAD in text for text in said), said
     if judge_reasoning:
         assert not any(BAD in text for text in thought), thought
     if rel.all_blocked:  # the block's response.incomplete ends the stream
-        last = json.loads(sent[-1].split(b"data: ", 1)[1])
+        last = json.loads(list(SSEDecoder().iter_bytes(iter(sent)))[-1].data)
         assert last["type"] == "response.incomplete"
         assert last["response"]["incomplete_details"] == {"reason": "content_filter"}

@@ -3,23 +3,23 @@
 What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from the Responses shapes:
 
 * **input**: ``input`` as a string (one user turn) or a list of items. Message items (any item with a
-  ``role``: ``{"role": ..., "content": ...}``, with or without ``"type": "message"``) keep their ``input_text`` / ``output_text`` text
-  and their ``input_image`` (``image_url``: a data URL, or http(s) from allowlisted hosts); an image given only
-  by ``file_id`` lives on the upstream, cannot be judged, and is refused, as are files and audio. Other items
+  ``role``, with or without ``"type": "message"``) keep their ``input_text`` / ``output_text`` text and
+  their ``input_image`` (``image_url``: a data URL, or http(s) from allowlisted hosts). An image given only
+  by ``file_id`` lives on the upstream and cannot be judged: refused, as files and audio are. Other items
   (function calls and their outputs, reasoning, item references) are dropped, as tool messages are.
-  ``instructions`` is the system prompt: not judged. With ``previous_response_id`` the earlier turns live on
-  the upstream: the rails judge the turns the request carries.
-* **output**: the answer's ``output`` items in order: the ``output_text`` of its messages, after the text of
-  its reasoning items when ``judge_reasoning`` is on, parts joined by a blank line. Function calls and
-  ``refusal`` parts are not judged.
+  ``instructions`` is the system prompt: not judged. With ``previous_response_id`` the earlier turns live
+  on the upstream: the rails judge the turns the request carries.
+* **output**: the ``output_text`` of the answer's messages, joined as the SDK's ``output_text`` joins them,
+  after the text of its reasoning items (a blank line between) when ``judge_reasoning`` is on. Function
+  calls and ``refusal`` parts are not judged.
 * **a blocked answer** keeps its other items and loses its messages and reasoning; it reads as OpenAI's own
   filter's does: ``status: "incomplete"``, ``incomplete_details: {"reason": "content_filter"}``, and the
-  verdict in ``mmguard``. Streamed, the held events are dropped and a ``response.incomplete`` event says the
-  same.
+  verdict in ``mmguard``. Streamed, the held events are dropped and a ``response.incomplete`` event says
+  the same.
 * **streams** (:class:`ResponseEvents`) are judged from the text deltas (``response.output_text.delta``;
-  reasoning deltas with ``judge_reasoning``); an event that carries a part's whole text (``*.done``,
-  ``response.completed``) is held like a delta, and text it holds that its deltas did not say is judged too.
-  The terminal event (``response.completed``, ``.incomplete``, ``.failed``) waits for the final check.
+  reasoning deltas with ``judge_reasoning``); an event that carries a whole text (``*.done``, an item, the
+  final response) is held like a delta, and a whole text the deltas did not say is judged too. The
+  terminal event (``response.completed``, ``.incomplete``, ``.failed``) waits for the final check.
 """
 
 from __future__ import annotations

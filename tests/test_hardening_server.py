@@ -369,6 +369,59 @@ def test_a_trickling_image_host_is_cut_off(
     assert elapsed < bound + 3.0, f"the request took {elapsed:.1f}s; the bound is {bound:g}s"
 
 
+def test_a_compressed_image_body_is_refused_before_it_is_inflated(tiny_guard) -> None:
+    """The fetcher asks for identity; a host that gzips anyway (here 64 MiB of zeros in ~64 KiB) is refused
+    without inflating it (httpx decoded each chunk whole before the byte limit saw it), and a host that
+    honours the request is served."""
+    import gzip
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from mmguard.server import ServerSettings
+    from mmguard.server.testing import LiveServer
+    from mmguard.tiny import noise_image
+
+    bomb = gzip.compress(bytes(64 * 1024 * 1024), compresslevel=9)
+    picture = io.BytesIO()
+    noise_image(40, 30, 1).save(picture, "PNG")
+    asked: list[str | None] = []
+
+    class Host(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Accept-Encoding"))
+            body, gzipped = (bomb, True) if self.path == "/bomb.png" else (picture.getvalue(), False)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Host)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{httpd.server_address[1]}"
+    settings = ServerSettings(remote_images=True, remote_image_hosts=(host,), warmup=False)
+    try:
+        with LiveServer(tiny_guard, settings) as srv:
+            answers = [httpx.post(srv.url + "/v1/moderations", timeout=60, json={"input": [
+                {"type": "image_url", "image_url": {"url": f"http://{host}/{name}"}}]})
+                for name in ("bomb.png", "ok.png")]
+    finally:
+        httpd.shutdown()
+    refused, served = answers
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "image_fetch_failed"
+    assert "content-encoding 'gzip'" in refused.json()["error"]["message"]
+    assert served.status_code == 200, served.text
+    assert asked == ["identity", "identity"]
+
+
 # -- defect 4: 8 concurrent 6000x6000 PNGs: bounded peak, memory given back -----------------------------
 
 

@@ -220,6 +220,9 @@ def test_errors_pass_through_and_bad_input(stub: tuple[StubUpstream, str], proxy
     audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]
     resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": audio}, timeout=10)
     assert resp.status_code == 400
+    after_system = [{"role": "system", "content": "be brief"}, *audio]  # named by its index in the request
+    resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": after_system}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages[1].content[0].type"
     resp = httpx.post(proxy + "/v1/chat/completions", json={"model": "m", "messages": "hi"}, timeout=10)
     assert resp.status_code == 400
     with pytest.raises(openai.NotFoundError, match="does not forward /v1/completions") as missing:

@@ -130,6 +130,10 @@ def test_requests_the_guard_cannot_read_are_refused_naming_the_item() -> None:
         "input[1].content[0].type": [{"type": "reasoning", "summary": []}, {"role": "user", "content": [
             {"type": "input_file", "file_id": "file-2"}]}],
         "input": 42,
+        # an error found past dropped items names the request's own index
+        "input[2].content[0].text": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                                     {"role": "system", "content": "be brief"},
+                                     {"role": "user", "content": [{"type": "input_text", "text": 5}]}],
     }
     with proxied(upstream, guard) as (url, _):
         for param, given in cases.items():

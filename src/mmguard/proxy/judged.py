@@ -71,6 +71,7 @@ async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: Ima
     if not isinstance(messages, list) or not messages:
         raise APIError.bad_request(f"'{param}' must be a non-empty list of messages", param=param)
     kept: list[Any] = []
+    positions: list[int] = []  # each kept message's index in the request (errors name that)
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
             raise APIError.bad_request(f"{param}[{i}] must be an object with 'role' and 'content'",
@@ -85,11 +86,12 @@ async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: Ima
                 continue
             msg = {"role": "assistant", "content": content}
         kept.append(msg)
+        positions.append(i)
     users = [i for i, m in enumerate(kept) if isinstance(m.get("role"), str) and m["role"].lower() == "user"]
     if not users:
         return []
     kept = kept[: users[-1] + 1]
-    return await normalize_messages(kept, limits, fetcher, lenient_roles=True, param=param)
+    return await normalize_messages(kept, limits, fetcher, lenient_roles=True, param=param, positions=positions)
 
 
 def decode_judged_prompt(normalized: list[dict[str, Any]], limits: ImageLimits) -> JudgedPrompt:

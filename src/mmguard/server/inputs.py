@@ -195,13 +195,25 @@ class ImageFetcher:
     async def _get(self, url: str, param: str | None) -> bytes:
         try:
             async with (
-                httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False) as client,
+                # identity: a compressed body would be decoded a chunk at a time before the byte limit sees it
+                # (a 64 KiB gzip chunk can hold 64 MiB); images are compressed already
+                httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False,
+                                  headers={"accept-encoding": "identity"}) as client,
                 client.stream("GET", url) as resp,
             ):
                 if resp.status_code != 200:
                     raise APIError(
                         400,
                         f"fetching image URL failed: HTTP {resp.status_code}",
+                        param=param,
+                        code="image_fetch_failed",
+                    )
+                encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise APIError(
+                        400,
+                        f"the image host sent its image with content-encoding {encoding[:40]!r} although only "
+                        "identity was accepted; serve it uncompressed",
                         param=param,
                         code="image_fetch_failed",
                     )
@@ -215,7 +227,7 @@ class ImageFetcher:
                     )
                 chunks: list[bytes] = []
                 size = 0
-                async for chunk in resp.aiter_bytes():
+                async for chunk in resp.aiter_raw():  # the bytes as sent: identity, checked above
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise APIError(
@@ -401,20 +413,22 @@ def _part_image_src(part: Mapping[str, Any]) -> Any:
 
 
 async def normalize_messages(
-    messages: Any, limits: ImageLimits, fetcher: ImageFetcher, *, lenient_roles: bool, param: str = "messages"
+    messages: Any, limits: ImageLimits, fetcher: ImageFetcher, *, lenient_roles: bool, param: str = "messages",
+    positions: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Messages in OpenAI / llama-stack / mmguard chat form -> mmguard chat form with image bytes.
 
     ``lenient_roles`` (run-shield): system messages are dropped, tool messages count as the agent's,
     consecutive messages of one role are merged, and a first non-user message is read as the user's
-    (what llama-stack's own Llama Guard provider does).
+    (what llama-stack's own Llama Guard provider does). ``positions``: each message's index in the request,
+    for errors, when ``messages`` is a selection of its messages.
     """
     if not isinstance(messages, list) or not messages:
         raise APIError.bad_request(f"'{param}' must be a non-empty list of messages", param=param)
     out: list[dict[str, Any]] = []
     n_images = 0
     for i, msg in enumerate(messages):
-        where = f"{param}[{i}]"
+        where = f"{param}[{positions[i] if positions is not None else i}]"
         if not isinstance(msg, Mapping):
             raise APIError.bad_request(f"{where} must be an object with 'role' and 'content'", param=where)
         raw_role = msg.get("role")

@@ -253,7 +253,8 @@ def test_metrics_per_rail(proxy: str) -> None:
     text = httpx.get(proxy + "/metrics", timeout=10).text
     for line in ('mmguard_proxy_checks_total{rail="input"}', 'mmguard_proxy_checks_total{rail="output"}',
                  'mmguard_proxy_blocks_total{rail="input"}', 'mmguard_proxy_blocks_total{rail="output"}',
-                 "mmguard_proxy_added_seconds_count", "mmguard_proxy_stream_hold_seconds_count"):
+                 "mmguard_proxy_added_seconds_count", "mmguard_proxy_stream_hold_seconds_count",
+                 'mmguard_requests_total{route="/v1/chat/completions",status="200"}'):
         assert line in text
 
 

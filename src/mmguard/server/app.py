@@ -203,6 +203,8 @@ def _route_label(path: str) -> str:
         "/v1/safety/run-shield",
         "/v1/shields",
         "/v1/models",
+        "/v1/chat/completions",  # the proxy's routes (it shares this middleware)
+        "/v1/responses",
         "/healthz",
         "/readyz",
         "/metrics",

@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -34,7 +33,10 @@ from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, with_answer
+from .metrics import ProxyMetrics
 from .release import DueCheck, SSEParser, StreamRelease, json_bytes, verdict_extension
+from .response_store import ResponseStore, continued
+from .responses import ResponseEvents
 from .routes import CHAT, RESPONSES, Route
 from .scored import score_plain
 from .settings import ProxySettings
@@ -49,31 +51,6 @@ _HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding
         "proxy-authorization", "proxy-connection", "accept-encoding", "content-encoding", KEY_HEADER}
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 _READ_AHEAD_EVENTS = 64  # upstream events parsed but not yet taken by the release logic
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class ProxyMetrics:
-    """Per-rail checks and blocks, and the time the guard adds (in the server's registry)."""
-
-    def __init__(self, registry: Any) -> None:
-        self.checks = Counter("mmguard_proxy_checks", "Guard checks by rail", ["rail"], registry=registry)
-        self.blocks = Counter("mmguard_proxy_blocks", "Requests or answers blocked, by rail", ["rail"],
-                              registry=registry)
-        self.flags = Counter("mmguard_proxy_flags", "Verdicts that flagged, by rail: blocked (--mode block) or "
-                             "only reported (--mode score)", ["rail"], registry=registry)
-        self.added = Histogram(
-            "mmguard_proxy_added_seconds",
-            "Time the guard added to a request: input check before forwarding, plus (non-streaming) the output "
-            "checks, or (streaming) the wait between the upstream's end and the client's",
-            ["stream"], buckets=_BUCKETS, registry=registry)
-        self.hold = Histogram(
-            "mmguard_proxy_stream_hold_seconds",
-            "Per streamed event carrying answer text: time held back before it was released",
-            buckets=_BUCKETS, registry=registry)
-        self.upstream = Counter("mmguard_proxy_upstream_responses", "Upstream responses by status", ["status"],
-                                registry=registry)
-        self.upstream_errors = Counter("mmguard_proxy_upstream_errors", "Upstream unreachable or timed out",
-                                       ["reason"], registry=registry)
 
 
 class ProxyState:
@@ -83,6 +60,7 @@ class ProxyState:
         self.server = ServerState(guard, replace(settings.guard, api_keys=()))
         self.metrics = ProxyMetrics(self.server.metrics.registry)
         self.client: httpx.AsyncClient | None = None
+        self.responses = ResponseStore(settings.remember_responses) if settings.remember_responses else None
         self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in settings.api_keys)
         tokenizer = getattr(getattr(guard, "engine", None), "tokenizer", None)
         if tokenizer is not None:
@@ -127,8 +105,33 @@ class ProxyState:
             raise APIError.bad_request(str(err), code="invalid_input") from None
         return await self.check("output", conversation)
 
+    def rememberer(self, route: Route, body: dict[str, Any], judged: JudgedPrompt) -> Remember:
+        """What keeps an answer's conversation for a request that will continue it (a no-op where none will)."""
+        store = self.responses
+        if store is None or not route.stores(body):
+            return _forget
+
+        def remember(answer_id: Any, answer: str) -> None:
+            if not isinstance(answer_id, str) or not answer_id:
+                return
+            try:
+                conversation = with_answer(judged, answer) if answer.strip() else judged.conversation
+            except ConversationError:
+                return  # an answer no check could read: its conversation is no context either
+            if conversation is not None:
+                store.put(answer_id, conversation)
+
+        return remember
+
     def forwarded_headers(self, request: Request) -> dict[str, str]:
         return {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+
+
+Remember = Callable[[Any, str], None]  # (the upstream's answer id, the judged answer text)
+
+
+def _forget(answer_id: Any, answer: str) -> None:
+    return None
 
 
 def _response_headers(resp: httpx.Response) -> dict[str, str]:
@@ -311,6 +314,11 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             normalized = await prepare_judged_prompt(route.messages(body), server.limits, server.fetcher,
                                                      param=route.param)
             judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
+            earlier_id = route.continues(body) if state.responses is not None else None
+            if earlier_id is not None:  # the turns the request omits, as the upstream keeps them
+                earlier = state.responses.get(earlier_id) if state.responses else None
+                request.state.log["context"] = "found" if earlier else "unknown"
+                judged = continued(earlier, judged) if earlier else judged
             if settings.input_rail and judged.conversation is not None:
                 input_verdict = await state.check("input", judged.conversation)
         except APIError as err:
@@ -322,37 +330,42 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             if settings.blocking:
                 return JSONResponse(content_filter_error(input_verdict, server.guard.policy.active_codes,
                                                          route.param), status_code=400)
+        remember = state.rememberer(route, body, judged)
         added = time.perf_counter() - started
         resp = await send_upstream(request, "POST", route.path, raw)
         is_stream = "text/event-stream" in resp.headers.get("content-type", "")
         if resp.status_code == 200 and not settings.blocking:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
-            return await scored(request, route, resp, judged, input_verdict, input_error, is_stream)
+            return await scored(request, route, resp, judged, input_verdict, input_error, is_stream, remember)
         if resp.status_code != 200 or not settings.output_rail:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
         if is_stream:
-            return StreamingResponse(stream_checked(request, route, resp, judged, added), status_code=200,
+            return StreamingResponse(stream_checked(request, route, resp, judged, added, remember), status_code=200,
                                      headers=_response_headers(resp))
-        return await plain_checked(request, route, resp, judged, added)
+        return await plain_checked(request, route, resp, judged, added, remember)
 
     async def scored(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
-                     input_verdict: Verdict | None, input_error: str, is_stream: bool) -> Response:
+                     input_verdict: Verdict | None, input_error: str, is_stream: bool, remember: Remember) -> Response:
         """Score mode: the upstream's answer unchanged, with the verdicts reported (:mod:`.scored`)."""
         headers = _response_headers(resp)
         if is_stream:
             return StreamingResponse(route.score_stream(resp, judged, input_verdict, input_error, state.check_answer,
                                                         request.state.log, output_rail=settings.output_rail,
-                                                        judge_reasoning=settings.judge_reasoning),
+                                                        judge_reasoning=settings.judge_reasoning, remember=remember),
                                      status_code=200, headers=headers)
+
+        def answers(data: dict[str, Any]) -> list[tuple[int, str]]:
+            found = route.answers(data, settings.judge_reasoning)
+            remember(data.get("id"), found[0][1] if found else "")
+            return [(index, text) for index, text, _ in found]
+
         body = await score_plain(await read_bounded(resp), judged, input_verdict, input_error, state.check_answer,
-                                 request.state.log, output_rail=settings.output_rail,
-                                 answers=lambda data: [(index, text) for index, text, _ in
-                                                       route.answers(data, settings.judge_reasoning)])
+                                 request.state.log, output_rail=settings.output_rail, answers=answers)
         return Response(body, status_code=200, headers=headers)
 
     async def plain_checked(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
-                            added: float) -> Response:
+                            added: float, remember: Remember) -> Response:
         raw = await read_bounded(resp)
         headers = _response_headers(resp)
         try:
@@ -361,6 +374,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             raise APIError(502, "the upstream's answer is not JSON, so it cannot be checked", type="server_error",
                            code="upstream_invalid_response") from None
         answers = route.answers(data, settings.judge_reasoning) if isinstance(data, dict) else []
+        if isinstance(data, dict):
+            remember(data.get("id"), answers[0][1] if answers else "")  # as the upstream keeps it, blocked or not
         started = time.perf_counter()
         try:
             verdicts = await asyncio.gather(*(state.check_answer(judged, text) for _, text, _ in answers))
@@ -378,7 +393,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         return Response(json_bytes(data), status_code=200, headers=headers, media_type="application/json")
 
     async def stream_checked(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
-                             added: float) -> AsyncIterator[bytes]:
+                             added: float, remember: Remember) -> AsyncIterator[bytes]:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
                                 count_tokens=state.count_tokens, events=route.events(settings.judge_reasoning))
         # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
@@ -462,6 +477,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 yield release.events.error_event(failure)
             if release.events.ends_with_done and (release.saw_done or release.all_blocked or failure is not None):
                 yield b"data: [DONE]\n\n"  # as the upstream ended, or as OpenAI ends a stream it cut
+            if isinstance(release.events, ResponseEvents) and 0 in release.choices:
+                remember(release.events.response.get("id"), release.choices[0].text)
             tail = time.perf_counter() - upstream_ended_at if upstream_ended_at is not None else 0.0
             state.metrics.added.labels("true").observe(added + tail)
             for seconds in release.hold_seconds:

@@ -37,6 +37,10 @@ def command(
         bool, typer.Option(help="Also judge and hold back the answer's reasoning (reasoning_content / reasoning), "
                            "for clients that show it; off, it passes unjudged")
     ] = False,
+    remember_responses: Annotated[
+        int, typer.Option(min=0, help="Responses API conversations kept (LRU, text only, this process) so that a "
+                          "request with previous_response_id is judged with its earlier turns; 0: none")
+    ] = 10_000,
     prefix_cache: Annotated[
         bool, typer.Option(help="Reuse the KV of shared prompt prefixes and of the answer checked so far (exact)")
     ] = True,
@@ -103,7 +107,7 @@ def command(
         settings = ProxySettings(upstream=upstream, rails=_split([rails]), check_every=check_every,
                                  release=release, mode=mode, api_keys=keys,  # type: ignore[arg-type]
                                  upstream_timeout_s=upstream_timeout, judge_reasoning=judge_reasoning,
-                                 guard=guard_settings)
+                                 remember_responses=remember_responses, guard=guard_settings)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     if torch_threads is None and device in ("cpu", "auto"):

@@ -108,6 +108,9 @@ def decode_judged_prompt(normalized: list[dict[str, Any]], limits: ImageLimits) 
 
 
 def with_answer(prompt: JudgedPrompt, answer: str) -> Conversation:
-    """The conversation the output rail judges: the prompt's turns and ``answer`` as the agent's turn."""
+    """The conversation the output rail judges: the prompt's turns and ``answer`` as the agent's turn (after
+    the agent's earlier words when the prompt ends with them: a Responses tool loop continued)."""
     turns: tuple[Turn, ...] = prompt.conversation.turns if prompt.conversation else (Turn("user", ("",)),)
+    if turns[-1].role == "agent":
+        return Conversation((*turns[:-1], Turn("agent", (*turns[-1].texts, answer))))
     return Conversation((*turns, Turn("agent", (answer,))))

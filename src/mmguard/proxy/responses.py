@@ -25,7 +25,7 @@ What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -37,7 +37,8 @@ from .judged import JudgedPrompt
 from .release import SSEEvent, SSEParser, json_bytes, verdict_extension
 from .scored import CheckAnswer, judge_output, score_report
 
-__all__ = ["ResponseEvents", "blocked_response", "input_messages", "response_answer", "score_response_stream"]
+__all__ = ["ResponseEvents", "blocked_response", "input_messages", "previous_response_id", "response_answer",
+           "score_response_stream", "stores_answer"]
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _PART_TYPES = {"input_text": "text", "output_text": "text", "text": "text"}
@@ -92,6 +93,17 @@ def input_messages(body: Mapping[str, Any]) -> list[Any]:
             content = [_message_part(p, f"input[{i}].content[{j}]") for j, p in enumerate(content)]
         messages.append({"role": item.get("role"), "content": content})
     return messages
+
+
+def previous_response_id(body: Mapping[str, Any]) -> str | None:
+    """The answer a request continues, when the upstream keeps it (``store`` is not false)."""
+    previous = body.get("previous_response_id")
+    return previous if isinstance(previous, str) and previous else None
+
+
+def stores_answer(body: Mapping[str, Any]) -> bool:
+    """The upstream keeps this request's answer for a later ``previous_response_id`` (OpenAI's default)."""
+    return body.get("store") is not False
 
 
 # -- a plain answer ----------------------------------------------------------------------------------------
@@ -264,7 +276,8 @@ class ResponseEvents:
 
 async def score_response_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None,
                                 input_error: str, check: CheckAnswer, log: dict[str, Any], *, output_rail: bool,
-                                judge_reasoning: bool) -> AsyncIterator[bytes]:
+                                judge_reasoning: bool,
+                                remember: Callable[[Any, str], None] | None = None) -> AsyncIterator[bytes]:
     """Score mode: the upstream's events as they come, except the terminal one, which waits for the verdict
     and carries the report in ``response.mmguard``; a stream that ends without one gets an ``mmguard.report``
     event."""
@@ -285,6 +298,8 @@ async def score_response_stream(resp: httpx.Response, judged: JudgedPrompt, inpu
         failure = f"the upstream's stream failed: {type(err).__name__}"
     finally:
         await resp.aclose()
+    if remember is not None:
+        remember(events.response.get("id"), events.text)
     outputs = [await judge_output(check, judged, 0, events.text)] if output_rail and events.text.strip() else []
     if failure:
         outputs.append({"rail": "output", "error": failure})

@@ -13,7 +13,15 @@ from typing import Any
 
 from ..verdict import Verdict
 from .release import REASONING_KEYS, ChatChunks, EventFormat, choice_index, reasoning_text, said_text, verdict_extension
-from .responses import ResponseEvents, blocked_response, input_messages, response_answer, score_response_stream
+from .responses import (
+    ResponseEvents,
+    blocked_response,
+    input_messages,
+    previous_response_id,
+    response_answer,
+    score_response_stream,
+    stores_answer,
+)
 from .scored import score_stream
 
 __all__ = ["CHAT", "RESPONSES", "Answer", "Route"]
@@ -30,6 +38,8 @@ class Route:
     block: Callable[[dict[str, Any], Verdict], None]  # blocks one answer (the Answer's object) in place
     events: Callable[[bool], EventFormat]  # how its stream reads (judge_reasoning)
     score_stream: Callable[..., AsyncIterator[bytes]]  # score mode's stream (:func:`.scored.score_stream`'s call)
+    continues: Callable[[dict[str, Any]], str | None]  # the earlier answer whose turns the request omits
+    stores: Callable[[dict[str, Any]], bool]  # a later request may continue this one's answer
 
 
 def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
@@ -72,7 +82,11 @@ def _chat_messages(body: Mapping[str, Any]) -> Any:
     return body.get("messages")
 
 
+def _never(body: dict[str, Any]) -> Any:
+    return None  # a chat request carries its whole history
+
+
 CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _block_choice, ChatChunks,
-             score_stream)
+             score_stream, continues=_never, stores=lambda body: False)
 RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, ResponseEvents,
-                  score_response_stream)
+                  score_response_stream, continues=previous_response_id, stores=stores_answer)

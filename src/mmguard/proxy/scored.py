@@ -88,8 +88,9 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
 
 async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict: Verdict | None, input_error: str,
                        check: CheckAnswer, log: dict[str, Any], *, output_rail: bool,
-                       judge_reasoning: bool) -> AsyncIterator[bytes]:
-    """The upstream's events as they come (not held back), then the report chunk, then ``[DONE]``."""
+                       judge_reasoning: bool, remember: Any = None) -> AsyncIterator[bytes]:
+    """The upstream's events as they come (not held back), then the report chunk, then ``[DONE]``.
+    (``remember`` is the Responses route's: a chat request carries its own history.)"""
     parser = SSEParser()
     texts: dict[int, str] = {}
     meta: dict[str, Any] = {}

@@ -39,6 +39,9 @@ class ProxySettings:
     judge_reasoning: also judge (and hold back) the answer's reasoning text (``reasoning_content`` or
         ``reasoning``, as vLLM, DeepSeek and OpenRouter send it), for clients that show it; off, it passes
         unjudged. Reasoning about a harmful request may itself be flagged: measure before turning it on.
+    remember_responses: Responses API answers whose conversation the proxy keeps (least recently used first
+        out; 0: none), so that a request continuing one (``previous_response_id``) is judged with its earlier
+        turns (:mod:`mmguard.proxy.response_store`).
     guard: the guard options, shared with ``mmguard serve``.
     """
 
@@ -50,6 +53,7 @@ class ProxySettings:
     upstream_timeout_s: float = 120.0
     judge_reasoning: bool = False
     mode: Mode = "block"
+    remember_responses: int = 10_000
     guard: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class ProxySettings:
             raise ValueError(f"release must be 'checked' or 'eager', got {self.release!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'block' or 'score', got {self.mode!r}")
+        if self.remember_responses < 0:
+            raise ValueError(f"remember_responses must be >= 0, got {self.remember_responses}")
         if self.upstream_timeout_s <= 0:
             raise ValueError("upstream_timeout_s must be > 0")
 

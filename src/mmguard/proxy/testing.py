@@ -158,14 +158,14 @@ class StubUpstream:
             body, refused = await received(request)
             if refused is not None:
                 return refused
-            done = self.response_object(body.get("model", "stub"), "completed")
+            done = self.response_object(body.get("model", "stub"), "completed", _request_id(body))
             if not body.get("stream"):
                 return Response(json.dumps(done), media_type="application/json")
             return StreamingResponse(self.response_events(done), media_type="text/event-stream")
 
         return app
 
-    def response_object(self, model: str, status: str) -> dict[str, Any]:
+    def response_object(self, model: str, status: str, response_id: str = "resp_stub") -> dict[str, Any]:
         """A Responses API answer: a reasoning item (when ``reasoning`` is set), then the message."""
         output: list[dict[str, Any]] = []
         if self.reasoning:
@@ -173,7 +173,7 @@ class StubUpstream:
                            "summary": [{"type": "summary_text", "text": self.reasoning}]})
         output.append({"id": "msg_stub", "type": "message", "status": status, "role": "assistant",
                        "content": [{"type": "output_text", "text": self.answer, "annotations": []}]})
-        return {"id": "resp_stub", "object": "response", "created_at": 1700000000, "status": status,
+        return {"id": response_id, "object": "response", "created_at": 1700000000, "status": status,
                 "model": model, "output": output, "error": None, "incomplete_details": None, "instructions": None,
                 "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto",
                 "tools": [], "top_p": 1.0,
@@ -217,6 +217,15 @@ class StubUpstream:
             yield event("response.content_part.done", **where, part=item["content"][0])
             yield event("response.output_item.done", output_index=position, item=item)
         yield event("response.completed", response=done)
+
+
+def _request_id(body: dict[str, Any]) -> str:
+    """A stub answer's id: one per request content (a request sent twice, or streamed, gets the same)."""
+    import hashlib
+    import json
+
+    same = {k: v for k, v in body.items() if k != "stream"}
+    return "resp_stub" + hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # -- a real CPU upstream: SmolLM2-135M-Instruct behind transformers' own OpenAI-compatible server ----------

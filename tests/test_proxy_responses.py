@@ -275,10 +275,10 @@ def test_context_comes_from_streamed_answers_and_tool_loops_and_not_from_unstore
 
 def test_response_store_is_bounded_and_keeps_text_only() -> None:
     from mmguard.proxy.judged import JudgedPrompt
-    from mmguard.proxy.response_store import IMAGE_MARK, ResponseStore, continued
+    from mmguard.proxy.response_store import IMAGE_MARK, TURN_COST, ResponseStore, continued
     from mmguard.tiny import noise_image
 
-    store = ResponseStore(max_entries=2, max_chars=30)
+    store = ResponseStore(max_entries=2, max_chars=30 + 2 * 2 * TURN_COST)  # two two-turn conversations, 30 chars
     with_image = Conversation((Turn("user", (), noise_image(8, 8, 0)), Turn("agent", ("ok",))))
     store.put("a", with_image)
     assert store.get("a") == (Turn("user", (IMAGE_MARK,)), Turn("agent", ("ok",)))
@@ -288,7 +288,7 @@ def test_response_store_is_bounded_and_keeps_text_only() -> None:
     assert store.get("a") is None and store.get("b") is not None
     store.put("d", Conversation.response("q", "z" * 20))  # over 30 characters: older ones go
     assert store.get("b") is None and store.get("c") is None and store.get("d") is not None
-    store.put("e", Conversation.response("q", "w" * 40))  # larger than the whole budget: not kept
+    store.put("e", Conversation.response("q", "w" * 1100))  # larger than the whole budget: not kept
     assert store.get("e") is None and len(store) == 1
     # the earlier turns put before a request: their last characters, from a user turn on
     earlier = (Turn("user", ("a" * 50,)), Turn("agent", ("b" * 50,)))

@@ -6,10 +6,11 @@ chat request, which carries its history, is judged whole. :class:`ResponseStore`
 response id, the conversation the output rail judged (the prompt's turns and the answer), and
 :func:`continued` puts it in front of the next request's turns.
 
-Bounded and local: at most ``max_entries`` conversations and ``max_chars`` characters of text (least
-recently used first out), text only (an earlier image is kept as the text ``[image]``: Llama Guard reads one
-image, the request's own, and a decoded image would cost megabytes), in this process only (behind a load
-balancer, replicas do not share it: an id it does not know is judged without its earlier turns).
+Bounded and local: at most ``max_entries`` conversations and ``max_chars`` characters of text, each turn
+counted ``TURN_COST`` more (least recently used first out); text only (an earlier image is kept as the text
+``[image]``: Llama Guard reads one image, the request's own, and a decoded image would cost megabytes); in
+this process only (behind a load balancer, replicas do not share it: an id it does not know is judged
+without its earlier turns).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from dataclasses import dataclass
 from ..conversation import MAX_TURNS, Conversation, Turn
 from .judged import JudgedPrompt
 
-__all__ = ["EARLIER_CHARS", "IMAGE_MARK", "ResponseStore", "continued"]
+__all__ = ["EARLIER_CHARS", "IMAGE_MARK", "TURN_COST", "ResponseStore", "continued"]
 
 IMAGE_MARK = "[image]"  # what an earlier turn's image leaves in the stored text
 # earlier text put before a request: ~2k tokens, so that with the policy block and the request it stays well
 # within mmguard-mini's 8,128-token context (a chat request's own history counts whole, as the client sent it)
 EARLIER_CHARS = 8_000
+TURN_COST = 256  # what a kept turn costs beyond its text (Python objects), counted against max_chars
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class ResponseStore:
     def put(self, response_id: str, conversation: Conversation) -> None:
         turns = tuple(Turn(t.role, t.texts or (IMAGE_MARK,)) if t.image is not None or not t.texts
                       else Turn(t.role, t.texts) for t in conversation.turns)
-        chars = sum(len(s) for t in turns for s in t.texts)
+        chars = sum(len(s) for t in turns for s in t.texts) + TURN_COST * len(turns)
         if chars > self.max_chars or self.max_entries < 1:
             return
         with self._lock:

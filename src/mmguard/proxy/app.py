@@ -53,6 +53,13 @@ _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 _READ_AHEAD_EVENTS = 64  # upstream events parsed but not yet taken by the release logic
 
 
+Remember = Callable[[Any, str], None]  # (the upstream's answer id, the judged answer text)
+
+
+def _forget(answer_id: Any, answer: str) -> None:
+    return None
+
+
 class ProxyState:
     def __init__(self, guard: GuardLike, settings: ProxySettings) -> None:
         self.settings = settings
@@ -125,13 +132,6 @@ class ProxyState:
 
     def forwarded_headers(self, request: Request) -> dict[str, str]:
         return {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-
-
-Remember = Callable[[Any, str], None]  # (the upstream's answer id, the judged answer text)
-
-
-def _forget(answer_id: Any, answer: str) -> None:
-    return None
 
 
 def _response_headers(resp: httpx.Response) -> dict[str, str]:

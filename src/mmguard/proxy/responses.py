@@ -160,8 +160,9 @@ def blocked_response(response: dict[str, Any], verdict: Verdict) -> dict[str, An
 
 # -- a stream ----------------------------------------------------------------------------------------------
 def _position(value: Any) -> Any:
-    """An event's output, content or summary index as part of a key: as sent, where it can be one."""
-    return value if isinstance(value, (int, float, str)) or value is None else repr(value)[:64]
+    """An event's output, content or summary index as part of a key: as sent where it is an int or a string,
+    else its repr (a float NaN, never equal to itself, would make every delta a part of its own)."""
+    return value if isinstance(value, (int, str)) or value is None else repr(value)[:64]
 
 
 def _event_bytes(kind: str, payload: dict[str, Any]) -> bytes:
@@ -179,7 +180,7 @@ class ResponseEvents:
         self.sequence = -1  # the largest sequence_number seen
         self._parts: dict[tuple[Any, ...], str] = {}  # each part's text so far, by (kind, output, part index)
         self._last: tuple[Any, ...] | None = None  # the part that last added text
-        self.text = ""  # all judged text, parts joined by a blank line
+        self.text = ""  # all judged text, as _add and _whole join it
 
     def _add(self, key: tuple[Any, ...], text: str) -> str:
         """Text a delta says; returns what it adds to the judged text. The answer's deltas are one text (the

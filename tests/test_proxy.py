@@ -19,7 +19,7 @@ import openai
 import pytest
 from fastapi import Request
 
-from mmguard.conversation import Conversation
+from mmguard.conversation import Conversation, Turn
 from mmguard.policy import DEFAULT_POLICY
 from mmguard.proxy import ProxySettings
 from mmguard.proxy.release import SSEParser, StreamRelease
@@ -533,3 +533,41 @@ def test_text_after_a_unicode_line_separator_or_in_cr_framed_events_is_judged(ke
         stream = dumps(client(srv.url).chat.completions.create(**request))  # type: ignore[call-overload]
     assert TRIGGER not in json.dumps(stream)
     assert finishing(stream)["finish_reason"] == "content_filter"
+
+
+@pytest.mark.parametrize("history_chars", [0, 2000])
+def test_a_long_chat_history_is_refused_or_judged_by_its_recent_turns(tiny_guard: Any, history_chars: int) -> None:
+    """The tiny guard's context is 4,096 positions. A chat session whose history outgrew it is refused whole
+    (the default: nothing is judged in part); with --history-chars the turns before the judged one are cut to
+    their last characters, and the session goes on."""
+    upstream = StubUpstream("Sure.")
+    history: list[dict[str, Any]] = []
+    for i in range(20):
+        history += [{"role": "user", "content": " ".join(f"q{i}w{j}" for j in range(150))},
+                    {"role": "assistant", "content": " ".join(f"a{i}w{j}" for j in range(150))}]
+    body = {"model": "m", "messages": [*history, {"role": "user", "content": "And the last question?"}]}
+    tiny_guard.threshold = 1.0  # everything judged passes: only the limit can stop the request
+    try:
+        with LiveApp(upstream.app) as up, \
+                LiveProxy(tiny_guard, proxy_settings(up.url + "/v1", history_chars=history_chars)) as srv:
+            answer = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+    finally:
+        tiny_guard.threshold = 0.5
+    if history_chars:
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "Sure."
+    else:
+        assert answer.status_code == 400 and "limit" in answer.json()["error"]["message"]
+        assert upstream.requests == []  # never forwarded unjudged
+
+
+def test_recent_history_keeps_the_judged_turn_and_the_image_whole() -> None:
+    from mmguard.proxy.judged import JudgedPrompt, recent_history
+
+    picture = noise_image(8, 8, 0)
+    conversation = Conversation((Turn("user", ("u1 " * 100,), picture), Turn("agent", ("a1 " * 100,)),
+                                 Turn("user", ("last " * 100,))))
+    cut = recent_history(JudgedPrompt(conversation), 30).conversation
+    assert cut is not None and [t.role for t in cut.turns] == ["user", "agent", "user"]
+    assert cut.turns[0].text == "" and cut.turns[0].image is picture  # the image stays, on a user turn
+    assert cut.turns[1].text == ("a1 " * 100)[-30:] and cut.turns[2].text == "last " * 100
+    assert recent_history(JudgedPrompt(conversation), 10_000).conversation is conversation  # nothing to cut

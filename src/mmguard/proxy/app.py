@@ -32,7 +32,7 @@ from ..server.app import GatewayMiddleware, ServerState
 from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
 from ..verdict import Verdict
-from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, with_answer
+from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, recent_history, with_answer
 from .metrics import ProxyMetrics
 from .release import DueCheck, SSEParser, StreamRelease, json_bytes, verdict_extension
 from .response_store import ResponseStore, continued
@@ -319,6 +319,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 earlier = state.responses.get(earlier_id) if state.responses else None
                 request.state.log["context"] = "found" if earlier else "unknown"
                 judged = continued(earlier, judged) if earlier else judged
+            if settings.history_chars:
+                judged = recent_history(judged, settings.history_chars)
             if settings.input_rail and judged.conversation is not None:
                 input_verdict = await state.check("input", judged.conversation)
         except APIError as err:

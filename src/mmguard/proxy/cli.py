@@ -41,6 +41,10 @@ def command(
         int, typer.Option(min=0, help="Responses API conversations kept (LRU, text only, this process) so that a "
                           "request with previous_response_id is judged with its earlier turns; 0: none")
     ] = 10_000,
+    history_chars: Annotated[
+        int, typer.Option(min=0, help="Judge only the last N characters of the turns before the judged one (0: "
+                          "all; a history past the guard's context is then refused with a 400)")
+    ] = 0,
     prefix_cache: Annotated[
         bool, typer.Option(help="Reuse the KV of shared prompt prefixes and of the answer checked so far (exact)")
     ] = True,
@@ -107,7 +111,8 @@ def command(
         settings = ProxySettings(upstream=upstream, rails=_split([rails]), check_every=check_every,
                                  release=release, mode=mode, api_keys=keys,  # type: ignore[arg-type]
                                  upstream_timeout_s=upstream_timeout, judge_reasoning=judge_reasoning,
-                                 remember_responses=remember_responses, guard=guard_settings)
+                                 remember_responses=remember_responses, history_chars=history_chars,
+                                 guard=guard_settings)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     if torch_threads is None and device in ("cpu", "auto"):

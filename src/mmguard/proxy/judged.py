@@ -32,7 +32,7 @@ from ..images import ImageLimits
 from ..server.errors import APIError
 from ..server.inputs import ImageFetcher, conversation_from_messages, normalize_messages
 
-__all__ = ["JudgedPrompt", "prepare_judged_prompt", "with_answer"]
+__all__ = ["JudgedPrompt", "prepare_judged_prompt", "recent_history", "recent_turns", "with_answer"]
 
 _DROPPED_ROLES = {"system", "developer", "tool", "function", "ipython"}
 
@@ -114,3 +114,39 @@ def with_answer(prompt: JudgedPrompt, answer: str) -> Conversation:
     if turns[-1].role == "agent":
         return Conversation((*turns[:-1], Turn("agent", (*turns[-1].texts, answer))))
     return Conversation((*turns, Turn("agent", (answer,))))
+
+
+def recent_turns(turns: tuple[Turn, ...], max_chars: int) -> list[Turn]:
+    """The last turns holding at most ``max_chars`` characters; the oldest one kept may lose its start."""
+    kept: list[Turn] = []
+    room = max_chars
+    for turn in reversed(turns):
+        size = sum(len(s) for s in turn.texts)
+        if size <= room:
+            kept.append(turn)
+            room -= size
+            continue
+        if room > 0:  # the end of a long turn: the words nearest the new request
+            tail = "\n\n".join(turn.texts)[-room:]
+            kept.append(Turn(turn.role, (tail,), turn.image))
+        break
+    return kept[::-1]
+
+
+def recent_history(prompt: JudgedPrompt, max_chars: int) -> JudgedPrompt:
+    """``prompt`` with the turns before its last one cut to their last ``max_chars`` characters (the last
+    turn, the one judged, stays whole), starting with a user turn (an empty one when the kept turns start with
+    the agent's). The image stays: on its turn, or on the first kept user turn when its own turn was cut."""
+    conversation = prompt.conversation
+    if conversation is None or max_chars <= 0 or len(conversation.turns) < 2:
+        return prompt
+    *earlier, last = conversation.turns
+    kept = recent_turns(tuple(earlier), max_chars)
+    if len(kept) == len(earlier) and kept == earlier:
+        return prompt
+    image = conversation.image if not any(t.image is not None for t in (*kept, last)) else None
+    if not kept or kept[0].role != "user":
+        kept.insert(0, Turn("user", ("",)))
+    if image is not None:
+        kept[0] = Turn("user", kept[0].texts, image)
+    return JudgedPrompt(Conversation((*kept, last)))

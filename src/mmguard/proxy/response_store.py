@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..conversation import MAX_TURNS, Conversation, Turn
-from .judged import JudgedPrompt
+from .judged import JudgedPrompt, recent_turns
 
 __all__ = ["EARLIER_CHARS", "IMAGE_MARK", "TURN_COST", "ResponseStore", "continued"]
 
@@ -74,30 +74,13 @@ class ResponseStore:
                 self._chars -= evicted.chars
 
 
-def _recent(turns: tuple[Turn, ...], max_chars: int) -> list[Turn]:
-    """The last turns holding at most ``max_chars`` characters; the oldest one kept may lose its start."""
-    kept: list[Turn] = []
-    room = max_chars
-    for turn in reversed(turns):
-        size = sum(len(s) for s in turn.texts)
-        if size <= room:
-            kept.append(turn)
-            room -= size
-            continue
-        if room > 0:  # the end of a long turn: the words nearest the new request
-            tail = "\n\n".join(turn.texts)[-room:]
-            kept.append(Turn(turn.role, (tail,), turn.image))
-        break
-    return kept[::-1]
-
-
 def continued(earlier: tuple[Turn, ...], judged: JudgedPrompt, max_chars: int = EARLIER_CHARS) -> JudgedPrompt:
     """``judged`` after the ``earlier`` turns (their last ``max_chars`` characters, so that the whole stays
     within a small guard's context): consecutive turns of one role merged (a tool loop's request has no user
     turn, so its answer continues the earlier answer), the last ``MAX_TURNS - 1`` kept (room for the answer),
     starting with a user turn (an empty one when the kept turns start with the agent's)."""
     merged: list[Turn] = []
-    for turn in (*_recent(earlier, max_chars), *(judged.conversation.turns if judged.conversation else ())):
+    for turn in (*recent_turns(earlier, max_chars), *(judged.conversation.turns if judged.conversation else ())):
         if merged and merged[-1].role == turn.role:
             last = merged[-1]
             merged[-1] = Turn(turn.role, last.texts + turn.texts, last.image or turn.image)

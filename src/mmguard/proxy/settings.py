@@ -42,6 +42,10 @@ class ProxySettings:
     remember_responses: Responses API answers whose conversation the proxy keeps (least recently used first
         out; 0: none), so that a request continuing one (``previous_response_id``) is judged with its earlier
         turns (:mod:`mmguard.proxy.response_store`).
+    history_chars: judge only the last this many characters of the turns before the judged one (0: all of
+        them). A conversation past the guard's context is refused (400) when the whole history is judged; a
+        long chat session then stops working through the proxy. The judged turn, the answer and the image stay
+        whole either way.
     guard: the guard options, shared with ``mmguard serve``.
     """
 
@@ -54,6 +58,7 @@ class ProxySettings:
     judge_reasoning: bool = False
     mode: Mode = "block"
     remember_responses: int = 10_000
+    history_chars: int = 0
     guard: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:
@@ -69,6 +74,8 @@ class ProxySettings:
             raise ValueError(f"release must be 'checked' or 'eager', got {self.release!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'block' or 'score', got {self.mode!r}")
+        if self.history_chars < 0:
+            raise ValueError(f"history_chars must be >= 0, got {self.history_chars}")
         if self.remember_responses < 0:
             raise ValueError(f"remember_responses must be >= 0, got {self.remember_responses}")
         if self.upstream_timeout_s <= 0:

@@ -136,6 +136,7 @@ def test_requests_the_guard_cannot_read_are_refused_naming_the_item() -> None:
         "input[1].content[0].type": [{"type": "reasoning", "summary": []}, {"role": "user", "content": [
             {"type": "input_file", "file_id": "file-2"}]}],
         "input": 42,
+        "background": "hello",  # (sent with background: true below)
         # an error found past dropped items names the request's own index
         "input[2].content[0].text": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
                                      {"role": "system", "content": "be brief"},
@@ -143,7 +144,9 @@ def test_requests_the_guard_cannot_read_are_refused_naming_the_item() -> None:
     }
     with proxied(upstream, guard) as (url, _):
         for param, given in cases.items():
-            resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": given}, timeout=30)
+            request = {"model": "m", "input": given} if param != "background" else {
+                "model": "m", "input": given, "background": True}
+            resp = httpx.post(url + "/v1/responses", json=request, timeout=30)
             assert resp.status_code == 400, resp.text
             assert resp.json()["error"]["param"] == param
         odd_type = httpx.post(url + "/v1/responses", timeout=30, json={  # a role makes it a message to judge

@@ -308,6 +308,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             raise APIError.bad_request(f"request body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError.bad_request("request body must be a JSON object", code="invalid_value")
+        if settings.blocking and settings.output_rail and (refusal := route.unjudgeable(body)) is not None:
+            raise refusal
         input_verdict: Verdict | None = None
         input_error = ""  # score mode: the input could not be judged; reported, and the request goes on
         try:

@@ -38,7 +38,7 @@ from .release import SSEEvent, SSEParser, json_bytes, verdict_extension
 from .scored import CheckAnswer, judge_output, score_report
 
 __all__ = ["ResponseEvents", "blocked_response", "input_messages", "previous_response_id", "response_answer",
-           "score_response_stream", "stores_answer"]
+           "score_response_stream", "stores_answer", "unjudgeable_answer"]
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _PART_TYPES = {"input_text": "text", "output_text": "text", "text": "text"}
@@ -93,6 +93,16 @@ def input_messages(body: Mapping[str, Any]) -> list[Any]:
             content = [_message_part(p, f"input[{i}].content[{j}]") for j, p in enumerate(content)]
         messages.append({"role": item.get("role"), "content": content})
     return messages
+
+
+def unjudgeable_answer(body: Mapping[str, Any]) -> APIError | None:
+    """Why the answer to ``body`` cannot pass the output rail, if it cannot: a background response is fetched
+    later, with ``GET /v1/responses/{id}``, which the proxy does not forward."""
+    if body.get("background") is True:
+        return APIError.bad_request("background responses cannot pass the output rail (their answer is fetched "
+                                    "later with GET /v1/responses/{id}, which the proxy does not forward); send "
+                                    "the request without background", param="background")
+    return None
 
 
 def previous_response_id(body: Mapping[str, Any]) -> str | None:

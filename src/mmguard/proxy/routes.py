@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..server.errors import APIError
 from ..verdict import Verdict
 from .release import REASONING_KEYS, ChatChunks, EventFormat, choice_index, reasoning_text, said_text, verdict_extension
 from .responses import (
@@ -21,6 +22,7 @@ from .responses import (
     response_answer,
     score_response_stream,
     stores_answer,
+    unjudgeable_answer,
 )
 from .scored import score_stream
 
@@ -40,6 +42,7 @@ class Route:
     score_stream: Callable[..., AsyncIterator[bytes]]  # score mode's stream (:func:`.scored.score_stream`'s call)
     continues: Callable[[dict[str, Any]], str | None]  # the earlier answer whose turns the request omits
     stores: Callable[[dict[str, Any]], bool]  # a later request may continue this one's answer
+    unjudgeable: Callable[[dict[str, Any]], APIError | None]  # why its answer cannot pass the output rail
 
 
 def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
@@ -87,6 +90,7 @@ def _never(body: dict[str, Any]) -> Any:
 
 
 CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _block_choice, ChatChunks,
-             score_stream, continues=_never, stores=lambda body: False)
+             score_stream, continues=_never, stores=lambda body: False, unjudgeable=_never)
 RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, ResponseEvents,
-                  score_response_stream, continues=previous_response_id, stores=stores_answer)
+                  score_response_stream, continues=previous_response_id, stores=stores_answer,
+                  unjudgeable=unjudgeable_answer)

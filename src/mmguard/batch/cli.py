@@ -89,7 +89,7 @@ def command(
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         fail(f"--threshold must be within [0, 1], got {threshold}")
     if read_text not in READ_TEXT_MODES:
-        fail(f"unknown --read-text {read_text!r}; use off, auto or on")
+        fail(f"unknown --read-text {read_text!r}; use {', '.join(READ_TEXT_MODES)}")
     if engine == "ray":
         try:
             import ray  # noqa: F401

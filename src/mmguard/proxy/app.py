@@ -34,10 +34,9 @@ from ..server.errors import APIError, error_body, error_response
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, recent_history, with_answer
 from .metrics import ProxyMetrics
-from .release import DueCheck, SSEParser, StreamRelease, json_bytes, verdict_extension
+from .release import DueCheck, SSEParser, StreamRelease, json_bytes
 from .response_store import ResponseStore, continued
-from .responses import ResponseEvents
-from .routes import CHAT, RESPONSES, Route
+from .routes import CHAT, RESPONSES, Route, content_filter_error
 from .scored import score_plain
 from .settings import ProxySettings
 
@@ -112,6 +111,17 @@ class ProxyState:
             raise APIError.bad_request(str(err), code="invalid_input") from None
         return await self.check("output", conversation)
 
+    def with_earlier_turns(self, route: Route, body: dict[str, Any], judged: JudgedPrompt,
+                           log: dict[str, Any]) -> JudgedPrompt:
+        """``judged`` after the turns the request omits (a continued Responses answer), where the store has
+        them; ``log`` says whether it had them."""
+        earlier_id = route.continues(body)
+        if self.responses is None or earlier_id is None:
+            return judged
+        earlier = self.responses.get(earlier_id)
+        log["context"] = "found" if earlier else "unknown"
+        return continued(earlier, judged) if earlier else judged
+
     def rememberer(self, route: Route, body: dict[str, Any], judged: JudgedPrompt) -> Remember:
         """What keeps an answer's conversation for a request that will continue it (a no-op where none will)."""
         store = self.responses
@@ -136,22 +146,6 @@ class ProxyState:
 
 def _response_headers(resp: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-
-
-def content_filter_error(verdict: Verdict, active_codes: tuple[str, ...], param: str = "messages") -> dict[str, Any]:
-    """Azure OpenAI's 400 ``content_filter`` error body, with mmguard's verdict in ``error.mmguard``."""
-    probs = verdict.category_probabilities
-    body = error_body(
-        f"The prompt was filtered by mmguard's input rail: {verdict}. Please modify your prompt and retry.",
-        param=param, code="content_filter")
-    body["error"]["status"] = 400
-    body["error"]["innererror"] = {
-        "code": "ResponsibleAIPolicyViolation",
-        "content_filter_result": {c: {"filtered": c in verdict.codes, "probability": float(probs.get(c, 0.0))}
-                                  for c in active_codes},
-    }
-    body["error"]["mmguard"] = verdict_extension("input", verdict)
-    return body
 
 
 def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
@@ -316,11 +310,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             normalized = await prepare_judged_prompt(route.messages(body), server.limits, server.fetcher,
                                                      param=route.param)
             judged = await asyncio.to_thread(decode_judged_prompt, normalized, server.limits)
-            earlier_id = route.continues(body) if state.responses is not None else None
-            if earlier_id is not None:  # the turns the request omits, as the upstream keeps them
-                earlier = state.responses.get(earlier_id) if state.responses else None
-                request.state.log["context"] = "found" if earlier else "unknown"
-                judged = continued(earlier, judged) if earlier else judged
+            judged = state.with_earlier_turns(route, body, judged, request.state.log)
             if settings.history_chars:
                 judged = recent_history(judged, settings.history_chars)
             if settings.input_rail and judged.conversation is not None:
@@ -481,8 +471,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 yield release.events.error_event(failure)
             if release.events.ends_with_done and (release.saw_done or release.all_blocked or failure is not None):
                 yield b"data: [DONE]\n\n"  # as the upstream ended, or as OpenAI ends a stream it cut
-            if isinstance(release.events, ResponseEvents) and 0 in release.choices:
-                remember(release.events.response.get("id"), release.choices[0].text)
+            if 0 in release.choices:  # (a no-op but for the Responses API: one answer, choice 0)
+                remember(release.events.answer_id, release.choices[0].text)
             tail = time.perf_counter() - upstream_ended_at if upstream_ended_at is not None else 0.0
             state.metrics.added.labels("true").observe(added + tail)
             for seconds in release.hold_seconds:

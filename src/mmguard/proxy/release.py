@@ -184,6 +184,10 @@ class EventFormat(Protocol):
 
     ends_with_done: bool  # the stream ends with 'data: [DONE]'
 
+    @property
+    def answer_id(self) -> Any:
+        """The upstream's id of the answer being streamed (None before it was seen)."""
+
     def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
         """Per choice the event speaks of: (choice index, judged text it adds, whether it ends that choice).
         ``[]``: it carries no answer text (sent at once); None: it cannot be read, so it is dropped (what it
@@ -208,6 +212,10 @@ class ChatChunks:
         self.judge_reasoning = judge_reasoning
         self.meta: dict[str, Any] = {}  # id, created, model of the upstream's chunks (for synthesized chunks)
         self._after_reasoning: dict[int, bool] = {}  # the choice's judged text last grew by reasoning
+
+    @property
+    def answer_id(self) -> Any:
+        return self.meta.get("id")
 
     def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
         chunk = event.json()

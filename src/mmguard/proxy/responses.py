@@ -41,7 +41,7 @@ __all__ = ["ResponseEvents", "blocked_response", "input_messages", "previous_res
            "score_response_stream", "stores_answer", "unjudgeable_answer"]
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-_PART_TYPES = {"input_text": "text", "output_text": "text", "text": "text"}
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})  # read as the chat route's text parts
 # text events: their part's tag (said: the answer; summary, thought: reasoning) and the field with the text
 _DELTAS = {"response.output_text.delta": "said", "response.audio.transcript.delta": "said",
            "response.reasoning_summary_text.delta": "summary", "response.reasoning_text.delta": "thought"}
@@ -59,7 +59,7 @@ def _message_part(part: Any, where: str) -> Any:
     if not isinstance(part, Mapping):
         return part  # refused by the shared rules, naming where
     kind = part.get("type")
-    if kind in _PART_TYPES:
+    if kind in _TEXT_PARTS:
         return {"type": "text", "text": part.get("text")}
     if kind == "input_image":
         if part.get("image_url") is not None:
@@ -192,6 +192,10 @@ class ResponseEvents:
         self._last: tuple[Any, ...] | None = None  # the part that last added text
         self.text = ""  # all judged text, as _add and _whole join it
 
+    @property
+    def answer_id(self) -> Any:
+        return self.response.get("id")
+
     def _add(self, key: tuple[Any, ...], text: str) -> str:
         """Text a delta says; returns what it adds to the judged text. The answer's deltas are one text (the
         SDK's ``output_text`` joins its parts), each reasoning part one of its own; a text that something
@@ -310,7 +314,7 @@ async def score_response_stream(resp: httpx.Response, judged: JudgedPrompt, inpu
     finally:
         await resp.aclose()
     if remember is not None:
-        remember(events.response.get("id"), events.text)
+        remember(events.answer_id, events.text)
     outputs = [await judge_output(check, judged, 0, events.text)] if output_rail and events.text.strip() else []
     if failure:
         outputs.append({"rail": "output", "error": failure})

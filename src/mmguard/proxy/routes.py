@@ -3,6 +3,8 @@ is in a request, where the judged text is in an answer, how a blocked answer rea
 
 * :data:`CHAT` -- ``POST /v1/chat/completions`` (``messages``; ``choices``, each judged on its own);
 * :data:`RESPONSES` -- ``POST /v1/responses`` (``input``; one answer: :mod:`mmguard.proxy.responses`).
+
+A prompt the input rail blocks is refused the same way on both (:func:`content_filter_error`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..server.errors import APIError
+from ..server.errors import APIError, error_body
 from ..verdict import Verdict
 from .release import REASONING_KEYS, ChatChunks, EventFormat, choice_index, reasoning_text, said_text, verdict_extension
 from .responses import (
@@ -26,7 +28,7 @@ from .responses import (
 )
 from .scored import score_stream
 
-__all__ = ["CHAT", "RESPONSES", "Answer", "Route"]
+__all__ = ["CHAT", "RESPONSES", "Answer", "Route", "content_filter_error"]
 
 Answer = tuple[int, str, dict[str, Any]]  # (index the client knows it by, judged text, the object a block edits)
 
@@ -94,3 +96,19 @@ CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _bl
 RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, ResponseEvents,
                   score_response_stream, continues=previous_response_id, stores=stores_answer,
                   unjudgeable=unjudgeable_answer)
+
+
+def content_filter_error(verdict: Verdict, active_codes: tuple[str, ...], param: str = "messages") -> dict[str, Any]:
+    """Azure OpenAI's 400 ``content_filter`` error body, with mmguard's verdict in ``error.mmguard``."""
+    probs = verdict.category_probabilities
+    body = error_body(
+        f"The prompt was filtered by mmguard's input rail: {verdict}. Please modify your prompt and retry.",
+        param=param, code="content_filter")
+    body["error"]["status"] = 400
+    body["error"]["innererror"] = {
+        "code": "ResponsibleAIPolicyViolation",
+        "content_filter_result": {c: {"filtered": c in verdict.codes, "probability": float(probs.get(c, 0.0))}
+                                  for c in active_codes},
+    }
+    body["error"]["mmguard"] = verdict_extension("input", verdict)
+    return body

@@ -2,7 +2,7 @@
 
 ``POST /v1/chat/completions`` and ``POST /v1/responses`` (streaming and not; :mod:`.routes` says how each
 API's requests and answers read) and ``GET /v1/models`` in front of any OpenAI-compatible server. The guard
-runs through the moderation server's machinery (:class:`mmguard.server.app.ServerState`: dynamic batching,
+runs through the moderation server's machinery (:class:`mmguard.server.state.ServerState`: dynamic batching,
 the queue's 429, timeouts, fail-closed, image rules, request ids, body limit, JSON access log), so
 concurrent checks of several streams share model batches.
 """
@@ -28,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..conversation import Conversation, ConversationError
-from ..server.app import GatewayMiddleware, ServerState
 from ..server.batcher import GuardLike, WorkSpec
 from ..server.errors import APIError, error_body, error_response
+from ..server.gateway import GatewayMiddleware
+from ..server.state import ServerState
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, recent_history, with_answer
 from .metrics import ProxyMetrics

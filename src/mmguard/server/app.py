@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,20 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..conversation import Conversation
-from ..images import ImageLimits
 from ..policy import Policy, PolicyError, load_policy
-from .batcher import Batcher, GuardLike, Outcome, QueueFull, WorkSpec
+from .batcher import GuardLike, WorkSpec
 from .categories import merge_verdict_results, moderation_result
 from .errors import APIError, error_body, error_response, validation_message
+from .gateway import DOCS_ASSETS, GatewayMiddleware
 from .inputs import (
-    REQUEST_DEADLINE,
-    ImageFetcher,
     conversation_from_messages,
     normalize_messages,
     prepare_moderation,
-    request_timeout_error,
 )
-from .metrics import Metrics
 from .schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -48,17 +41,14 @@ from .schemas import (
     Shield,
     ShieldList,
 )
-from .settings import ServerSettings, served_model_id
+from .settings import ServerSettings
+from .state import ServerState
 
 __all__ = ["SHIELD_USER_MESSAGE", "ServerState", "create_app"]
 
 log = logging.getLogger("mmguard.server")
-access_log = logging.getLogger("mmguard.server.access")
 
 SHIELD_USER_MESSAGE = "I can't answer that. Can I help with something else?"  # llama-stack's canned message
-_PUBLIC_PATHS = {"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"}
-_DOCS_ASSETS = "/docs/assets"
-_MODEL_ROUTES = {"/v1/moderations", "/v1/openai/v1/moderations", "/v1/guard/classify", "/v1/safety/run-shield"}
 _ERROR_MEANINGS = {
     400: "Invalid request (the error's code says which rule was broken)",
     401: "Missing or incorrect API key",
@@ -74,290 +64,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code in (400, 401, 408, 413, 429, 503, 504)
 }
 _PARSE_ERROR = "There was an error parsing the body"  # FastAPI's detail when the JSON decoder itself fails
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class ServerState:
-    """What the routes share: the guard, settings, batcher, metrics, image fetcher.
-
-    ``guard`` may arrive later (:meth:`attach`): the server then listens while the model loads, ``/readyz``
-    answers 503 ``loading`` and the model routes 503 ``model_loading``.
-    """
-
-    def __init__(self, guard: GuardLike | None, settings: ServerSettings) -> None:
-        self.guard: GuardLike | None = None
-        self.settings = settings
-        self.metrics = Metrics()
-        self.batcher = Batcher(
-            guard,  # type: ignore[arg-type]  # set by attach() before any item is queued
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            fail_closed=settings.fail_closed,
-            metrics=self.metrics,
-        )
-        self.fetcher = ImageFetcher(settings)
-        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self.ready = False
-        self.load_error: str | None = None
-        self.model_id = settings.model_id or "mmguard"
-        self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in settings.api_keys)
-        if guard is not None:
-            self.attach(guard)
-
-    def attach(self, guard: GuardLike) -> None:
-        """Serve ``guard``; the model id defaults to the loaded model's name."""
-        self.guard = guard
-        self.batcher.guard = guard
-        self.metrics.watch_image_encodings(getattr(guard, "engine", None))  # a FastEngine exports its counters
-        if self.settings.model_id is None:
-            try:
-                source = str(guard.describe().get("model") or "")
-            except Exception:  # a stand-in guard without an engine
-                source = ""
-            self.model_id = served_model_id(source)
-
-    @property
-    def shield_ids(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.model_id, *self.settings.shield_ids)))
-
-    @property
-    def threshold(self) -> float | None:
-        return self.settings.threshold
-
-    def key_ok(self, presented: str) -> bool:
-        """Constant-time comparison against every configured key (no early exit, no length leak)."""
-        digest = hashlib.sha256(presented.encode()).digest()
-        ok = False
-        for ref in self._key_digests:
-            ok |= hmac.compare_digest(digest, ref)
-        return ok
-
-    async def judge(self, specs: list[WorkSpec]) -> list[Outcome]:
-        """Queue ``specs``, wait for their verdicts; 429 / 503 / 504 as OpenAI-style errors."""
-        try:
-            futures = self.batcher.submit(specs)
-        except QueueFull as err:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise APIError(
-                429,
-                f"the server's queue is full; retry after {err.retry_after}s",
-                type="requests",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(err.retry_after)},
-            ) from None
-        except RuntimeError:
-            raise APIError(
-                503,
-                "the server is not ready",
-                type="server_error",
-                code="not_ready",
-                headers={"Retry-After": "1"},
-            ) from None
-        deadline = REQUEST_DEADLINE.get()  # the time left of the request (image fetches may have used some)
-        budget = self.settings.request_timeout_s
-        if deadline is not None:
-            budget = min(budget, max(0.0, deadline - time.monotonic()))
-        try:
-            outcomes = list(await asyncio.wait_for(asyncio.gather(*futures), budget))
-        except asyncio.TimeoutError:
-            for f in futures:
-                f.cancel()
-            self.metrics.rejected.labels("timeout").inc()
-            raise request_timeout_error(self.settings.request_timeout_s) from None
-        rejected = [(k, o) for k, o in enumerate(outcomes) if o.input_error]
-        if rejected:  # the guard refused the input itself: a client error, never retried, never fail-closed
-            k, first = rejected[0]
-            where = f"item {k + 1}: " if len(outcomes) > 1 else ""
-            raise APIError(400, f"{where}{first.error}", code="invalid_input")
-        failed = [o for o in outcomes if o.verdict is None]
-        if failed:
-            raise APIError(
-                503,
-                f"the model failed: {failed[0].error}",
-                type="server_error",
-                code="model_error",
-                headers={"Retry-After": "1"},
-            )
-        for o in outcomes:
-            v = o.verdict
-            assert v is not None
-            self.metrics.verdicts.labels(v.label).inc()
-            self.metrics.items.labels("image" if v.has_image else "text").inc()
-            for code in v.codes:
-                self.metrics.verdict_categories.labels(code).inc()
-        return outcomes
-
-
-def _route_label(path: str) -> str:
-    if path.startswith("/v1/shields/"):
-        return "/v1/shields/{identifier}"
-    known = {
-        "/v1/moderations",
-        "/v1/openai/v1/moderations",
-        "/v1/guard/classify",
-        "/v1/safety/run-shield",
-        "/v1/shields",
-        "/v1/models",
-        "/v1/chat/completions",  # the proxy's routes (it shares this middleware)
-        "/v1/responses",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/docs",
-        "/openapi.json",
-        "/redoc",
-    }
-    return path if path in known else "other"
-
-
-class GatewayMiddleware:
-    """Request ids, API keys, the body size limit, metrics and the JSON access log (pure ASGI)."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def _reply(self, send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-        raw = json.dumps(body).encode()
-        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-        hdrs += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": raw})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        settings = self.state.settings
-        start = time.perf_counter()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if scope.get("method") == "POST" and "json" not in headers.get("content-type", ""):
-            # every POST route takes JSON: read it as JSON whatever the client declared (curl -d sends a
-            # form type), so a bad body gets the JSON error rather than a confusing type error
-            scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
-            scope["headers"].append((b"content-type", b"application/json"))
-        request_id = headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
-        scope.setdefault("state", {})["log"] = {}
-        path = scope.get("path", "")
-        status_holder = {"status": 500}
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            public = (
-                path in _PUBLIC_PATHS
-                or path.startswith(_DOCS_ASSETS + "/")
-                or (path == "/metrics" and settings.metrics_public)
-            )
-            if settings.api_keys and not public:
-                auth = headers.get("authorization", "")
-                scheme, _, token = auth.partition(" ")
-                if scheme.lower() != "bearer" or not token.strip() or not self.state.key_ok(token.strip()):
-                    msg = (
-                        "missing API key: send 'Authorization: Bearer <key>'"
-                        if not auth
-                        else "incorrect API key provided"
-                    )
-                    await self._reply(
-                        send_wrapper,
-                        401,
-                        error_body(msg, code="invalid_api_key"),
-                        {"www-authenticate": "Bearer"},
-                    )
-                    return
-            if self.state.guard is None and path in _MODEL_ROUTES:
-                loading = self.state.load_error is None
-                message = "the model is still loading; retry shortly" if loading else "the model could not be loaded"
-                await self._reply(
-                    send_wrapper,
-                    503,
-                    error_body(message, type="server_error", code="model_loading" if loading else "not_ready"),
-                    {"retry-after": "5"} if loading else {},
-                )
-                return
-            declared = headers.get("content-length")
-            limit = settings.max_body_bytes
-            too_big = error_body(
-                f"request body is larger than the limit of {limit} bytes", code="body_too_large"
-            )
-            if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-                await self._reply(send_wrapper, 413, too_big, {"connection": "close"})
-                return
-            # read the whole body, bounded in size and in total time (a body trickled byte by byte must not
-            # hold a connection forever), before the app sees it
-            chunks: list[bytes] = []
-            more = scope["method"] in ("POST", "PUT", "PATCH")
-
-            async def read_body() -> str | None:
-                size = 0
-                nonlocal more
-                while more:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return "disconnect"
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        return "too_big"
-                    chunks.append(chunk)
-                    more = message.get("more_body", False)
-                return None
-
-            try:
-                problem = await asyncio.wait_for(read_body(), settings.body_timeout_s)
-            except asyncio.TimeoutError:
-                problem = "timeout"
-            if problem == "disconnect":
-                return
-            if problem == "too_big":
-                await self._reply(send_wrapper, 413, too_big, {"connection": "close"})
-                return
-            if problem == "timeout":
-                slow = error_body(
-                    f"the request body was not received within {settings.body_timeout_s:g}s",
-                    code="body_timeout",
-                )
-                await self._reply(send_wrapper, 408, slow, {"connection": "close"})
-                return
-            body = b"".join(chunks)
-            scope["state"]["raw_body"] = body  # for the JSON error handler's diagnosis
-            REQUEST_DEADLINE.set(time.monotonic() + settings.request_timeout_s)
-            sent = False
-
-            async def replay() -> Message:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send_wrapper)
-        finally:
-            elapsed = time.perf_counter() - start
-            route = _route_label(path)
-            status = status_holder["status"]
-            self.state.metrics.requests.labels(route, str(status)).inc()
-            self.state.metrics.latency.labels(route).observe(elapsed)
-            if route not in ("/metrics", "/healthz", "/readyz"):
-                extra = {
-                    "request_id": request_id,
-                    "method": scope.get("method"),
-                    "path": path,
-                    "status": status,
-                    "latency_ms": round(elapsed * 1000, 2),
-                    **scope["state"].get("log", {}),
-                }
-                access_log.info("request", extra=extra)
 
 
 def _content_for_log(conv: Conversation) -> list[dict[str, Any]]:
@@ -553,16 +259,16 @@ def create_app(
         from fastapi.openapi.docs import get_swagger_ui_html
         from fastapi.staticfiles import StaticFiles
 
-        app.mount(_DOCS_ASSETS, StaticFiles(directory=assets), name="swagger-ui-assets")
+        app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="swagger-ui-assets")
 
         @app.get("/docs", include_in_schema=False)
         async def docs() -> HTMLResponse:
             return get_swagger_ui_html(
                 openapi_url="/openapi.json",
                 title="mmguard moderation server - Swagger UI",
-                swagger_js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
-                swagger_css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
-                swagger_favicon_url=f"{_DOCS_ASSETS}/favicon-32x32.png",
+                swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
             )
     else:
 

@@ -1,0 +1,130 @@
+"""What the server's routes share (:class:`ServerState`): the guard, settings, batcher, metrics, image
+fetcher, and the one way a request's items are judged. The guardrail proxy builds one too."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+
+from ..images import ImageLimits
+from .batcher import Batcher, GuardLike, Outcome, QueueFull, WorkSpec
+from .errors import APIError
+from .inputs import REQUEST_DEADLINE, ImageFetcher, request_timeout_error
+from .metrics import Metrics
+from .settings import ServerSettings, served_model_id
+
+__all__ = ["ServerState"]
+
+
+class ServerState:
+    """What the routes share: the guard, settings, batcher, metrics, image fetcher.
+
+    ``guard`` may arrive later (:meth:`attach`): the server then listens while the model loads, ``/readyz``
+    answers 503 ``loading`` and the model routes 503 ``model_loading``.
+    """
+
+    def __init__(self, guard: GuardLike | None, settings: ServerSettings) -> None:
+        self.guard: GuardLike | None = None
+        self.settings = settings
+        self.metrics = Metrics()
+        self.batcher = Batcher(
+            guard,  # type: ignore[arg-type]  # set by attach() before any item is queued
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            fail_closed=settings.fail_closed,
+            metrics=self.metrics,
+        )
+        self.fetcher = ImageFetcher(settings)
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.ready = False
+        self.load_error: str | None = None
+        self.model_id = settings.model_id or "mmguard"
+        self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in settings.api_keys)
+        if guard is not None:
+            self.attach(guard)
+
+    def attach(self, guard: GuardLike) -> None:
+        """Serve ``guard``; the model id defaults to the loaded model's name."""
+        self.guard = guard
+        self.batcher.guard = guard
+        self.metrics.watch_image_encodings(getattr(guard, "engine", None))  # a FastEngine exports its counters
+        if self.settings.model_id is None:
+            try:
+                source = str(guard.describe().get("model") or "")
+            except Exception:  # a stand-in guard without an engine
+                source = ""
+            self.model_id = served_model_id(source)
+
+    @property
+    def shield_ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model_id, *self.settings.shield_ids)))
+
+    @property
+    def threshold(self) -> float | None:
+        return self.settings.threshold
+
+    def key_ok(self, presented: str) -> bool:
+        """Constant-time comparison against every configured key (no early exit, no length leak)."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        ok = False
+        for ref in self._key_digests:
+            ok |= hmac.compare_digest(digest, ref)
+        return ok
+
+    async def judge(self, specs: list[WorkSpec]) -> list[Outcome]:
+        """Queue ``specs``, wait for their verdicts; 429 / 503 / 504 as OpenAI-style errors."""
+        try:
+            futures = self.batcher.submit(specs)
+        except QueueFull as err:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(
+                429,
+                f"the server's queue is full; retry after {err.retry_after}s",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(err.retry_after)},
+            ) from None
+        except RuntimeError:
+            raise APIError(
+                503,
+                "the server is not ready",
+                type="server_error",
+                code="not_ready",
+                headers={"Retry-After": "1"},
+            ) from None
+        deadline = REQUEST_DEADLINE.get()  # the time left of the request (image fetches may have used some)
+        budget = self.settings.request_timeout_s
+        if deadline is not None:
+            budget = min(budget, max(0.0, deadline - time.monotonic()))
+        try:
+            outcomes = list(await asyncio.wait_for(asyncio.gather(*futures), budget))
+        except asyncio.TimeoutError:
+            for f in futures:
+                f.cancel()
+            self.metrics.rejected.labels("timeout").inc()
+            raise request_timeout_error(self.settings.request_timeout_s) from None
+        rejected = [(k, o) for k, o in enumerate(outcomes) if o.input_error]
+        if rejected:  # the guard refused the input itself: a client error, never retried, never fail-closed
+            k, first = rejected[0]
+            where = f"item {k + 1}: " if len(outcomes) > 1 else ""
+            raise APIError(400, f"{where}{first.error}", code="invalid_input")
+        failed = [o for o in outcomes if o.verdict is None]
+        if failed:
+            raise APIError(
+                503,
+                f"the model failed: {failed[0].error}",
+                type="server_error",
+                code="model_error",
+                headers={"Retry-After": "1"},
+            )
+        for o in outcomes:
+            v = o.verdict
+            assert v is not None
+            self.metrics.verdicts.labels(v.label).inc()
+            self.metrics.items.labels("image" if v.has_image else "text").inc()
+            for code in v.codes:
+                self.metrics.verdict_categories.labels(code).inc()
+        return outcomes

@@ -34,7 +34,8 @@ from train_share_prefix import step_seconds, training_bench_parser, training_ben
 from train_step_levers import load, lora_model
 
 from mmguard.engine import compile_layers
-from mmguard.train.trainer import Collator, load_training_items, make_batches
+from mmguard.train.batches import Collator, make_batches
+from mmguard.train.sequences import load_training_items
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,16 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
 
-from mmguard.train.trainer import (
-    Collator,
-    SequenceItem,
-    TrainConfig,
-    answer_loss,
-    apply_lora,
-    load_training_items,
-    make_batches,
-    shared_prefix_len,
-)
+from mmguard.train.batches import Collator, make_batches, shared_prefix_len
+from mmguard.train.config import TrainConfig
+from mmguard.train.loss import answer_loss
+from mmguard.train.model_setup import apply_lora
+from mmguard.train.sequences import SequenceItem, load_training_items
 
 
 def tokens(batch: list[SequenceItem], share: bool) -> int:

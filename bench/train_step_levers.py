@@ -40,16 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from train_share_prefix import training_bench_parser, training_bench_ready
 
-from mmguard.train.trainer import (
-    Collator,
-    SequenceItem,
-    TrainConfig,
-    _truncate,
-    answer_loss,
-    apply_lora,
-    load_training_items,
-    make_batches,
-)
+from mmguard.train.batches import Collator, make_batches
+from mmguard.train.config import TrainConfig
+from mmguard.train.loss import answer_loss
+from mmguard.train.model_setup import apply_lora
+from mmguard.train.sequences import SequenceItem, _truncate, load_training_items
 
 LEVERS = ("make mini", "lower layers frozen", "shorter sequences")
 

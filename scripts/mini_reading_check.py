@@ -17,8 +17,10 @@ from PIL import Image
 
 from mmguard.data.schema import read_examples
 from mmguard.engine import load_engine
+from mmguard.train.batches import Collator
+from mmguard.train.loss import answer_logits
 from mmguard.train.reading import RenderedText, reading_prompt_ids, reading_texts, reading_tokens
-from mmguard.train.trainer import Collator, SequenceItem, answer_logits
+from mmguard.train.sequences import SequenceItem
 
 
 def transcription_scores(engine, texts: list[str], blank: bool, batch: int = 16) -> tuple[float, float]:

@@ -53,7 +53,7 @@ def test_labels_follow_the_request_and_the_kind_of_reply() -> None:
 
 def test_the_trainer_repeats_both_labels_of_templated_items() -> None:
     """>= 40% unsafe: --unsafe-repeat treats the source as balanced, so repeats keep templates label-free."""
-    from mmguard.train.trainer import _balanced_sources
+    from mmguard.train.sequences import _balanced_sources
 
     items = templated_responses(_origins(), n=240, rng=random.Random(2))
     share = sum(e.label == "unsafe" for e in items) / len(items)

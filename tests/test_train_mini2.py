@@ -39,7 +39,8 @@ def _data(tmp: Path) -> Path:
 
 
 def test_mini2_trains_ships_adapters_and_loads(base_available: None, tmp_path: Path) -> None:
-    from mmguard.train.trainer import TrainConfig, train
+    from mmguard.train.config import TrainConfig
+    from mmguard.train.trainer import train
 
     data = _data(tmp_path)
     out = tmp_path / "run"
@@ -83,7 +84,8 @@ def test_lora_from_layer_puts_adapters_on_the_upper_layers_only(base_available: 
     from transformers import MllamaForConditionalGeneration
 
     from mmguard.base_models import smollm2_mllama_base
-    from mmguard.train.trainer import TrainConfig, apply_lora
+    from mmguard.train.config import TrainConfig
+    from mmguard.train.model_setup import apply_lora
 
     base = MllamaForConditionalGeneration.from_pretrained(smollm2_mllama_base(), dtype=torch.float32)
     cross = set(base.config.text_config.cross_attention_layers)

@@ -37,7 +37,9 @@ def test_reading_tokens_supervise_only_the_transcription() -> None:
 
 
 def test_training_with_reading_items(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from mmguard.train.trainer import TrainConfig, load_training_items, train
+    from mmguard.train.config import TrainConfig
+    from mmguard.train.sequences import load_training_items
+    from mmguard.train.trainer import train
 
     rows = [{"id": f"t{i}", "source": "t", "license": "MIT", "split": "train", "task": "prompt",
              "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],

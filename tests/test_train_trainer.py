@@ -11,7 +11,9 @@ torch = pytest.importorskip("torch")
 
 from mmguard.conversation import Conversation  # noqa: E402
 from mmguard.guard import Guard  # noqa: E402
-from mmguard.train.trainer import TrainConfig, apply_freeze, train  # noqa: E402
+from mmguard.train.config import TrainConfig  # noqa: E402
+from mmguard.train.model_setup import apply_freeze  # noqa: E402
+from mmguard.train.trainer import train  # noqa: E402
 
 
 def _write_data(folder: Path) -> Path:
@@ -131,7 +133,7 @@ def _rows(source: str, labels: list[str]) -> list[dict]:
 
 def test_unsafe_repeat_oversamples_unsafe_items_but_keeps_balanced_sources_balanced(tmp_path: Path) -> None:
     from mmguard.tokenizer import load_default_tokenizer
-    from mmguard.train.trainer import load_training_items
+    from mmguard.train.sequences import load_training_items
 
     rows = _rows("allsafe", ["safe"] * 6) + _rows("mostlysafe", ["safe"] * 5 + ["unsafe"])
     rows += _rows("typographic", ["safe", "unsafe"] * 2)  # 1:1 by construction
@@ -160,13 +162,9 @@ def test_unsafe_repeat_oversamples_unsafe_items_but_keeps_balanced_sources_balan
 
 def test_shared_prefix_batches_give_the_plain_loss_and_gradients(tiny_model_dir: Path, data_file: Path) -> None:
     from mmguard.engine import load_engine
-    from mmguard.train.trainer import (
-        Collator,
-        answer_loss,
-        load_training_items,
-        make_batches,
-        shared_prefix_len,
-    )
+    from mmguard.train.batches import Collator, make_batches, shared_prefix_len
+    from mmguard.train.loss import answer_loss
+    from mmguard.train.sequences import load_training_items
 
     engine = load_engine(tiny_model_dir, device="cpu", dtype="float32")
     model = engine.model.eval()  # no dropout: both paths see the same function
@@ -275,7 +273,7 @@ def test_lora_saves_ask_no_hub_about_the_base(tiny_model_dir: Path, tmp_path: Pa
     import peft.utils.save_and_load as peft_save
     from transformers import MllamaForConditionalGeneration
 
-    from mmguard.train.trainer import apply_lora
+    from mmguard.train.model_setup import apply_lora
 
     def no_hub(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"save asked the Hub: {args}")
@@ -303,7 +301,9 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_model_dir: Path,
     import copy
 
     from mmguard.engine import compile_layers, load_engine
-    from mmguard.train.trainer import Collator, answer_loss, load_training_items
+    from mmguard.train.batches import Collator
+    from mmguard.train.loss import answer_loss
+    from mmguard.train.sequences import load_training_items
 
     engine = load_engine(tiny_model_dir, device="cpu", dtype="float32")
     eager = engine.model.eval()

@@ -1,5 +1,7 @@
 """Fine-tuning Mllama guards (full or LoRA) on mmguard JSONL data, and building mmguard-mini."""
 
-from .trainer import TrainConfig, build_mini_model, train
+from .config import TrainConfig
+from .model_setup import build_mini_model
+from .trainer import train
 
 __all__ = ["TrainConfig", "build_mini_model", "train"]

@@ -35,9 +35,9 @@ from ..server.state import ServerState
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, recent_history, with_answer
 from .metrics import ProxyMetrics
-from .release import DueCheck, SSEParser, StreamRelease, json_bytes
+from .release import DueCheck, SSEParser, StreamRelease, json_bytes, loads_or_none
 from .response_store import ResponseStore, continued
-from .routes import CHAT, RESPONSES, Route, content_filter_error
+from .routes import CHAT, RESPONSES, Route, UnreadableAnswer, content_filter_error
 from .scored import score_plain
 from .settings import ProxySettings
 
@@ -301,6 +301,9 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             body = json.loads(raw)
         except ValueError as err:
             raise APIError.bad_request(f"request body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError.bad_request("request body is not valid JSON: it is nested too deeply to parse",
+                                       code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError.bad_request("request body must be a JSON object", code="invalid_value")
         if settings.blocking and settings.output_rail and (refusal := route.unjudgeable(body)) is not None:
@@ -328,7 +331,9 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         remember = state.rememberer(route, body, judged)
         added = time.perf_counter() - started
         resp = await send_upstream(request, "POST", route.path, raw)
-        is_stream = "text/event-stream" in resp.headers.get("content-type", "")
+        # a stream only where the client asked for one: an upstream that labels a plain answer as events must not
+        # get it passed on unread (the openai client reads such a body as JSON whatever its type says)
+        is_stream = "text/event-stream" in resp.headers.get("content-type", "") and body.get("stream") is True
         if resp.status_code == 200 and not settings.blocking:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return await scored(request, route, resp, judged, input_verdict, input_error, is_stream, remember)
@@ -363,14 +368,15 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                             added: float, remember: Remember) -> Response:
         raw = await read_bounded(resp)
         headers = _response_headers(resp)
+        data = loads_or_none(raw)
         try:
-            data = json.loads(raw)
-        except ValueError:
-            raise APIError(502, "the upstream's answer is not JSON, so it cannot be checked", type="server_error",
+            if not isinstance(data, dict):
+                raise UnreadableAnswer("it is not a JSON object")
+            answers = route.answers(data, settings.judge_reasoning)
+        except UnreadableAnswer as err:
+            raise APIError(502, f"the upstream's answer cannot be checked: {err}", type="server_error",
                            code="upstream_invalid_response") from None
-        answers = route.answers(data, settings.judge_reasoning) if isinstance(data, dict) else []
-        if isinstance(data, dict):
-            remember(data.get("id"), answers[0][1] if answers else "")  # as the upstream keeps it, blocked or not
+        remember(data.get("id"), answers[0][1] if answers else "")  # as the upstream keeps it, blocked or not
         started = time.perf_counter()
         try:
             verdicts = await asyncio.gather(*(state.check_answer(judged, text) for _, text, _ in answers))

@@ -3,8 +3,10 @@
 Llama Guard reads alternating ``User:`` / ``Agent:`` turns, at most one image, nothing else. From a request's
 ``messages``:
 
+* roles read as the moderation server reads them (:func:`mmguard.server.inputs.message_role`: ``human`` is the
+  user, ``agent`` the assistant, any case); a role it does not know is refused (400), never skipped;
 * ``system`` / ``developer`` messages are dropped (instructions to the model, not conversation);
-* ``tool`` / ``function`` messages (tool results) are dropped, and so are assistant messages without text
+* ``tool`` / ``function`` / ``ipython`` messages (tool results) are dropped, and so are assistant messages without text
   (tool calls only); the text of other assistant messages is kept (``refusal`` parts are dropped);
 * consecutive messages of one role are merged, and a conversation that starts with the assistant is read
   as starting with the user (llama-stack's rule, shared with ``/v1/safety/run-shield``);
@@ -30,12 +32,9 @@ from typing import Any
 from ..conversation import MAX_TURNS, Conversation, Turn
 from ..images import ImageLimits
 from ..server.errors import APIError
-from ..server.inputs import ImageFetcher, conversation_from_messages, normalize_messages
+from ..server.inputs import ImageFetcher, conversation_from_messages, message_role, normalize_messages
 
 __all__ = ["JudgedPrompt", "prepare_judged_prompt", "recent_history", "recent_turns", "with_answer"]
-
-_DROPPED_ROLES = {"system", "developer", "tool", "function", "ipython"}
-
 
 def _assistant_text_parts(content: Any) -> Any:
     """An assistant message's judged content: its text (tool calls and refusal parts are not judged)."""
@@ -76,18 +75,19 @@ async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: Ima
         if not isinstance(msg, Mapping):
             raise APIError.bad_request(f"{param}[{i}] must be an object with 'role' and 'content'",
                                        param=f"{param}[{i}]")
-        role = msg.get("role")
-        role_name = role.lower() if isinstance(role, str) else role
-        if role_name in _DROPPED_ROLES:
+        # the server's reading of roles (human is the user's, agent the assistant's, unknown ones refused): a
+        # user turn spelled in a way this rail did not count as one was forwarded unjudged
+        role = message_role(msg.get("role"), f"{param}[{i}]")
+        if role in ("system", "tool"):
             continue
-        if role_name == "assistant":
+        if role == "agent":
             content = _assistant_text_parts(msg.get("content"))
             if not _has_text(content):
                 continue
             msg = {"role": "assistant", "content": content}
         kept.append(msg)
         positions.append(i)
-    users = [i for i, m in enumerate(kept) if isinstance(m.get("role"), str) and m["role"].lower() == "user"]
+    users = [i for i, m in enumerate(kept) if m.get("role") != "assistant"]
     if not users:
         return []
     kept = kept[: users[-1] + 1]

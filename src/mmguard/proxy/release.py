@@ -33,7 +33,8 @@ from typing import Any, Protocol
 from .settings import Release
 
 __all__ = ["MAX_HELD_BYTES", "ChatChunks", "EventFormat", "SSEEvent", "SSEParser", "StreamRelease", "answer_text",
-           "choice_index", "delta_text", "due_check", "json_bytes", "max_ahead_chars", "reasoning_text", "said_text"]
+           "choice_index", "delta_text", "due_check", "json_bytes", "loads_or_none", "max_ahead_chars",
+           "readable_choices", "reasoning_text", "said_text"]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -122,15 +123,22 @@ class SSEEvent:
     def json(self) -> Any:
         if self.data is None:
             return None
-        try:
-            return json.loads(self.data)
-        except ValueError:
-            return None
+        return loads_or_none(self.data)
+
+
+def loads_or_none(text: str | bytes) -> Any:
+    """``text`` as JSON, or None where it is not JSON or is nested too deep for the parser (RecursionError,
+    not a ValueError: an upstream's hostile event must read as unreadable, never crash the stream)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 # the only line ends of server-sent events: CRLF, CR, LF (str.splitlines also splits at U+2028, NEL, \x1c...,
 # which JSON may carry raw inside a string: splitting there cut such an event's text out of what was judged)
 _LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+_BOM = b"\xef\xbb\xbf"
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
@@ -141,10 +149,18 @@ class SSEParser:
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
         self._buffer = b""
         self._scanned = 0  # the buffer before this holds no event end (searched once, not at every chunk)
+        self._at_start = True  # no byte read yet past a possible byte order mark
         self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer += chunk
+        if self._at_start:
+            # the standard drops one UTF-8 BOM at the stream's start, and so do browsers and openai-node: left in,
+            # the first event had no 'data:' line for the proxy, yet its text showed in those clients
+            if len(self._buffer) < len(_BOM) and _BOM.startswith(self._buffer):
+                return []
+            self._buffer = self._buffer.removeprefix(_BOM)
+            self._at_start = False
         events: list[SSEEvent] = []
         while True:
             cut = self._event_end()
@@ -224,10 +240,13 @@ class ChatChunks:
         for key in ("id", "created", "model", "system_fingerprint"):
             if key in chunk and key not in self.meta:
                 self.meta[key] = chunk[key]
+        choices = chunk.get("choices")
+        if choices is None:
+            return []
+        if not readable_choices(choices):
+            return None  # a JS client reads choices[0] of {"0": ...} too: what the proxy cannot read, it drops
         readings = []
-        for ch in chunk.get("choices") or []:
-            if not isinstance(ch, dict):
-                continue
+        for ch in choices:
             idx = choice_index(ch.get("index", 0))
             added, self._after_reasoning[idx] = delta_text(ch.get("delta"), self.judge_reasoning,
                                                            self._after_reasoning.get(idx, False))
@@ -254,6 +273,18 @@ class ChatChunks:
 
     def error_event(self, body: dict[str, Any]) -> bytes:
         return sse(body)  # the openai client raises on a chunk with an 'error' field
+
+
+# where a choice could carry text that a chat chunk's reader does not look for: legacy completions' text, a
+# whole message
+_UNREAD_CHOICE_KEYS = ("text", "message")
+
+
+def readable_choices(choices: Any) -> bool:
+    """``choices`` is what chat chunks hold: a list of objects, none with text where a delta's reader does not
+    look (``text``, ``message``). Anything else is dropped: some client may show what the proxy did not judge."""
+    return isinstance(choices, list) and all(
+        isinstance(ch, dict) and all(ch.get(key) is None for key in _UNREAD_CHOICE_KEYS) for ch in choices)
 
 
 @dataclass

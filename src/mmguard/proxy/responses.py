@@ -17,8 +17,9 @@ What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from
   verdict in ``mmguard``. Streamed, the held events are dropped and a ``response.incomplete`` event says
   the same.
 * **streams** (:class:`ResponseEvents`) are judged from the text deltas (``response.output_text.delta``;
-  reasoning deltas with ``judge_reasoning``); an event that carries a whole text (``*.done``, an item, the
-  final response) is held like a delta, and a whole text the deltas did not say is judged too. The
+  reasoning deltas with ``judge_reasoning``); an event that carries a whole text (``*.done``, a part or an
+  item added or done, a response announced or final) is held like a delta, and a whole text the deltas did
+  not say is judged too. The
   terminal event (``response.completed``, ``.incomplete``, ``.failed``) waits for the final check.
 """
 
@@ -49,7 +50,9 @@ _DONE = {"response.output_text.done": ("said", "text"), "response.audio.transcri
          "response.reasoning_summary_text.done": ("summary", "text"),
          "response.reasoning_text.done": ("thought", "text"),
          "response.content_part.done": ("said", "part"),  # or "thought": the part's type says
-         "response.reasoning_summary_part.done": ("summary", "part")}
+         "response.reasoning_summary_part.done": ("summary", "part"),
+         # parts and items announced with text already in them: the SDK's stream helper adds it to its snapshot
+         "response.content_part.added": ("said", "part"), "response.reasoning_summary_part.added": ("summary", "part")}
 _PART_TAGS = {"output_text": "said", "reasoning_text": "thought", "summary_text": "summary"}
 
 
@@ -260,13 +263,15 @@ class ResponseEvents:
             tag, text = _PART_TAGS.get(str(part.get("type"))), part.get("text")
         if tag is not None and (tag == "said" or self.judge_reasoning):
             return [(0, self._whole(text), False)]
-        if kind == "response.output_item.done":
+        if kind in ("response.output_item.added", "response.output_item.done"):
             return [(0, self._items([data.get("item")]), False)]
+        response = data.get("response")
         if kind in TERMINAL:
-            response = data.get("response")
             return [(0, self._items(response.get("output")) if isinstance(response, Mapping) else "", True)]
-        # no answer text (created, in_progress, item added, function call arguments, ...): still the answer's,
-        # so once it is blocked nothing of it (nor an event after the block) reaches the client
+        if isinstance(response, Mapping):  # created, in_progress, queued: an announced response may hold text
+            return [(0, self._items(response.get("output")), False)]
+        # no answer text (function call arguments, ...): still the answer's, so once it is blocked nothing of it
+        # (nor an event after the block) reaches the client
         return [(0, "", False)]
 
     def _next_sequence(self) -> int:

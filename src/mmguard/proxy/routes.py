@@ -28,7 +28,7 @@ from .responses import (
 )
 from .scored import score_stream
 
-__all__ = ["CHAT", "RESPONSES", "Answer", "Route", "content_filter_error"]
+__all__ = ["CHAT", "RESPONSES", "Answer", "Route", "UnreadableAnswer", "content_filter_error"]
 
 Answer = tuple[int, str, dict[str, Any]]  # (index the client knows it by, judged text, the object a block edits)
 
@@ -47,12 +47,23 @@ class Route:
     unjudgeable: Callable[[dict[str, Any]], APIError | None]  # why its answer cannot pass the output rail
 
 
+class UnreadableAnswer(ValueError):
+    """A plain answer in a shape the proxy cannot read all of: some client may still show what it says, so it
+    is refused (502), never passed on unjudged."""
+
+
 def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
     """Each choice's judged text: what its message says, after its reasoning when that is judged too."""
     choices = data.get("choices")
+    if choices is None:
+        return []
+    if not isinstance(choices, list) or not all(
+            isinstance(ch, dict) and isinstance(ch.get("message"), (dict, type(None))) and ch.get("text") is None
+            for ch in choices):
+        raise UnreadableAnswer("its 'choices' are not a list of objects with a 'message' object")
     found: list[Answer] = []
-    for position, ch in enumerate(choices if isinstance(choices, list) else []):
-        if not isinstance(ch, dict) or not isinstance(ch.get("message"), dict):
+    for position, ch in enumerate(choices):
+        if ch.get("message") is None:
             continue
         content = said_text(ch["message"], "\n")
         thought = reasoning_text(ch["message"]) if judge_reasoning else ""
@@ -73,7 +84,13 @@ def _block_choice(choice: dict[str, Any], verdict: Verdict) -> None:
 
 
 def _responses_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
+    output = data.get("output")
+    if output is not None and not (isinstance(output, list) and all(isinstance(item, dict) for item in output)):
+        raise UnreadableAnswer("its 'output' is not a list of objects")
     text = response_answer(data, judge_reasoning)
+    shown = data.get("output_text")  # the SDK's convenience; a server that sends it is read as a client reads it
+    if isinstance(shown, str) and shown.strip() and shown not in text:
+        text = f"{text}\n\n{shown}" if text else shown
     return [(0, text, data)] if text.strip() else []
 
 

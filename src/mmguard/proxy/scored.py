@@ -18,7 +18,6 @@ is judged once, whole, when it ends.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -29,7 +28,7 @@ from ..conversation import MAX_TEXT_CHARS
 from ..server.errors import APIError
 from ..verdict import Verdict
 from .judged import JudgedPrompt
-from .release import SSEParser, choice_index, delta_text, json_bytes, sse, verdict_extension
+from .release import SSEParser, choice_index, delta_text, json_bytes, loads_or_none, sse, verdict_extension
 
 __all__ = ["CheckAnswer", "judge_output", "score_plain", "score_report", "score_stream"]
 
@@ -69,14 +68,15 @@ async def score_plain(raw: bytes, judged: JudgedPrompt, input_verdict: Verdict |
     """The plain answer with its ``mmguard`` report; ``answers`` gives its judged texts by choice index. An
     answer that is not a JSON object is returned as it is (there is nothing to report on, and score mode
     never fails a request)."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return raw
+    data = loads_or_none(raw)
     if not isinstance(data, dict):
         return raw
     outputs: list[dict[str, Any]] = []
-    judged_texts = answers(data) if output_rail else []
+    try:
+        judged_texts = answers(data) if output_rail else []
+    except ValueError as err:  # an answer the proxy cannot read all of: reported, passed on as it came
+        judged_texts = []
+        outputs.append({"rail": "output", "error": f"the upstream's answer cannot be checked: {err}"})
     for index, text in judged_texts[:MAX_CHOICES]:
         outputs.append(await judge_output(check, judged, index, text))
     if len(judged_texts) > MAX_CHOICES:

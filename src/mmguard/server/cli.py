@@ -94,6 +94,8 @@ def command(
         list[str] | None, typer.Option(help="Accepted Bearer key (repeatable); also MMGUARD_API_KEYS=k1,k2")
     ] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB")] = 32.0,
+    max_text_chars: Annotated[int, typer.Option(
+        help="Characters of text one request may hold in all (400 text_too_long)")] = 1_000_000,
     max_image_mb: Annotated[float, typer.Option(help="Largest image in MiB")] = 20.0,
     remote_image_host: Annotated[
         list[str] | None,
@@ -189,6 +191,7 @@ def command(
             fail_closed=fail_closed,
             api_keys=keys,
             max_body_bytes=int(max_body_mb * 1024 * 1024),
+            max_text_chars=max_text_chars,
             max_image_bytes=int(max_image_mb * 1024 * 1024),
             remote_images=bool(hosts),
             remote_image_hosts=hosts,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .errors import error_body
-from .inputs import REQUEST_DEADLINE
+from .inputs import REQUEST_DEADLINE, REQUEST_TEXT, TextBudget
 from .state import ServerState
 
 __all__ = ["DOCS_ASSETS", "GatewayMiddleware", "route_label"]
@@ -170,6 +170,7 @@ class GatewayMiddleware:
             body = b"".join(chunks)
             scope["state"]["raw_body"] = body  # for the JSON error handler's diagnosis
             REQUEST_DEADLINE.set(time.monotonic() + settings.request_timeout_s)
+            REQUEST_TEXT.set(TextBudget(settings.max_text_chars))
             sent = False
 
             async def replay() -> Message:

@@ -28,11 +28,14 @@ from .settings import ServerSettings
 
 __all__ = [
     "REQUEST_DEADLINE",
+    "REQUEST_TEXT",
     "ImageFetcher",
     "ModerationItem",
     "PendingModeration",
+    "TextBudget",
     "conversation_from_messages",
     "decode_data_url",
+    "message_role",
     "normalize_messages",
     "prepare_moderation",
 ]
@@ -57,12 +60,35 @@ def too_many_images(n: int, param: str = "input") -> APIError:
     return APIError(400, f"Number of images ({n}) exceeds maximum of 1", param=param, code="too_many_images")
 
 
+class TextBudget:
+    """The characters of text the current request may still hold (``--max-text-chars``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+    def take(self, text: str, param: str) -> None:
+        self.left -= len(text)
+        if self.left < 0:
+            raise APIError(400, f"the request holds more than {self.limit} characters of text in all (the server's "
+                                "--max-text-chars); send less text, or split it over requests",
+                           param=param, code="text_too_long")
+
+
+# set by the gateway for each request once its body is read; every text the request holds is counted against it
+REQUEST_TEXT: ContextVar[TextBudget | None] = ContextVar("mmguard_request_text", default=None)
+
+
 def checked_text(value: str, param: str) -> str:
-    """The input rule for text (:func:`mmguard.conversation.check_text`) as a 400 ``invalid_text`` naming ``param``."""
+    """The input rule for text (:func:`mmguard.conversation.check_text`) as a 400 ``invalid_text`` naming
+    ``param``, and the request's text budget (400 ``text_too_long``)."""
     try:
-        return check_text(value, param)
+        text = check_text(value, param)
     except InvalidTextError as err:
         raise APIError(400, str(err), param=param, code="invalid_text") from None
+    budget = REQUEST_TEXT.get()
+    if budget is not None:
+        budget.take(text, param)
+    return text
 
 
 def conversation_error(err: ConversationError | ImageError | PolicyError, param: str | None) -> APIError:
@@ -391,10 +417,23 @@ _ROLES = {
     "agent": "agent",
     "chatbot": "agent",
     "tool": "tool",
+    "function": "tool",  # OpenAI's legacy tool results
     "ipython": "tool",
     "system": "system",
     "developer": "system",
 }
+
+
+def message_role(raw: Any, where: str) -> str:
+    """A message's ``role`` as the guard reads it (``user``, ``agent``, ``tool``, ``system``): one rule for every
+    front end, so that no spelling a chat server accepts counts as a user's turn here and as nobody's there;
+    400 naming ``where``'s role otherwise."""
+    role = _ROLES.get(raw.lower()) if isinstance(raw, str) else None
+    if role is None:
+        shown = repr(raw[:64]) if isinstance(raw, str) else f"of type {type(raw).__name__}"
+        raise APIError.bad_request(f"{where}.role {shown} is not supported; use 'user' or 'assistant'",
+                                   param=f"{where}.role")
+    return role
 
 
 def _part_image_src(part: Mapping[str, Any]) -> Any:
@@ -432,12 +471,7 @@ async def normalize_messages(
         if not isinstance(msg, Mapping):
             raise APIError.bad_request(f"{where} must be an object with 'role' and 'content'", param=where)
         raw_role = msg.get("role")
-        role = _ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
-        if role is None:
-            raise APIError.bad_request(
-                f"{where}.role {raw_role!r} is not supported; use 'user' or 'assistant'",
-                param=f"{where}.role",
-            )
+        role = message_role(raw_role, where)
         if role in ("system", "tool") and not lenient_roles:
             raise APIError.bad_request(
                 f"{where}: role {raw_role!r} is not part of the Llama Guard format; "

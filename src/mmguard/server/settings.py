@@ -34,6 +34,9 @@ class ServerSettings:
     max_body_bytes: request bodies above this get 413.
     body_timeout_s: the whole request body must arrive within this; beyond it 408 ``body_timeout``.
     max_inputs: maximum items in one moderation request.
+    max_text_chars: characters of text one request may hold in all its items and messages (400
+        ``text_too_long``): the guard tokenizes a request's text on the model's thread, so one huge request
+        must not stall every other (each text alone is bounded by the conversation's own limit too).
     max_image_bytes / max_image_pixels: limits on each decoded image.
     remote_images / remote_image_hosts / remote_image_timeout_s: fetching http(s) image URLs; off by
         default; when on, only hosts in the allowlist (exact names, or ``*.example.com``) are fetched,
@@ -60,6 +63,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     body_timeout_s: float = 30.0
     max_inputs: int = 256
+    max_text_chars: int = 1_000_000
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     remote_images: bool = False
@@ -84,6 +88,7 @@ class ServerSettings:
             "max_queue",
             "max_body_bytes",
             "max_inputs",
+            "max_text_chars",
             "max_image_bytes",
             "max_image_pixels",
             "max_images_per_item",

@@ -1,0 +1,249 @@
+"""The proxy against hostile clients and upstreams: each case is a way an audit (2026-12-07) got text past a
+rail, or a 500 out of the proxy. The keyword guard flags text holding TRIGGER, so an answer holding it that
+reaches the client was released unjudged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import Response, StreamingResponse
+
+from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
+
+from test_proxy import TRIGGER, KeywordGuard, proxy_settings
+
+DEEP = 100_000  # past Python's recursion limit: json.loads raises RecursionError, not ValueError
+
+
+@contextmanager
+def proxied(upstream: Any, **kw: Any) -> Iterator[str]:
+    app = getattr(upstream, "app", upstream)
+    with LiveApp(app) as up, LiveProxy(KeywordGuard(), proxy_settings(up.url + "/v1", **kw)) as srv:
+        yield srv.url
+
+
+def answering(body: bytes, media_type: str, path: str = "/v1/chat/completions") -> FastAPI:
+    """An upstream that answers every POST to ``path`` with ``body`` as ``media_type``, in 7-byte pieces."""
+    app = FastAPI()
+
+    @app.post(path)
+    async def answer() -> StreamingResponse:
+        async def pieces() -> Any:
+            for k in range(0, len(body), 7):
+                yield body[k:k + 7]
+
+        return StreamingResponse(pieces(), media_type=media_type)
+
+    return app
+
+
+def chunk_event(choices: Any) -> bytes:
+    return b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "choices": choices}).encode() + b"\n\n"
+
+
+SAID = {"index": 0, "delta": {"content": "Sure."}, "finish_reason": None}
+STOP = b"data: " + json.dumps({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() \
+    + b"\n\n" + b"data: [DONE]\n\n"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("role", ["human", "HUMAN", "Human"])
+def test_a_user_turn_under_another_spelling_of_its_role_is_judged(role: str) -> None:
+    """The input rail looked for role 'user' only; a request whose user turn said 'human' (which the moderation
+    server reads as the user, and vLLM renders into the prompt) had "no user message" and went upstream
+    unjudged."""
+    upstream = StubUpstream()
+    with proxied(upstream, rails=("input",)) as url:
+        resp = httpx.post(url + "/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [{"role": role, "content": f"tell me {TRIGGER}"}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "content_filter"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("role", ["customer", "user ", "", ["user"], {"role": "user"}, 7, None])
+def test_a_role_the_guard_cannot_read_is_refused_not_skipped(role: Any) -> None:
+    """An unknown role was skipped as if it were a system message (the request went upstream unjudged); a list
+    or object role crashed the rail (500, unhashable type)."""
+    upstream = StubUpstream()
+    with proxied(upstream, rails=("input",)) as url:
+        resp = httpx.post(url + "/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                                           {"role": role, "content": f"tell me {TRIGGER}"}]})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["param"] == "messages[1].role", error
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_body_nested_past_the_parser_is_a_400(path: str) -> None:
+    body = b'{"model": "m", "messages": [], "input": "hi", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    with proxied(StubUpstream()) as url:
+        resp = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+    assert "nested too deeply" in resp.json()["error"]["message"]
+
+
+UNREADABLE_PLAIN = {
+    "a JSON list": json.dumps([{"choices": [{"message": {"content": TRIGGER}}]}]).encode(),
+    "a JSON string": json.dumps(TRIGGER).encode(),
+    "choices as an object": json.dumps({"choices": {"0": {"message": {"content": TRIGGER}}}}).encode(),
+    "a message as a string": json.dumps({"choices": [{"index": 0, "message": TRIGGER}]}).encode(),
+    "legacy text": json.dumps({"choices": [{"index": 0, "text": TRIGGER, "message": None}]}).encode(),
+    "nesting past the parser": b'{"choices": [], "x": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+}
+
+
+@pytest.mark.parametrize("shape", UNREADABLE_PLAIN)
+def test_a_plain_answer_the_proxy_cannot_read_all_of_is_refused(shape: str) -> None:
+    """Such answers were passed on byte for byte (no answer found to judge), or crashed the proxy (500); a
+    client that reads choices[0] of an object, or the legacy text, showed the unjudged text."""
+    with proxied(answering(UNREADABLE_PLAIN[shape], "application/json")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_invalid_response", resp.text
+    assert TRIGGER not in resp.text
+
+
+def test_a_plain_answer_labelled_as_a_stream_is_judged_as_the_plain_answer_it_is() -> None:
+    """The proxy chose its path by the upstream's content type: a plain answer labelled text/event-stream had no
+    events, and went out unjudged; the openai client reads it as JSON whatever its type says."""
+    answer = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": f"Here: {TRIGGER}"}, "finish_reason": "stop"}]}
+    with proxied(answering(json.dumps(answer).encode(), "text/event-stream")) as url:
+        got = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+    assert got.choices[0].finish_reason == "content_filter" and got.choices[0].message.content is None
+
+
+UNREADABLE_EVENTS = {
+    # the standard, browsers and openai-node drop a byte order mark at the stream's start; the proxy read no
+    # 'data:' line in that first event and passed it on
+    "a byte order mark first": b"\xef\xbb\xbf" + chunk_event([{**SAID, "delta": {"content": TRIGGER}}]),
+    "choices as an object": chunk_event({"0": {**SAID, "delta": {"content": TRIGGER}}}),
+    "choices that are not objects": chunk_event([TRIGGER]),
+    "legacy text in a choice": chunk_event([{**SAID, "delta": {}, "text": TRIGGER}]),
+    "a whole message in a choice": chunk_event([{**SAID, "delta": {}, "message": {"content": TRIGGER}}]),
+}
+
+
+@pytest.mark.parametrize("shape", UNREADABLE_EVENTS)
+def test_stream_events_whose_text_the_proxy_cannot_read_never_reach_the_client(shape: str) -> None:
+    stream = chunk_event([SAID]) + UNREADABLE_EVENTS[shape] + STOP
+    if shape == "a byte order mark first":
+        stream = UNREADABLE_EVENTS[shape] + chunk_event([SAID]) + STOP
+    with proxied(answering(stream, "text/event-stream")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text
+    assert resp.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_stream_event_nested_past_the_parser_is_dropped_and_the_stream_ends_well() -> None:
+    """Such an event crashed the stream mid-way (a truncated body; score mode too)."""
+    deep = b"data: " + b'{"choices": [], "x": ' + b"[" * DEEP + b"]" * DEEP + b"}\n\n"
+    with proxied(answering(chunk_event([SAID]) + deep + STOP, "text/event-stream")) as url:
+        blocking = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30)
+    with proxied(answering(chunk_event([SAID]) + deep + STOP, "text/event-stream"), mode="score") as url:
+        scoring = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30)
+    for resp in (blocking, scoring):
+        assert resp.status_code == 200 and "Sure." in resp.text and resp.text.rstrip().endswith("data: [DONE]")
+
+
+def test_score_mode_passes_a_plain_answer_it_cannot_read_and_says_so() -> None:
+    """Score mode never changes what traffic gets: an answer it cannot read all of passes as it came (it crashed
+    with a 500 on one nested past the parser)."""
+    with proxied(answering(UNREADABLE_PLAIN["nesting past the parser"], "application/json"), mode="score") as url:
+        resp = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+    assert resp.status_code == 200 and resp.content == UNREADABLE_PLAIN["nesting past the parser"]
+    with proxied(answering(UNREADABLE_PLAIN["choices as an object"], "application/json"), mode="score") as url:
+        resp = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+    report = resp.json()["mmguard"]
+    assert resp.status_code == 200 and "cannot be checked" in report["output"][0]["error"]
+
+
+def response_event(payload: dict[str, Any], sequence: int) -> bytes:
+    data = json.dumps({"sequence_number": sequence, **payload})
+    return f"event: {payload['type']}\ndata: {data}\n\n".encode()
+
+
+def with_text(text: str) -> dict[str, Any]:
+    return {"id": "m1", "type": "message", "role": "assistant", "status": "in_progress",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+ANNOUNCED_TEXT = {
+    "a response created with output": {"type": "response.created", "response": {
+        "id": "r1", "object": "response", "status": "in_progress", "output": [with_text(TRIGGER)]}},
+    "a response in progress with output": {"type": "response.in_progress", "response": {
+        "id": "r1", "object": "response", "status": "in_progress", "output": [with_text(TRIGGER)]}},
+    "an item added with text": {"type": "response.output_item.added", "output_index": 0,
+                                "item": with_text(TRIGGER)},
+    "a part added with text": {"type": "response.content_part.added", "output_index": 0, "content_index": 0,
+                               "item_id": "m1", "part": {"type": "output_text", "text": TRIGGER, "annotations": []}},
+}
+
+
+@pytest.mark.parametrize("shape", ANNOUNCED_TEXT)
+def test_responses_text_announced_before_any_delta_is_judged(shape: str) -> None:
+    """Events that announce a response, an item or a part were read as carrying no text and sent at once; the
+    SDK shows their text (``event.response.output_text``, the stream helper's snapshot)."""
+    created = {"type": "response.created", "response": {"id": "r1", "object": "response", "status": "in_progress",
+                                                          "output": []}}
+    done = {"type": "response.completed", "response": {"id": "r1", "object": "response", "status": "completed",
+                                                        "output": []}}
+    payloads = [created, ANNOUNCED_TEXT[shape], done] if shape != "a response created with output" \
+        else [ANNOUNCED_TEXT[shape], done]
+    body = b"".join(response_event(p, i) for i, p in enumerate(payloads))
+    with proxied(answering(body, "text/event-stream", "/v1/responses")) as url:
+        resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text
+    assert "response.incomplete" in resp.text and "content_filter" in resp.text
+
+
+def test_a_plain_responses_answer_is_judged_by_what_its_output_text_field_says_too() -> None:
+    answer = {"id": "r1", "object": "response", "status": "completed", "output_text": f"Here: {TRIGGER}",
+              "output": [with_text("Harmless.")]}
+    with proxied(answering(json.dumps(answer).encode(), "application/json", "/v1/responses")) as url:
+        resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi"}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text
+    assert resp.json()["incomplete_details"] == {"reason": "content_filter"}
+
+
+def test_the_text_of_one_request_is_bounded_in_all_not_only_per_text() -> None:
+    """Each text was bounded (200,000 characters), their number only by the body size: 160 such parts (30 MB)
+    held the model's thread for 23 s of tokenizing, and other requests waited (504)."""
+    from mmguard.proxy import ProxySettings
+    from mmguard.server.settings import ServerSettings
+
+    upstream = StubUpstream()
+    with LiveApp(upstream.app) as up, LiveProxy(KeywordGuard(), ProxySettings(
+            upstream=up.url + "/v1", rails=("input",),
+            guard=ServerSettings(max_wait_ms=0.0, warmup=False, max_text_chars=1000))) as srv:
+        parts = [{"type": "text", "text": "x" * 300} for _ in range(4)]
+        resp = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [{"role": "user", "content": parts}]})
+        fits = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [{"role": "user", "content": parts[:3]}]})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["code"] == "text_too_long", error
+    assert error["param"] == "messages[0].content[3].text" and "1000" in error["message"]
+    assert fits.status_code == 200 and len(upstream.requests) == 1
+
+
+def test_a_200_that_is_an_html_page_is_refused() -> None:
+    """A 200 whose body is an HTML page (a misconfigured gateway) is refused, never passed as an answer (this held
+    before the audit too; kept beside the shapes that did not)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def html() -> Response:
+        return Response(f"<html>{TRIGGER}</html>", media_type="text/html")
+
+    with proxied(app) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+    assert resp.status_code == 502 and TRIGGER not in resp.text

@@ -491,3 +491,22 @@ def test_concurrent_large_images_keep_server_memory_bounded(tiny_model_dir) -> N
     print(f"RSS before {before:.0f} MiB, peak +{peak_growth:.0f} MiB, after {left:+.0f} MiB")
     assert peak_growth <= 1024, f"peak RSS grew by {peak_growth:.0f} MiB (limit 1024)"
     assert left <= 300, f"RSS stayed {left:.0f} MiB above its level before (limit 300)"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/moderations", {"input": ["x" * 400] * 3}, "input[2]"),
+    ("/v1/moderations", {"input": [{"type": "text", "text": "x" * 400}] * 3}, "input[2].text"),
+    ("/v1/guard/classify", {"messages": [{"role": "user", "content": "x" * 400},
+                                         {"role": "assistant", "content": "x" * 400},
+                                         {"role": "user", "content": "x" * 400}]}, "messages[2].content"),
+])
+def test_the_text_of_one_request_is_bounded_in_all(tiny_guard, path: str, body: dict, param: str) -> None:
+    """Each text was bounded, their number only by the body size: 160 texts of 199,999 characters (30 MB) held
+    the model's thread for 23 s of tokenizing before their 400, and other requests waited past their timeout."""
+    with _client(tiny_guard, max_text_chars=1000, warmup=False) as client:  # lifespan: the batcher runs
+        resp = _post_json(client, path, body)
+        fits = _post_json(client, "/v1/moderations", {"input": ["x" * 400] * 2})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["code"] == "text_too_long" and error["param"] == param, error
+    assert "1000" in error["message"] and "--max-text-chars" in error["message"]
+    assert fits.status_code == 200 and len(fits.json()["results"]) == 2

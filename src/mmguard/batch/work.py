@@ -16,7 +16,7 @@ from ..images import ImageError, ImageLimits, load_image
 from ..jsonl import VERDICT_KEY, JsonlLine, dumps_row, loads_strict, parse_line
 from ..policy import PolicyError
 from ..server.errors import APIError
-from ..server.inputs import ImageFetcher, resolve_image
+from ..server.image_sources import ImageFetcher, resolve_image
 from ..server.settings import ServerSettings
 from .plan import Chunk
 from .storage import StorageError, iter_lines, join, open_storage, parent

@@ -32,7 +32,8 @@ from typing import Any
 from ..conversation import MAX_TURNS, Conversation, Turn
 from ..images import ImageLimits
 from ..server.errors import APIError
-from ..server.inputs import ImageFetcher, conversation_from_messages, message_role, normalize_messages
+from ..server.image_sources import ImageFetcher
+from ..server.inputs import conversation_from_messages, message_role, normalize_messages
 
 __all__ = ["JudgedPrompt", "prepare_judged_prompt", "recent_history", "recent_turns", "with_answer"]
 

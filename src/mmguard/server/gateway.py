@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .errors import error_body
-from .inputs import REQUEST_DEADLINE, REQUEST_TEXT, TextBudget
+from .request_limits import REQUEST_DEADLINE, REQUEST_TEXT, TextBudget
 from .state import ServerState
 
 __all__ = ["DOCS_ASSETS", "GatewayMiddleware", "route_label"]

@@ -11,8 +11,9 @@ import time
 from ..images import ImageLimits
 from .batcher import Batcher, GuardLike, Outcome, QueueFull, WorkSpec
 from .errors import APIError
-from .inputs import REQUEST_DEADLINE, ImageFetcher, request_timeout_error
+from .image_sources import ImageFetcher
 from .metrics import Metrics
+from .request_limits import REQUEST_DEADLINE, request_timeout_error
 from .settings import ServerSettings, served_model_id
 
 __all__ = ["ServerState"]

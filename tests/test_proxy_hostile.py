@@ -247,3 +247,18 @@ def test_a_200_that_is_an_html_page_is_refused() -> None:
     with proxied(app) as url:
         resp = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
     assert resp.status_code == 502 and TRIGGER not in resp.text
+
+
+def test_a_blocked_plain_answer_keeps_no_log_probabilities() -> None:
+    """With logprobs requested, a blocked plain answer lost its content but kept ``logprobs.content``, whose
+    tokens spell the whole answer (a stream drops a blocked choice's held chunks, logprobs with them)."""
+    tokens = ["Here", ":", f" {TRIGGER}"]
+    answer = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": "stop",
+         "logprobs": {"content": [{"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []} for t in tokens],
+                      "refusal": None}}]}
+    with proxied(answering(json.dumps(answer).encode(), "application/json")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "logprobs": True}, timeout=30)
+    choice = resp.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["logprobs"] is None
+    assert TRIGGER not in resp.text

@@ -74,11 +74,14 @@ def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
 
 
 def _block_choice(choice: dict[str, Any], verdict: Verdict) -> None:
-    """A blocked choice as Azure OpenAI's filter ends one: no content (nor reasoning, nor audio)."""
+    """A blocked choice as Azure OpenAI's filter ends one: no content (nor reasoning, nor audio, nor the
+    log probabilities, whose tokens spell the answer)."""
     choice["message"]["content"] = None
     for key in (*REASONING_KEYS, "audio"):
         if choice["message"].get(key) is not None:
             choice["message"][key] = None
+    if choice.get("logprobs") is not None:
+        choice["logprobs"] = None
     choice["finish_reason"] = "content_filter"
     choice["mmguard"] = verdict_extension("output", verdict)
 

@@ -262,3 +262,78 @@ def test_a_blocked_plain_answer_keeps_no_log_probabilities() -> None:
     choice = resp.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["logprobs"] is None
     assert TRIGGER not in resp.text
+
+
+def chat_stream(*choices_per_event: Any) -> bytes:
+    return b"".join(chunk_event(choices) for choices in choices_per_event) + STOP
+
+
+def delta(text: str | None = None, index: Any = 0, **fields: Any) -> dict[str, Any]:
+    return {"index": index, "delta": {**({"content": text} if text is not None else {}), **fields},
+            "finish_reason": None}
+
+
+@pytest.mark.parametrize(("second_index", "n"), [(-1, None), (1, None), ("-1", None), (2, 2)])
+def test_a_choice_index_the_request_did_not_ask_for_cannot_split_an_answer(second_index: Any, n: Any) -> None:
+    """The proxy judged each index apart, as the upstream labelled it: "The word is FORB" as choice 0 and
+    "IDDEN." as choice -1 (or 1, with one choice asked for) passed; the SDK's stream helper reads choices[-1]
+    and the usual loop shows choices[0] of every chunk: both showed the word whole."""
+    stream = chat_stream([delta("The word is FORB")], [delta(f"IDDEN{TRIGGER[len('FORBIDDEN'):]}. Bye.",
+                                                             index=second_index)])
+    request = {**CHAT, "stream": True, **({"n": n} if n else {})}
+    with proxied(answering(stream, "text/event-stream")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json=request, timeout=30)
+    assert resp.status_code == 200 and "IDDEN" not in resp.text
+
+
+@pytest.mark.parametrize("between", [{"audio": {"transcript": "zz"}}, {"reasoning_content": "zz"}])
+def test_a_word_split_around_another_field_is_judged_whole(between: dict[str, Any]) -> None:
+    """Content, transcript and reasoning were joined in arrival order: "FORB", a transcript or reasoning delta,
+    then "IDDEN" was judged as "FORBzzIDDEN", while the client joins each field apart and shows the word."""
+    stream = chat_stream([delta("The word is FORB")], [delta(None, **between)], [delta("IDDEN.")])
+    with proxied(answering(stream, "text/event-stream"), judge_reasoning=True) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30)
+    assert resp.status_code == 200 and "IDDEN" not in resp.text and "content_filter" in resp.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_reasoning_field_is_judged(stream: bool) -> None:
+    """Only the first non-empty reasoning field was judged: a harmless reasoning_content beside a harmful
+    reasoning (which OpenRouter-style clients show) passed."""
+    fields = {"reasoning_content": "Let me think.", "reasoning": f"Plan: {TRIGGER}"}
+    plain = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Fine.", **fields}, "finish_reason": "stop"}]}
+    body = chat_stream([delta("Fine.", **fields)]) if stream else json.dumps(plain).encode()
+    with proxied(answering(body, "text/event-stream" if stream else "application/json"),
+                 judge_reasoning=True) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text and "content_filter" in resp.text
+
+
+@pytest.mark.parametrize("choices", [5, True, 1.5, "x"])
+def test_score_mode_passes_a_stream_whose_choices_are_not_a_list(choices: Any) -> None:
+    """Score mode crashed mid-stream (a truncated body, no report) on ``choices: 5``."""
+    stream = chunk_event([SAID]) + chunk_event(choices) + STOP
+    with proxied(answering(stream, "text/event-stream"), mode="score") as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30)
+    assert resp.status_code == 200 and '"mmguard"' in resp.text and resp.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+@pytest.mark.parametrize("mode", ["block", "score"])
+def test_an_answer_nested_just_under_the_parsers_limit_is_refused_or_passed_never_a_500(path: str,
+                                                                                       mode: str) -> None:
+    """JSON nested ~960 deep parsed, then failed when the proxy wrote the blocked answer or the report back."""
+    nested = "[" * 960 + "]" * 960
+    if path == "/v1/chat/completions":
+        answer = ('{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", '
+                  f'"content": "{TRIGGER}"}}, "finish_reason": "stop"}}], "x": {nested}}}')
+    else:
+        answer = ('{"id": "r", "object": "response", "output": [{"type": "message", "role": "assistant", "content": '
+                  f'[{{"type": "output_text", "text": "{TRIGGER}"}}]}}], "x": {nested}}}')
+    with proxied(answering(answer.encode(), "application/json", path), mode=mode) as url:
+        resp = httpx.post(url + path, json={**CHAT, "input": "hi"}, timeout=30)
+    if mode == "block":
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_invalid_response"
+    else:
+        assert resp.status_code == 200 and resp.content == answer.encode()

@@ -341,8 +341,8 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
         if is_stream:
-            return StreamingResponse(stream_checked(request, route, resp, judged, added, remember), status_code=200,
-                                     headers=_response_headers(resp))
+            return StreamingResponse(stream_checked(request, route, body, resp, judged, added, remember),
+                                     status_code=200, headers=_response_headers(resp))
         return await plain_checked(request, route, resp, judged, added, remember)
 
     async def scored(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
@@ -393,10 +393,10 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         headers.pop("content-type", None)
         return Response(json_bytes(data), status_code=200, headers=headers, media_type="application/json")
 
-    async def stream_checked(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
-                             added: float, remember: Remember) -> AsyncIterator[bytes]:
+    async def stream_checked(request: Request, route: Route, body: dict[str, Any], resp: httpx.Response,
+                             judged: JudgedPrompt, added: float, remember: Remember) -> AsyncIterator[bytes]:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
-                                count_tokens=state.count_tokens, events=route.events(settings.judge_reasoning))
+                                count_tokens=state.count_tokens, events=route.events(body, settings.judge_reasoning))
         # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_READ_AHEAD_EVENTS)
 

@@ -32,9 +32,26 @@ from typing import Any, Protocol
 
 from .settings import Release
 
-__all__ = ["MAX_HELD_BYTES", "ChatChunks", "EventFormat", "SSEEvent", "SSEParser", "StreamRelease", "answer_text",
-           "choice_index", "delta_text", "due_check", "json_bytes", "loads_or_none", "max_ahead_chars",
-           "readable_choices", "reasoning_text", "said_text"]
+__all__ = [
+    "MAX_HELD_BYTES",
+    "ChatChunks",
+    "EventFormat",
+    "RunningTexts",
+    "SSEEvent",
+    "SSEParser",
+    "StreamRelease",
+    "answer_text",
+    "choice_index",
+    "delta_fields",
+    "delta_text",
+    "due_check",
+    "json_bytes",
+    "loads_or_none",
+    "max_ahead_chars",
+    "readable_choices",
+    "reasoning_text",
+    "said_text",
+]
 
 DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
@@ -86,10 +103,50 @@ def said_text(message: Any, sep: str = "") -> str:
 
 
 def reasoning_text(message: Any) -> str:
-    """The reasoning text of an answer's ``message`` or a stream's ``delta`` (empty if none)."""
+    """The reasoning text of an answer's ``message`` or a stream's ``delta`` (empty if none): every reasoning
+    field's, a blank line between (a server may send two, and a client may show either)."""
     if not isinstance(message, dict):
         return ""
-    return next((t for k in REASONING_KEYS if (t := answer_text(message.get(k)))), "")
+    texts = dict.fromkeys(t for k in REASONING_KEYS if (t := answer_text(message.get(k))))
+    return "\n\n".join(texts)
+
+
+def delta_fields(delta: Any, judge_reasoning: bool) -> list[tuple[str, str]]:
+    """The texts one stream delta adds, by the field a client accumulates them in: each reasoning field (when
+    judged), the content, the audio transcript."""
+    if not isinstance(delta, dict):
+        return []
+    fields = [(k, answer_text(delta.get(k))) for k in REASONING_KEYS] if judge_reasoning else []
+    audio = delta.get("audio")
+    spoken = audio.get("transcript") if isinstance(audio, dict) else None
+    fields += [("content", answer_text(delta.get("content"))),
+               ("transcript", spoken if isinstance(spoken, str) else "")]
+    return [(field, text) for field, text in fields if text]
+
+
+class RunningTexts:
+    """One answer's judged text, built from texts a client shows apart (a chat choice's content, transcript and
+    reasoning; a Responses answer's parts). Text that continues the field that spoke last is appended; text of a
+    field that something else interrupted is judged again from that field's start, so a word split around an
+    interruption, which the client shows whole, is judged whole too."""
+
+    def __init__(self) -> None:
+        self.fields: dict[Any, str] = {}
+        self.last: Any = None
+        self.text = ""
+
+    def add(self, field: Any, text: str, separator: str = "\n\n") -> str:
+        """Appends ``text`` to ``field``; returns what it adds to the judged text (``separator`` before a field
+        that did not speak last)."""
+        if not text:
+            return ""
+        added = text
+        if self.text and field != self.last:
+            added = separator + self.fields.get(field, "") + text
+        self.fields[field] = self.fields.get(field, "") + text
+        self.last = field
+        self.text += added
+        return added
 
 
 def delta_text(delta: Any, judge_reasoning: bool, after_reasoning: bool) -> tuple[str, bool]:
@@ -126,13 +183,32 @@ class SSEEvent:
         return loads_or_none(self.data)
 
 
-def loads_or_none(text: str | bytes) -> Any:
-    """``text`` as JSON, or None where it is not JSON or is nested too deep for the parser (RecursionError,
-    not a ValueError: an upstream's hostile event must read as unreadable, never crash the stream)."""
+MAX_JSON_DEPTH = 128  # far past any answer's nesting, far below what the proxy's own json.dumps can write back
+
+
+def loads_or_none(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``text`` as JSON, or None where it is not JSON or nests deeper than ``max_depth``: the parser raises
+    RecursionError (not a ValueError) past its limit, and JSON just under that limit parsed, then failed when the
+    proxy wrote it back (a blocked answer, a report); either way an upstream's event must read as unreadable."""
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except (ValueError, RecursionError):
         return None
+    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
+    if sum(text.count(o) for o in opening) > max_depth and _depth(data) > max_depth:  # type: ignore[arg-type]
+        return None
+    return data
+
+
+def _depth(data: Any) -> int:
+    """How deep containers nest in ``data`` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # the only line ends of server-sent events: CRLF, CR, LF (str.splitlines also splits at U+2028, NEL, \x1c...,
@@ -224,10 +300,11 @@ class ChatChunks:
 
     ends_with_done = True
 
-    def __init__(self, judge_reasoning: bool = False) -> None:
+    def __init__(self, judge_reasoning: bool = False, choices: int | None = None) -> None:
         self.judge_reasoning = judge_reasoning
+        self.n = choices  # the choices the request asked for (None: any index from 0 is read as its own)
         self.meta: dict[str, Any] = {}  # id, created, model of the upstream's chunks (for synthesized chunks)
-        self._after_reasoning: dict[int, bool] = {}  # the choice's judged text last grew by reasoning
+        self._texts: dict[int, RunningTexts] = {}
 
     @property
     def answer_id(self) -> Any:
@@ -248,8 +325,13 @@ class ChatChunks:
         readings = []
         for ch in choices:
             idx = choice_index(ch.get("index", 0))
-            added, self._after_reasoning[idx] = delta_text(ch.get("delta"), self.judge_reasoning,
-                                                           self._after_reasoning.get(idx, False))
+            if self.n == 1:
+                idx = 0  # one choice asked for: a client shows choices[0] of every chunk, whatever its index says
+            elif idx < 0 or (self.n is not None and idx >= self.n):
+                return None  # a choice nobody asked for: clients differ in where they show it (choices[-1]...)
+            texts = self._texts.setdefault(idx, RunningTexts())
+            fields = delta_fields(ch.get("delta"), self.judge_reasoning)
+            added = "".join(texts.add(field, text) for field, text in fields)
             readings.append((idx, added, ch.get("finish_reason") is not None))
         return readings
 

@@ -40,7 +40,7 @@ class Route:
     messages: Callable[[dict[str, Any]], Any]  # that field as chat messages
     answers: Callable[[dict[str, Any], bool], list[Answer]]  # a plain answer's judged texts (judge_reasoning)
     block: Callable[[dict[str, Any], Verdict], None]  # blocks one answer (the Answer's object) in place
-    events: Callable[[bool], EventFormat]  # how its stream reads (judge_reasoning)
+    events: Callable[[dict[str, Any], bool], EventFormat]  # how its stream reads (the request, judge_reasoning)
     score_stream: Callable[..., AsyncIterator[bytes]]  # score mode's stream (:func:`.scored.score_stream`'s call)
     continues: Callable[[dict[str, Any]], str | None]  # the earlier answer whose turns the request omits
     stores: Callable[[dict[str, Any]], bool]  # a later request may continue this one's answer
@@ -103,6 +103,15 @@ def _block_response(data: dict[str, Any], verdict: Verdict) -> None:
     data.update(blocked)
 
 
+def _chat_events(body: dict[str, Any], judge_reasoning: bool) -> EventFormat:
+    n = body.get("n")
+    return ChatChunks(judge_reasoning, choices=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1)
+
+
+def _responses_events(body: dict[str, Any], judge_reasoning: bool) -> EventFormat:
+    return ResponseEvents(judge_reasoning)
+
+
 def _chat_messages(body: Mapping[str, Any]) -> Any:
     return body.get("messages")
 
@@ -111,9 +120,9 @@ def _never(body: dict[str, Any]) -> Any:
     return None  # a chat request carries its whole history
 
 
-CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _block_choice, ChatChunks,
+CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _block_choice, _chat_events,
              score_stream, continues=_never, stores=lambda body: False, unjudgeable=_never)
-RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, ResponseEvents,
+RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, _responses_events,
                   score_response_stream, continues=previous_response_id, stores=stores_answer,
                   unjudgeable=unjudgeable_answer)
 

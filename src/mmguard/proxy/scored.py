@@ -111,7 +111,8 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
                 for key in ("id", "created", "model"):
                     if meta.get(key) is None:
                         meta[key] = body.get(key)
-                for ch in body.get("choices") or [] if output_rail else []:
+                choices = body.get("choices")
+                for ch in choices if output_rail and isinstance(choices, list) else []:
                     if not isinstance(ch, dict):
                         continue
                     index = choice_index(ch.get("index", 0))

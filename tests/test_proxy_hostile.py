@@ -337,3 +337,37 @@ def test_an_answer_nested_just_under_the_parsers_limit_is_refused_or_passed_neve
         assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_invalid_response"
     else:
         assert resp.status_code == 200 and resp.content == answer.encode()
+
+
+def responses_stream(*payloads: dict[str, Any]) -> bytes:
+    created = {"type": "response.created", "response": {"id": "r1", "object": "response", "status": "in_progress",
+                                                          "output": []}}
+    done = {"type": "response.completed", "response": {"id": "r1", "object": "response", "status": "completed",
+                                                        "output": [p["item"] for p in payloads
+                                                                   if p["type"] == "response.output_item.done"]}}
+    return b"".join(response_event(p, i) for i, p in enumerate([created, *payloads, done]))
+
+
+def text_delta(output_index: int, text: str) -> dict[str, Any]:
+    return {"type": "response.output_text.delta", "output_index": output_index, "content_index": 0,
+            "item_id": f"m{output_index}", "delta": text}
+
+
+@pytest.mark.parametrize("shape", ["items", "interleaved deltas", "a delta that is not text"])
+def test_a_responses_answer_is_judged_as_the_sdk_joins_it(shape: str) -> None:
+    """Two message items ("...FORB", "IDDEN...") were judged apart with a blank line between, while the SDK's
+    output_text joins them with nothing; deltas of two items interleaved were judged in arrival order
+    ("FORB", "Other text.", "IDDEN"), while the SDK's snapshot of each item shows "FORBIDDEN"; a delta that is
+    a list or an object was passed on unjudged (the SDK hands it on as it came)."""
+    if shape == "items":
+        body = responses_stream(
+            {"type": "response.output_item.done", "output_index": 0, "item": with_text("Here is the word: FORB")},
+            {"type": "response.output_item.done", "output_index": 1, "item": with_text("IDDEN, enjoy.")})
+    elif shape == "interleaved deltas":
+        body = responses_stream(text_delta(0, "The word is FORB"), text_delta(1, "Other text. "),
+                                text_delta(0, "IDDEN."))
+    else:
+        body = responses_stream(text_delta(0, "Fine. "), {**text_delta(0, ""), "delta": [TRIGGER]})
+    with proxied(answering(body, "text/event-stream", "/v1/responses")) as url:
+        resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
+    assert resp.status_code == 200 and "IDDEN" not in resp.text

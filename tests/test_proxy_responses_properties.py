@@ -41,6 +41,12 @@ said_events = st.one_of(
     st.builds(lambda w, t: {"type": "response.content_part.done", **w, "part": part(t)}, where, texts),
     st.builds(lambda i, ts: {"type": "response.output_item.done", "output_index": i, "item": message(ts)},
               indices, st.lists(texts, max_size=2)),
+    # announced with text in them: the SDK's stream helper adds it to its snapshot
+    st.builds(lambda i, ts: {"type": "response.output_item.added", "output_index": i, "item": message(ts)},
+              indices, st.lists(texts, max_size=2)),
+    st.builds(lambda w, t: {"type": "response.content_part.added", **w, "part": part(t)}, where, texts),
+    st.builds(lambda ts: {"type": "response.in_progress", "response": {"id": "r", "output": [message(ts)]}},
+              st.lists(texts, max_size=2)),
 )
 thought_events = st.one_of(
     st.builds(lambda i, d: {"type": "response.reasoning_summary_text.delta", "output_index": i, "summary_index": 0,
@@ -68,10 +74,15 @@ def encode(payload: Any, sequence: int, ascii_only: bool, end: str) -> bytes:
 
 
 def said_and_thought(raw: list[bytes]) -> tuple[list[str], list[str]]:
-    """What a client shows of the released events: the answer's texts (its deltas joined, as the SDK's
-    output_text joins parts, and each whole text an event carries) and the reasoning's (each part apart)."""
+    """What a client shows of the released events: the answer's texts and the reasoning's (each part apart). The
+    answer's: its deltas joined in arrival order (a client printing each delta), each part's deltas joined (the
+    SDK's snapshot of that part), each whole text an event carries, and the message items' texts joined with
+    nothing between them (the SDK's ``output_text``), those of the events that announce or finish an item as
+    they add up, and those of each response an event carries."""
     said, thought, deltas = [], [], ""
     thought_deltas: dict[str, str] = {}
+    part_deltas: dict[str, str] = {}
+    item_texts: dict[str, str] = {}
     for event in SSEDecoder().iter_bytes(iter([b"".join(raw)])):  # the openai client's reading, not the proxy's
         try:
             data = json.loads(event.data)
@@ -82,25 +93,32 @@ def said_and_thought(raw: list[bytes]) -> tuple[list[str], list[str]]:
         kind = data.get("type")
         if kind == "response.output_text.delta":
             deltas += data["delta"]
+            key = repr((data.get("output_index"), data.get("content_index")))
+            part_deltas[key] = part_deltas.get(key, "") + data["delta"]
         elif kind == "response.reasoning_summary_text.delta":
             key = repr((data.get("output_index"), data.get("summary_index")))
             thought_deltas[key] = thought_deltas.get(key, "") + data["delta"]
         elif kind == "response.output_text.done":
             said.append(data["text"])
-        elif kind == "response.content_part.done":
+        elif kind in ("response.content_part.done", "response.content_part.added"):
             said.append(data["part"]["text"])
-        items = [data["item"]] if kind == "response.output_item.done" else \
-            data["response"]["output"] if kind in ("response.completed", "response.incomplete", "response.failed") \
-            else []
+        one_item = kind in ("response.output_item.done", "response.output_item.added")
+        items = [data["item"]] if one_item else data["response"]["output"] if "response" in data else []
+        messages = []
         for item in items:
             if item["type"] == "message":
-                said.append("".join(p["text"] for p in item["content"]))
+                messages.append("".join(p["text"] for p in item["content"]))
             elif item["type"] == "reasoning":
                 thought += [p["text"] for p in item["summary"]]
-    return [deltas, *said], [*thought_deltas.values(), *thought]
+        if one_item and messages:
+            item_texts[repr(data.get("output_index"))] = messages[0]
+            said.append("".join(item_texts.values()))
+        elif messages:
+            said.append("".join(messages))
+    return [deltas, *part_deltas.values(), *said], [*thought_deltas.values(), *thought]
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans(), st.data(), st.integers(1, 4), st.randoms(use_true_random=False))
 def test_release_of_responses_events(judge_reasoning: bool, data: Any, check_every: int, rng: Any) -> None:
     # reasoning first, then the answer, as models send them (judged reasoning and answer are apart by a blank

@@ -44,9 +44,9 @@ __all__ = ["ResponseEvents", "blocked_response", "input_messages", "previous_res
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})  # read as the chat route's text parts
 # text events: their part's tag (said: the answer; summary, thought: reasoning) and the field with the text
-_DELTAS = {"response.output_text.delta": "said", "response.audio.transcript.delta": "said",
+_DELTAS = {"response.output_text.delta": "said", "response.audio.transcript.delta": "transcript",
            "response.reasoning_summary_text.delta": "summary", "response.reasoning_text.delta": "thought"}
-_DONE = {"response.output_text.done": ("said", "text"), "response.audio.transcript.done": ("said", "transcript"),
+_DONE = {"response.output_text.done": ("said", "text"), "response.audio.transcript.done": ("transcript", "transcript"),
          "response.reasoning_summary_text.done": ("summary", "text"),
          "response.reasoning_text.done": ("thought", "text"),
          "response.content_part.done": ("said", "part"),  # or "thought": the part's type says
@@ -54,6 +54,8 @@ _DONE = {"response.output_text.done": ("said", "text"), "response.audio.transcri
          # parts and items announced with text already in them: the SDK's stream helper adds it to its snapshot
          "response.content_part.added": ("said", "part"), "response.reasoning_summary_part.added": ("summary", "part")}
 _PART_TAGS = {"output_text": "said", "reasoning_text": "thought", "summary_text": "summary"}
+_ANSWER_TAGS = ("said", "transcript")  # judged always; the others (reasoning) with judge_reasoning
+_WHOLE_OUTPUT = object()  # ResponseEvents._items: the items are a whole response's output, not one item of it
 
 
 # -- the request -------------------------------------------------------------------------------------------
@@ -193,6 +195,9 @@ class ResponseEvents:
         self.sequence = -1  # the largest sequence_number seen
         self._parts: dict[tuple[Any, ...], str] = {}  # each part's text so far, by (kind, output, part index)
         self._last: tuple[Any, ...] | None = None  # the part that last added text
+        self._said_parts: dict[tuple[Any, Any], str] = {}  # the answer's parts as the SDK's snapshot shows them
+        self._said_part: tuple[Any, Any] | None = None  # the answer part that spoke last
+        self._said_items: dict[str, str] = {}  # each message item's whole text, by output index
         self.text = ""  # all judged text, as _add and _whole join it
 
     @property
@@ -228,18 +233,35 @@ class ResponseEvents:
         self.text += piece
         return piece
 
-    def _items(self, items: Any) -> str:
-        """Whole output items (``output_item.done``, the terminal event's ``output``): a message's text as the
-        SDK's ``output_text`` shows it (its parts joined), each reasoning part on its own."""
+    def _said(self, part: tuple[Any, Any], delta: str) -> str:
+        """An answer delta: the answer's deltas in arrival order are one text (what a client that prints each
+        delta shows); where deltas of parts interleave, the part is judged whole too (what the SDK's snapshot
+        of that part shows), then the arrival order again from its start."""
         added = ""
+        if self._said_part not in (None, part) and self._said_parts.get(part):
+            added = self._whole(self._said_parts[part] + delta)
+            self._last = None
+        added += self._add(("said",), delta)
+        self._said_parts[part] = self._said_parts.get(part, "") + delta
+        self._said_part = part
+        return added
+
+    def _items(self, items: Any, output_index: Any = _WHOLE_OUTPUT) -> str:
+        """Whole output items (an item added or done, a response announced or final): the messages' text as the
+        SDK's ``output_text`` shows it (every message item's parts joined, with nothing between items), each
+        reasoning part on its own. ``output_index``: one item of the answer, whose other items came before."""
+        added, said = "", []
         for item in items if isinstance(items, list) else []:
             texts = _item_texts(item, self.judge_reasoning)
             if texts and texts[0][0] == "said":
-                added += self._whole("".join(t for _, _, t in texts))
+                said.append("".join(t for _, _, t in texts))
                 continue
             for _, _, text in texts:
                 added += self._whole(text)
-        return added
+        if output_index is not _WHOLE_OUTPUT and said:
+            self._said_items[repr(output_index)[:64]] = said[0]  # 1 and True apart: clients differ on them
+            said = list(self._said_items.values())
+        return added + self._whole("".join(said))
 
     def read(self, event: SSEEvent) -> list[tuple[int, str, bool]] | None:
         data = event.json()
@@ -251,20 +273,24 @@ class ResponseEvents:
         if isinstance(data.get("response"), dict) and not self.response:
             self.response = data["response"]
         tag = _DELTAS.get(kind) if isinstance(kind, str) else None
-        if tag is not None and (tag == "said" or self.judge_reasoning):
+        if tag is not None and (tag in _ANSWER_TAGS or self.judge_reasoning):
             delta = data.get("delta")
+            if delta is None:
+                return [(0, "", False)]
+            if not isinstance(delta, str):
+                return None  # a client hands it on as it came: what the proxy cannot read is not passed on
             part_index = data.get("summary_index", data.get("content_index"))
-            key = ("said",) if tag == "said" else (tag, _position(data.get("output_index")), _position(part_index))
-            return [(0, self._add(key, delta) if isinstance(delta, str) else "", False)]
+            part = (_position(data.get("output_index")), _position(part_index))
+            return [(0, self._said(part, delta) if tag == "said" else self._add((tag, *part), delta), False)]
         tag, field = _DONE.get(kind, (None, "")) if isinstance(kind, str) else (None, "")
         text = data.get(field)
         if field == "part":  # a whole part, judged by its type (a refusal part is not judged)
             part = text if isinstance(text, Mapping) else {}
             tag, text = _PART_TAGS.get(str(part.get("type"))), part.get("text")
-        if tag is not None and (tag == "said" or self.judge_reasoning):
+        if tag is not None and (tag in _ANSWER_TAGS or self.judge_reasoning):
             return [(0, self._whole(text), False)]
         if kind in ("response.output_item.added", "response.output_item.done"):
-            return [(0, self._items([data.get("item")]), False)]
+            return [(0, self._items([data.get("item")], data.get("output_index")), False)]
         response = data.get("response")
         if kind in TERMINAL:
             return [(0, self._items(response.get("output")) if isinstance(response, Mapping) else "", True)]

@@ -371,3 +371,51 @@ def test_a_responses_answer_is_judged_as_the_sdk_joins_it(shape: str) -> None:
     with proxied(answering(body, "text/event-stream", "/v1/responses")) as url:
         resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
     assert resp.status_code == 200 and "IDDEN" not in resp.text
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": [IMAGE]},
+    {"role": "tool", "tool_call_id": "c1", "content": [IMAGE]},
+    {"role": "system", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]},
+    {"role": "developer", "content": [{"type": "file", "file": {"file_id": "f1"}}]},
+])
+def test_media_in_a_message_the_rails_skip_is_refused(message: dict[str, Any]) -> None:
+    """Images, audio and files in system, tool, or text-less assistant messages were forwarded: the rails skip
+    those messages, so the guard never saw what the upstream did."""
+    upstream = StubUpstream()
+    with proxied(upstream) as url:
+        resp = httpx.post(url + "/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [message, {"role": "user", "content": "hi"}]})
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["code"] == "unjudgeable_content" and error["param"] == \
+        "messages[0].content[0]", error
+    assert upstream.requests == []
+
+
+def test_a_tool_output_holding_an_image_is_refused_in_the_responses_api() -> None:
+    upstream = StubUpstream()
+    request = {"model": "m", "input": [
+        {"role": "user", "content": "look"},
+        {"type": "function_call_output", "call_id": "c1",
+         "output": [{"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}]}]}
+    with proxied(upstream) as url:
+        resp = httpx.post(url + "/v1/responses", json=request, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input[1].output[0]"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("request_input", [{"input": "Tell me about it."}, {}])
+def test_a_stored_prompts_variables_are_judged(request_input: dict[str, Any]) -> None:
+    """``prompt.variables`` are filled into the model's prompt by the upstream, and were never judged."""
+    upstream = StubUpstream()
+    request = {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"question": f"How do I {TRIGGER}?"}},
+               **request_input}
+    with proxied(upstream, rails=("input",)) as url:
+        resp = httpx.post(url + "/v1/responses", json=request, timeout=30)
+        harmless = httpx.post(url + "/v1/responses", timeout=30,
+                              json={**request, "prompt": {"id": "pmpt_1", "variables": {"question": "Why?"}}})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "content_filter"
+    assert harmless.status_code == 200 and len(upstream.requests) == 1

@@ -6,8 +6,10 @@ Llama Guard reads alternating ``User:`` / ``Agent:`` turns, at most one image, n
 * roles read as the moderation server reads them (:func:`mmguard.server.inputs.message_role`: ``human`` is the
   user, ``agent`` the assistant, any case); a role it does not know is refused (400), never skipped;
 * ``system`` / ``developer`` messages are dropped (instructions to the model, not conversation);
-* ``tool`` / ``function`` / ``ipython`` messages (tool results) are dropped, and so are assistant messages without text
-  (tool calls only); the text of other assistant messages is kept (``refusal`` parts are dropped);
+* ``tool`` / ``function`` / ``ipython`` messages (tool results) are dropped, and so are assistant messages without
+  text (tool calls only); the text of other assistant messages is kept (``refusal`` parts are dropped);
+* a dropped message that holds an image, audio or a file is refused (400 ``unjudgeable_content``): the upstream
+  would see what the guard never did;
 * consecutive messages of one role are merged, and a conversation that starts with the assistant is read
   as starting with the user (llama-stack's rule, shared with ``/v1/safety/run-shield``);
 * everything after the last user message is cut: the **input rail** judges the conversation ending with
@@ -53,6 +55,23 @@ def _has_text(content: Any) -> bool:
     return False
 
 
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
+
+
+def _refuse_unjudged_media(content: Any, where: str, role: Any) -> None:
+    """A message the rails skip (system, tool, an assistant's without text) may not carry an image, audio or a
+    file: the guard would never see it, yet the upstream would (400 naming the part)."""
+    if not isinstance(content, Sequence) or isinstance(content, str):
+        return
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if isinstance(part, Mapping) and kind not in _TEXT_PARTS:
+            raise APIError.bad_request(
+                f"{where}.content[{j}]: a {str(kind)[:40]!r} part in a {str(role)[:20]!r} message cannot be judged "
+                "(the guard reads text, and images in user turns); send it in a user turn, or leave it out",
+                param=f"{where}.content[{j}]", code="unjudgeable_content")
+
+
 class JudgedPrompt:
     """The judged conversation of one request: up to its last user turn (images decoded once)."""
 
@@ -80,10 +99,12 @@ async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: Ima
         # user turn spelled in a way this rail did not count as one was forwarded unjudged
         role = message_role(msg.get("role"), f"{param}[{i}]")
         if role in ("system", "tool"):
+            _refuse_unjudged_media(msg.get("content"), f"{param}[{i}]", msg.get("role"))
             continue
         if role == "agent":
             content = _assistant_text_parts(msg.get("content"))
             if not _has_text(content):
+                _refuse_unjudged_media(content, f"{param}[{i}]", msg.get("role"))
                 continue
             msg = {"role": "assistant", "content": content}
         kept.append(msg)

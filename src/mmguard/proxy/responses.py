@@ -6,9 +6,11 @@ What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from
   ``role``, with or without ``"type": "message"``) keep their ``input_text`` / ``output_text`` text and
   their ``input_image`` (``image_url``: a data URL, or http(s) from allowlisted hosts). An image given only
   by ``file_id`` lives on the upstream and cannot be judged: refused, as files and audio are. Other items
-  (function calls and their outputs, reasoning, item references) are dropped, as tool messages are.
-  ``instructions`` is the system prompt: not judged. With ``previous_response_id`` the earlier turns live
-  on the upstream: the rails judge the turns the request carries.
+  (function calls and their outputs, reasoning, item references) are dropped, as tool messages are; a
+  function call's output that holds an image or a file is refused, since the guard would not see it. A stored
+  prompt's ``variables`` (``prompt: {"id", "variables"}``) are judged as a user turn: the upstream fills them
+  into the model's prompt. ``instructions`` is the system prompt: not judged. With ``previous_response_id`` the
+  earlier turns live on the upstream: the rails judge the turns the request carries.
 * **output**: the ``output_text`` of the answer's messages, joined as the SDK's ``output_text`` joins them,
   after the text of its reasoning items (a blank line between) when ``judge_reasoning`` is on. Function
   calls and ``refusal`` parts are not judged.
@@ -78,12 +80,42 @@ def _message_part(part: Any, where: str) -> Any:
                                "input_image)", param=f"{where}.type")
 
 
+def _tool_output(item: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A dropped item (a function call's output, reasoning, a reference) as a ``tool`` message the rails skip; an
+    output that holds an image or a file is refused: the guard would never see it, the upstream would."""
+    output = item.get("output")
+    for j, part in enumerate(output if isinstance(output, list) else []):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in _TEXT_PARTS:
+            raise APIError.bad_request(
+                f"{where}.output[{j}]: a {str(kind)[:40]!r} part in a tool's output cannot be judged (the guard reads "
+                "text, and images in user turns); send it in a user turn, or leave it out",
+                param=f"{where}.output[{j}]", code="unjudgeable_content")
+    return {"role": "tool", "content": ""}
+
+
+def _prompt_variables(body: Mapping[str, Any]) -> list[Any]:
+    """A stored prompt's ``variables`` (``prompt: {"id", "variables"}``) as one user message: the upstream fills
+    them into the prompt the model reads, so they are judged with the input."""
+    prompt = body.get("prompt")
+    variables = prompt.get("variables") if isinstance(prompt, Mapping) else None
+    if not isinstance(variables, Mapping) or not variables:
+        return []
+    parts = [value if isinstance(value, str) else _message_part(value, f"prompt.variables.{str(name)[:40]}")
+             for name, value in variables.items()]
+    return [{"role": "user", "content": parts}]
+
+
 def input_messages(body: Mapping[str, Any]) -> list[Any]:
     """A Responses request's ``input`` as chat messages, index for index (dropped items become ``tool``
-    messages, which the rails skip, so that errors name the request's own indices)."""
+    messages, which the rails skip, so that errors name the request's own indices), then a stored prompt's
+    variables as a user message."""
     given = body.get("input")
+    variables = _prompt_variables(body)
     if isinstance(given, str):
-        return [{"role": "user", "content": given}]
+        return [{"role": "user", "content": given}, *variables]
+    if given is None and isinstance(body.get("prompt"), Mapping):  # a stored prompt with no input of its own
+        return [{"role": "tool", "content": ""}, *variables]
     if not isinstance(given, list) or not given:
         raise APIError.bad_request("'input' must be a string or a non-empty list of input items", param="input")
     messages: list[Any] = []
@@ -91,13 +123,13 @@ def input_messages(body: Mapping[str, Any]) -> list[Any]:
         # anything with a role is read as a message, whatever its type says: a lenient upstream may take it for
         # one, so it must not pass unjudged
         if not (isinstance(item, Mapping) and "role" in item):
-            messages.append(item if not isinstance(item, Mapping) else {"role": "tool", "content": ""})
+            messages.append(item if not isinstance(item, Mapping) else _tool_output(item, f"input[{i}]"))
             continue
         content = item.get("content")
         if isinstance(content, list):
             content = [_message_part(p, f"input[{i}].content[{j}]") for j, p in enumerate(content)]
         messages.append({"role": item.get("role"), "content": content})
-    return messages
+    return [*messages, *variables]
 
 
 def unjudgeable_answer(body: Mapping[str, Any]) -> APIError | None:

@@ -419,3 +419,26 @@ def test_a_stored_prompts_variables_are_judged(request_input: dict[str, Any]) ->
                               json={**request, "prompt": {"id": "pmpt_1", "variables": {"question": "Why?"}}})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "content_filter"
     assert harmless.status_code == 200 and len(upstream.requests) == 1
+
+
+CONTENT_SHAPES = {
+    "an object": {"value": TRIGGER},
+    "a refusal object with text": {"type": "refusal", "text": TRIGGER},
+    "a part whose text is an object": [{"type": "text", "text": {"value": TRIGGER}}],
+    "a text part without text": [{"type": "text", "content": TRIGGER}],
+}
+
+
+@pytest.mark.parametrize("shape", CONTENT_SHAPES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_content_in_a_shape_the_proxy_cannot_read_never_reaches_the_client(shape: str, stream: bool) -> None:
+    """Content that is neither a string nor text parts was passed on unjudged; the SDK hands it to the client as
+    it came, and ``print(delta.content)`` shows the text."""
+    content = CONTENT_SHAPES[shape]
+    plain = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    body = chat_stream([SAID], [{**SAID, "delta": {"content": content}}]) if stream else json.dumps(plain).encode()
+    with proxied(answering(body, "text/event-stream" if stream else "application/json")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
+    assert TRIGGER not in resp.text
+    assert resp.status_code == (200 if stream else 502)

@@ -49,6 +49,7 @@ __all__ = [
     "loads_or_none",
     "max_ahead_chars",
     "readable_choices",
+    "readable_content",
     "reasoning_text",
     "said_text",
 ]
@@ -68,12 +69,25 @@ def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
     if isinstance(content, list):
         return sep.join(t for t in (answer_text(p, sep, _depth + 1) for p in content) if t)
     if isinstance(content, dict):
-        if content.get("type") == "refusal":
-            return ""  # the model declining: nothing to judge
+        if content.get("type") == "refusal":  # the model declining: nothing to judge, but for a text it shows
+            return content["text"] if isinstance(content.get("text"), str) else ""
         texts = [answer_text(v, sep, _depth + 1) for k, v in content.items() if k != "type"
                  and (k == "text" or isinstance(v, (list, dict)))]
         return sep.join(t for t in texts if t)
     return ""
+
+
+def readable_content(content: Any) -> bool:
+    """``content`` is a shape whose text :func:`answer_text` reads as a client shows it: a string, nothing, or a
+    list of strings and parts whose ``text`` is a string. Anything else (an object, a part whose text is an
+    object) a client may still print, so it is never passed on unjudged."""
+    if content is None or isinstance(content, str):
+        return True
+    if not isinstance(content, list):
+        return False
+    return all(isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text", ""), str)
+                                         and (part.get("type") != "text" or "text" in part))
+               for part in content)
 
 
 def choice_index(value: Any) -> int:
@@ -329,6 +343,8 @@ class ChatChunks:
                 idx = 0  # one choice asked for: a client shows choices[0] of every chunk, whatever its index says
             elif idx < 0 or (self.n is not None and idx >= self.n):
                 return None  # a choice nobody asked for: clients differ in where they show it (choices[-1]...)
+            if isinstance(ch.get("delta"), dict) and not readable_content(ch["delta"].get("content")):
+                return None
             texts = self._texts.setdefault(idx, RunningTexts())
             fields = delta_fields(ch.get("delta"), self.judge_reasoning)
             added = "".join(texts.add(field, text) for field, text in fields)

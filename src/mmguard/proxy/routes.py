@@ -15,7 +15,16 @@ from typing import Any
 
 from ..server.errors import APIError, error_body
 from ..verdict import Verdict
-from .release import REASONING_KEYS, ChatChunks, EventFormat, choice_index, reasoning_text, said_text, verdict_extension
+from .release import (
+    REASONING_KEYS,
+    ChatChunks,
+    EventFormat,
+    choice_index,
+    readable_content,
+    reasoning_text,
+    said_text,
+    verdict_extension,
+)
 from .responses import (
     ResponseEvents,
     blocked_response,
@@ -61,6 +70,8 @@ def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
             isinstance(ch, dict) and isinstance(ch.get("message"), (dict, type(None))) and ch.get("text") is None
             for ch in choices):
         raise UnreadableAnswer("its 'choices' are not a list of objects with a 'message' object")
+    if not all(readable_content(ch["message"].get("content")) for ch in choices if ch.get("message") is not None):
+        raise UnreadableAnswer("a message's 'content' is neither a string nor a list of text parts")
     found: list[Answer] = []
     for position, ch in enumerate(choices):
         if ch.get("message") is None:

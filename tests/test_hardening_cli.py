@@ -248,3 +248,109 @@ def test_train_prints_each_log_line_once(tiny_model_dir: Path, tmp_path: Path) -
     step_lines = [x for x in res.stdout.splitlines() if x.startswith("[step ")]
     assert len(step_lines) >= 2  # the two loss logs (and the final summary log)
     assert not [x for x in res.stdout.splitlines() if x.startswith("{'")], res.stdout  # transformers' copies
+
+
+# -- a second audit (2026-12-07): time, memory and odd values ------------------------------------------------
+def test_a_conversation_is_bounded_in_texts_and_characters_and_prompts_build_in_linear_time() -> None:
+    """600,000 empty text parts took 88 s to build a prompt for (each part re-copied the text so far), and 25 MB of
+    text 61 s and 5.4 GB to tokenize, before the token limit refused them."""
+    import time
+
+    from mmguard.conversation import MAX_CONVERSATION_CHARS, MAX_TEXT_PARTS, Turn
+    from mmguard.prompt import build_prompt
+
+    with pytest.raises(ConversationError, match=f"at most {MAX_TEXT_PARTS} texts"):
+        Conversation((Turn("user", ("",) * (MAX_TEXT_PARTS + 1)),))
+    with pytest.raises(ConversationError, match=f"at most {MAX_CONVERSATION_CHARS} characters"):
+        Conversation((Turn("user", ("x" * 150_000,) * 7),))
+    started = time.perf_counter()
+    prompt = build_prompt(Conversation((Turn("user", ("w",) * MAX_TEXT_PARTS),)))
+    assert prompt.text.count("User: w\n\n") == MAX_TEXT_PARTS and time.perf_counter() - started < 5
+
+
+def test_input_is_read_no_further_than_a_jsonl_lines_limit() -> None:
+    """``--input -`` read all of stdin: /dev/zero filled memory until the kernel killed the process."""
+    command = f"head -c {MAX_LINE_BYTES + 10} /dev/zero | {sys.executable} -m mmguard.cli prompt --input -"
+    proc = subprocess.run(command, shell=True, capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err and f"over the limit of {MAX_LINE_BYTES} bytes" in err
+
+
+def test_odd_values_get_error_rows_or_one_line_not_tracebacks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A number past a float's range (1e999: Python reads infinity, which no JSON can write back) crashed the
+    whole run; an image name past the OS's limit (ENAMETOOLONG from exists()) too; an unknown --device gave a
+    traceback with exit 1, the code for 'unsafe'."""
+    data = tmp_path / "odd.jsonl"
+    data.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "image", "path": "x" * 300}]}]}) + "\n"
+                    + '{"id": 1e999, "messages": [{"role": "user", "content": "x"}]}\n'
+                    + json.dumps({"id": 3, "messages": [{"role": "user", "content": "fine"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(app, ["classify", "--jsonl", str(data), "--model", str(tiny_model_dir), "--device", "cpu",
+                              "-o", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" in rows[0]["mmguard"] and "out of range" in rows[1]["mmguard"]["error"]
+    assert rows[2]["mmguard"]["label"] in ("safe", "unsafe")
+    line = _one_error_line(runner.invoke(app, ["classify", "-p", "hi", "--model", str(tiny_model_dir),
+                                               "--device", "bogus"]))
+    assert "--device" in line and "bogus" in line
+    line = _one_error_line(runner.invoke(app, ["prompt", "-p", "hi", "--image", "x" * 300]))
+    assert "--image" in line
+
+
+def test_a_policy_whose_yaml_aliases_expand_to_gigabytes_is_refused_at_once(tmp_path: Path) -> None:
+    """str() on a label made of nested YAML aliases (a 483-byte file) needed gigabytes before the label's length
+    was checked."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, 9):
+        ref = chr(ord("a") + k - 1)
+        levels.append(f"{chr(ord('a') + k)}: &{chr(ord('a') + k)} [{', '.join(['*' + ref] * 10)}]")
+    policy = tmp_path / "bomb.yaml"
+    policy.write_text("\n".join(levels) + "\ncategories: [{code: S1, label: *i}]\n")
+    line = _one_error_line(runner.invoke(app, ["policy", "--policy", str(policy)]))
+    assert "label must be a string" in line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_batch_refuses_what_is_not_a_regular_file(tiny_model_dir: Path, tmp_path: Path, kind: str) -> None:
+    """A FIFO (as the input or an image) blocked ``mmguard batch`` forever, and /dev/zero as the input never
+    ended."""
+    import os
+
+    if kind == "fifo":
+        source = tmp_path / "fifo"
+        os.mkfifo(source)
+    else:
+        source = Path("/dev/zero")
+    res = runner.invoke(_tools_app(), ["batch", str(source), "-o", str(tmp_path / "out"), "--model",
+                                       str(tiny_model_dir), "--device", "cpu"])
+    assert "not a regular file" in _one_error_line(res)
+    if kind == "fifo":  # the same FIFO named as a line's image: that line's row says so, the others are judged
+        lines = tmp_path / "in.jsonl"
+        lines.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image", "path": "fifo"}]}]}) + "\n"
+            + json.dumps({"id": 2, "messages": [{"role": "user", "content": "fine"}]}) + "\n")
+        res = runner.invoke(_tools_app(), ["batch", str(lines), "-o", str(tmp_path / "out2"), "--model",
+                                           str(tiny_model_dir), "--device", "cpu"])
+        assert res.exit_code == 2, res.output
+        parts = sorted((tmp_path / "out2").glob("part-*.jsonl"))
+        rows = [json.loads(x) for f in parts for x in f.read_text().splitlines()]
+        assert "not a regular file" in rows[0]["mmguard"]["error"] and rows[1]["mmguard"]["label"] in ("safe", "unsafe")
+
+
+def test_eval_and_data_stats_name_the_line_of_values_they_cannot_read(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An integer past 4,300 digits raised a ValueError traceback in eval and data stats; a lone-surrogate id
+    crashed eval when it wrote predictions.jsonl; a lone-surrogate source crashed data stats' table."""
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"id": ' + "1" * 5000 + ', "messages": [{"role": "user", "content": "x"}], "label": "safe"}\n')
+    for args in (["eval", "-d", str(big), "-g", f"local:{tiny_model_dir}", "-o", str(tmp_path / "e1"),
+                  "--split", "all"], ["data", "stats", str(big)]):
+        line = _one_error_line(runner.invoke(_tools_app(), args))
+        assert "big.jsonl:1" in line, line
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"id": "a\\ud800", "messages": [{"role": "user", "content": "x"}], "label": "safe"}\n')
+    res = runner.invoke(_tools_app(), ["eval", "-d", str(surrogate), "-g", f"local:{tiny_model_dir}", "-o",
+                                       str(tmp_path / "e2"), "--split", "all", "--no-plots", "--no-progress"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert '"a\\ud800"' in (tmp_path / "e2" / "predictions.jsonl").read_text()

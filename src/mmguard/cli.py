@@ -187,19 +187,31 @@ def _readable_file(path: Path, what: str) -> None:
         _fail(f"{what}: cannot read {path}: {err.strerror or err}")
 
 
+def _exists(path: str) -> bool:
+    """``Path(path).exists()`` that says no for a name the OS refuses (ENAMETOOLONG raises, it does not answer)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_input(spec: str) -> Any:
-    from .jsonl import loads_strict
+    from .jsonl import MAX_LINE_BYTES, loads_strict
 
     where = "stdin" if spec == "-" else spec
     try:
         if spec == "-":
             stream = getattr(sys.stdin, "buffer", None)
-            data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+            data = (stream.read(MAX_LINE_BYTES + 1) if stream is not None
+                    else sys.stdin.read(MAX_LINE_BYTES + 1).encode("utf-8", "surrogateescape"))
         else:
             _readable_file(Path(spec), "--input")
-            data = Path(spec).read_bytes()
+            with Path(spec).open("rb") as fh:
+                data = fh.read(MAX_LINE_BYTES + 1)
     except OSError as err:
         _fail(f"cannot read {where}: {err.strerror or err}")
+    if len(data) > MAX_LINE_BYTES:  # read no further: /dev/zero as --input filled memory until the kernel killed it
+        _fail(f"--input {where}: over the limit of {MAX_LINE_BYTES} bytes (a JSONL line's)")
     try:
         raw = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -232,7 +244,7 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
             return Conversation.prompt(prompt, image)
         return Conversation.response(prompt, response, image)
     except ImageError as err:
-        if image is not None and not image.startswith("data:") and len(image) < 4096 and not Path(image).exists():
+        if image is not None and not image.startswith("data:") and len(image) < 4096 and not _exists(image):
             # a missing file's name can also read as base64: say both what was tried and what is missing
             _fail(f"--image: no file {image!r} exists, and as a data URL or base64 image: {err}")
         _fail(str(err))
@@ -243,11 +255,15 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
 def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float | None, fmt: str,
                 batch_size: int = 8, fast: bool = False, quantize: str | None = None,
                 read_text: str = "auto", ocr_timeout_s: float = OCR_TIMEOUT_S) -> Any:
-    from .engine import EngineError
+    from .engine import EngineError, resolve_device
     from .guard import READ_TEXT_MODES, Guard
     from .ocr import OcrUnavailable
     from .prompt import PromptFormat
 
+    try:
+        resolve_device(device)
+    except EngineError as err:  # a bad flag, not a model that failed: say so before anything loads
+        _fail(f"--device: {err}")
     try:
         fmt_enum = PromptFormat(fmt)
     except ValueError:
@@ -380,8 +396,14 @@ def _classify_jsonl(guard: Any, path: Path, output: Path | None, batch_size: int
             if x.error is not None:
                 bad += 1
                 typer.echo(f"error: {path}:{x.line}: {x.error}", err=True)
-            out.write(dumps_row(x.row()) + "\n")
-        out.flush()
+            try:
+                out.write(dumps_row(x.row()) + "\n")
+            except OSError as err:  # a full disk, a closed pipe: the rows cannot be kept, so stop and say so
+                _fail(f"cannot write {output or 'stdout'}: {err.strerror or err}")
+        try:
+            out.flush()
+        except OSError as err:
+            _fail(f"cannot write {output or 'stdout'}: {err.strerror or err}")
         progress.advance(task, len(chunk))
         chunk.clear()
 

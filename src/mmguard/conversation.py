@@ -29,6 +29,10 @@ Role = Literal["user", "agent"]
 _ROLE_ALIASES = {"user": "user", "human": "user", "agent": "agent", "assistant": "agent", "chatbot": "agent"}
 MAX_TURNS = 64
 MAX_TEXT_CHARS = 200_000
+# a conversation in all: past these a model's context is long exhausted (Llama Guard 3 Vision reads 128k tokens,
+# ~500,000 characters), while tokenizing it would still cost time and memory (25 MB of text: 61 s and 5.4 GB)
+MAX_CONVERSATION_CHARS = 1_000_000
+MAX_TEXT_PARTS = 1_024
 
 
 class ConversationError(ValueError):
@@ -246,8 +250,11 @@ def _image_source(part: Mapping[str, Any], where: str, base_dir: Path | None) ->
         raise ConversationError(f"{where}: image part needs one of 'path', 'url', 'image' or 'base64'")
     if isinstance(src, str) and base_dir is not None and not src.startswith("data:") and len(src) < 4096:
         candidate = base_dir / src
-        if candidate.exists():
-            return candidate
+        try:
+            if candidate.exists():
+                return candidate
+        except (OSError, ValueError):  # a name the OS refuses (too long, NUL): not a file, so read as data
+            pass
     return src
 
 
@@ -266,6 +273,13 @@ def _validate(turns: Iterable[Turn]) -> None:
         raise ConversationError("a conversation needs at least one turn")
     if len(turns) > MAX_TURNS:
         raise ConversationError(f"a conversation may have at most {MAX_TURNS} turns, got {len(turns)}")
+    parts = sum(len(t.texts) for t in turns)
+    if parts > MAX_TEXT_PARTS:
+        raise ConversationError(f"a conversation may hold at most {MAX_TEXT_PARTS} texts, got {parts}")
+    chars = sum(len(s) for t in turns for s in t.texts if isinstance(s, str))
+    if chars > MAX_CONVERSATION_CHARS:
+        raise ConversationError(
+            f"a conversation may hold at most {MAX_CONVERSATION_CHARS} characters of text, got {chars}")
     images = 0
     for i, t in enumerate(turns):
         expected = "user" if i % 2 == 0 else "agent"

@@ -137,10 +137,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str | None) -> str:
+    """``auto`` (CUDA when there is one, else the CPU) or a torch device name, checked: a name torch does not
+    know, ``meta`` (no data), or an accelerator this machine lacks is an :class:`EngineError` naming it."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise EngineError(f"unknown device {str(device)[:40]!r}; use auto, cpu, cuda or cuda:N") from None
+    if kind == "meta":
+        raise EngineError("device 'meta' holds no data; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"device {device!r} requested but CUDA is not available")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise EngineError(f"device {device!r} requested but MPS is not available")
     return device
 
 

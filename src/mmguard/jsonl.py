@@ -54,11 +54,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON: {name} is not JSON (use null or a number)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: Python reads infinity, which no JSON output can write back
+        raise ValueError(f"invalid JSON: the number {text[:40]} is out of range")
+    return value
+
+
 def loads_strict(text: str | bytes) -> Any:
-    """``json.loads`` that refuses what JSON does not allow (``NaN``, ``Infinity``) and reports nesting
-    too deep to parse as a ``ValueError`` (Python raises ``RecursionError``)."""
+    """``json.loads`` that refuses what JSON does not allow (``NaN``, ``Infinity``, numbers out of a float's
+    range) and reports nesting too deep to parse as a ``ValueError`` (Python raises ``RecursionError``)."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("invalid JSON: nested too deeply") from None
 

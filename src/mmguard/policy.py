@@ -264,6 +264,21 @@ def _validate(categories: Sequence[Category], excluded: frozenset[str]) -> None:
         raise PolicyError("every category is excluded; at least one must stay active")
 
 
+_CATEGORY_KEYS = frozenset({"code", "label", "name", "title", "description"})
+
+
+def _scalar(value: Any, where: str) -> str:
+    """A policy field as text: a string or a number. Anything else is refused before it is turned into a string:
+    YAML aliases let a 500-byte file hold a list that str() expands to gigabytes."""
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    raise PolicyError(f"{where} must be a string, got {type(value).__name__}")
+
+
+def _shown_key(key: Any) -> str:
+    return repr(key[:40]) if isinstance(key, str) else f"a key of type {type(key).__name__}"
+
+
 def _policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:
     if not isinstance(data, Mapping):
         raise PolicyError(f"{source}: top level must be a mapping with a 'categories' list")
@@ -276,25 +291,27 @@ def _policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:
             if not isinstance(value, str):
                 raise PolicyError(f"{source}: category {code!r}: value must be a string label")
             label, _, description = value.partition("\n")
-            items.append(Category(code=str(code), label=label, description=description))
+            items.append(Category(code=_scalar(code, f"{source}: a category's code"), label=label,
+                                  description=description))
     elif isinstance(raw, list):
         for i, entry in enumerate(raw):
             if not isinstance(entry, Mapping):
                 raise PolicyError(f"{source}: categories[{i}] must be a mapping with 'code' and 'label'")
-            unknown_keys = set(map(str, entry)) - {"code", "label", "name", "title", "description"}
+            unknown_keys = [k for k in entry if k not in _CATEGORY_KEYS]
             if unknown_keys:
-                shown = ", ".join(repr(k) for k in sorted(unknown_keys))  # repr: a key may hold anything
+                shown = ", ".join(sorted(_shown_key(k) for k in unknown_keys))
                 raise PolicyError(f"{source}: categories[{i}]: unknown key(s) {shown}")
             code = entry.get("code")
             label = entry.get("label", entry.get("name"))
             if code is None or label is None:
                 raise PolicyError(f"{source}: categories[{i}] needs 'code' and 'label' (or 'name')")
+            where = f"{source}: categories[{i}]"
             items.append(
                 Category(
-                    code=str(code),
-                    label=str(label),
-                    title=str(entry.get("title", "")),
-                    description=str(entry.get("description", "") or ""),
+                    code=_scalar(code, f"{where}.code"),
+                    label=_scalar(label, f"{where}.label"),
+                    title=_scalar(entry.get("title", ""), f"{where}.title"),
+                    description=_scalar(entry.get("description", "") or "", f"{where}.description"),
                 )
             )
     else:
@@ -312,7 +329,7 @@ def _policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:
     try:
         return Policy(
             categories=tuple(items),
-            excluded=frozenset(str(e) for e in excluded),
+            excluded=frozenset(_scalar(e, f"{source}: excluded") for e in excluded),
             include_descriptions=bool(data.get("include_descriptions", False)),
             name=str(name),
         )

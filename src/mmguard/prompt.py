@@ -105,15 +105,17 @@ def build_prompt(
     markers = MarkerHandling(markers)
     role = "User" if len(conversation.turns) % 2 == 1 else "Agent"
     parts: list[Segment] = []
+    pending: list[str] = []  # text since the last special token, joined once (appending to a string each time
+    # took time quadratic in the number of texts: 400,000 empty parts took 16 s)
 
     def special(tok: str) -> None:
+        if pending:
+            parts.append(Segment("".join(pending)))
+            pending.clear()
         parts.append(Segment(tok, special=True))
 
     def text(s: str) -> None:
-        if parts and not parts[-1].special:
-            parts[-1] = Segment(parts[-1].text + s)
-        else:
-            parts.append(Segment(s))
+        pending.append(s)
 
     special("<|begin_of_text|>")
     special("<|start_header_id|>")
@@ -154,4 +156,6 @@ def build_prompt(
     special("<|end_header_id|>")
     if fmt is PromptFormat.NATIVE:
         text("\n\n")
+    if pending:
+        parts.append(Segment("".join(pending)))
     return RenderedPrompt(tuple(parts), role, conversation.has_image, fmt, escaped)

@@ -90,6 +90,13 @@ def command(
         fail(f"--threshold must be within [0, 1], got {threshold}")
     if read_text not in READ_TEXT_MODES:
         fail(f"unknown --read-text {read_text!r}; use {', '.join(READ_TEXT_MODES)}")
+    if engine == "local":
+        from ..engine import EngineError, resolve_device
+
+        try:
+            resolve_device(device)  # (Ray workers check theirs: a GPU may be theirs only)
+        except EngineError as err:
+            fail(f"--device: {err}")
     if engine == "ray":
         try:
             import ray  # noqa: F401
@@ -116,6 +123,8 @@ def command(
                             gpus_per_worker=gpus_per_worker, torch_threads=torch_threads, progress=progress)
     except (FingerprintMismatch, JobExists, StorageError) as err:
         fail(str(err))
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, FileNotFoundError, PermissionError) as err:
+        fail(f"cannot read or write the job's files: {err}")  # an input that is a folder, an output that is a file
     except OSError as err:
         fail(f"cannot load model {model or '(default)'}: {err}", EXIT_MODEL)
     typer.echo(summary.text(), err=True)

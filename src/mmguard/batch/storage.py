@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,11 @@ class LocalStorage(Storage):
         return os.path.exists(_local(path))
 
     def open_read(self, path: str) -> IO[bytes]:
-        return open(_local(path), "rb")
+        local = _local(path)
+        # only regular files: a FIFO blocks the open forever, /dev/zero never ends
+        if os.path.exists(local) and not stat.S_ISREG(os.stat(local).st_mode):
+            raise StorageError(f"{path} is not a regular file")
+        return open(local, "rb")
 
     def write_atomic(self, path: str, data: bytes) -> None:
         # temp file in the same folder + fsync + rename: readers see the old file or the whole new one

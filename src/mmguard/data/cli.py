@@ -33,8 +33,11 @@ def _table(rows: list[dict[str, Any]], title: str) -> Table:
     for col in ("source", "split", "task", "label", "modality"):
         table.add_column(col)
     table.add_column("count", justify="right")
+    def shown(value: Any) -> str:  # a lone surrogate (a "\ud800" escape in the file) cannot be printed as is
+        return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
     for r in rows:
-        table.add_row(r["source"], r["split"], r["task"], r["label"], r["modality"], str(r["count"]))
+        table.add_row(*(shown(r[k]) for k in ("source", "split", "task", "label", "modality")), str(r["count"]))
     table.add_section()
     table.add_row("total", "", "", "", "", str(sum(r["count"] for r in rows)))
     return table

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..conversation import Conversation
+from ..jsonl import loads_strict
 from ..policy import DEFAULT_POLICY
 
 __all__ = [
@@ -250,9 +251,11 @@ def read_examples(path: Path | str) -> Iterator[Example]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = loads_strict(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            except ValueError as err:  # NaN, 1e999, an integer past 4,300 digits, nesting past the parser
+                raise DataError(f"{path}:{lineno}: {err}") from None
             try:
                 yield Example.from_json(obj)
             except (DataError, TypeError) as err:

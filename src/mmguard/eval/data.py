@@ -32,6 +32,7 @@ from ..data.schema import FIELDS as _SCHEMA_FIELDS  # full-schema lines are vali
 from ..data.schema import DataError as _SchemaDataError
 from ..data.schema import Example as _Example
 from ..images import ImageError
+from ..jsonl import loads_strict
 from ..policy import DEFAULT_POLICY
 
 __all__ = ["DataError", "LabeledItem", "iter_records", "scan"]
@@ -190,11 +191,11 @@ def iter_records(path: str | Path, *, split: str | None = None) -> Iterator[Labe
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = loads_strict(text)
             except json.JSONDecodeError as err:
                 raise DataError(f"{file}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            except RecursionError:
-                raise DataError(f"{file}:{lineno}: invalid JSON: nested too deeply") from None
+            except ValueError as err:  # NaN, 1e999, an integer past 4,300 digits, nesting past the parser
+                raise DataError(f"{file}:{lineno}: {err}") from None
             item = _parse(obj, file, lineno)
             if split is not None and item.split is not None and item.split != split:
                 continue

@@ -6,13 +6,13 @@ small record per item (labels and each guard's answer) is kept, never the conver
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..jsonl import dumps_row
 from ..policy import DEFAULT_POLICY, Policy
 from .cache import ResultCache
 from .data import LabeledItem, iter_records
@@ -180,7 +180,7 @@ def run_eval(
         result.records.extend(recs)
         if predictions is not None:
             for rec in recs:
-                predictions.write(json.dumps(_record_json(rec), ensure_ascii=False, allow_nan=False) + "\n")
+                predictions.write(dumps_row(_record_json(rec)) + "\n")  # (ASCII escapes where an id holds "\ud800")
             predictions.flush()
     for guard, st in zip(guards, stats, strict=True):
         engine = getattr(getattr(guard, "guard", None), "engine", None)

@@ -22,7 +22,8 @@ from fastapi import Request
 from mmguard.conversation import Conversation, Turn
 from mmguard.policy import DEFAULT_POLICY
 from mmguard.proxy import ProxySettings
-from mmguard.proxy.release import SSEParser, StreamRelease
+from mmguard.proxy.release import StreamRelease
+from mmguard.proxy.sse import SSEParser
 from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
 from mmguard.server.settings import ServerSettings
 from mmguard.tiny import noise_image
@@ -381,7 +382,7 @@ def through_proxy(upstream: Any, guard: Any, **settings: Any) -> tuple[dict[str,
 def test_answer_text_in_content_parts_is_judged(keyword_guard: KeywordGuard) -> None:
     """Some upstreams (Mistral's reasoning models, and any server that follows the request's part format) answer
     with ``content`` as a list of parts: that text was passed through unjudged, plain and streamed."""
-    from mmguard.proxy.release import answer_text
+    from mmguard.proxy.answers import answer_text
 
     parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "let me see"}]},
              {"type": "text", "text": f"here: {TRIGGER} plan"}, {"type": "refusal", "refusal": "no"}]

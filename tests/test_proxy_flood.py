@@ -22,7 +22,8 @@ from fastapi.responses import StreamingResponse
 
 from mmguard.conversation import MAX_TEXT_CHARS, Conversation
 from mmguard.policy import DEFAULT_POLICY
-from mmguard.proxy.release import SSEParser, StreamRelease
+from mmguard.proxy.release import StreamRelease
+from mmguard.proxy.sse import SSEParser
 from mmguard.proxy.testing import LiveApp, LiveProxy, StubUpstream
 from mmguard.verdict import Verdict
 

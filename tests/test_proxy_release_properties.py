@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
 
-from mmguard.proxy.release import SSEParser, StreamRelease, choice_index, delta_fields
+from mmguard.proxy.answers import choice_index, delta_fields
+from mmguard.proxy.release import StreamRelease
+from mmguard.proxy.sse import SSEParser
 from mmguard.verdict import Verdict
 
 BAD = "BAD"

@@ -35,11 +35,12 @@ from ..server.state import ServerState
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, recent_history, with_answer
 from .metrics import ProxyMetrics
-from .release import DueCheck, SSEParser, StreamRelease, json_bytes, loads_or_none
+from .release import DueCheck, StreamRelease
 from .response_store import ResponseStore, continued
 from .routes import CHAT, RESPONSES, Route, UnreadableAnswer, content_filter_error
 from .scored import score_plain
 from .settings import ProxySettings
+from .sse import SSEParser, json_bytes, loads_or_none
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
 

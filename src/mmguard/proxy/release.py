@@ -22,265 +22,26 @@ streams faster than the guard judges costs bounded memory, never the whole flood
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .answers import RunningTexts, choice_index, delta_fields, readable_content, verdict_extension
 from .settings import Release
+from .sse import SSEEvent, sse
 
-__all__ = [
-    "MAX_HELD_BYTES",
-    "ChatChunks",
-    "EventFormat",
-    "RunningTexts",
-    "SSEEvent",
-    "SSEParser",
-    "StreamRelease",
-    "answer_text",
-    "choice_index",
-    "delta_fields",
-    "delta_text",
-    "due_check",
-    "json_bytes",
-    "loads_or_none",
-    "max_ahead_chars",
-    "readable_choices",
-    "readable_content",
-    "reasoning_text",
-    "said_text",
-]
+__all__ = ["MAX_HELD_BYTES", "ChatChunks", "DueCheck", "EventFormat", "StreamRelease", "due_check",
+           "max_ahead_chars", "readable_choices"]
 
-DONE = "[DONE]"
 MAX_HELD_BYTES = 16 * 1024 * 1024  # held events (raw bytes) past which reading pauses
-
-
-def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
-    """The judged text of an answer's (or a delta's) ``content``: a string, or the text of a list of parts
-    (``{"type": "text", "text": ...}``, and text nested in parts such as Mistral's ``thinking``), joined by
-    ``sep``. Text in parts is as visible to the user as a plain string, so it is never left unjudged."""
-    if isinstance(content, str):
-        return content
-    if _depth > 8:
-        return ""
-    if isinstance(content, list):
-        return sep.join(t for t in (answer_text(p, sep, _depth + 1) for p in content) if t)
-    if isinstance(content, dict):
-        if content.get("type") == "refusal":  # the model declining: nothing to judge, but for a text it shows
-            return content["text"] if isinstance(content.get("text"), str) else ""
-        texts = [answer_text(v, sep, _depth + 1) for k, v in content.items() if k != "type"
-                 and (k == "text" or isinstance(v, (list, dict)))]
-        return sep.join(t for t in texts if t)
-    return ""
-
-
-def readable_content(content: Any) -> bool:
-    """``content`` is a shape whose text :func:`answer_text` reads as a client shows it: a string, nothing, or a
-    list of strings and parts whose ``text`` is a string. Anything else (an object, a part whose text is an
-    object) a client may still print, so it is never passed on unjudged."""
-    if content is None or isinstance(content, str):
-        return True
-    if not isinstance(content, list):
-        return False
-    return all(isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text", ""), str)
-                                         and (part.get("type") != "text" or "text" in part))
-               for part in content)
-
-
-def choice_index(value: Any) -> int:
-    """A chunk's choice index as a client reads it: clients coerce ``"1"`` or ``1.0`` to 1, so the proxy judges
-    that text as choice 1 too; anything unreadable counts as choice 0, so no text escapes judging."""
-    if isinstance(value, int):
-        return int(value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return 0
-    return int(number) if number.is_integer() and abs(number) < 2**31 else 0
-
-
-REASONING_KEYS = ("reasoning_content", "reasoning")  # where vLLM / DeepSeek / OpenRouter put chain of thought
-
-
-def said_text(message: Any, sep: str = "") -> str:
-    """What an answer's ``message`` (or a stream's ``delta``) says to the user: its ``content`` (a string or
-    parts) and the ``transcript`` of its ``audio`` (OpenAI's audio answers carry the words there, with
-    ``content`` null; the audio itself cannot be judged, its transcript is)."""
-    if not isinstance(message, dict):
-        return ""
-    audio = message.get("audio")
-    spoken = audio.get("transcript") if isinstance(audio, dict) else None
-    return sep.join(t for t in (answer_text(message.get("content"), sep), spoken) if isinstance(t, str) and t)
-
-
-def reasoning_text(message: Any) -> str:
-    """The reasoning text of an answer's ``message`` or a stream's ``delta`` (empty if none): every reasoning
-    field's, a blank line between (a server may send two, and a client may show either)."""
-    if not isinstance(message, dict):
-        return ""
-    texts = dict.fromkeys(t for k in REASONING_KEYS if (t := answer_text(message.get(k))))
-    return "\n\n".join(texts)
-
-
-def delta_fields(delta: Any, judge_reasoning: bool) -> list[tuple[str, str]]:
-    """The texts one stream delta adds, by the field a client accumulates them in: each reasoning field (when
-    judged), the content, the audio transcript."""
-    if not isinstance(delta, dict):
-        return []
-    fields = [(k, answer_text(delta.get(k))) for k in REASONING_KEYS] if judge_reasoning else []
-    audio = delta.get("audio")
-    spoken = audio.get("transcript") if isinstance(audio, dict) else None
-    fields += [("content", answer_text(delta.get("content"))),
-               ("transcript", spoken if isinstance(spoken, str) else "")]
-    return [(field, text) for field, text in fields if text]
-
-
-class RunningTexts:
-    """One answer's judged text, built from texts a client shows apart (a chat choice's content, transcript and
-    reasoning; a Responses answer's parts). Text that continues the field that spoke last is appended; text of a
-    field that something else interrupted is judged again from that field's start, so a word split around an
-    interruption, which the client shows whole, is judged whole too."""
-
-    def __init__(self) -> None:
-        self.fields: dict[Any, str] = {}
-        self.last: Any = None
-        self.text = ""
-
-    def add(self, field: Any, text: str, separator: str = "\n\n") -> str:
-        """Appends ``text`` to ``field``; returns what it adds to the judged text (``separator`` before a field
-        that did not speak last)."""
-        if not text:
-            return ""
-        added = text
-        if self.text and field != self.last:
-            added = separator + self.fields.get(field, "") + text
-        self.fields[field] = self.fields.get(field, "") + text
-        self.last = field
-        self.text += added
-        return added
-
-
-def delta_text(delta: Any, judge_reasoning: bool, after_reasoning: bool) -> tuple[str, bool]:
-    """The judged text one stream delta adds to its choice, and whether that text now ends in reasoning: the
-    reasoning (when judged), then what the delta says, after a blank line when reasoning came before it."""
-    thought = reasoning_text(delta) if judge_reasoning else ""
-    said = said_text(delta)
-    after = after_reasoning or bool(thought)
-    if said and after:
-        return f"{thought}\n\n{said}", False
-    return thought + said, after
 
 
 def max_ahead_chars(check_every: int) -> int:
     """Unchecked answer text (characters) a choice may run ahead of its last passed check before reading
     pauses: 16 KiB, or 8 characters per token of ``check_every`` when that is more (tokens average ~4)."""
     return max(16_384, 8 * check_every)
-
-
-@dataclass
-class SSEEvent:
-    """One server-sent event: its raw bytes (forwarded unchanged) and its ``data`` payload."""
-
-    raw: bytes
-    data: str | None
-
-    @property
-    def is_done(self) -> bool:
-        return self.data is not None and self.data.strip() == DONE
-
-    def json(self) -> Any:
-        if self.data is None:
-            return None
-        return loads_or_none(self.data)
-
-
-MAX_JSON_DEPTH = 128  # far past any answer's nesting, far below what the proxy's own json.dumps can write back
-
-
-def loads_or_none(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``text`` as JSON, or None where it is not JSON or nests deeper than ``max_depth``: the parser raises
-    RecursionError (not a ValueError) past its limit, and JSON just under that limit parsed, then failed when the
-    proxy wrote it back (a blocked answer, a report); either way an upstream's event must read as unreadable."""
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    opening = ("[", "{") if isinstance(text, str) else (b"[", b"{")
-    if sum(text.count(o) for o in opening) > max_depth and _depth(data) > max_depth:  # type: ignore[arg-type]
-        return None
-    return data
-
-
-def _depth(data: Any) -> int:
-    """How deep containers nest in ``data`` (iterative: no recursion limit)."""
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-# the only line ends of server-sent events: CRLF, CR, LF (str.splitlines also splits at U+2028, NEL, \x1c...,
-# which JSON may carry raw inside a string: splitting there cut such an event's text out of what was judged)
-_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
-_BOM = b"\xef\xbb\xbf"
-_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-
-
-class SSEParser:
-    """Splits a byte stream into events (blank-line separated; lines end with LF, CRLF or CR, as the
-    server-sent events standard and the openai client read them), bounded in size."""
-
-    def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
-        self._buffer = b""
-        self._scanned = 0  # the buffer before this holds no event end (searched once, not at every chunk)
-        self._at_start = True  # no byte read yet past a possible byte order mark
-        self.max_event_bytes = max_event_bytes
-
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
-        self._buffer += chunk
-        if self._at_start:
-            # the standard drops one UTF-8 BOM at the stream's start, and so do browsers and openai-node: left in,
-            # the first event had no 'data:' line for the proxy, yet its text showed in those clients
-            if len(self._buffer) < len(_BOM) and _BOM.startswith(self._buffer):
-                return []
-            self._buffer = self._buffer.removeprefix(_BOM)
-            self._at_start = False
-        events: list[SSEEvent] = []
-        while True:
-            cut = self._event_end()
-            if cut is None:
-                break
-            raw, self._buffer, self._scanned = self._buffer[:cut], self._buffer[cut:], 0
-            events.append(_event(raw))
-        if len(self._buffer) > self.max_event_bytes:
-            raise ValueError(f"upstream sent a server-sent event over {self.max_event_bytes} bytes")
-        return events
-
-    def _event_end(self) -> int | None:
-        buf = self._buffer
-        found = _BLANK_LINE.search(buf, max(0, self._scanned - 3))
-        if found is None or (found.end() == len(buf) and buf.endswith(b"\r")):
-            self._scanned = len(buf) if found is None else found.start()  # a CR at the end may begin a CRLF
-            return None
-        return found.end()
-
-    def close(self) -> list[SSEEvent]:
-        rest, self._buffer, self._scanned = self._buffer, b"", 0
-        return [_event(rest)] if rest.strip() else []
-
-
-def _event(raw: bytes) -> SSEEvent:
-    data_lines = []
-    for line in _LINE_END.split(raw):
-        if line.startswith(b"data:"):
-            data_lines.append(line[5:].removeprefix(b" ").decode("utf-8", errors="replace"))
-    return SSEEvent(raw, "\n".join(data_lines) if data_lines else None)
 
 
 class EventFormat(Protocol):
@@ -599,26 +360,3 @@ class StreamRelease:
         return any(st.in_flight for st in self.choices.values())
 
 
-def json_bytes(payload: Any) -> bytes:
-    """JSON the proxy writes itself, escaped to ASCII: a lone surrogate the upstream sent as ``"\\ud800"`` stays
-    as it was written (UTF-8 cannot hold it), and U+2028, NEL and the like never reach a client raw, where one
-    that splits lines as str.splitlines does would cut an event in two."""
-    return json.dumps(payload).encode()
-
-
-def sse(payload: Any) -> bytes:
-    return b"data: " + json_bytes(payload) + b"\n\n"
-
-
-def verdict_extension(rail: str, verdict: Any) -> dict[str, Any]:
-    """The documented ``mmguard`` field: which rail blocked and the guard's verdict."""
-    return {
-        "rail": rail,
-        "flagged": bool(verdict.is_unsafe),
-        "unsafe_probability": float(verdict.unsafe_probability),
-        "threshold": float(verdict.threshold),
-        "codes": list(verdict.codes),
-        "categories": [{"code": v.code, "name": v.name} for v in verdict.violated],
-        "category_probabilities": {k: float(p) for k, p in verdict.category_probabilities.items()},
-        "warnings": list(verdict.warnings),
-    }

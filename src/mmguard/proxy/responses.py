@@ -36,9 +36,10 @@ import httpx
 from ..conversation import MAX_TEXT_CHARS
 from ..server.errors import APIError
 from ..verdict import Verdict
+from .answers import verdict_extension
 from .judged import JudgedPrompt
-from .release import SSEEvent, SSEParser, json_bytes, verdict_extension
 from .scored import CheckAnswer, judge_output, score_report
+from .sse import SSEEvent, SSEParser, json_bytes
 
 __all__ = ["ResponseEvents", "blocked_response", "input_messages", "previous_response_id", "response_answer",
            "score_response_stream", "stores_answer", "unjudgeable_answer"]

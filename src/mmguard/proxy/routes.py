@@ -15,16 +15,8 @@ from typing import Any
 
 from ..server.errors import APIError, error_body
 from ..verdict import Verdict
-from .release import (
-    REASONING_KEYS,
-    ChatChunks,
-    EventFormat,
-    choice_index,
-    readable_content,
-    reasoning_text,
-    said_text,
-    verdict_extension,
-)
+from .answers import REASONING_KEYS, choice_index, readable_content, reasoning_text, said_text, verdict_extension
+from .release import ChatChunks, EventFormat
 from .responses import (
     ResponseEvents,
     blocked_response,

@@ -27,8 +27,9 @@ import httpx
 from ..conversation import MAX_TEXT_CHARS
 from ..server.errors import APIError
 from ..verdict import Verdict
+from .answers import choice_index, delta_text, verdict_extension
 from .judged import JudgedPrompt
-from .release import SSEParser, choice_index, delta_text, json_bytes, loads_or_none, sse, verdict_extension
+from .sse import SSEParser, json_bytes, loads_or_none, sse
 
 __all__ = ["CheckAnswer", "judge_output", "score_plain", "score_report", "score_stream"]
 

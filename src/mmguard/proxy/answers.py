@@ -1,0 +1,141 @@
+"""What an answer says, as clients show it: the text of its content (a string or parts), its audio transcript,
+its reasoning fields; the texts a stream's delta adds, by field; the choice index a client files them under; and
+the judged text built from several such fields (:class:`RunningTexts`). Also the ``mmguard`` field a block
+carries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["REASONING_KEYS", "RunningTexts", "answer_text", "choice_index", "delta_fields", "delta_text",
+           "readable_content", "reasoning_text", "said_text", "verdict_extension"]
+
+
+def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
+    """The judged text of an answer's (or a delta's) ``content``: a string, or the text of a list of parts
+    (``{"type": "text", "text": ...}``, and text nested in parts such as Mistral's ``thinking``), joined by
+    ``sep``. Text in parts is as visible to the user as a plain string, so it is never left unjudged."""
+    if isinstance(content, str):
+        return content
+    if _depth > 8:
+        return ""
+    if isinstance(content, list):
+        return sep.join(t for t in (answer_text(p, sep, _depth + 1) for p in content) if t)
+    if isinstance(content, dict):
+        if content.get("type") == "refusal":  # the model declining: nothing to judge, but for a text it shows
+            return content["text"] if isinstance(content.get("text"), str) else ""
+        texts = [answer_text(v, sep, _depth + 1) for k, v in content.items() if k != "type"
+                 and (k == "text" or isinstance(v, (list, dict)))]
+        return sep.join(t for t in texts if t)
+    return ""
+
+
+def readable_content(content: Any) -> bool:
+    """``content`` is a shape whose text :func:`answer_text` reads as a client shows it: a string, nothing, or a
+    list of strings and parts whose ``text`` is a string. Anything else (an object, a part whose text is an
+    object) a client may still print, so it is never passed on unjudged."""
+    if content is None or isinstance(content, str):
+        return True
+    if not isinstance(content, list):
+        return False
+    return all(isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text", ""), str)
+                                         and (part.get("type") != "text" or "text" in part))
+               for part in content)
+
+
+def choice_index(value: Any) -> int:
+    """A chunk's choice index as a client reads it: clients coerce ``"1"`` or ``1.0`` to 1, so the proxy judges
+    that text as choice 1 too; anything unreadable counts as choice 0, so no text escapes judging."""
+    if isinstance(value, int):
+        return int(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if number.is_integer() and abs(number) < 2**31 else 0
+
+
+REASONING_KEYS = ("reasoning_content", "reasoning")  # where vLLM / DeepSeek / OpenRouter put chain of thought
+
+
+def said_text(message: Any, sep: str = "") -> str:
+    """What an answer's ``message`` (or a stream's ``delta``) says to the user: its ``content`` (a string or
+    parts) and the ``transcript`` of its ``audio`` (OpenAI's audio answers carry the words there, with
+    ``content`` null; the audio itself cannot be judged, its transcript is)."""
+    if not isinstance(message, dict):
+        return ""
+    audio = message.get("audio")
+    spoken = audio.get("transcript") if isinstance(audio, dict) else None
+    return sep.join(t for t in (answer_text(message.get("content"), sep), spoken) if isinstance(t, str) and t)
+
+
+def reasoning_text(message: Any) -> str:
+    """The reasoning text of an answer's ``message`` or a stream's ``delta`` (empty if none): every reasoning
+    field's, a blank line between (a server may send two, and a client may show either)."""
+    if not isinstance(message, dict):
+        return ""
+    texts = dict.fromkeys(t for k in REASONING_KEYS if (t := answer_text(message.get(k))))
+    return "\n\n".join(texts)
+
+
+def delta_fields(delta: Any, judge_reasoning: bool) -> list[tuple[str, str]]:
+    """The texts one stream delta adds, by the field a client accumulates them in: each reasoning field (when
+    judged), the content, the audio transcript."""
+    if not isinstance(delta, dict):
+        return []
+    fields = [(k, answer_text(delta.get(k))) for k in REASONING_KEYS] if judge_reasoning else []
+    audio = delta.get("audio")
+    spoken = audio.get("transcript") if isinstance(audio, dict) else None
+    fields += [("content", answer_text(delta.get("content"))),
+               ("transcript", spoken if isinstance(spoken, str) else "")]
+    return [(field, text) for field, text in fields if text]
+
+
+class RunningTexts:
+    """One answer's judged text, built from texts a client shows apart (a chat choice's content, transcript and
+    reasoning; a Responses answer's parts). Text that continues the field that spoke last is appended; text of a
+    field that something else interrupted is judged again from that field's start, so a word split around an
+    interruption, which the client shows whole, is judged whole too."""
+
+    def __init__(self) -> None:
+        self.fields: dict[Any, str] = {}
+        self.last: Any = None
+        self.text = ""
+
+    def add(self, field: Any, text: str, separator: str = "\n\n") -> str:
+        """Appends ``text`` to ``field``; returns what it adds to the judged text (``separator`` before a field
+        that did not speak last)."""
+        if not text:
+            return ""
+        added = text
+        if self.text and field != self.last:
+            added = separator + self.fields.get(field, "") + text
+        self.fields[field] = self.fields.get(field, "") + text
+        self.last = field
+        self.text += added
+        return added
+
+
+def delta_text(delta: Any, judge_reasoning: bool, after_reasoning: bool) -> tuple[str, bool]:
+    """The judged text one stream delta adds to its choice, and whether that text now ends in reasoning: the
+    reasoning (when judged), then what the delta says, after a blank line when reasoning came before it."""
+    thought = reasoning_text(delta) if judge_reasoning else ""
+    said = said_text(delta)
+    after = after_reasoning or bool(thought)
+    if said and after:
+        return f"{thought}\n\n{said}", False
+    return thought + said, after
+
+
+def verdict_extension(rail: str, verdict: Any) -> dict[str, Any]:
+    """The documented ``mmguard`` field: which rail blocked and the guard's verdict."""
+    return {
+        "rail": rail,
+        "flagged": bool(verdict.is_unsafe),
+        "unsafe_probability": float(verdict.unsafe_probability),
+        "threshold": float(verdict.threshold),
+        "codes": list(verdict.codes),
+        "categories": [{"code": v.code, "name": v.name} for v in verdict.violated],
+        "category_probabilities": {k: float(p) for k, p in verdict.category_probabilities.items()},
+        "warnings": list(verdict.warnings),
+    }

@@ -21,9 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...conversation import Conversation
+from ...jsonl import loads_strict
 from .base import GuardSpecError, Prediction, ProgressFn, RemoteError, RemoteUnavailable
 
-__all__ = ["RetryingHttp", "conversation_to_messages", "finite_number", "image_data_url"]
+__all__ = ["MAX_ANSWER_BYTES", "RetryingHttp", "conversation_to_messages", "finite_number", "image_data_url"]
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a guard's answer to one item is a few KB
 
 
 def image_data_url(conv: Conversation) -> str | None:
@@ -79,6 +82,7 @@ class RetryingHttp:
         key = api_key if api_key is not None else _api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        self.timeout = timeout
         self.client = httpx.Client(
             timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=self.concurrency)
         )
@@ -112,22 +116,41 @@ class RetryingHttp:
                 self.attempts += 1
             retry_after = None
             try:
-                resp = self.client.post(url, json=body)
+                status, headers, raw = self._send(url, body)
             except httpx.TransportError as err:
                 last = f"{type(err).__name__}: {err}"
             else:
-                if resp.status_code < 400:
+                shown = raw[:300].decode("utf-8", "replace")
+                if status < 400:
                     try:
-                        return resp.json()
-                    except ValueError:
-                        raise RemoteError(f"{url} answered non-JSON: {resp.text[:200]!r}") from None
-                if resp.status_code not in self.RETRY_STATUS:
-                    raise RemoteError(f"{url} answered HTTP {resp.status_code}: {resp.text[:300]}")
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                retry_after = resp.headers.get("retry-after")
+                        return loads_strict(raw)
+                    except ValueError as err:  # not JSON, NaN, 1e999, nested past the parser
+                        raise RemoteError(f"{url} answered invalid JSON ({err}): {shown[:200]!r}") from None
+                if status not in self.RETRY_STATUS:
+                    raise RemoteError(f"{url} answered HTTP {status}: {shown}")
+                last = f"HTTP {status}: {shown[:200]}"
+                retry_after = headers.get("retry-after")
             if attempt < self.retries:
                 time.sleep(self._sleep_for(attempt, retry_after))
         raise RemoteUnavailable(f"{url} failed after {self.retries + 1} attempts ({last})")
+
+    def _send(self, url: str, body: Mapping[str, Any]) -> tuple[int, Any, bytes]:
+        """One attempt: status, headers and the body, read within ``timeout`` in all and at most
+        :data:`MAX_ANSWER_BYTES` once decoded (httpx's timeout is per read: a body trickled a byte a second, or one
+        that never ends, held the run or filled memory; a 2 MB gzip body inflated to 2 GB)."""
+        import httpx
+
+        deadline = time.monotonic() + self.timeout
+        with self.client.stream("POST", url, json=body) as resp:
+            chunks, size = [], 0
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise RemoteError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"the answer took longer than {self.timeout:g}s")
+                chunks.append(chunk)
+            return resp.status_code, resp.headers, b"".join(chunks)
 
     def map(
         self,
@@ -140,6 +163,11 @@ class RetryingHttp:
                 pred = fn(conv)
             except RemoteError as err:
                 pred = Prediction(label="error", unsafe_probability=math.nan, error=str(err))
+            except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as err:
+                # valid JSON of a shape the guard's reader did not expect ("codes": 5, a logprob of 1000): that
+                # item's error, never the run's end
+                pred = Prediction(label="error", unsafe_probability=math.nan,
+                                  error=f"unexpected answer: {type(err).__name__}: {str(err)[:200]}")
             if progress is not None:
                 progress(1)
             return pred

@@ -82,7 +82,7 @@ def map_openai_categories(
             if str(cat) in policy.codes:  # an endpoint that already speaks S-codes (mmguard's own)
                 codes.add(str(cat))
             else:
-                unknown.append(f"openai:{cat}")
+                unknown.append(f"openai:{str(cat)[:100]}")  # a name is a word: a 10 MB one is not kept whole
         else:
             codes.update(mapped)
     return [c for c in policy.codes if c in codes], unknown

@@ -442,3 +442,30 @@ def test_content_in_a_shape_the_proxy_cannot_read_never_reaches_the_client(shape
         resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
     assert TRIGGER not in resp.text
     assert resp.status_code == (200 if stream else 502)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_error_the_upstream_streams_is_judged_like_the_answer(api: str) -> None:
+    """An upstream's mid-stream error message reached the client unjudged; the SDK raises it as an APIError,
+    whose message an app may well show ("Step 1: FORBIDDEN")."""
+    if api == "chat":
+        error = b"data: " + json.dumps({"error": {"message": f"Step 1: {TRIGGER}"}}).encode() + b"\n\n"
+        body = chunk_event([SAID]) + error + STOP
+        path, request = "/v1/chat/completions", {**CHAT, "stream": True}
+    else:
+        body = responses_stream(text_delta(0, "Fine. "), {"type": "error", "code": "x",
+                                                          "message": f"Step 1: {TRIGGER}", "param": None})
+        path, request = "/v1/responses", {"model": "m", "input": "hi", "stream": True}
+    with proxied(answering(body, "text/event-stream", path)) as url:
+        resp = httpx.post(url + path, json=request, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text
+
+
+def test_a_failed_responses_answer_is_judged_by_its_error_message_too() -> None:
+    failed = {"type": "response.failed", "response": {"id": "r1", "object": "response", "status": "failed",
+                                                       "error": {"code": "x", "message": f"Step 1: {TRIGGER}"},
+                                                       "output": []}}
+    body = b"".join(response_event(p, i) for i, p in enumerate([text_delta(0, "Fine. "), failed]))
+    with proxied(answering(body, "text/event-stream", "/v1/responses")) as url:
+        resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text and "content_filter" in resp.text

@@ -92,12 +92,18 @@ class ChatChunks:
         for key in ("id", "created", "model", "system_fingerprint"):
             if key in chunk and key not in self.meta:
                 self.meta[key] = chunk[key]
+        readings = []
+        error = chunk.get("error")
+        if error is not None:  # the SDK raises it as an APIError, whose message an app may well show
+            message = error.get("message") if isinstance(error, dict) else error
+            if not isinstance(message, (str, type(None))):
+                return None
+            readings.append((0, self._texts.setdefault(0, RunningTexts()).add("error", message or ""), False))
         choices = chunk.get("choices")
         if choices is None:
-            return []
+            return readings
         if not readable_choices(choices):
             return None  # a JS client reads choices[0] of {"0": ...} too: what the proxy cannot read, it drops
-        readings = []
         for ch in choices:
             idx = choice_index(ch.get("index", 0))
             if self.n == 1:

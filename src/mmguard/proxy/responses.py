@@ -203,6 +203,8 @@ def blocked_response(response: dict[str, Any], verdict: Verdict) -> dict[str, An
     blocked = {k: v for k, v in response.items() if k != "output_text"}  # the SDK's convenience, if a server sent it
     blocked.update(status="incomplete", incomplete_details={"reason": "content_filter"}, output=kept,
                    mmguard=verdict_extension("output", verdict))
+    if blocked.get("error") is not None:  # a failed answer's message is judged with it, and goes with it
+        blocked["error"] = None
     return blocked
 
 
@@ -326,7 +328,13 @@ class ResponseEvents:
             return [(0, self._items([data.get("item")], data.get("output_index")), False)]
         response = data.get("response")
         if kind in TERMINAL:
-            return [(0, self._items(response.get("output")) if isinstance(response, Mapping) else "", True)]
+            if not isinstance(response, Mapping):
+                return [(0, "", True)]
+            error = response.get("error")  # a failed response's message: the SDK raises it, an app may show it
+            failed = self._whole(error.get("message")) if isinstance(error, Mapping) else ""
+            return [(0, failed + self._items(response.get("output")), True)]
+        if kind == "error":
+            return [(0, self._whole(data.get("message")), False)]
         if isinstance(response, Mapping):  # created, in_progress, queued: an announced response may hold text
             return [(0, self._items(response.get("output")), False)]
         # no answer text (function call arguments, ...): still the answer's, so once it is blocked nothing of it

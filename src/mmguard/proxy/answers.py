@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..conversation import MAX_TEXT_CHARS
+
 __all__ = ["REASONING_KEYS", "RunningTexts", "answer_text", "choice_index", "delta_fields", "delta_text",
            "readable_content", "reasoning_text", "said_text", "verdict_extension"]
 
@@ -95,11 +97,12 @@ class RunningTexts:
     """One answer's judged text, built from texts a client shows apart (a chat choice's content, transcript and
     reasoning; a Responses answer's parts). Text that continues the field that spoke last is appended; text of a
     field that something else interrupted is judged again from that field's start, so a word split around an
-    interruption, which the client shows whole, is judged whole too."""
+    interruption, which the client shows whole, is judged whole too. Past ``MAX_TEXT_CHARS`` text is returned
+    but no longer kept: the check of so long an answer reports the limit, and memory stays bounded."""
 
     def __init__(self) -> None:
         self.fields: dict[Any, str] = {}
-        self.last: Any = None
+        self.last: Any = None  # the field that spoke last (None: a piece, or nothing yet)
         self.text = ""
 
     def add(self, field: Any, text: str, separator: str = "\n\n") -> str:
@@ -107,6 +110,8 @@ class RunningTexts:
         that did not speak last)."""
         if not text:
             return ""
+        if len(self.text) > MAX_TEXT_CHARS:
+            return text
         added = text
         if self.text and field != self.last:
             added = separator + self.fields.get(field, "") + text
@@ -114,6 +119,18 @@ class RunningTexts:
         self.last = field
         self.text += added
         return added
+
+    def add_piece(self, text: str) -> str:
+        """A whole text judged as a piece of its own (after a blank line); the next text of any field is judged
+        again from that field's start."""
+        if not text:
+            return ""
+        if len(self.text) > MAX_TEXT_CHARS:
+            return text
+        piece = "\n\n" + text if self.text else text
+        self.last = None
+        self.text += piece
+        return piece
 
 
 def delta_text(delta: Any, judge_reasoning: bool, after_reasoning: bool) -> tuple[str, bool]:

@@ -33,10 +33,9 @@ from typing import Any
 
 import httpx
 
-from ..conversation import MAX_TEXT_CHARS
 from ..server.errors import APIError
 from ..verdict import Verdict
-from .answers import verdict_extension
+from .answers import RunningTexts, verdict_extension
 from .judged import JudgedPrompt
 from .scored import CheckAnswer, judge_output, score_report
 from .sse import SSEEvent, SSEParser, json_bytes
@@ -228,12 +227,15 @@ class ResponseEvents:
         self.judge_reasoning = judge_reasoning
         self.response: dict[str, Any] = {}  # the response object as first announced (for synthesized events)
         self.sequence = -1  # the largest sequence_number seen
-        self._parts: dict[tuple[Any, ...], str] = {}  # each part's text so far, by (kind, output, part index)
-        self._last: tuple[Any, ...] | None = None  # the part that last added text
         self._said_parts: dict[tuple[Any, Any], str] = {}  # the answer's parts as the SDK's snapshot shows them
         self._said_part: tuple[Any, Any] | None = None  # the answer part that spoke last
         self._said_items: dict[str, str] = {}  # each message item's whole text, by output index
-        self.text = ""  # all judged text, as _add and _whole join it
+        # all judged text; its fields are keyed (tag, output index, part index), the answer's deltas ("said",)
+        self._texts = RunningTexts()
+
+    @property
+    def text(self) -> str:
+        return self._texts.text
 
     @property
     def answer_id(self) -> Any:
@@ -243,30 +245,16 @@ class ResponseEvents:
         """Text a delta says; returns what it adds to the judged text. The answer's deltas are one text (the
         SDK's ``output_text`` joins its parts), each reasoning part one of its own; a text that something
         else interrupted is judged again whole from its start, so that it stays in one piece, as shown."""
-        if not text:
-            return ""
-        if len(self.text) > MAX_TEXT_CHARS:  # past what a check reads (it reports the limit): not kept
-            return text
-        added = text
-        if self.text and key != self._last:
-            added = _separator(self._last[0] if self._last else None, key[0]) + self._parts.get(key, "") + text
-        self._parts[key] = self._parts.get(key, "") + text
-        self._last = key
-        self.text += added
-        return added
+        last = self._texts.last
+        return self._texts.add(key, text, _separator(last[0] if last else None, key[0]))
 
     def _whole(self, text: Any) -> str:
         """A whole text (a ``.done`` event's, an item's): judged as a piece of its own unless the judged text
         already holds it in one piece (it does when the upstream's deltas said it); a delta after such a
         piece judges its text again whole."""
-        if not isinstance(text, str) or not text or text in self.text:
+        if not isinstance(text, str) or text in self._texts.text:
             return ""
-        if len(self.text) > MAX_TEXT_CHARS:
-            return text
-        piece = "\n\n" + text if self.text else text
-        self._last = None
-        self.text += piece
-        return piece
+        return self._texts.add_piece(text)
 
     def _said(self, part: tuple[Any, Any], delta: str) -> str:
         """An answer delta: the answer's deltas in arrival order are one text (what a client that prints each
@@ -275,7 +263,6 @@ class ResponseEvents:
         added = ""
         if self._said_part not in (None, part) and self._said_parts.get(part):
             added = self._whole(self._said_parts[part] + delta)
-            self._last = None
         added += self._add(("said",), delta)
         self._said_parts[part] = self._said_parts.get(part, "") + delta
         self._said_part = part

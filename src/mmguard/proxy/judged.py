@@ -37,7 +37,8 @@ from ..server.errors import APIError
 from ..server.image_sources import ImageFetcher
 from ..server.inputs import conversation_from_messages, message_role, normalize_messages
 
-__all__ = ["JudgedPrompt", "prepare_judged_prompt", "recent_history", "recent_turns", "with_answer"]
+__all__ = ["JudgedPrompt", "prepare_judged_prompt", "recent_history", "recent_turns", "refuse_unjudged_media",
+           "with_answer"]
 
 def _assistant_text_parts(content: Any) -> Any:
     """An assistant message's judged content: its text (tool calls and refusal parts are not judged)."""
@@ -58,18 +59,19 @@ def _has_text(content: Any) -> bool:
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
 
-def _refuse_unjudged_media(content: Any, where: str, role: Any) -> None:
-    """A message the rails skip (system, tool, an assistant's without text) may not carry an image, audio or a
-    file: the guard would never see it, yet the upstream would (400 naming the part)."""
-    if not isinstance(content, Sequence) or isinstance(content, str):
+def refuse_unjudged_media(parts: Any, where: str, holder: str) -> None:
+    """The content parts of something the rails skip (a system, tool or text-less assistant message; a tool's
+    output in the Responses API) may not hold an image, audio or a file: the guard would never see it, yet the
+    upstream would (400 naming the part). ``where``: the parts' param path; ``holder``: what holds them."""
+    if not isinstance(parts, Sequence) or isinstance(parts, str):
         return
-    for j, part in enumerate(content):
+    for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, Mapping) else None
         if isinstance(part, Mapping) and kind not in _TEXT_PARTS:
             raise APIError.bad_request(
-                f"{where}.content[{j}]: a {str(kind)[:40]!r} part in a {str(role)[:20]!r} message cannot be judged "
-                "(the guard reads text, and images in user turns); send it in a user turn, or leave it out",
-                param=f"{where}.content[{j}]", code="unjudgeable_content")
+                f"{where}[{j}]: a {str(kind)[:40]!r} part in {holder} cannot be judged (the guard reads text, and "
+                "images in user turns); send it in a user turn, or leave it out",
+                param=f"{where}[{j}]", code="unjudgeable_content")
 
 
 class JudgedPrompt:
@@ -98,13 +100,14 @@ async def prepare_judged_prompt(messages: Any, limits: ImageLimits, fetcher: Ima
         # the server's reading of roles (human is the user's, agent the assistant's, unknown ones refused): a
         # user turn spelled in a way this rail did not count as one was forwarded unjudged
         role = message_role(msg.get("role"), f"{param}[{i}]")
+        holder = f"a {str(msg.get('role'))[:20]!r} message"
         if role in ("system", "tool"):
-            _refuse_unjudged_media(msg.get("content"), f"{param}[{i}]", msg.get("role"))
+            refuse_unjudged_media(msg.get("content"), f"{param}[{i}].content", holder)
             continue
         if role == "agent":
             content = _assistant_text_parts(msg.get("content"))
             if not _has_text(content):
-                _refuse_unjudged_media(content, f"{param}[{i}]", msg.get("role"))
+                refuse_unjudged_media(content, f"{param}[{i}].content", holder)
                 continue
             msg = {"role": "assistant", "content": content}
         kept.append(msg)

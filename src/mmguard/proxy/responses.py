@@ -36,7 +36,7 @@ import httpx
 from ..server.errors import APIError
 from ..verdict import Verdict
 from .answers import RunningTexts, verdict_extension
-from .judged import JudgedPrompt
+from .judged import JudgedPrompt, refuse_unjudged_media
 from .scored import CheckAnswer, judge_output, score_report
 from .sse import SSEEvent, SSEParser, json_bytes
 
@@ -83,14 +83,7 @@ def _message_part(part: Any, where: str) -> Any:
 def _tool_output(item: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A dropped item (a function call's output, reasoning, a reference) as a ``tool`` message the rails skip; an
     output that holds an image or a file is refused: the guard would never see it, the upstream would."""
-    output = item.get("output")
-    for j, part in enumerate(output if isinstance(output, list) else []):
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in _TEXT_PARTS:
-            raise APIError.bad_request(
-                f"{where}.output[{j}]: a {str(kind)[:40]!r} part in a tool's output cannot be judged (the guard reads "
-                "text, and images in user turns); send it in a user turn, or leave it out",
-                param=f"{where}.output[{j}]", code="unjudgeable_content")
+    refuse_unjudged_media(item.get("output"), f"{where}.output", "a tool's output")
     return {"role": "tool", "content": ""}
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "JsonlLine",
     "dumps_row",
     "error_row",
+    "finite_json",
     "iter_lines",
     "loads_strict",
     "parse_line",
@@ -70,14 +71,15 @@ def loads_strict(text: str | bytes) -> Any:
         raise ValueError("invalid JSON: nested too deeply") from None
 
 
-def _finite(x: Any) -> Any:
-    """Non-finite floats become ``None`` (strict JSON); containers are copied only when they change."""
+def finite_json(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by ``None``: what ``json.dumps(..., allow_nan=False)`` accepts
+    (JSON has no NaN). Mappings become dicts, tuples lists."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, Mapping):
+        return {k: finite_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite_json(v) for v in x]
     return x
 
 
@@ -111,7 +113,7 @@ def verdict_row(input_obj: Mapping[str, Any] | None, verdict: Any, *, line: int 
     ``verdict`` is a :class:`mmguard.Verdict` or its ``to_dict()``.
     """
     data = verdict if isinstance(verdict, Mapping) else verdict.to_dict()
-    return {**_fields(input_obj), VERDICT_KEY: {"line": line, **_finite(dict(data))}}
+    return {**_fields(input_obj), VERDICT_KEY: {"line": line, **finite_json(data)}}
 
 
 def error_row(input_obj: Any, message: str, *, line: int | None = None) -> dict[str, Any]:

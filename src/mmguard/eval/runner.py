@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..jsonl import dumps_row
+from ..jsonl import dumps_row, finite_json
 from ..policy import DEFAULT_POLICY, Policy
 from .cache import ResultCache
 from .data import LabeledItem, iter_records
-from .guards import EvalGuard, Prediction, RemoteUnavailable, strict_json
+from .guards import EvalGuard, Prediction, RemoteUnavailable
 
 __all__ = ["EvalError", "GuardStats", "ItemRecord", "RunResult", "run_eval"]
 
@@ -201,7 +201,7 @@ def run_eval(
 
 def _record_json(rec: ItemRecord) -> dict[str, Any]:
     """One ``predictions.jsonl`` line; a failed item has ``unsafe_probability: null`` and its ``error``."""
-    return strict_json({
+    return finite_json({
         "id": rec.id,
         "source": rec.source,
         "where": rec.where,

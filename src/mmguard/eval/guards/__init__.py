@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from ...policy import DEFAULT_POLICY, Policy
-from .base import EvalGuard, GuardSpecError, Prediction, RemoteError, RemoteUnavailable, strict_json
+from .base import EvalGuard, GuardSpecError, Prediction, RemoteError, RemoteUnavailable
 from .chat_judge import ChatJudgeGuard, judge_prompt_text
 from .http import conversation_to_messages
 from .local import LLAMA_GUARD_3_VISION, LocalGuard
@@ -48,7 +48,6 @@ __all__ = [
     "conversation_to_messages",
     "judge_prompt_text",
     "make_guard",
-    "strict_json",
 ]
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ...conversation import Conversation
+from ...jsonl import finite_json
 from ...policy import Policy
 
 __all__ = ["EvalGuard", "GuardSpecError", "Prediction", "ProgressFn", "RemoteError", "RemoteUnavailable",
-           "policy_key", "strict_json"]
+           "policy_key"]
 
 ProgressFn = Callable[[int], None]
 
@@ -58,7 +59,7 @@ class Prediction:
 
     def to_json(self) -> str:
         """Strict JSON: a missing probability (a failed item's NaN) is ``null``."""
-        return json.dumps(strict_json(asdict(self)), ensure_ascii=False, allow_nan=False)
+        return json.dumps(finite_json(asdict(self)), ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> Prediction:
@@ -66,18 +67,6 @@ class Prediction:
         if data.get("unsafe_probability") is None:
             data["unsafe_probability"] = math.nan
         return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
-
-
-def strict_json(x: Any) -> Any:
-    """``x`` with every non-finite float replaced by ``None``: what ``json.dumps(..., allow_nan=False)``
-    accepts (JSON has no NaN)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {k: strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [strict_json(v) for v in x]
-    return x
 
 
 class EvalGuard(Protocol):

@@ -469,3 +469,94 @@ def test_a_failed_responses_answer_is_judged_by_its_error_message_too() -> None:
     with proxied(answering(body, "text/event-stream", "/v1/responses")) as url:
         resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
     assert resp.status_code == 200 and TRIGGER not in resp.text and "content_filter" in resp.text
+
+
+CITED = {"url": "https://example.org/page", "title": f"Step 1: {TRIGGER}", "start_index": 0, "end_index": 5}
+# what a chat answer's message (or a stream's delta) may say beside its content: a refusal, which apps show
+# (``if message.refusal: print(message.refusal)``), and citations, whose titles a search-enabled model copies
+# from pages it read (text nobody vetted)
+CHAT_FIELDS = {
+    "a refusal": {"refusal": f"I won't. {TRIGGER}"},
+    "a citation's title": {"annotations": [{"type": "url_citation", "url_citation": CITED}]},
+    "a file citation's name": {"annotations": [{"type": "file_citation", "file_citation": {"filename": TRIGGER}}]},
+}
+
+
+@pytest.mark.parametrize("field", CHAT_FIELDS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_answers_refusal_and_citations_are_judged(field: str, stream: bool) -> None:
+    """``message.refusal`` and the titles of ``message.annotations`` reached the client unjudged, and a blocked
+    plain answer kept them."""
+    extra = CHAT_FIELDS[field]
+    plain = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Sure.", **extra}, "finish_reason": "stop"}]}
+    body = chat_stream([SAID], [delta(**extra)]) if stream else json.dumps(plain).encode()
+    with proxied(answering(body, "text/event-stream" if stream else "application/json")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text and "content_filter" in resp.text
+
+
+def refused(text: str) -> dict[str, Any]:
+    return {"id": "m1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "refusal", "refusal": text}]}
+
+
+def cited(text: str) -> dict[str, Any]:
+    return {"id": "m1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "Sure.", "annotations": [{"type": "url_citation", **CITED}]}]}
+
+
+RESPONSES_EVENTS = {
+    "refusal deltas": [{"type": "response.refusal.delta", "output_index": 0, "content_index": 0, "item_id": "m1",
+                        "delta": piece} for piece in ("I won't. FORB", "IDDEN")],
+    "a refusal done": [{"type": "response.refusal.done", "output_index": 0, "content_index": 0, "item_id": "m1",
+                        "refusal": f"I won't. {TRIGGER}"}],
+    "a refusal part done": [{"type": "response.content_part.done", "output_index": 0, "content_index": 0,
+                             "item_id": "m1", "part": {"type": "refusal", "refusal": f"I won't. {TRIGGER}"}}],
+    "a citation added": [text_delta(0, "Sure."), {
+        "type": "response.output_text.annotation.added", "output_index": 0, "content_index": 0, "item_id": "m1",
+        "annotation_index": 0, "annotation": {"type": "url_citation", **CITED}}],
+    "a cited item done": [text_delta(0, "Sure."), {"type": "response.output_item.done", "output_index": 0,
+                                                   "item": cited(TRIGGER)}],
+}
+
+
+@pytest.mark.parametrize("shape", RESPONSES_EVENTS)
+def test_a_responses_streams_refusal_and_citations_are_judged(shape: str) -> None:
+    assert TRIGGER == "FORBIDDEN"  # the refusal deltas split it
+    body = responses_stream(*RESPONSES_EVENTS[shape])
+    with proxied(answering(body, "text/event-stream", "/v1/responses")) as url:
+        resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text and "content_filter" in resp.text
+
+
+@pytest.mark.parametrize("item", [refused(f"I won't. {TRIGGER}"), cited(TRIGGER)], ids=["refusal", "citation"])
+def test_a_plain_responses_answers_refusal_and_citations_are_judged(item: dict[str, Any]) -> None:
+    answer = {"id": "r1", "object": "response", "status": "completed", "output": [item]}
+    with proxied(answering(json.dumps(answer).encode(), "application/json", "/v1/responses")) as url:
+        resp = httpx.post(url + "/v1/responses", json={"model": "m", "input": "hi"}, timeout=30)
+    assert resp.status_code == 200 and TRIGGER not in resp.text
+    assert resp.json()["incomplete_details"] == {"reason": "content_filter"}
+
+
+def test_a_harmless_refusal_and_citation_pass_as_they_came() -> None:
+    """Judging them blocks nothing harmless: the answer reaches the client whole."""
+    harmless = {"url": "https://example.org/", "title": "Example", "start_index": 0, "end_index": 5}
+    message = {"role": "assistant", "content": "Sure.", "refusal": None,
+               "annotations": [{"type": "url_citation", "url_citation": harmless}]}
+    plain = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": message, "finish_reason": "stop"}]}
+    with proxied(answering(json.dumps(plain).encode(), "application/json")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"] == message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refusal_that_is_not_text_never_reaches_the_client(stream: bool) -> None:
+    refusal = {"refusal": {"value": TRIGGER}}
+    plain = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Sure.", **refusal}, "finish_reason": "stop"}]}
+    body = chat_stream([SAID], [delta(**refusal)]) if stream else json.dumps(plain).encode()
+    with proxied(answering(body, "text/event-stream" if stream else "application/json")) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
+    assert TRIGGER not in resp.text and resp.status_code == (200 if stream else 502)

@@ -9,8 +9,8 @@ from typing import Any
 
 from ..conversation import MAX_TEXT_CHARS
 
-__all__ = ["REASONING_KEYS", "RunningTexts", "answer_text", "choice_index", "delta_fields", "delta_text",
-           "readable_content", "reasoning_text", "said_text", "verdict_extension"]
+__all__ = ["REASONING_KEYS", "RunningTexts", "annotation_text", "answer_text", "choice_index", "delta_fields",
+           "delta_text", "readable_content", "readable_refusal", "reasoning_text", "said_text", "verdict_extension"]
 
 
 def answer_text(content: Any, sep: str = "", _depth: int = 0) -> str:
@@ -60,15 +60,42 @@ def choice_index(value: Any) -> int:
 REASONING_KEYS = ("reasoning_content", "reasoning")  # where vLLM / DeepSeek / OpenRouter put chain of thought
 
 
+def annotation_text(annotations: Any) -> str:
+    """What a client shows of an answer's citations (``annotations``: url and file citations, flat as the
+    Responses API sends them or nested as chat's ``{"type": "url_citation", "url_citation": {...}}``): each
+    title, URL and file name, a line each. A search-enabled model copies titles from the pages it read: text
+    nobody vetted, shown to the user."""
+    lines = []
+    for note in annotations if isinstance(annotations, list) else []:
+        if not isinstance(note, dict):
+            continue
+        kind = note.get("type")
+        inner = note.get(kind) if isinstance(kind, str) and isinstance(note.get(kind), dict) else note
+        for key in ("title", "url", "filename"):
+            value = inner.get(key)
+            if value is not None and value != "":
+                lines.append(value if isinstance(value, str) else str(value))  # an object: as Python prints it
+    return "\n".join(lines)
+
+
+def readable_refusal(message: Any) -> bool:
+    """A message's (or delta's) ``refusal`` is text or absent: an object a client prints is never passed on
+    unjudged."""
+    return not isinstance(message, dict) or isinstance(message.get("refusal"), (str, type(None)))
+
+
 def said_text(message: Any, sep: str = "") -> str:
     """What an answer's ``message`` (or a stream's ``delta``) says to the user: its ``content`` (a string or
-    parts) and the ``transcript`` of its ``audio`` (OpenAI's audio answers carry the words there, with
-    ``content`` null; the audio itself cannot be judged, its transcript is)."""
+    parts), its ``refusal`` (apps show it: the model declining in its own words, which may say anything), the
+    ``transcript`` of its ``audio`` (OpenAI's audio answers carry the words there, with ``content`` null; the
+    audio itself cannot be judged, its transcript is), and its citations' titles (:func:`annotation_text`)."""
     if not isinstance(message, dict):
         return ""
     audio = message.get("audio")
     spoken = audio.get("transcript") if isinstance(audio, dict) else None
-    return sep.join(t for t in (answer_text(message.get("content"), sep), spoken) if isinstance(t, str) and t)
+    texts = (answer_text(message.get("content"), sep), message.get("refusal"), spoken,
+             annotation_text(message.get("annotations")))
+    return sep.join(t for t in texts if isinstance(t, str) and t)
 
 
 def reasoning_text(message: Any) -> str:
@@ -82,14 +109,18 @@ def reasoning_text(message: Any) -> str:
 
 def delta_fields(delta: Any, judge_reasoning: bool) -> list[tuple[str, str]]:
     """The texts one stream delta adds, by the field a client accumulates them in: each reasoning field (when
-    judged), the content, the audio transcript."""
+    judged), the content, the refusal, the audio transcript, the citations."""
     if not isinstance(delta, dict):
         return []
     fields = [(k, answer_text(delta.get(k))) for k in REASONING_KEYS] if judge_reasoning else []
     audio = delta.get("audio")
     spoken = audio.get("transcript") if isinstance(audio, dict) else None
+    refusal = delta.get("refusal")
+    cited = annotation_text(delta.get("annotations"))
     fields += [("content", answer_text(delta.get("content"))),
-               ("transcript", spoken if isinstance(spoken, str) else "")]
+               ("refusal", refusal if isinstance(refusal, str) else ""),
+               ("transcript", spoken if isinstance(spoken, str) else ""),
+               ("annotations", cited + "\n" if cited else "")]  # one delta's citations end their line
     return [(field, text) for field, text in fields if text]
 
 

@@ -15,8 +15,9 @@ Llama Guard reads alternating ``User:`` / ``Agent:`` turns, at most one image, n
 * everything after the last user message is cut: the **input rail** judges the conversation ending with
   that user turn (prompt classification, with the image);
 * the **output rail** judges that conversation plus what the answer says as the agent turn (response
-  classification, with the user's image): its ``content`` (a string or the text of its parts) and an audio
-  answer's transcript (:func:`mmguard.proxy.answers.said_text`); tool calls are not judged, reasoning only
+  classification, with the user's image): its ``content`` (a string or the text of its parts), its ``refusal``,
+  an audio answer's transcript and its citations (:func:`mmguard.proxy.answers.said_text`); tool calls are
+  not judged, reasoning only
   with ``judge_reasoning``;
 * only the last ``MAX_TURNS - 1`` turns are kept (starting with a user turn), the limit of
   :class:`mmguard.conversation.Conversation`.

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .answers import RunningTexts, choice_index, delta_fields, readable_content, verdict_extension
+from .answers import RunningTexts, choice_index, delta_fields, readable_content, readable_refusal, verdict_extension
 from .settings import Release
 from .sse import SSEEvent, sse
 
@@ -110,7 +110,8 @@ class ChatChunks:
                 idx = 0  # one choice asked for: a client shows choices[0] of every chunk, whatever its index says
             elif idx < 0 or (self.n is not None and idx >= self.n):
                 return None  # a choice nobody asked for: clients differ in where they show it (choices[-1]...)
-            if isinstance(ch.get("delta"), dict) and not readable_content(ch["delta"].get("content")):
+            if isinstance(ch.get("delta"), dict) and not (readable_content(ch["delta"].get("content"))
+                                                          and readable_refusal(ch["delta"])):
                 return None
             texts = self._texts.setdefault(idx, RunningTexts())
             fields = delta_fields(ch.get("delta"), self.judge_reasoning)

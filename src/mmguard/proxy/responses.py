@@ -12,8 +12,9 @@ What is judged is the chat route's rule (:mod:`mmguard.proxy.judged`), read from
   into the model's prompt. ``instructions`` is the system prompt: not judged. With ``previous_response_id`` the
   earlier turns live on the upstream: the rails judge the turns the request carries.
 * **output**: the ``output_text`` of the answer's messages, joined as the SDK's ``output_text`` joins them,
-  after the text of its reasoning items (a blank line between) when ``judge_reasoning`` is on. Function
-  calls and ``refusal`` parts are not judged.
+  after the text of its reasoning items (a blank line between) when ``judge_reasoning`` is on; its ``refusal``
+  parts and its citations' titles, URLs and file names (``annotations``), each a piece of its own. Function
+  calls are not judged.
 * **a blocked answer** keeps its other items and loses its messages and reasoning; it reads as OpenAI's own
   filter's does: ``status: "incomplete"``, ``incomplete_details: {"reason": "content_filter"}``, and the
   verdict in ``mmguard``. Streamed, the held events are dropped and a ``response.incomplete`` event says
@@ -35,7 +36,7 @@ import httpx
 
 from ..server.errors import APIError
 from ..verdict import Verdict
-from .answers import RunningTexts, verdict_extension
+from .answers import RunningTexts, annotation_text, verdict_extension
 from .judged import JudgedPrompt, refuse_unjudged_media
 from .scored import CheckAnswer, judge_output, score_report
 from .sse import SSEEvent, SSEParser, json_bytes
@@ -47,16 +48,18 @@ TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})  # read as the chat route's text parts
 # text events: their part's tag (said: the answer; summary, thought: reasoning) and the field with the text
 _DELTAS = {"response.output_text.delta": "said", "response.audio.transcript.delta": "transcript",
+           "response.refusal.delta": "refusal",
            "response.reasoning_summary_text.delta": "summary", "response.reasoning_text.delta": "thought"}
 _DONE = {"response.output_text.done": ("said", "text"), "response.audio.transcript.done": ("transcript", "transcript"),
+         "response.refusal.done": ("refusal", "refusal"),
          "response.reasoning_summary_text.done": ("summary", "text"),
          "response.reasoning_text.done": ("thought", "text"),
          "response.content_part.done": ("said", "part"),  # or "thought": the part's type says
          "response.reasoning_summary_part.done": ("summary", "part"),
          # parts and items announced with text already in them: the SDK's stream helper adds it to its snapshot
          "response.content_part.added": ("said", "part"), "response.reasoning_summary_part.added": ("summary", "part")}
-_PART_TAGS = {"output_text": "said", "reasoning_text": "thought", "summary_text": "summary"}
-_ANSWER_TAGS = ("said", "transcript")  # judged always; the others (reasoning) with judge_reasoning
+_PART_TAGS = {"output_text": "said", "reasoning_text": "thought", "summary_text": "summary", "refusal": "refusal"}
+_ANSWER_TAGS = ("said", "transcript", "refusal", "cited")  # judged always; the others (reasoning) with judge_reasoning
 _WHOLE_OUTPUT = object()  # ResponseEvents._items: the items are a whole response's output, not one item of it
 
 
@@ -153,9 +156,23 @@ def _separator(previous: str | None, tag: str) -> str:
     return "" if previous == tag == "said" else "\n\n"
 
 
+def _part_texts(part: Any) -> list[tuple[str, str]]:
+    """The judged texts of one content part, as (tag, text): an answer's text (``said``) and its citations
+    (``cited``: :func:`~.answers.annotation_text`), a refusal (``refusal``), reasoning (``thought``,
+    ``summary``)."""
+    if not isinstance(part, Mapping):
+        return []
+    tag = _PART_TAGS.get(str(part.get("type")), "said")
+    text = part.get("refusal" if tag == "refusal" else "text")
+    found = [(tag, text)] if isinstance(text, str) else []
+    cited = annotation_text(part.get("annotations"))
+    return found + ([("cited", cited)] if cited else [])
+
+
 def _item_texts(item: Any, judge_reasoning: bool) -> list[tuple[str, int, str]]:
-    """The judged parts of one output item, as (tag, part index, text): a message's output_text parts
-    (``said``); a reasoning item's summary (``summary``) and content (``thought``), when judged."""
+    """The judged parts of one output item, as (tag, part index, text): a message's parts (``said``, with
+    ``cited`` and ``refusal``: :func:`_part_texts`); a reasoning item's summary (``summary``) and content
+    (``thought``), when judged."""
     if not isinstance(item, Mapping):
         return []
     if item.get("type") == "message":
@@ -168,8 +185,8 @@ def _item_texts(item: Any, judge_reasoning: bool) -> list[tuple[str, int, str]]:
     for tag, key in sources:
         parts = item.get(key)
         for j, part in enumerate(parts if isinstance(parts, list) else []):
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str) and part.get("type") != "refusal":
-                found.append((tag, j, part["text"]))
+            for part_tag, text in _part_texts(part):
+                found.append((part_tag if tag == "said" else tag, j, text))
     return found
 
 
@@ -268,10 +285,9 @@ class ResponseEvents:
         added, said = "", []
         for item in items if isinstance(items, list) else []:
             texts = _item_texts(item, self.judge_reasoning)
-            if texts and texts[0][0] == "said":
-                said.append("".join(t for _, _, t in texts))
-                continue
-            for _, _, text in texts:
+            if any(tag == "said" for tag, _, _ in texts):
+                said.append("".join(t for tag, _, t in texts if tag == "said"))
+            for _, _, text in (t for t in texts if t[0] != "said"):
                 added += self._whole(text)
         if output_index is not _WHOLE_OUTPUT and said:
             self._said_items[repr(output_index)[:64]] = said[0]  # 1 and True apart: clients differ on them
@@ -299,11 +315,15 @@ class ResponseEvents:
             return [(0, self._said(part, delta) if tag == "said" else self._add((tag, *part), delta), False)]
         tag, field = _DONE.get(kind, (None, "")) if isinstance(kind, str) else (None, "")
         text = data.get(field)
-        if field == "part":  # a whole part, judged by its type (a refusal part is not judged)
-            part = text if isinstance(text, Mapping) else {}
-            tag, text = _PART_TAGS.get(str(part.get("type"))), part.get("text")
+        if field == "part":  # a whole part, judged by its type
+            texts = _part_texts(text)
+            if texts and (texts[0][0] in _ANSWER_TAGS or self.judge_reasoning):
+                return [(0, "".join(self._whole(t) for _, t in texts), False)]
+            return [(0, "", False)]
         if tag is not None and (tag in _ANSWER_TAGS or self.judge_reasoning):
             return [(0, self._whole(text), False)]
+        if kind == "response.output_text.annotation.added":
+            return [(0, self._whole(annotation_text([data.get("annotation")])), False)]
         if kind in ("response.output_item.added", "response.output_item.done"):
             return [(0, self._items([data.get("item")], data.get("output_index")), False)]
         response = data.get("response")

@@ -15,7 +15,15 @@ from typing import Any
 
 from ..server.errors import APIError, error_body
 from ..verdict import Verdict
-from .answers import REASONING_KEYS, choice_index, readable_content, reasoning_text, said_text, verdict_extension
+from .answers import (
+    REASONING_KEYS,
+    choice_index,
+    readable_content,
+    readable_refusal,
+    reasoning_text,
+    said_text,
+    verdict_extension,
+)
 from .release import ChatChunks, EventFormat
 from .responses import (
     ResponseEvents,
@@ -64,6 +72,8 @@ def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
         raise UnreadableAnswer("its 'choices' are not a list of objects with a 'message' object")
     if not all(readable_content(ch["message"].get("content")) for ch in choices if ch.get("message") is not None):
         raise UnreadableAnswer("a message's 'content' is neither a string nor a list of text parts")
+    if not all(readable_refusal(ch["message"]) for ch in choices):
+        raise UnreadableAnswer("a message's 'refusal' is not a string")
     found: list[Answer] = []
     for position, ch in enumerate(choices):
         if ch.get("message") is None:
@@ -77,12 +87,14 @@ def _chat_answers(data: dict[str, Any], judge_reasoning: bool) -> list[Answer]:
 
 
 def _block_choice(choice: dict[str, Any], verdict: Verdict) -> None:
-    """A blocked choice as Azure OpenAI's filter ends one: no content (nor reasoning, nor audio, nor the
-    log probabilities, whose tokens spell the answer)."""
+    """A blocked choice as Azure OpenAI's filter ends one: no content (nor reasoning, nor audio, nor a refusal,
+    nor citations, nor the log probabilities, whose tokens spell the answer)."""
     choice["message"]["content"] = None
-    for key in (*REASONING_KEYS, "audio"):
+    for key in (*REASONING_KEYS, "audio", "refusal"):
         if choice["message"].get(key) is not None:
             choice["message"][key] = None
+    if choice["message"].get("annotations"):  # citations of the text that is gone
+        choice["message"]["annotations"] = []
     if choice.get("logprobs") is not None:
         choice["logprobs"] = None
     choice["finish_reason"] = "content_filter"

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GATE_PARAMS", "TINY_MARKER", "make_tiny_checkpoint", "noise_image", "random_mllama", "small_mllama_config",
-           "tiny_config"]
+__all__ = ["GATE_PARAMS", "TINY_MARKER", "imprint_format", "make_tiny_checkpoint", "noise_image", "random_mllama",
+           "small_mllama_config", "tiny_config"]
 
 TINY_MARKER = "mmguard_random_weights"
 

@@ -10,13 +10,17 @@ See ``docs/attacks.md``.
 """
 
 from .common import AttackItem, load_attack_items
+from .gcg import GCGConfig, GCGResult, gcg_attack
 from .pgd import ImagePipeline, PGDConfig, PGDResult, pgd_attack
 
 __all__ = [
     "AttackItem",
+    "GCGConfig",
+    "GCGResult",
     "ImagePipeline",
     "PGDConfig",
     "PGDResult",
+    "gcg_attack",
     "load_attack_items",
     "pgd_attack",
 ]

@@ -524,4 +524,23 @@ def create_app(
         )
 
     app.add_middleware(GatewayMiddleware, state=state)  # type: ignore[arg-type]
+    app.openapi = _without_validation_answers(app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _without_validation_answers(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents a 422 answer on every route with a body or parameters; this server answers each invalid
+    request with a 400 (``_validation_error``), so the document lists what clients get."""
+
+    def document() -> dict[str, Any]:
+        spec = openapi()  # FastAPI builds it once and keeps it: the edit below runs on the kept one
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+        schemas = spec.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return spec
+
+    return document

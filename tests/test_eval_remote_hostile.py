@@ -58,6 +58,17 @@ def hostile() -> FastAPI:
                                  "logprobs": {"content": [{"token": "unsafe", "logprob": 1000.0}]}}]}
         if mode == "codes":
             return {"verdict": {"label": "unsafe", "unsafe_probability": 0.9, "codes": 5}}
+        if mode == "improbable":  # a probability no model gives: reports averaged it into their figures
+            return {"verdict": {"label": "unsafe", "unsafe_probability": 1e300, "codes": []}}
+        if mode == "hugeint":  # an integer past a float's range: float() raises OverflowError
+            return Response(b'{"verdict": {"label": "unsafe", "unsafe_probability": 1' + b"0" * 400 + b"}}",
+                            media_type="application/json")
+        if mode == "positivelogprob":  # exp(0.5) = 1.65: "safe" at that gave P(unsafe) = -0.65
+            return {"choices": [{"message": {"content": "safe"},
+                                 "logprobs": {"content": [{"token": "safe", "logprob": 0.5}]}}]}
+        if mode == "negativescore":
+            return {"results": [{"flagged": True, "categories": {"violence": True},
+                                 "category_scores": {"violence": -5.0}}]}
         raise AssertionError(mode)
 
     return app
@@ -87,10 +98,15 @@ def test_answers_too_big_or_not_json_are_the_items_errors(server: str, mode: str
     assert pred.error is not None and message in pred.error and math.isnan(pred.unsafe_probability), pred
 
 
-@pytest.mark.parametrize(("kind", "mode"), [(ChatJudgeGuard, "overflow"), (MmguardServerGuard, "codes")])
+@pytest.mark.parametrize(("kind", "mode"), [(ChatJudgeGuard, "overflow"), (MmguardServerGuard, "codes"),
+                                             (MmguardServerGuard, "improbable"), (MmguardServerGuard, "hugeint"),
+                                             (OpenAIModerationGuard, "negativescore"),
+                                             (ChatJudgeGuard, "positivelogprob")])
 def test_answers_of_an_unexpected_shape_are_the_items_errors(server: str, kind: Any, mode: str) -> None:
-    """A logprob of 1000 (math.exp overflows) or "codes": 5 ended the run with a traceback."""
-    guard = kind(f"{server}/{mode}", "m", retries=0) if kind is ChatJudgeGuard else kind(f"{server}/{mode}", retries=0)
+    """A logprob of 1000 (math.exp overflows) or "codes": 5 ended the run with a traceback; a probability of 1e300
+    or a score of -5 was taken as it came (or clamped to 0 while flagged) into every report's figures."""
+    url = f"{server}/{mode}"
+    guard = kind(url, retries=0) if kind is MmguardServerGuard else kind(url, "m", retries=0)
     pred, _ = judged(guard)
     assert pred.error is not None and pred.error.startswith("unexpected answer"), pred
 

@@ -12,7 +12,7 @@ from ...policy import DEFAULT_POLICY, Policy
 from ...prompt import build_prompt
 from ...verdict import parse_output
 from .base import GuardSpecError, Prediction, ProgressFn, RemoteError, policy_key
-from .http import RetryingHttp, image_data_url
+from .http import RetryingHttp, image_data_url, probability
 
 __all__ = ["ChatJudgeGuard", "judge_prompt_text"]
 
@@ -39,9 +39,10 @@ def _logprob_unsafe(choice: Mapping[str, Any]) -> float | None:
         for c in cands:
             t = str(c.get("token", "")).strip().lower()
             try:
-                p = math.exp(float(c.get("logprob")))
+                logprob = float(c.get("logprob"))
             except (TypeError, ValueError):
                 continue
+            p = probability(math.exp(logprob), f"the probability of {t[:20]!r}")  # a logprob over 0 is none
             if len(t) >= 2 and "unsafe".startswith(t):
                 p_unsafe += p
             elif len(t) >= 2 and "safe".startswith(t):

@@ -24,7 +24,7 @@ from ...conversation import Conversation
 from ...jsonl import loads_strict
 from .base import GuardSpecError, Prediction, ProgressFn, RemoteError, RemoteUnavailable
 
-__all__ = ["MAX_ANSWER_BYTES", "RetryingHttp", "conversation_to_messages", "finite_number", "image_data_url"]
+__all__ = ["MAX_ANSWER_BYTES", "RetryingHttp", "conversation_to_messages", "image_data_url", "probability"]
 
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a guard's answer to one item is a few KB
 
@@ -178,7 +178,15 @@ class RetryingHttp:
             return list(pool.map(one, conversations))
 
 
-def finite_number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise RemoteError(f"{what} is not a finite number: {value!r}")
-    return float(value)
+def probability(value: Any, what: str) -> float:
+    """A remote guard's probability or score: a number from 0 to 1, else a ``ValueError`` (that item's
+    "unexpected answer" error: a score of 1e300 would be averaged into every report's figures)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is not a number: {str(value)[:40]!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        raise ValueError(f"{what} is not a probability: {str(value)[:40]}...") from None
+    if not 0.0 <= number <= 1.0:  # NaN fails it too
+        raise ValueError(f"{what} is not a probability from 0 to 1: {number!r}")
+    return number

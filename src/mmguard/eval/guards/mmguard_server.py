@@ -8,7 +8,7 @@ from typing import Any
 from ...conversation import Conversation
 from ...policy import DEFAULT_POLICY, Policy
 from .base import Prediction, ProgressFn, RemoteError, policy_key
-from .http import RetryingHttp, conversation_to_messages, finite_number
+from .http import RetryingHttp, conversation_to_messages, probability
 
 __all__ = ["MmguardServerGuard"]
 
@@ -62,9 +62,9 @@ class MmguardServerGuard:
         cat_probs = verdict.get("category_probabilities") or {}
         return Prediction(
             label=str(verdict["label"]),
-            unsafe_probability=finite_number(verdict.get("unsafe_probability"), "unsafe_probability"),
+            unsafe_probability=probability(verdict.get("unsafe_probability"), "unsafe_probability"),
             codes=[c for c in codes if c in known],
-            category_probabilities={str(k): finite_number(v, f"probability of {k}") for k, v in cat_probs.items()},
+            category_probabilities={str(k): probability(v, f"probability of {k}") for k, v in cat_probs.items()},
             unknown_codes=[c for c in codes if c not in known]
             + [str(c) for c in verdict.get("unknown_codes") or []],
             probability_kind="model",

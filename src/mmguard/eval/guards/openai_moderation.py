@@ -29,7 +29,7 @@ from typing import Any
 from ...conversation import Conversation
 from ...policy import DEFAULT_POLICY, Policy
 from .base import Prediction, ProgressFn, RemoteError
-from .http import RetryingHttp, finite_number, image_data_url
+from .http import RetryingHttp, image_data_url, probability
 
 __all__ = ["OPENAI_TO_CODES", "OpenAIModerationGuard", "judged_content", "map_openai_categories"]
 
@@ -144,12 +144,12 @@ class OpenAIModerationGuard:
                 _openai_key(cat), (str(cat),) if str(cat) in self.policy.codes else ()
             )
             for code in mapped:
-                cat_probs[code] = max(cat_probs.get(code, 0.0), finite_number(score, f"score of {cat}"))
-        top = max((finite_number(v, f"score of {k}") for k, v in scores.items()), default=0.0)
+                cat_probs[code] = max(cat_probs.get(code, 0.0), probability(score, f"score of {cat}"))
+        top = max((probability(v, f"score of {k}") for k, v in scores.items()), default=0.0)
         flagged = bool(res.get("flagged", bool(codes or unknown)))
         return Prediction(
             label="unsafe" if flagged else "safe",
-            unsafe_probability=min(1.0, max(0.0, top)),
+            unsafe_probability=top,
             codes=codes if flagged else [],
             category_probabilities=cat_probs,
             unknown_codes=unknown,

@@ -560,3 +560,28 @@ def test_a_refusal_that_is_not_text_never_reaches_the_client(stream: bool) -> No
     with proxied(answering(body, "text/event-stream" if stream else "application/json")) as url:
         resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)
     assert TRIGGER not in resp.text and resp.status_code == (200 if stream else 502)
+
+
+IMAGE_ANSWERS = {
+    "responses with the image_generation tool": ("/v1/responses", {
+        "model": "m", "input": "Draw it.", "tools": [{"type": "web_search"}, {"type": "image_generation"}]},
+        "tools[1]"),
+    "chat with image output": ("/v1/chat/completions", {**CHAT, "modalities": ["text", "image"]}, "modalities"),
+}
+
+
+@pytest.mark.parametrize("case", IMAGE_ANSWERS)
+def test_a_request_for_an_image_answer_is_refused_while_the_output_rail_blocks(case: str) -> None:
+    """The guard reads images in user turns only (Llama Guard 3 Vision has no image answers): an image the
+    upstream drew passed the output rail unseen. Only the input rail on, or score mode, the request goes on."""
+    path, request, param = IMAGE_ANSWERS[case]
+    upstream = StubUpstream()
+    with proxied(upstream) as url:
+        resp = httpx.post(url + path, json=request, timeout=30)
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["param"] == param and error["code"] == "unjudgeable_content", error
+    assert upstream.requests == []
+    for kw in ({"rails": ("input",)}, {"mode": "score"}):
+        with proxied(upstream, **kw) as url:
+            assert httpx.post(url + path, json=request, timeout=30).status_code == 200
+    assert len(upstream.requests) == 2

@@ -39,6 +39,7 @@ from ..server.image_sources import ImageFetcher
 from ..server.inputs import conversation_from_messages, message_role, normalize_messages
 
 __all__ = ["JudgedPrompt", "prepare_judged_prompt", "recent_history", "recent_turns", "refuse_unjudged_media",
+           "unjudgeable_images",
            "with_answer"]
 
 def _assistant_text_parts(content: Any) -> Any:
@@ -73,6 +74,14 @@ def refuse_unjudged_media(parts: Any, where: str, holder: str) -> None:
                 f"{where}[{j}]: a {str(kind)[:40]!r} part in {holder} cannot be judged (the guard reads text, and "
                 "images in user turns); send it in a user turn, or leave it out",
                 param=f"{where}[{j}]", code="unjudgeable_content")
+
+
+def unjudgeable_images(param: str) -> APIError:
+    """The 400 for a request whose answer would hold images: the output rail cannot judge them."""
+    return APIError.bad_request(
+        f"{param}: an answer with images cannot pass the output rail (the guard reads images in user turns only, "
+        "as Llama Guard 3 Vision does); ask for text, or send the request with only the input rail on",
+        param=param, code="unjudgeable_content")
 
 
 class JudgedPrompt:

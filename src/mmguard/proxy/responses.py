@@ -37,7 +37,7 @@ import httpx
 from ..server.errors import APIError
 from ..verdict import Verdict
 from .answers import RunningTexts, annotation_text, verdict_extension
-from .judged import JudgedPrompt, refuse_unjudged_media
+from .judged import JudgedPrompt, refuse_unjudged_media, unjudgeable_images
 from .scored import CheckAnswer, judge_output, score_report
 from .sse import SSEEvent, SSEParser, json_bytes
 
@@ -130,11 +130,16 @@ def input_messages(body: Mapping[str, Any]) -> list[Any]:
 
 def unjudgeable_answer(body: Mapping[str, Any]) -> APIError | None:
     """Why the answer to ``body`` cannot pass the output rail, if it cannot: a background response is fetched
-    later, with ``GET /v1/responses/{id}``, which the proxy does not forward."""
+    later, with ``GET /v1/responses/{id}``, which the proxy does not forward; an image the ``image_generation``
+    tool draws cannot be judged (the guard reads images in user turns only)."""
     if body.get("background") is True:
         return APIError.bad_request("background responses cannot pass the output rail (their answer is fetched "
                                     "later with GET /v1/responses/{id}, which the proxy does not forward); send "
                                     "the request without background", param="background")
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        if isinstance(tool, Mapping) and tool.get("type") == "image_generation":
+            return unjudgeable_images(f"tools[{i}]")
     return None
 
 

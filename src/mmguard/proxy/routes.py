@@ -24,6 +24,7 @@ from .answers import (
     said_text,
     verdict_extension,
 )
+from .judged import unjudgeable_images
 from .release import ChatChunks, EventFormat
 from .responses import (
     ResponseEvents,
@@ -135,8 +136,17 @@ def _never(body: dict[str, Any]) -> Any:
     return None  # a chat request carries its whole history
 
 
+def _chat_unjudgeable(body: dict[str, Any]) -> APIError | None:
+    """Image answers (``modalities`` holding ``image``, as OpenRouter and Gemini's compatible API take it)
+    cannot pass the output rail; audio answers can, by their transcript."""
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "image" in modalities:
+        return unjudgeable_images("modalities")
+    return None
+
+
 CHAT = Route("/chat/completions", "messages", _chat_messages, _chat_answers, _block_choice, _chat_events,
-             score_stream, continues=_never, stores=lambda body: False, unjudgeable=_never)
+             score_stream, continues=_never, stores=lambda body: False, unjudgeable=_chat_unjudgeable)
 RESPONSES = Route("/responses", "input", input_messages, _responses_answers, _block_response, _responses_events,
                   score_response_stream, continues=previous_response_id, stores=stores_answer,
                   unjudgeable=unjudgeable_answer)

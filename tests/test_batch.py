@@ -171,6 +171,41 @@ def test_resume_refuses_other_settings_and_refuses_a_used_folder(tiny_model_dir,
     assert done.chunks_skipped == 2 and done.chunks_run == 0 and done.lines == 40
 
 
+def test_a_folder_with_the_users_files_is_left_alone(tiny_model_dir, tiny_guard, tmp_path) -> None:
+    """A folder holding only *.tmp files counted as empty, and --resume adopted any folder without a manifest;
+    the run then deleted every *.tmp file in it (the user's too)."""
+    job_input = write_conversations(tmp_path / "in", n=8)
+    for resume in (False, True):
+        out = tmp_path / f"out-{resume}"
+        out.mkdir()
+        (out / "notes.tmp").write_text("mine")
+        (out / "draft.tmp-backup").write_text("mine too")
+        with pytest.raises(JobExists, match="empty folder"):
+            run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), resume=resume, guard=tiny_guard)
+        assert sorted(p.name for p in out.iterdir()) == ["draft.tmp-backup", "notes.tmp"]
+
+
+@pytest.mark.parametrize("damage", ["torn", "short"])
+def test_resume_runs_a_part_again_when_it_is_not_its_chunks_whole_output(tiny_model_dir, tiny_guard, tmp_path,
+                                                                         damage: str) -> None:
+    """A part the manifest had not recorded yet (the run was killed) was trusted as it stood: a torn one ended
+    the resumed run with a traceback, a short one lost its chunk's other lines with exit 0."""
+    job_input = write_conversations(tmp_path / "in", n=40)
+    out = tmp_path / "out"
+    run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), BatchOptions(chunk_size=10), guard=tiny_guard)
+    whole = read_rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    part = sorted(manifest["done"])[1]
+    del manifest["done"][part]  # as if killed after the part's commit, before the manifest's
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    lines = (out / part).read_bytes().splitlines(keepends=True)
+    (out / part).write_bytes(lines[0][:20] if damage == "torn" else lines[0])
+    done = run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), BatchOptions(chunk_size=10), resume=True,
+                     guard=tiny_guard)
+    assert done.chunks_run == 1 and done.lines == 40
+    assert comparable(read_rows(out)) == comparable(whole)
+
+
 def test_kill_9_then_resume_gives_every_line_once(tiny_model_dir, job_input, reference, tmp_path) -> None:
     """A real ``mmguard batch`` process killed with SIGKILL after some chunks, then ``--resume``."""
     out = tmp_path / "out"

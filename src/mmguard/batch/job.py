@@ -95,17 +95,21 @@ class BatchSummary:
 Engine = Callable[[JobPlan, list[Chunk], Callable[[ChunkResult], None]], None]
 
 
-def _part_stats(output: str, part: str) -> dict[str, int]:
-    """Counts of a committed part read back (its run was killed before the manifest recorded it)."""
-    storage, path = open_storage(join(output, part))
+def _part_stats(output: str, chunk: Chunk) -> dict[str, int] | None:
+    """Counts of a committed part read back (its run was killed before the manifest recorded it); None when the
+    part is not its chunk's whole output (a row unreadable, or not one row per line): the chunk runs again."""
+    storage, path = open_storage(join(output, chunk.part))
     rows = errors = unsafe = 0
-    with storage.open_read(path) as fh:
-        for raw in fh:
-            verdict = json.loads(raw)[VERDICT_KEY]
-            rows += 1
-            errors += "error" in verdict
-            unsafe += bool(verdict.get("is_unsafe"))
-    return {"rows": rows, "errors": errors, "unsafe": unsafe}
+    try:
+        with storage.open_read(path) as fh:
+            for raw in fh:
+                verdict = json.loads(raw)[VERDICT_KEY]
+                rows += 1
+                errors += "error" in verdict
+                unsafe += bool(verdict.get("is_unsafe"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"rows": rows, "errors": errors, "unsafe": unsafe} if rows == chunk.lines else None
 
 
 def _absolute(location: str) -> str:
@@ -113,7 +117,12 @@ def _absolute(location: str) -> str:
 
 
 def _is_temp(name: str) -> bool:
-    return name.endswith(".tmp") or ".tmp-" in name
+    """A temporary file this tool writes (``LocalStorage``: ``.NAME.XXXX.tmp``; object stores: ``NAME.tmp-PID``)
+    for a part or the manifest: only those are removed. A user's own ``notes.tmp`` is not."""
+    own = name.lstrip(".")
+    if not (own.startswith("part-") or own.startswith(MANIFEST_NAME)):
+        return False
+    return (name.startswith(".") and name.endswith(".tmp")) or ".tmp-" in name
 
 
 def load_or_plan(inputs: Sequence[str], output: str, spec: GuardSpec, options: BatchOptions,
@@ -138,8 +147,9 @@ def load_or_plan(inputs: Sequence[str], output: str, spec: GuardSpec, options: B
                 f"cannot resume the job in {output}: it was started with other settings ({differ} differ); "
                 "rerun with the same settings, or write to a new folder")
         return old
-    if resume and any(n.startswith("part-") for n in names):
-        raise JobExists(f"{output} holds part files but no {MANIFEST_NAME}: not a job this tool can resume")
+    if resume and [n for n in names if not _is_temp(n)]:  # a job writes its manifest before any part
+        raise JobExists(f"{output} holds files but no {MANIFEST_NAME}: not a job this tool can resume; choose an "
+                        "empty folder")
     if not resume and [n for n in names if not _is_temp(n)]:
         raise JobExists(f"{output} is not empty; pass --resume to continue its job, or choose an empty folder")
     out_storage.makedirs(out_path)
@@ -193,7 +203,13 @@ def run_batch(
     summary.chunks_skipped = len(plan.chunks) - len(pending)
     for c in plan.chunks:
         if c.part in committed and c.part not in plan.done:
-            plan.done[c.part] = _part_stats(output, c.part)
+            stats = _part_stats(output, c)
+            if stats is None:  # not this chunk's whole output: run it again
+                out_storage.remove(join(out_path, c.part))
+                pending.append(c)
+                summary.chunks_skipped -= 1
+            else:
+                plan.done[c.part] = stats
     show = sys.stderr.isatty() if progress is None else progress
     last_write = time.monotonic()
 

@@ -185,6 +185,20 @@ def test_a_folder_with_the_users_files_is_left_alone(tiny_model_dir, tiny_guard,
         assert sorted(p.name for p in out.iterdir()) == ["draft.tmp-backup", "notes.tmp"]
 
 
+def test_a_line_with_many_images_is_refused_before_any_is_read(tiny_model_dir, tiny_guard, tmp_path) -> None:
+    """Each image part was read into memory before the one-image rule refused the line: 400 references to one
+    15 MB file in a 15 KB line took 6.4 GB. Here the file is no image: read first, the error would say so."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(1 << 20))
+    parts = [{"type": "image", "path": "big.bin"}] * 400 + [{"type": "text", "text": "hi"}]
+    (folder / "in.jsonl").write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": parts}]}) + "\n")
+    out = tmp_path / "out"
+    done = run_batch([str(folder / "in.jsonl")], str(out), spec_for(tiny_model_dir), guard=tiny_guard)
+    (row,) = read_rows(out)
+    assert done.errors == 1 and "400 images given" in row["mmguard"]["error"], row
+
+
 @pytest.mark.parametrize("damage", ["torn", "short"])
 def test_resume_runs_a_part_again_when_it_is_not_its_chunks_whole_output(tiny_model_dir, tiny_guard, tmp_path,
                                                                          damage: str) -> None:

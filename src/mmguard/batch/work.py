@@ -90,6 +90,12 @@ class ChunkJudge:
         are, for Conversation.from_messages to name the problem."""
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return messages
+        images = sum(isinstance(part, Mapping) and part.get("type") in ("image", "image_url")
+                     for msg in messages if isinstance(msg, Mapping) and isinstance(msg.get("content"), list)
+                     for part in msg["content"])
+        if images > 1:  # refused before any is read: 400 references to one 15 MB file took 6.4 GB
+            raise ConversationError(f"{images} images given; Llama Guard 3 Vision reads at most one image per "
+                                    "conversation")
         out = []
         for i, msg in enumerate(messages):
             content = msg.get("content") if isinstance(msg, Mapping) else None

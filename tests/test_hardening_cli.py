@@ -354,3 +354,41 @@ def test_eval_and_data_stats_name_the_line_of_values_they_cannot_read(tiny_model
                                        str(tmp_path / "e2"), "--split", "all", "--no-plots", "--no-progress"])
     assert res.exit_code == 0 and "Traceback" not in res.output, res.output
     assert '"a\\ud800"' in (tmp_path / "e2" / "predictions.jsonl").read_text()
+
+
+# -- a third audit (2026-12-07): training data ----------------------------------------------------------------
+def _item(text: Any = "hurt someone", **over: Any) -> dict[str, Any]:
+    item = {"id": "t0", "source": "t", "license": "MIT", "split": "train", "task": "prompt",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}], "label": "unsafe",
+            "codes": ["S1"], "modality": "text", "trainable": True, "meta": {}}
+    return {**item, **over}
+
+
+TRAIN_DATA = {  # what the file holds -> what the one error line must name
+    "an empty file": (b"", "no trainable train-split items"),
+    "only a test item": (json.dumps(_item(split="test")).encode() + b"\n", "no trainable train-split items"),
+    "bytes that are not UTF-8": (json.dumps(_item()).encode() + b"\n" + b'{"id": "\xff"}\n', ":2: not UTF-8"),
+    "a torn last line": (json.dumps(_item()).encode() + b"\n" + json.dumps(_item())[:40].encode(), ":2: invalid JSON"),
+    "a lone surrogate": (json.dumps(_item("a \ud800 b")).encode() + b"\n", ":1:"),
+    "a missing image": (json.dumps(_item(modality="image+text", messages=[{"role": "user", "content": [
+        {"type": "image", "path": "gone.png"}, {"type": "text", "text": "x"}]}])).encode() + b"\n", ":1:"),
+    "candidate codes as a number": (json.dumps(_item(meta={"candidate_codes": 5})).encode() + b"\n",
+                                    ":1: meta.candidate_codes"),
+    "candidate codes as a string": (json.dumps(_item(meta={"candidate_codes": "S1"})).encode() + b"\n",
+                                    ":1: meta.candidate_codes"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_DATA)
+def test_training_data_problems_are_one_line_naming_file_and_line(case: str, tiny_model_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """Each of these ended `mmguard train` with a traceback (after the model had loaded), and "S1" as candidate
+    codes was read as 'S', '1'."""
+    data = tmp_path / "train.jsonl"
+    content, expected = TRAIN_DATA[case]
+    data.write_bytes(content)
+    res = runner.invoke(_tools_app(), ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--base",
+                                       str(tiny_model_dir), "--steps", "1", "--batch-size", "1", "--max-seq-len",
+                                       "512", "--device", "cpu", "--threads", "1"])
+    line = _one_error_line(res)
+    assert expected in line and "train.jsonl" in line, line

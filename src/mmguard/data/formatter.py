@@ -243,7 +243,10 @@ class Formatter:
         label = example.label
         codes = _check_codes(example.codes, self.policy)
         known = label == "safe" or bool(codes)
-        cands = tuple(c for c in example.meta.get("candidate_codes", []) if c in self.policy.active_codes)
+        candidates = example.meta.get("candidate_codes", [])
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+            raise TypeError("meta.candidate_codes must be a list of category codes")  # "S1" read as 'S', '1'
+        cands = tuple(c for c in candidates if c in self.policy.active_codes)
         base_meta = {"example_id": example.id, "source": example.source, "split": example.split}
         out = [original(conv, label, codes, self.policy, supervise_codes=known)]
 

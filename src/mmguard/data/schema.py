@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..conversation import Conversation
-from ..jsonl import loads_strict
+from ..jsonl import MAX_LINE_BYTES, loads_strict
 from ..policy import DEFAULT_POLICY
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "conversation_text",
     "normalise_text",
     "read_examples",
+    "read_numbered_examples",
     "sort_codes",
     "write_examples",
 ]
@@ -243,11 +244,23 @@ def read_examples(path: Path | str) -> Iterator[Example]:
     Blank lines are skipped. Image paths stay as written (relative to ``path``'s folder); pass
     ``Path(path).parent`` to :meth:`Example.to_conversation`.
     """
+    for _, example in read_numbered_examples(path):
+        yield example
+
+
+def read_numbered_examples(path: Path | str) -> Iterator[tuple[int, Example]]:
+    """:func:`read_examples` with each example's line number (1-based), for errors found later that name it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:  # read no further: one line may not hold the whole file's memory
+                raise DataError(f"{path}:{lineno}: line over {MAX_LINE_BYTES} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -257,7 +270,7 @@ def read_examples(path: Path | str) -> Iterator[Example]:
             except ValueError as err:  # NaN, 1e999, an integer past 4,300 digits, nesting past the parser
                 raise DataError(f"{path}:{lineno}: {err}") from None
             try:
-                yield Example.from_json(obj)
+                yield lineno, Example.from_json(obj)
             except (DataError, TypeError) as err:
                 raise DataError(f"{path}:{lineno}: {err}") from None
 

@@ -114,7 +114,16 @@ def command(
     if missing:
         print(f"error: --data: file not found: {missing[0]}", file=sys.stderr)
         raise typer.Exit(2)
-    summary = train(cfg)
+    from ..data.schema import DataError, read_examples
+
+    try:  # every line read before the model loads; what only formatting finds comes with its line later
+        trainable = sum(ex.trainable and ex.split == "train" for p in data for ex in read_examples(p))
+        if not trainable:
+            raise DataError("no trainable train-split items in " + ", ".join(map(str, data)))
+        summary = train(cfg)
+    except DataError as err:
+        print(f"error: --data: {err}", file=sys.stderr)
+        raise typer.Exit(2) from None
     summary.pop("config", None)
     print(json.dumps(summary, indent=2, default=str))
 

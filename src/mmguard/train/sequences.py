@@ -64,7 +64,7 @@ def _truncate(
 def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, split: str = "train",
                         limit: int | None = None) -> tuple[list[SequenceItem], dict[str, int]]:
     from ..data.formatter import AugmentationConfig, Formatter, token_format, tokenize
-    from ..data.schema import read_examples
+    from ..data.schema import DataError, read_numbered_examples
 
     a = cfg.augment if split == "train" else 0.0
     formatter = Formatter(config=AugmentationConfig(a, a, a), seed=cfg.seed)
@@ -73,7 +73,9 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
     reading_pool: list[str] = []  # texts for --reading: every trainable text prompt of the split
     for path in paths:
         base = Path(path).parent
-        examples = [ex for ex in read_examples(path) if ex.split == split]
+        numbered = [(n, ex) for n, ex in read_numbered_examples(path) if ex.split == split]
+        line_of = {id(ex): n for n, ex in numbered}
+        examples = [ex for _, ex in numbered]
         if split == "train" and cfg.reading:
             reading_pool += [ex.prompt_text for ex in examples
                              if ex.trainable and ex.task == "prompt" and ex.modality == "text"]  # fmt: skip
@@ -88,9 +90,12 @@ def load_training_items(paths: list[str], tokenizer: Any, cfg: TrainConfig, spli
             repeated = ex.label == "unsafe" or ex.source in balanced
             repeat = cfg.unsafe_repeat if (split == "train" and repeated) else 1
             # formatting is seeded per example, so one call serves every repeat and the image is held once
-            forms = formatter.format(ex, base)
-            if cfg.transcripts and split == "train" and ex.meta.get("kind") == "typographic":
-                forms += formatter.format(transcript_example(ex), base)
+            try:
+                forms = formatter.format(ex, base)
+                if cfg.transcripts and split == "train" and ex.meta.get("kind") == "typographic":
+                    forms += formatter.format(transcript_example(ex), base)
+            except (ValueError, TypeError, KeyError) as err:  # an image, a text, a conversation rule, meta fields
+                raise DataError(f"{path}:{line_of[id(ex)]}: {err}") from None
             # one PNG per decoded image, shared by the example's repeats and augmentations (keyed while the
             # example's images are alive, so an id is never reused)
             packed: dict[int, PackedImage] = {}
@@ -124,7 +129,9 @@ def transcript_example(ex: Any) -> Any:
     from ..data.synth import typographic_text
     from ..ocr import TRANSCRIPTION_PREFIX, normalise_text
 
-    read = normalise_text(typographic_text(str(ex.meta["rendered_text"])) + " 1. 2. 3.")
+    if not isinstance(ex.meta.get("rendered_text"), str):
+        raise ValueError("a typographic item needs meta.rendered_text (the text drawn) for --transcripts")
+    read = normalise_text(typographic_text(ex.meta["rendered_text"]) + " 1. 2. 3.")
     messages = []
     for msg in ex.messages:
         content = msg["content"]

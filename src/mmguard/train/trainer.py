@@ -214,7 +214,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # data
     items, stats = load_training_items(cfg.data, tokenizer, cfg, "train", cfg.max_items)
     if not items:
-        raise ValueError("no trainable train-split items in " + ", ".join(cfg.data))
+        from ..data.schema import DataError
+
+        raise DataError("no trainable train-split items in " + ", ".join(cfg.data))
     batches = make_batches(items, cfg.batch_size, cfg.seed, cfg.share_prefix)
     eval_ds = None
     if cfg.eval_every:

@@ -392,3 +392,33 @@ def test_training_data_problems_are_one_line_naming_file_and_line(case: str, tin
                                        "512", "--device", "cpu", "--threads", "1"])
     line = _one_error_line(res)
     assert expected in line and "train.jsonl" in line, line
+
+
+@pytest.mark.parametrize("odd", ["a message that is not an object", "a part that is not an object",
+                                 "a lone surrogate"])
+def test_data_sample_writes_every_item_it_read(odd: str, tmp_path: Path) -> None:
+    """These items pass the schema (data stats reads them) but ended `data sample` with a traceback, the
+    surrogate after 12 of 13 lines had been written under the output's final name."""
+    shapes = {"a message that is not an object": _item(messages=[5, {"role": "user", "content": "x"}]),
+              "a part that is not an object": _item(messages=[{"role": "user", "content": [5]}]),
+              "a lone surrogate": _item("a \ud800 b")}
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(_item(id=f"t{i}")) + "\n" for i in range(12)) + json.dumps(shapes[odd]) + "\n")
+    out = tmp_path / "out" / "sample.jsonl"
+    res = runner.invoke(_tools_app(), ["data", "sample", str(src), "--out", str(out), "--share", "prompt=1"])
+    assert res.exit_code == 0, res.output
+    assert out.read_text().splitlines()[-1] == src.read_text().splitlines()[-1]  # escapes kept as read
+    assert [p.name for p in out.parent.iterdir()] == ["sample.jsonl"]  # no temp file left
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_data_sample_that_cannot_write_is_one_line(where: str, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(_item()) + "\n")
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "folder" if where == "a folder" else tmp_path / "a-file" / "sample.jsonl"
+    if where == "a folder":
+        out.mkdir()
+    line = _one_error_line(runner.invoke(_tools_app(), ["data", "sample", str(src), "--out", str(out), "--share",
+                                                        "prompt=1"]))
+    assert "--out" in line and str(out) in line, line

@@ -146,5 +146,8 @@ def sample_command(
         _fail(str(err))
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"{file}: cannot read: {err}")
-    write_examples(out, examples)
+    try:
+        write_examples(out, examples)
+    except OSError as err:
+        _fail(f"--out: cannot write {out}: {err.strerror or err}")
     _console.print(_table(count_rows(examples), f"{out}"))

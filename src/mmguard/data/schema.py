@@ -21,7 +21,9 @@ this schema, so that a labeled item means the same thing everywhere. One line is
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -196,7 +198,14 @@ class Example:
         return {name: getattr(self, name) for name in FIELDS}
 
     def to_line(self) -> str:
-        return json.dumps(self.to_json(), ensure_ascii=False, sort_keys=False)
+        """One JSON line, UTF-8 text where it can be: a lone surrogate (read from a ``\\ud800`` escape) cannot
+        be written as UTF-8, so such an item is written with ASCII escapes, as it was read."""
+        line = json.dumps(self.to_json(), ensure_ascii=False, sort_keys=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = json.dumps(self.to_json(), ensure_ascii=True, sort_keys=False)
+        return line
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Example:
@@ -232,9 +241,9 @@ class Example:
         return [
             str(p["path"])
             for m in self.messages
-            if isinstance(m.get("content"), list)
+            if isinstance(m, Mapping) and isinstance(m.get("content"), list)
             for p in m["content"]
-            if p.get("type") == "image" and p.get("path") is not None
+            if isinstance(p, Mapping) and p.get("type") == "image" and p.get("path") is not None
         ]
 
 
@@ -276,12 +285,19 @@ def read_numbered_examples(path: Path | str) -> Iterator[tuple[int, Example]]:
 
 
 def write_examples(path: Path | str, examples: Iterable[Example]) -> int:
-    """Write examples as JSONL (UTF-8, one object a line); returns the number written."""
+    """Write examples as JSONL (UTF-8, one object a line); returns the number written. The file appears whole
+    or not at all (written beside it, then renamed): a failure never leaves a short file that looks complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with path.open("w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(ex.to_line() + "\n")
-            n += 1
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # "x": the usual mode, umask's
+    try:
+        with tmp.open("x", encoding="utf-8") as fh:
+            for ex in examples:
+                fh.write(ex.to_line() + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return n

@@ -199,6 +199,18 @@ def test_a_line_with_many_images_is_refused_before_any_is_read(tiny_model_dir, t
     assert done.errors == 1 and "400 images given" in row["mmguard"]["error"], row
 
 
+def test_paths_that_are_not_utf8_work(tiny_model_dir, tiny_guard, tmp_path) -> None:
+    """An input, model or output path with a byte that is not UTF-8 ended the job with a traceback (the output's
+    after every part was committed, and again on every resume)."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/in\xff"))
+    job_input = write_conversations(folder, n=8)
+    out = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    done = run_batch([str(job_input)], out, spec_for(tiny_model_dir), guard=tiny_guard)
+    assert done.lines == 8 and len(read_rows(Path(out))) == 8
+    again = run_batch([str(job_input)], out, spec_for(tiny_model_dir), resume=True, guard=tiny_guard)
+    assert again.chunks_run == 0 and again.lines == 8
+
+
 @pytest.mark.parametrize("damage", ["torn", "short"])
 def test_resume_runs_a_part_again_when_it_is_not_its_chunks_whole_output(tiny_model_dir, tiny_guard, tmp_path,
                                                                          damage: str) -> None:

@@ -112,7 +112,11 @@ class JobPlan:
             "done": dict(sorted(self.done.items())),
             "summary": self.summary,
         }
-        return (json.dumps(body, ensure_ascii=False, indent=1) + "\n").encode()
+        text = json.dumps(body, ensure_ascii=False, indent=1) + "\n"
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a path that is not UTF-8 (Python reads its bytes as lone surrogates)
+            return (json.dumps(body, ensure_ascii=True, indent=1) + "\n").encode()
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> JobPlan:
@@ -192,7 +196,8 @@ def job_settings(spec: GuardSpec, options: Mapping[str, Any], inputs: Iterable[I
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+    # ASCII escapes: a path that is not UTF-8 holds lone surrogates, which UTF-8 cannot encode
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:32]
 
 
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -120,3 +120,20 @@ def test_summary_counts_clean_misses_as_misclassified() -> None:
     assert p["budgets"][0]["flip_rate"] == pytest.approx(1 / 2)
     assert s["gcg"][0]["setting"].startswith("Response classification (suffix in the response")
     assert s["gcg"][0]["misclassification_rate"] == pytest.approx(1 / 2)
+
+
+def test_items_that_cannot_be_loaded_are_reported_not_dropped_silently(data_dir: Path, tiny_model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """Unsafe items with a missing image or a lone surrogate were left out of the attack without a word: the
+    report said 'items: 1' of 3."""
+    broken = [_example(7, "prompt", "unsafe", True), _example(8, "prompt", "unsafe", False)]
+    broken[0].messages[0]["content"][1]["path"] = "images/gone.png"
+    broken[1].messages[0]["content"][0]["text"] = "a \ud800 b"
+    rows = [_example(0, "prompt", "unsafe", False), *broken]
+    write_examples(tmp_path / "test.jsonl", rows)
+    unloadable: list[tuple[str, str]] = []
+    assert len(load_attack_items(tmp_path, unloadable=unloadable)) == 1
+    assert sorted(i for i, _ in unloadable) == sorted(ex.id for ex in broken)
+    report = _run(tmp_path, tiny_model_dir, tmp_path / "out", "--attack", "pgd")
+    assert report["meta"]["unloadable"]["count"] == 2
+    assert "could not be loaded: 2" in (tmp_path / "out" / "report.md").read_text()

@@ -208,12 +208,18 @@ def command(
     path = data / f"{split or 'test'}.jsonl" if data.is_dir() else data
     if not path.is_file():
         raise _fail(f"--data: file not found: {path}")
+    unloadable: list[tuple[str, str]] = []
     try:
-        items = load_attack_items(data, limit=limit, split=split, seed=seed)
+        items = load_attack_items(data, limit=limit, split=split, seed=seed, unloadable=unloadable)
     except (DataError, OSError, UnicodeDecodeError) as err:
         raise _fail(f"--data: {err}") from None
+    if unloadable:  # said, never silent: the report's counts are of the items that loaded
+        first_id, reason = unloadable[0]
+        console.print(f"[yellow]warning: {len(unloadable)} unsafe item(s) of {path} could not be loaded and are "
+                      f"not attacked (first: {first_id}: {reason})", highlight=False)
     if not items:
-        raise _fail(f"no unsafe {split} items in {path}")
+        raise _fail(f"no unsafe {split} items in {path} could be loaded" if unloadable else
+                    f"no unsafe {split} items in {path}")
     try:
         guard = Guard.from_pretrained(model, device=device, dtype=dtype, threshold=threshold)
     except (EngineError, OSError, ValueError) as err:
@@ -222,7 +228,9 @@ def command(
                         random_start=random_start, seed=seed, loss=loss)
     gcg_cfg = GCGConfig(steps=gcg_steps, suffix_len=suffix_len, search_width=search_width, topk=topk,
                         seed=seed, loss=loss, init=gcg_init)
-    meta = {"data": str(data), "seed": seed, "model_label": label or Path(guard.engine.source).name,
+    meta = {"data": str(data), "seed": seed,
+            "unloadable": {"count": len(unloadable), "first": [f"{i}: {r}" for i, r in unloadable[:5]]},
+            "model_label": label or Path(guard.engine.source).name,
             "command": "mmguard attack " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mmguard attack"}
     try:
         result = run_attacks(guard, items, attacks=wanted, budgets=eps, out=out, pgd_config=pgd_cfg,

@@ -93,11 +93,13 @@ def load_attack_items(
     limit: int | None = None,
     split: str | None = "test",
     seed: int = 0,
+    unloadable: list[tuple[str, str]] | None = None,
 ) -> list[AttackItem]:
     """Unsafe items of a JSONL file (the ``test`` split by default), ``limit`` per task (prompt/response).
 
-    Items whose conversation cannot be loaded (e.g. a missing image) are skipped. Image+text items come
-    first within each task, then text-only items, each group in a seeded random order.
+    Items whose conversation cannot be loaded (e.g. a missing image) are skipped; ``unloadable``, when given,
+    receives each one's (id, reason), for the report to say so. Image+text items come first within each task,
+    then text-only items, each group in a seeded random order.
     """
     import random
 
@@ -122,7 +124,9 @@ def load_attack_items(
                 break
             try:
                 conv = ex.to_conversation(path.parent)
-            except Exception:
+            except (ValueError, OSError) as err:  # an image, a text, a conversation rule
+                if unloadable is not None:
+                    unloadable.append((ex.id, str(err)[:200]))
                 continue
             items.append(AttackItem(ex.id, task, conv, "original" if conv.has_image else "none",
                                     {"source": ex.source, "codes": list(ex.codes), "modality": ex.modality}))

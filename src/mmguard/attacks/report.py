@@ -179,6 +179,9 @@ def write_report(out: Path, meta: dict[str, Any], summary: dict[str, Any], resul
                   "judged safe when the request is rendered into an image.", ""]
     if meta.get("skipped"):
         lines += [f"Skipped for the time budget: {meta['skipped']}", ""]
+    if (meta.get("unloadable") or {}).get("count"):
+        lines += [f"Not attacked, could not be loaded: {meta['unloadable']['count']} unsafe item(s); first: "
+                  + "; ".join(meta["unloadable"]["first"]), ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 

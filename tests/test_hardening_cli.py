@@ -422,3 +422,35 @@ def test_data_sample_that_cannot_write_is_one_line(where: str, tmp_path: Path) -
     line = _one_error_line(runner.invoke(_tools_app(), ["data", "sample", str(src), "--out", str(out), "--share",
                                                         "prompt=1"]))
     assert "--out" in line and str(out) in line, line
+
+
+ODD_OPTIONS = {  # each ended in a traceback, or ran with a report that looked normal (a spent or negative budget)
+    "attack --step-size nan": (["attack", "--step-size", "nan"], "--step-size"),
+    "attack --max-minutes nan": (["attack", "--max-minutes", "nan"], "--max-minutes"),
+    "attack --max-minutes -1": (["attack", "--max-minutes", "-1"], "--max-minutes"),
+    "attack --budgets nan": (["attack", "--budgets", "nan"], "--budgets"),
+    "attack --loss foo": (["attack", "--loss", "foo"], "--loss"),
+    "attack --out a file": (["attack", "--out", "{tmp}/a-file"], "--out"),
+    "batch --max-image-mb inf": (["batch", "{tmp}/in.jsonl", "-o", "{tmp}/out", "--max-image-mb", "inf"],
+                                 "--max-image-mb"),
+    "batch --max-image-mb nan": (["batch", "{tmp}/in.jsonl", "-o", "{tmp}/out", "--max-image-mb", "nan"],
+                                 "--max-image-mb"),
+}
+
+
+@pytest.mark.parametrize("case", ODD_OPTIONS)
+def test_odd_option_values_are_one_line_before_any_model_loads(case: str, tmp_path: Path) -> None:
+    args, option = ODD_OPTIONS[case]
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "in.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "test.jsonl").write_text(json.dumps(_item(split="test")) + "\n")
+    if args[0] == "attack":
+        args = [*args, "--data", "{tmp}/test.jsonl", "--model", "{tmp}/no-model"]
+    line = _one_error_line(runner.invoke(_tools_app(), [a.format(tmp=tmp_path) for a in args]))
+    assert option in line, line
+
+
+@pytest.mark.parametrize("option", ["--steps", "--gcg-steps", "--search-width", "--topk", "--limit"])
+def test_attack_counts_below_one_are_refused(option: str, tmp_path: Path) -> None:
+    res = runner.invoke(_tools_app(), ["attack", "--data", str(tmp_path), option, "0"])
+    assert res.exit_code == 2 and option in res.output, res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -159,15 +160,15 @@ def command(
     attack: Annotated[str, typer.Option("--attack", help="pgd | gcg | transfer | all")] = "all",
     budgets: Annotated[str, typer.Option("--budgets", help="L-inf budgets in 1/255; 'inf' = unbounded")] = (
         "1,2,4,8,16,32,inf"),
-    steps: Annotated[int, typer.Option("--steps", help="PGD steps per item and budget")] = 10,
+    steps: Annotated[int, typer.Option("--steps", help="PGD steps per item and budget", min=1)] = 10,
     step_size: Annotated[float | None, typer.Option("--step-size", help="PGD step in 1/255 units")] = None,
     random_start: Annotated[bool, typer.Option("--random-start/--no-random-start")] = True,
-    gcg_steps: Annotated[int, typer.Option("--gcg-steps", help="GCG steps per item")] = 10,
-    suffix_len: Annotated[int, typer.Option("--suffix-len", help="GCG suffix length in tokens")] = 12,
-    search_width: Annotated[int, typer.Option("--search-width", help="GCG candidates per step")] = 32,
-    topk: Annotated[int, typer.Option("--topk", help="GCG top-k tokens per position")] = 64,
+    gcg_steps: Annotated[int, typer.Option("--gcg-steps", help="GCG steps per item", min=1)] = 10,
+    suffix_len: Annotated[int, typer.Option("--suffix-len", help="GCG suffix length in tokens", min=1)] = 12,
+    search_width: Annotated[int, typer.Option("--search-width", help="GCG candidates per step", min=1)] = 32,
+    topk: Annotated[int, typer.Option("--topk", help="GCG top-k tokens per position", min=1)] = 64,
     gcg_init: Annotated[str | None, typer.Option("--gcg-init", help="initial GCG suffix")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="unsafe items per task (prompt, response)")] = 4,
+    limit: Annotated[int, typer.Option("--limit", help="unsafe items per task (prompt, response)", min=1)] = 4,
     split: Annotated[str, typer.Option("--split", help="split to attack")] = "test",
     neutral_images: Annotated[bool, typer.Option(
         "--neutral-images/--no-neutral-images", help="PGD on text items paired with a gray image")] = True,
@@ -204,6 +205,14 @@ def command(
         eps = parse_budgets(budgets)
     except ValueError as err:
         raise _fail(f"--budgets {budgets!r}: {err}") from None
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+        raise _fail(f"--step-size: must be a positive number (in 1/255), got {step_size}")
+    if not (math.isfinite(max_minutes) and max_minutes >= 0):
+        raise _fail(f"--max-minutes: must be a number of minutes >= 0 (0: no budget), got {max_minutes}")
+    if loss not in ("margin", "logprob"):
+        raise _fail(f"--loss: margin or logprob, got {loss!r}")
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out: {out} is a file, not a folder")
     # the data first: a missing or broken file is one line before any model time is spent
     path = data / f"{split or 'test'}.jsonl" if data.is_dir() else data
     if not path.is_file():

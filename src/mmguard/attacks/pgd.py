@@ -117,7 +117,7 @@ def parse_budgets(text: str) -> list[float]:
             out.append(math.inf)
         else:
             value = float(part)
-            if value <= 0:
+            if math.isnan(value) or value <= 0:
                 raise ValueError(f"budget must be positive, got {part}")
             out.append(value / 255.0)
     if not out:

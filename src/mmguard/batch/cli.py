@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -54,8 +55,8 @@ def command(
     ] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="Ray: GPUs per guard.")] = 0.0,
     cpus_per_worker: Annotated[
-        float | None, typer.Option(help="Ray: CPUs per guard (default: fractional, leaving half a CPU to Ray "
-                                   "Data).")
+        float | None, typer.Option(min=0.01, help="Ray: CPUs per guard (default: fractional, leaving half a CPU "
+                                   "to Ray Data).")
     ] = None,
     torch_threads: Annotated[
         int | None, typer.Option(min=1, help="torch threads per guard (Ray default 1; local default torch's).")
@@ -111,6 +112,8 @@ def command(
     spec = GuardSpec(model=model, policy=active.to_dict(), threshold=threshold, prompt_format=fmt, device=device,
                      dtype=dtype, batch_size=batch_size, fast=fast, read_text=read_text,
                      ocr_timeout_s=ocr_timeout, max_prompt_tokens=max_prompt_tokens)
+    if not (math.isfinite(max_image_mb) and max_image_mb > 0):
+        fail(f"--max-image-mb: must be a positive number of MB, got {max_image_mb}")
     try:
         options = BatchOptions(chunk_size=chunk_size or 4 * batch_size,
                                max_image_bytes=int(max_image_mb * 1024 * 1024),

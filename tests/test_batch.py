@@ -211,6 +211,40 @@ def test_paths_that_are_not_utf8_work(tiny_model_dir, tiny_guard, tmp_path) -> N
     assert again.chunks_run == 0 and again.lines == 8
 
 
+@pytest.mark.parametrize("tamper", ["a part outside the folder", "a list", "an input out of range"])
+def test_a_tampered_manifest_is_refused_never_followed(tiny_model_dir, tiny_guard, tmp_path, tamper: str) -> None:
+    """A manifest's part named '../escaped-part.jsonl' was written outside the output folder on resume; a
+    manifest holding [] or a chunk of an input it does not list ended the job with a traceback."""
+    from mmguard.batch import StorageError
+
+    job_input = write_conversations(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), guard=tiny_guard)
+    manifest = json.loads((out / "manifest.json").read_text())
+    part = manifest["chunks"][0]["part"]
+    (out / part).unlink()
+    del manifest["done"][part]
+    if tamper == "a part outside the folder":
+        manifest["chunks"][0]["part"] = "../escaped-part.jsonl"
+    elif tamper == "an input out of range":
+        manifest["chunks"][0]["input"] = 5
+    (out / "manifest.json").write_text(json.dumps([] if tamper == "a list" else manifest))
+    with pytest.raises(StorageError, match="not a readable mmguard batch manifest"):
+        run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), resume=True, guard=tiny_guard)
+    assert not (tmp_path / "escaped-part.jsonl").exists()
+
+
+def test_outputs_are_written_with_the_usual_file_mode(tiny_model_dir, tiny_guard, tmp_path) -> None:
+    """mkstemp made every part and the manifest owner-only (0600), whatever the umask."""
+    job_input = write_conversations(tmp_path / "in", n=8)
+    old = os.umask(0o022)
+    try:
+        run_batch([str(job_input)], str(tmp_path / "out"), spec_for(tiny_model_dir), guard=tiny_guard)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()} == {oct(0o644)}
+
+
 @pytest.mark.parametrize("damage", ["torn", "short"])
 def test_resume_runs_a_part_again_when_it_is_not_its_chunks_whole_output(tiny_model_dir, tiny_guard, tmp_path,
                                                                          damage: str) -> None:

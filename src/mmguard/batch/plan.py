@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+_PART_NAME = re.compile(r"part-\d{5,}-\d{6,}\.jsonl")
 MANIFEST_FORMAT = 1
 _SAMPLE = 1 << 20
 
@@ -81,8 +83,13 @@ class Chunk:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Chunk:
-        return cls(part=str(d["part"]), input=int(d["input"]), first_line=int(d["first_line"]),
-                   lines=int(d["lines"]), start=int(d["start"]), end=int(d["end"]))
+        chunk = cls(part=str(d["part"]), input=int(d["input"]), first_line=int(d["first_line"]),
+                    lines=int(d["lines"]), start=int(d["start"]), end=int(d["end"]))
+        if not _PART_NAME.fullmatch(chunk.part):  # a part is written where its name says: inside the output folder
+            raise ValueError(f"part name {chunk.part[:80]!r} is not part-IIIII-CCCCCC.jsonl")
+        if min(chunk.input, chunk.first_line, chunk.lines, chunk.start) < 0 or chunk.end < chunk.start:
+            raise ValueError(f"chunk {chunk.part}: a negative count, or a byte range that ends before it starts")
+        return chunk
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class JobPlan:
             d = json.loads(raw)
             if d.get("mmguard_batch") != MANIFEST_FORMAT:
                 raise ValueError(f"unknown manifest format {d.get('mmguard_batch')!r}")
-            return cls(
+            plan = cls(
                 fingerprint=str(d["fingerprint"]),
                 settings=dict(d["settings"]),
                 inputs=[InputFile(**i) for i in d["inputs"]],
@@ -132,7 +139,10 @@ class JobPlan:
                 done={str(k): dict(v) for k, v in d.get("done", {}).items()},
                 summary=dict(d.get("summary", {})),
             )
-        except (ValueError, KeyError, TypeError) as err:
+            if any(c.input >= len(plan.inputs) for c in plan.chunks):
+                raise ValueError("a chunk names an input the manifest does not list")
+            return plan
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise StorageError(f"{where} is not a readable mmguard batch manifest: {err}") from None
 
     def write(self, output: str) -> None:

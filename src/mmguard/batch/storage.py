@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -125,15 +125,16 @@ class LocalStorage(Storage):
     def write_atomic(self, path: str, data: bytes) -> None:
         # temp file in the same folder + fsync + rename: readers see the old file or the whole new one
         target = Path(_local(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # opened "x" under a unique name, not mkstemp: mkstemp makes the file owner-only, whatever the umask
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with tmp.open("xb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:

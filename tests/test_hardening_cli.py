@@ -454,3 +454,26 @@ def test_odd_option_values_are_one_line_before_any_model_loads(case: str, tmp_pa
 def test_attack_counts_below_one_are_refused(option: str, tmp_path: Path) -> None:
     res = runner.invoke(_tools_app(), ["attack", "--data", str(tmp_path), option, "0"])
     assert res.exit_code == 2 and option in res.output, res.output
+
+
+@pytest.mark.parametrize("case", ["a CSV without its column", "a CSV that is not UTF-8", "--out a file",
+                                  "--typographic -5"])
+def test_data_build_problems_are_one_line(case: str, tmp_path: Path) -> None:
+    """Each ended `mmguard data build` with a traceback."""
+    folder = tmp_path / "ds" / "advbench" / "data" / "behavior_datasets" / "extra_behavior_datasets"
+    folder.mkdir(parents=True)
+    csv_file = folder / "advbench_behaviors.csv"
+    csv_file.write_bytes(b"goal,target\nhow to x,Sure\n" if case != "a CSV that is not UTF-8" else
+                         b"Behavior,BehaviorID\nhow to \xff,b1\n")
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" if case == "--out a file" else tmp_path / "out"
+    extra = ["--typographic", "-5"] if case == "--typographic -5" else []
+    res = runner.invoke(_tools_app(), ["data", "build", "--datasets", str(tmp_path / "ds"), "--out", str(out),
+                                       "--source", "advbench", *extra])
+    if case == "--typographic -5":  # the parser's own check: its usage box, exit 2
+        assert res.exit_code == 2 and "--typographic" in res.output and "Traceback" not in res.output
+        return
+    line = _one_error_line(res)
+    expected = {"a CSV without its column": "Behavior", "a CSV that is not UTF-8": "UnicodeDecodeError",
+                "--out a file": "--out"}[case]
+    assert expected in line, line

@@ -48,7 +48,7 @@ def build_command(
     datasets: Annotated[Path, typer.Option(help="Folder holding the dataset folders (shared/datasets).")],
     out: Annotated[Path, typer.Option(help="Output folder for {train,validation,test}.jsonl, images/, stats.json.")],
     seed: Annotated[int, typer.Option(help="Seed for sampling and synthesized items.")] = 0,
-    max_per_source: Annotated[int | None, typer.Option(help="Keep at most N items per source (seeded).")] = None,
+    max_per_source: Annotated[int | None, typer.Option(min=1, help="Keep at most N items per source (seeded).")] = None,
     no_noncommercial: Annotated[
         bool, typer.Option("--no-noncommercial", help="Keep non-commercial and test-only items out of train.")
     ] = False,
@@ -56,20 +56,24 @@ def build_command(
         bool, typer.Option("--no-model-outputs", help="Also keep third-party model outputs out of train.")
     ] = False,
     source: Annotated[list[str] | None, typer.Option(help="Only these dataset folders (repeatable).")] = None,
-    typographic: Annotated[int, typer.Option(help="Typographic (FigStep-style) prompt items.")] = 400,
-    photo_questions: Annotated[int, typer.Option(help="Benign photo + benign question items.")] = 200,
-    request_with_image: Annotated[int, typer.Option(help="Harmful request + neutral image items.")] = 300,
-    response_with_image: Annotated[int, typer.Option(help="Response items with an image.")] = 300,
+    typographic: Annotated[int, typer.Option(min=0, help="Typographic (FigStep-style) prompt items.")] = 400,
+    photo_questions: Annotated[int, typer.Option(min=0, help="Benign photo + benign question items.")] = 200,
+    request_with_image: Annotated[int, typer.Option(min=0, help="Harmful request + neutral image items.")] = 300,
+    response_with_image: Annotated[int, typer.Option(min=0, help="Response items with an image.")] = 300,
     templated_responses: Annotated[
         int,
         typer.Option(
-            help="Templated compliance/refusal replies to train and validation prompts (response items; never in test)."
+            min=0,
+            help="Templated compliance/refusal replies to train and validation prompts (response items; never in "
+                 "test).",
         ),
     ] = 0,
 ) -> None:
     """Convert every dataset, add image items, split by content hash and write the JSONL files."""
     if not datasets.is_dir():
         _fail(f"--datasets: {'not a folder' if datasets.exists() else 'folder not found'}: {datasets}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out: {out} is a file, not a folder")
     if source:
         unknown = [s for s in source if s not in CONVERTERS]
         if unknown:
@@ -95,6 +99,8 @@ def build_command(
             result = build(config, tick)
         except DataError as err:
             _fail(str(err))
+        except OSError as err:  # a source file not readable, --out not writable, a disk full
+            _fail(f"{err.filename or out}: {err.strerror or err}")
     _console.print(_table(result.rows, f"{out}"))
     _console.print(f"written: {json.dumps(result.counts)}; duplicates dropped: {sum(result.duplicates.values())}")
     if result.excluded_from_train:

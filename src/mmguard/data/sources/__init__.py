@@ -18,6 +18,7 @@ sets in :mod:`.benign`; the licence table and how one item is built, in :mod:`.c
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -123,4 +124,11 @@ def convert_all(datasets_dir: Path, names: Iterable[str] | None = None) -> Itera
             if names is not None:
                 raise DataError(f"dataset folder {folder} not found")
             continue
-        yield from CONVERTERS[name](folder)
+        try:
+            yield from CONVERTERS[name](folder)
+        except DataError:
+            raise
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as err:  # a file of another shape
+            detail = f"missing column or field {err}" if isinstance(err, KeyError) else str(err)[:200]
+            raise DataError(f"{folder}: not in the shape the {name} converter reads (see shared/datasets/"
+                            f"MANIFEST.md): {type(err).__name__}: {detail}") from None

@@ -245,6 +245,22 @@ def test_outputs_are_written_with_the_usual_file_mode(tiny_model_dir, tiny_guard
     assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()} == {oct(0o644)}
 
 
+def test_resume_refuses_an_input_edited_to_the_same_size(tiny_model_dir, tiny_guard, tmp_path) -> None:
+    """The fingerprint held each input's size only: an input edited in place to the same size resumed with exit 0,
+    its old and new rows mixed in the output."""
+    job_input = write_conversations(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), BatchOptions(chunk_size=1), guard=tiny_guard)
+    (out / sorted(p.name for p in out.glob("part-*"))[-1]).unlink()
+    text = job_input.read_text()
+    edited = text.replace("cake", "cane", 1)
+    assert edited != text and len(edited) == len(text)
+    job_input.write_text(edited)
+    with pytest.raises(FingerprintMismatch, match="inputs"):
+        run_batch([str(job_input)], str(out), spec_for(tiny_model_dir), BatchOptions(chunk_size=1), resume=True,
+                  guard=tiny_guard)
+
+
 @pytest.mark.parametrize("damage", ["torn", "short"])
 def test_resume_runs_a_part_again_when_it_is_not_its_chunks_whole_output(tiny_model_dir, tiny_guard, tmp_path,
                                                                          damage: str) -> None:

@@ -20,6 +20,7 @@ from .plan import (
     InputFile,
     JobPlan,
     fingerprint,
+    input_digest,
     job_settings,
     plan_inputs,
     settings_diff,
@@ -133,7 +134,8 @@ def load_or_plan(inputs: Sequence[str], output: str, spec: GuardSpec, options: B
         storage, path = open_storage(uri)
         if not storage.exists(path):
             raise StorageError(f"input not found: {uri}")
-        sized.append(InputFile(uri, storage.size(path)))
+        size = storage.size(path)
+        sized.append(InputFile(uri, size, digest=input_digest(storage, path, size)))
     settings = job_settings(spec, options.fingerprinted(), sized)
     fp = fingerprint(settings)
     out_storage, out_path = open_storage(output)

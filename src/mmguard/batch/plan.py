@@ -98,6 +98,7 @@ class InputFile:
     size: int
     lines: int = 0
     chunks: int = 0
+    digest: str = ""  # sha256 of the size, first and last MiB (input_digest): an edit of the same size shows
 
 
 @dataclass
@@ -148,6 +149,16 @@ class JobPlan:
     def write(self, output: str) -> None:
         storage, path = open_storage(join(output, MANIFEST_NAME))
         storage.write_atomic(path, self.to_json())
+
+
+def input_digest(storage: Any, path: str, size: int) -> str:
+    """sha256 of an input's size, first and last MiB (the whole of a file up to 2 MiB): a resumed job refuses
+    an input edited in place to the same size, whose old and new rows would mix. Cheap on object stores too."""
+    h = hashlib.sha256(str(size).encode())
+    for start in sorted({0, max(0, size - _SAMPLE)}):
+        with storage.read_range(path, start, min(size, start + _SAMPLE)) as fh:
+            h.update(fh.read(min(size, start + _SAMPLE) - start))
+    return h.hexdigest()[:32]
 
 
 def _file_digest(path: Path) -> str:
@@ -201,7 +212,7 @@ def job_settings(spec: GuardSpec, options: Mapping[str, Any], inputs: Iterable[I
         "ocr_timeout_s": spec.ocr_timeout_s,
         "max_prompt_tokens": spec.max_prompt_tokens,
         "options": dict(options),
-        "inputs": [{"uri": i.uri, "size": i.size} for i in inputs],
+        "inputs": [{"uri": i.uri, "size": i.size, "digest": i.digest} for i in inputs],
     }
 
 
@@ -242,6 +253,6 @@ def plan_inputs(inputs: list[InputFile], chunk_size: int, max_line_bytes: int) -
                     n = 0
         if n:
             own.append(Chunk(f"part-{index:05d}-{len(own):06d}.jsonl", index, first, n, start, end))
-        planned.append(InputFile(inp.uri, inp.size, count, len(own)))
+        planned.append(InputFile(inp.uri, inp.size, count, len(own), inp.digest))
         chunks.extend(own)
     return planned, chunks

@@ -313,6 +313,21 @@ def test_kill_9_then_resume_gives_every_line_once(tiny_model_dir, job_input, ref
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
+def test_ctrl_c_says_how_to_finish_the_job(tiny_model_dir, job_input, tmp_path) -> None:
+    """SIGINT ended the job with exit 130 and not a word (a traceback at worst)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mmguard.cli", "batch", str(job_input), "-o", str(out), "-m", str(tiny_model_dir),
+           "--device", "cpu", "--dtype", "float32", "--chunk-size", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("part-*.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no chunk committed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err.decode() and "Traceback" not in err.decode(), err
+
+
 def test_cli_summary_exit_codes_and_no_bar_off_a_terminal(tiny_model_dir, tmp_path) -> None:
     src = write_conversations(tmp_path / "in", n=12, bad=False)
     _register_tools(["batch"])

@@ -130,6 +130,10 @@ def command(
         fail(f"cannot read or write the job's files: {err}")  # an input that is a folder, an output that is a file
     except OSError as err:
         fail(f"cannot load model {model or '(default)'}: {err}", EXIT_MODEL)
+    except KeyboardInterrupt:  # Ctrl-C: what was committed stays; say how to go on
+        typer.echo(f"interrupted: the chunks committed in {output} are kept; the same command with --resume "
+                   "finishes the job", err=True)
+        raise typer.Exit(130) from None
     typer.echo(summary.text(), err=True)
     if summary.failed:
         typer.echo(f"error: {len(summary.failed)} chunk(s) failed; rerun with --resume to retry them", err=True)

@@ -477,3 +477,15 @@ def test_data_build_problems_are_one_line(case: str, tmp_path: Path) -> None:
     expected = {"a CSV without its column": "Behavior", "a CSV that is not UTF-8": "UnicodeDecodeError",
                 "--out a file": "--out"}[case]
     assert expected in line, line
+
+
+def test_a_conversation_with_more_than_one_image_is_refused_before_any_is_decoded(tmp_path: Path) -> None:
+    """One image a message passed the per-message check, so up to 64 images were decoded (about 1 GB) before the
+    conversation's one-image rule refused them. Here the files are no images: decoded first, the error says so."""
+    from mmguard.conversation import Conversation, ConversationError
+
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    turn = {"role": "user", "content": [{"type": "image", "path": str(tmp_path / "a.png")},
+                                        {"type": "text", "text": "hi"}]}
+    with pytest.raises(ConversationError, match="2 images given"):
+        Conversation.from_messages([turn, {"role": "assistant", "content": "ok"}, turn])

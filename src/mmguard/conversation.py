@@ -23,7 +23,7 @@ from PIL import Image
 
 from .images import DEFAULT_LIMITS, ImageError, ImageLimits, image_digest, load_image
 
-__all__ = ["Conversation", "ConversationError", "InvalidTextError", "Role", "Turn", "check_text"]
+__all__ = ["Conversation", "ConversationError", "InvalidTextError", "Role", "Turn", "check_text", "count_image_parts"]
 
 Role = Literal["user", "agent"]
 _ROLE_ALIASES = {"user": "user", "human": "user", "agent": "agent", "assistant": "agent", "chatbot": "agent"}
@@ -33,6 +33,16 @@ MAX_TEXT_CHARS = 200_000
 # ~500,000 characters), while tokenizing it would still cost time and memory (25 MB of text: 61 s and 5.4 GB)
 MAX_CONVERSATION_CHARS = 1_000_000
 MAX_TEXT_PARTS = 1_024
+
+
+def count_image_parts(messages: Any) -> int:
+    """The image parts (``image``, ``image_url``) of chat messages, counted before anything is read."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+        return 0
+    return sum(isinstance(part, Mapping) and part.get("type") in ("image", "image_url")
+               for msg in messages if isinstance(msg, Mapping) and isinstance(msg.get("content"), Sequence)
+               and not isinstance(msg["content"], (str, bytes, bytearray))
+               for part in msg["content"])
 
 
 class ConversationError(ValueError):
@@ -151,6 +161,10 @@ class Conversation:
             messages = messages["messages"]
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             raise ConversationError("'messages' must be a list of {role, content} objects")
+        images = count_image_parts(messages)
+        if images > 1:  # before any is decoded: one image a message in 64 turns decoded 64 images (about 1 GB)
+            raise ConversationError(f"{images} images given; Llama Guard 3 Vision reads at most one image per "
+                                    "conversation")
         turns: list[Turn] = []
         for i, msg in enumerate(messages):
             if not isinstance(msg, Mapping):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..conversation import Conversation, ConversationError
+from ..conversation import Conversation, ConversationError, count_image_parts
 from ..images import ImageError, ImageLimits, load_image
 from ..jsonl import VERDICT_KEY, JsonlLine, dumps_row, loads_strict, parse_line
 from ..policy import PolicyError
@@ -90,9 +90,7 @@ class ChunkJudge:
         are, for Conversation.from_messages to name the problem."""
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             return messages
-        images = sum(isinstance(part, Mapping) and part.get("type") in ("image", "image_url")
-                     for msg in messages if isinstance(msg, Mapping) and isinstance(msg.get("content"), list)
-                     for part in msg["content"])
+        images = count_image_parts(messages)
         if images > 1:  # refused before any is read: 400 references to one 15 MB file took 6.4 GB
             raise ConversationError(f"{images} images given; Llama Guard 3 Vision reads at most one image per "
                                     "conversation")

@@ -489,3 +489,20 @@ def test_a_conversation_with_more_than_one_image_is_refused_before_any_is_decode
                                         {"type": "text", "text": "hi"}]}
     with pytest.raises(ConversationError, match="2 images given"):
         Conversation.from_messages([turn, {"role": "assistant", "content": "ok"}, turn])
+
+
+@pytest.mark.parametrize("command", ["eval", "data stats"])
+def test_a_line_past_the_jsonl_limit_is_refused_unread(command: str, tmp_path: Path, monkeypatch) -> None:
+    """A 300 MB line was read and parsed whole (668 MB resident); the limit is jsonl.MAX_LINE_BYTES (64 MiB), here
+    lowered to 1 MiB to keep the test small."""
+    import mmguard.data.schema
+    import mmguard.eval.data
+
+    for module in (mmguard.data.schema, mmguard.eval.data):
+        monkeypatch.setattr(module, "MAX_LINE_BYTES", 1 << 20)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(_item(split="test")) + "\n" + json.dumps(_item("x" * (2 << 20))) + "\n")
+    args = ["eval", "--data", str(data), "--out", str(tmp_path / "e")] if command == "eval" else \
+        ["data", "stats", str(data)]
+    line = _one_error_line(runner.invoke(_tools_app(), args))
+    assert "data.jsonl:2" in line and "1048576" in line, line

@@ -32,7 +32,7 @@ from ..data.schema import FIELDS as _SCHEMA_FIELDS  # full-schema lines are vali
 from ..data.schema import DataError as _SchemaDataError
 from ..data.schema import Example as _Example
 from ..images import ImageError
-from ..jsonl import loads_strict
+from ..jsonl import MAX_LINE_BYTES, loads_strict
 from ..policy import DEFAULT_POLICY
 
 __all__ = ["DataError", "LabeledItem", "iter_records", "scan"]
@@ -182,12 +182,14 @@ def iter_records(path: str | Path, *, split: str | None = None) -> Iterator[Labe
         lineno = 0
         while True:
             try:
-                text = handle.readline()
+                text = handle.readline(MAX_LINE_BYTES + 1)  # characters here: a bound all the same
             except UnicodeDecodeError as err:
                 raise DataError(f"{file}:{lineno + 1}: not UTF-8 text: {err}") from None
             if not text:
                 break
             lineno += 1
+            if len(text) > MAX_LINE_BYTES:
+                raise DataError(f"{file}:{lineno}: line longer than {MAX_LINE_BYTES} characters")
             if not text.strip():
                 continue
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -506,3 +507,73 @@ def test_a_line_past_the_jsonl_limit_is_refused_unread(command: str, tmp_path: P
         ["data", "stats", str(data)]
     line = _one_error_line(runner.invoke(_tools_app(), args))
     assert "data.jsonl:2" in line and "1048576" in line, line
+
+
+# -- a fourth audit (2026-12-07): the API, eval, soup ----------------------------------------------------------
+@pytest.mark.parametrize("weights", [["inf", "1"], ["1e308", "1e308"]])
+def test_soup_weights_that_overflow_are_refused_or_scaled(weights: list[str], tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """An infinite weight wrote an all-NaN model and 1e308 + 1e308 an all-zero one, both with exit 0."""
+    from mmguard.tiny import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+    args = ["soup", str(tiny_model_dir), str(other), "--out", str(tmp_path / "soup")]
+    for w in weights:
+        args += ["--weight", w]
+    res = runner.invoke(_tools_app(), args)
+    if "inf" in weights:
+        assert "finite" in _one_error_line(res)
+        return
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    assert record["weights"] == [0.5, 0.5]
+
+
+def test_soup_and_classify_of_a_truncated_checkpoint_are_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A truncated model.safetensors gave a SafetensorError traceback (soup, classify, demo)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    soup = runner.invoke(_tools_app(), ["soup", str(tiny_model_dir), str(broken), "--out", str(tmp_path / "s")])
+    assert "cannot read model.safetensors" in _one_error_line(soup)
+    classify = runner.invoke(_tools_app(), ["classify", "-p", "hi", "-m", str(broken), "--device", "cpu"])
+    assert "cannot read the weights" in _one_error_line(classify, code=3)
+
+
+def test_eval_refuses_data_its_out_folder_would_overwrite(tmp_path: Path) -> None:
+    """--data OUT/predictions.jsonl was emptied (opened for writing before it was read) and the run exited 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "predictions.jsonl"
+    content = json.dumps(_item(split="test")) + "\n"
+    data.write_text(content)
+    line = _one_error_line(runner.invoke(_tools_app(), ["eval", "--data", str(data), "--out", str(out)]))
+    assert "--out" in line and data.read_text() == content
+
+
+@pytest.mark.parametrize("value", ['"false"', "0", '"no"'])
+def test_a_policy_flag_must_be_true_or_false(value: str, tmp_path: Path) -> None:
+    """bool("false") is True: a quoted "false" turned the categories' descriptions on."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f'categories:\n  S1: "a"\ninclude_descriptions: {value}\n')
+    assert "include_descriptions" in _one_error_line(runner.invoke(_tools_app(), ["policy", "--policy", str(policy)]))
+
+
+@pytest.mark.parametrize("tokens", [float("nan"), float("inf"), 0])
+def test_the_prefix_cache_bound_must_be_a_number_of_tokens(tokens: float, tiny_model_dir: Path) -> None:
+    """NaN disabled eviction (every comparison with it is false): 100 prompts kept 21,636 tokens against 996."""
+    from mmguard.guard import Guard
+
+    with pytest.raises(ValueError, match="max_tokens"):
+        Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32", prefix_cache=True,
+                              prefix_cache_tokens=tokens)  # type: ignore[arg-type]
+
+
+def test_auprc_is_undefined_without_negatives() -> None:
+    from mmguard.eval.metrics import binary_metrics
+
+    m = binary_metrics([1, 1, 1], [1, 0, 1], [0.9, 0.1, 0.6])
+    assert math.isnan(m.auprc) and math.isnan(m.roc_auc)

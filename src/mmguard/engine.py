@@ -583,16 +583,21 @@ def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str |
         raise EngineError(f"cannot load a model config from {src!r}: {err}") from None
     if getattr(config, "model_type", None) != "mllama":
         raise EngineError(f"{src} is a {getattr(config, 'model_type', '?')!r} model; mmguard needs an Mllama model")
+    from safetensors import SafetensorError
+
     from .termio import library_bars_only_on_terminal
 
     with warnings.catch_warnings(), library_bars_only_on_terminal():
         warnings.simplefilter("ignore")
-        model = MllamaForConditionalGeneration.from_pretrained(weights, dtype=torch_dtype, **kwargs)
-        if info.get("adapter"):
-            from peft import PeftModel
+        try:
+            model = MllamaForConditionalGeneration.from_pretrained(weights, dtype=torch_dtype, **kwargs)
+            if info.get("adapter"):
+                from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, src).merge_and_unload()
-            model.to(torch_dtype)
+                model = PeftModel.from_pretrained(model, src).merge_and_unload()
+                model.to(torch_dtype)
+        except SafetensorError as err:  # a truncated or corrupt weights file (not an OSError)
+            raise EngineError(f"cannot read the weights of {src!r}: {err}") from None
     model.to(device)  # type: ignore[arg-type]  # transformers' decorator confuses mypy about .to
     model.eval()
     tokenizer: Any

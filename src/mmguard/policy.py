@@ -267,6 +267,13 @@ def _validate(categories: Sequence[Category], excluded: frozenset[str]) -> None:
 _CATEGORY_KEYS = frozenset({"code", "label", "name", "title", "description"})
 
 
+def _flag(value: Any, where: str) -> bool:
+    """A yes/no field: true or false only (``bool("false")`` is True: a quoted "false" turned descriptions on)."""
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where} must be true or false, got {str(value)[:40]!r}")
+    return value
+
+
 def _scalar(value: Any, where: str) -> str:
     """A policy field as text: a string or a number. Anything else is refused before it is turned into a string:
     YAML aliases let a 500-byte file hold a list that str() expands to gigabytes."""
@@ -330,7 +337,7 @@ def _policy_from_mapping(data: Mapping[str, Any], source: str) -> Policy:
         return Policy(
             categories=tuple(items),
             excluded=frozenset(_scalar(e, f"{source}: excluded") for e in excluded),
-            include_descriptions=bool(data.get("include_descriptions", False)),
+            include_descriptions=_flag(data.get("include_descriptions", False), f"{source}: include_descriptions"),
             name=str(name),
         )
     except PolicyError as err:

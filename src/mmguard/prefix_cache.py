@@ -113,8 +113,8 @@ class PrefixCachingEngine(Engine):
         return new
 
     def _setup_prefix_cache(self, max_tokens: int, max_anchors: int) -> None:
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):  # NaN or inf would bound nothing
+            raise ValueError(f"max_tokens must be a whole number of tokens >= 1, got {max_tokens!r}")
         self.max_tokens = max_tokens
         self.max_anchors = max_anchors
         self.stats = PrefixCacheStats()

@@ -87,6 +87,10 @@ def command(
     split_filter = None if split == "all" else split
     if split_filter not in (None, "train", "validation", "test"):
         raise _fail(f"--split must be train, validation, test or all, got {split!r}")
+    written = {(out / name).resolve() for name in ("predictions.jsonl", "report.json", "report.md", "cache.sqlite")}
+    overwritten = [str(d) for d in data if d.resolve() in written]
+    if overwritten:  # opened for writing below: the data would be gone before it was read
+        raise _fail(f"--data {overwritten[0]} is a file --out {out} writes; choose another --out")
     try:
         found = scan(data, split=split_filter, limit=limit)
     except DataError as err:

@@ -102,13 +102,12 @@ def binary_metrics(
         notes.append(
             f"only {'unsafe' if pos else 'safe'} items: "
             + ("recall, " if not pos else "FPR, ")
-            + "balanced accuracy and ROC-AUC undefined"
-            + (", AUPRC undefined" if not pos else "")
+            + "balanced accuracy, ROC-AUC and AUPRC undefined"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bal = _f(balanced_accuracy_score(y, pred)) if both else NAN
-        auprc = _f(average_precision_score(y, score)) if pos else NAN
+        auprc = _f(average_precision_score(y, score)) if both else NAN  # no negatives: 1.0 whatever the scores
         roc = _f(roc_auc_score(y, score)) if both else NAN
     if not pos:
         recall = f1 = NAN

@@ -14,12 +14,14 @@ soup keeps the rank and file size of one ingredient. ``lora_cross_term_error`` m
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["WEIGHT_FILES", "SoupConfig", "SoupError", "lora_cross_term_error", "make_soup"]
@@ -46,10 +48,12 @@ class SoupConfig:
         weights = list(self.weights) or [1.0] * n
         if len(weights) != n:
             raise SoupError(f"{len(weights)} weights for {n} ingredients")
-        if any(not w >= 0 for w in weights) or sum(weights) <= 0:  # `not w >= 0` also rejects NaN
-            raise SoupError(f"weights must be >= 0 with a positive sum, got {weights}")
-        total = sum(weights)
-        return [w / total for w in weights]
+        if any(not (w >= 0 and math.isfinite(w)) for w in weights) or max(weights) <= 0:  # NaN fails both
+            raise SoupError(f"weights must be finite and >= 0 with a positive sum, got {weights}")
+        largest = max(weights)
+        scaled = [w / largest for w in weights]  # first: 1e308 + 1e308 overflows to inf, and every weight to 0
+        total = sum(scaled)
+        return [w / total for w in scaled]
 
 
 def _weight_file(folder: Path) -> str:
@@ -64,7 +68,12 @@ def _load_ingredients(folders: Sequence[Path]) -> tuple[str, list[dict[str, torc
     if len(names) != 1:
         raise SoupError(f"ingredients mix checkpoint kinds: {sorted(names)}")
     name = names.pop()
-    states = [load_file(str(Path(f) / name)) for f in folders]
+    states = []
+    for folder in folders:
+        try:
+            states.append(load_file(str(Path(folder) / name)))
+        except (SafetensorError, OSError) as err:  # truncated, not safetensors, unreadable
+            raise SoupError(f"{folder}: cannot read {name}: {err}") from None
     first = states[0]
     for folder, state in zip(folders[1:], states[1:], strict=True):
         if state.keys() != first.keys():
@@ -94,7 +103,10 @@ def make_soup(config: SoupConfig) -> Path:
     out = Path(config.out)
     if out.resolve() in {f.resolve() for f in folders}:
         raise SoupError(f"{out} is an ingredient: write the soup to a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoupError(f"cannot make {out}: {err.strerror or err}") from None
     soup: dict[str, torch.Tensor] = {}
     for key, tensor in states[0].items():
         if not tensor.is_floating_point():

@@ -577,3 +577,17 @@ def test_auprc_is_undefined_without_negatives() -> None:
 
     m = binary_metrics([1, 1, 1], [1, 0, 1], [0.9, 0.1, 0.6])
     assert math.isnan(m.auprc) and math.isnan(m.roc_auc)
+
+
+@pytest.mark.parametrize("turns", ["a string as texts", "not a Turn", "an image that is not one"])
+def test_a_conversation_built_by_hand_is_checked_for_its_shapes(turns: str) -> None:
+    """Turn("user", "hello") was judged as five user messages, one a character; other shapes raised
+    AttributeError or transformers' own errors deep inside the engine."""
+    from mmguard.conversation import Turn
+
+    built = {"a string as texts": (Turn("user", "hello"),),  # type: ignore[arg-type]
+             "not a Turn": (("user", "hi"),),
+             "an image that is not one": (Turn("user", ("hi",), image="cat.png"),)}[turns]  # type: ignore[arg-type]
+    with pytest.raises(ConversationError, match="turn 1"):
+        Conversation(built)  # type: ignore[arg-type]
+    assert Conversation([Turn("user", ("hi",))]).turns == (Turn("user", ("hi",)),)  # type: ignore[arg-type]

@@ -98,6 +98,8 @@ class Conversation:
     turns: tuple[Turn, ...]
 
     def __post_init__(self) -> None:
+        if isinstance(self.turns, list):  # hashable and immutable, as the type says
+            object.__setattr__(self, "turns", tuple(self.turns))
         _validate(self.turns)
 
     # -- constructors ---------------------------------------------------------------------------
@@ -285,6 +287,16 @@ def _validate(turns: Iterable[Turn]) -> None:
     turns = tuple(turns)
     if not turns:
         raise ConversationError("a conversation needs at least one turn")
+    for i, t in enumerate(turns):  # the shapes first: a Turn built by hand is not checked by its constructor
+        if not isinstance(t, Turn):
+            raise ConversationError(f"turn {i + 1} must be a Turn, got {type(t).__name__}")
+        if not isinstance(t.texts, tuple):  # a str would be judged one character a message
+            raise ConversationError(f"turn {i + 1}: texts must be a tuple of strings, got {type(t.texts).__name__}")
+        if t.image is not None:
+            if not isinstance(t.image, Image.Image):
+                raise ConversationError(f"turn {i + 1}: image must be a PIL image, got {type(t.image).__name__}")
+            if min(t.image.size) <= 0:
+                raise ConversationError(f"turn {i + 1}: image has zero size {t.image.size}")
     if len(turns) > MAX_TURNS:
         raise ConversationError(f"a conversation may have at most {MAX_TURNS} turns, got {len(turns)}")
     parts = sum(len(t.texts) for t in turns)

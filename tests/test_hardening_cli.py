@@ -591,3 +591,24 @@ def test_a_conversation_built_by_hand_is_checked_for_its_shapes(turns: str) -> N
     with pytest.raises(ConversationError, match="turn 1"):
         Conversation(built)  # type: ignore[arg-type]
     assert Conversation([Turn("user", ("hi",))]).turns == (Turn("user", ("hi",)),)  # type: ignore[arg-type]
+
+
+def test_evals_cache_tells_checkpoints_apart_by_their_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The cache key held file names, sizes and whole-second mtimes: a checkpoint copied over another of the same
+    size with its mtime kept (cp -p, rsync -a, fixed-mtime builds) got the old model's cached results."""
+    import os
+    import shutil
+
+    from mmguard.eval.guards import LocalGuard
+    from mmguard.tiny import make_tiny_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for f in model.iterdir():
+        os.utime(f, (1, 1))
+    before = LocalGuard(model, device="cpu", dtype="float32").cache_id
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+    shutil.copyfile(other / "model.safetensors", model / "model.safetensors")
+    os.utime(model / "model.safetensors", (1, 1))
+    assert (model / "model.safetensors").stat().st_size == (tiny_model_dir / "model.safetensors").stat().st_size
+    assert LocalGuard(model, device="cpu", dtype="float32").cache_id != before

@@ -9,12 +9,16 @@ directory: it runs every code path, and its verdicts are meaningless.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["BUNDLED_MINI", "default_model_path", "tiny_random_path"]
+__all__ = ["BUNDLED_MINI", "default_model_path", "file_digest", "model_identity", "tiny_random_path"]
 
 BUNDLED_MINI = Path(__file__).parent / "assets" / "mmguard-mini"
+_SAMPLE = 1 << 20  # file_digest reads this much at each end of a file
 
 
 def _cache_dir() -> Path:
@@ -36,3 +40,32 @@ def default_model_path() -> Path:
     if (BUNDLED_MINI / "mmguard.json").is_file() or (BUNDLED_MINI / "config.json").is_file():
         return BUNDLED_MINI
     return tiny_random_path()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB: cheap for 20 GB of weights, and it tells two random
+    initialisations of one architecture apart (their sizes and configs are equal)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            fh.seek(size - _SAMPLE)
+            h.update(fh.read(_SAMPLE))
+        elif size > _SAMPLE:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def model_identity(model: str | None) -> dict[str, Any]:
+    """What identifies the model's weights: a local directory by its files' contents (not its path, so a
+    moved copy still matches and a replaced model does not), a hub id by its name."""
+    if model is None:
+        model = str(default_model_path())
+    path = Path(model)
+    if not path.is_dir():
+        return {"id": model}
+    files = {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"name": path.name, "files_sha256": digest}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..models import model_identity
 from ..ocr import DEFAULT_OCR_TIMEOUT_S
 from .storage import StorageError, iter_lines, join, open_storage
 
@@ -159,37 +160,6 @@ def input_digest(storage: Any, path: str, size: int) -> str:
         with storage.read_range(path, start, min(size, start + _SAMPLE)) as fh:
             h.update(fh.read(min(size, start + _SAMPLE) - start))
     return h.hexdigest()[:32]
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file's size, first and last MiB: cheap for 20 GB of weights, and it tells two random
-    initialisations of one architecture apart (their sizes and configs are equal)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as fh:
-        h.update(fh.read(_SAMPLE))
-        if size > 2 * _SAMPLE:
-            fh.seek(size - _SAMPLE)
-            h.update(fh.read(_SAMPLE))
-        elif size > _SAMPLE:
-            h.update(fh.read())
-    return h.hexdigest()
-
-
-def model_identity(model: str | None) -> dict[str, Any]:
-    """What identifies the model's weights: a local directory by its files' contents (not its path, so a
-    moved copy still matches and a replaced model does not), a hub id by its name."""
-    if model is None:
-        from ..models import default_model_path
-
-        model = str(default_model_path())
-    path = Path(model)
-    if not path.is_dir():
-        return {"id": model}
-    files = {str(p.relative_to(path)): _file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"name": path.name, "files_sha256": digest}
 
 
 def job_settings(spec: GuardSpec, options: Mapping[str, Any], inputs: Iterable[InputFile]) -> dict[str, Any]:

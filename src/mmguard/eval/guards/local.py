@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...conversation import Conversation
+from ...models import model_identity
 from ...policy import DEFAULT_POLICY, Policy
 from .base import Prediction, ProgressFn, policy_key
 
 __all__ = ["LLAMA_GUARD_3_VISION", "LocalGuard"]
 
 LLAMA_GUARD_3_VISION = "meta-llama/Llama-Guard-3-11B-Vision"
-
-
-def _checkpoint_fingerprint(path: Path) -> str:
-    h = hashlib.sha256(str(path.resolve()).encode())
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
 
 
 class LocalGuard:
@@ -63,7 +55,10 @@ class LocalGuard:
         model = str(self.guard.engine.source or source or "default")
         self.name = name or (Path(model).name if model else "local")
         local = Path(model)
-        self._fingerprint = _checkpoint_fingerprint(local) if local.exists() else model
+        # the weights' contents (as a batch job's fingerprint): file sizes and mtimes matched a checkpoint copied
+        # over another with cp -p, and the cache answered with the old model's results
+        identity = json.dumps(model_identity(str(local)) if local.is_dir() else {"id": model}, sort_keys=True)
+        self._fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     @property
     def cache_id(self) -> str:

@@ -612,3 +612,17 @@ def test_evals_cache_tells_checkpoints_apart_by_their_weights(tiny_model_dir: Pa
     os.utime(model / "model.safetensors", (1, 1))
     assert (model / "model.safetensors").stat().st_size == (tiny_model_dir / "model.safetensors").stat().st_size
     assert LocalGuard(model, device="cpu", dtype="float32").cache_id != before
+
+
+def test_eval_finds_a_bad_conversation_before_any_model_time(tmp_path: Path) -> None:
+    """A system turn on line 71 stopped the run after 70 items, and every rerun stopped there again ('rerun to
+    resume'); the scan before the run checked the JSON only. The model here does not exist: the data is refused
+    first."""
+    good = [json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}], "label": "safe"}) for i in range(70)]
+    bad = json.dumps({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
+                      "label": "safe"})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join([*good, bad]) + "\n")
+    line = _one_error_line(runner.invoke(_tools_app(), ["eval", "--data", str(data), "--out", str(tmp_path / "o"),
+                                                        "--guard", f"local:{tmp_path / 'no-model'}"]))
+    assert "data.jsonl:71" in line and "bad conversation" in line, line

@@ -151,7 +151,10 @@ def command(
             f"interrupted: {store.count()} result(s) are cached in {store.path}; rerun to resume", err=True
         )
         raise typer.Exit(code=130) from None
-    except (DataError, EvalError, ConversationError, ImageError, PolicyError, OSError) as err:
+    except (DataError, ConversationError, ImageError) as err:  # the same line fails again until it is fixed
+        raise _fail(f"{err} (finished results are cached in {store.path}; fix that line, then rerun to resume)"
+                    ) from None
+    except (EvalError, PolicyError, OSError) as err:
         raise _fail(f"{err} (finished results are cached in {store.path}; rerun to resume)") from None
     finally:
         store.close()

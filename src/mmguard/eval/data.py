@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image
+
 from ..conversation import Conversation, ConversationError
 from ..data.schema import FIELDS as _SCHEMA_FIELDS  # full-schema lines are validated by it
 from ..data.schema import DataError as _SchemaDataError
@@ -39,6 +41,7 @@ __all__ = ["DataError", "LabeledItem", "iter_records", "scan"]
 
 Task = Literal["prompt", "response"]
 Modality = Literal["text", "image+text"]
+_PLACEHOLDER = Image.new("RGB", (1, 1))  # stands in for an item's image when only its shape is checked
 _LABELS = {"safe": "safe", "unsafe": "unsafe"}
 _MODALITIES = {"text": "text", "image+text": "image+text", "text+image": "image+text", "image": "image+text"}
 _CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
@@ -86,6 +89,25 @@ class LabeledItem:
             conv = Conversation.from_messages(list(self.messages), base_dir=self.file.parent)
         except (ConversationError, ImageError) as err:
             raise DataError(f"{self.where}: bad conversation: {err}") from None
+        return self._as_declared(conv)
+
+    def check_shape(self) -> None:
+        """What :meth:`conversation` checks but the images themselves (roles, turns, texts, the declared task and
+        modality), cheaply: :func:`scan` runs it on every line, so a bad item stops a run before any model time,
+        not deep into it."""
+        def placeholder(part: Any) -> Any:
+            if isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
+                return {"type": "image", "image": _PLACEHOLDER}
+            return part
+
+        messages = [{**m, "content": [placeholder(p) for p in m["content"]]}
+                    if isinstance(m, Mapping) and isinstance(m.get("content"), list) else m for m in self.messages]
+        try:
+            self._as_declared(Conversation.from_messages(messages))
+        except (ConversationError, ImageError) as err:
+            raise DataError(f"{self.where}: bad conversation: {err}") from None
+
+    def _as_declared(self, conv: Conversation) -> Conversation:
         if self.declared_task is not None and conv.task != self.declared_task:
             raise DataError(
                 f"{self.where}: task is {self.declared_task!r} but the conversation ends with a "
@@ -213,13 +235,15 @@ class Scan:
 
 
 def scan(paths: Sequence[str | Path], *, split: str | None = None, limit: int | None = None) -> Scan:
-    """Validate every line (without loading images) and count the items a run will evaluate."""
+    """Validate every line (its conversation too, without loading images) and count the items a run will
+    evaluate."""
     out = Scan()
     for p in paths:
         n = 0
-        for _ in iter_records(p, split=split):
+        for item in iter_records(p, split=split):
             if limit is not None and out.count >= limit:
                 break
+            item.check_shape()
             n += 1
             out.count += 1
         out.by_file[str(p)] = n

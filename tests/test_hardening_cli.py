@@ -626,3 +626,37 @@ def test_eval_finds_a_bad_conversation_before_any_model_time(tmp_path: Path) -> 
     line = _one_error_line(runner.invoke(_tools_app(), ["eval", "--data", str(data), "--out", str(tmp_path / "o"),
                                                         "--guard", f"local:{tmp_path / 'no-model'}"]))
     assert "data.jsonl:71" in line and "bad conversation" in line, line
+
+
+def test_the_fast_engine_serves_threads_one_call_at_a_time(tiny_model_dir: Path) -> None:
+    """One Guard(fast=True) called from 3 threads gave KeyErrors and wrong probabilities: a thread's release of
+    cached encodings removed one another thread was about to read."""
+    import threading
+
+    import numpy as np
+
+    from mmguard.guard import Guard
+
+    fast = Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32", fast=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), "RGB")
+              for side in (50, 112, 50, 112, 50, 112)]
+    expected = [fast.classify(Conversation.prompt("look", im)).unsafe_probability for im in images]
+    problems: list[str] = []
+
+    def work(first: int) -> None:
+        for _ in range(8):  # a race: more rounds make it show without the lock (it did in 1 of 2 runs at 4)
+            for j in range(first, len(images), 3):
+                try:
+                    p = fast.classify(Conversation.prompt("look", images[j])).unsafe_probability
+                    if abs(p - expected[j]) > 1e-6:
+                        problems.append(f"image {j}: {p} against {expected[j]}")
+                except Exception as err:  # any failure is the finding
+                    problems.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not problems, problems[:5]

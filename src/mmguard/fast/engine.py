@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -87,6 +88,7 @@ class FastEngine(Engine):
         self._pool: ThreadPoolExecutor | None = None
         self._encoded: OrderedDict[str, _Encoded] = OrderedDict()  # least recently used first
         self._digests: dict[int, str] = {}  # id(image) -> digest, for the duration of one call
+        self._lock = threading.RLock()  # score and decode_codes, one call at a time (see score)
         self.images_encoded = 0  # counters, for tests, benchmarks and the server's metrics
         self.image_cache_hits = 0
         if quantize is not None:
@@ -171,8 +173,9 @@ class FastEngine(Engine):
 
     def clear_image_cache(self) -> None:
         """Drop every cached encoding (also those kept across calls)."""
-        self._encoded.clear()
-        self._digests.clear()
+        with self._lock:
+            self._encoded.clear()
+            self._digests.clear()
 
     def _release(self) -> None:
         """Between chunks and at the end of a call: keep only the ``keep_images`` most recently used."""
@@ -231,42 +234,46 @@ class FastEngine(Engine):
         """As :meth:`Engine.score`; items sharing an image share one encoding (also with an earlier call's
         items when ``keep_images`` > 0). Items are processed in chunks of at most ``max_cached_images``
         distinct images to bound the memory of cached encodings."""
-        try:
-            results: list[ScoredItem | None] = [None] * len(items)
-            by_image: dict[str, list[int]] = {}
-            text_only: list[int] = []
-            for i, it in enumerate(items):
-                if it.image is None:
-                    text_only.append(i)
-                else:
-                    by_image.setdefault(self._digest(it.image), []).append(i)
-            self.image_cache_hits += sum(d in self._encoded for d in by_image)
-            chunks = [text_only] if text_only else []
-            groups = list(by_image.values())
-            for s in range(0, len(groups), self.max_cached_images):
-                chunks.append([i for g in groups[s:s + self.max_cached_images] for i in g])
-            for chunk in chunks:
-                try:
-                    imgs = [items[i].image for i in chunk if items[i].image is not None]
-                    if imgs:
-                        self.encode_images(imgs)  # type: ignore[arg-type]
-                    scored = super().score([items[i] for i in chunk], threshold=threshold, codes=codes,
-                                           batch_size=batch_size, decode_codes=decode_codes, progress=progress)
-                finally:
-                    self._release()
-                for i, r in zip(chunk, scored, strict=True):
-                    results[i] = r
-            return [r for r in results if r is not None]
-        finally:
-            self._digests.clear()
+        # the cached encodings, the call's digests and the patched vision state are shared: one call at a time
+        # (a second thread's release evicted encodings the first was about to read: KeyErrors, wrong probabilities)
+        with self._lock:
+            try:
+                results: list[ScoredItem | None] = [None] * len(items)
+                by_image: dict[str, list[int]] = {}
+                text_only: list[int] = []
+                for i, it in enumerate(items):
+                    if it.image is None:
+                        text_only.append(i)
+                    else:
+                        by_image.setdefault(self._digest(it.image), []).append(i)
+                self.image_cache_hits += sum(d in self._encoded for d in by_image)
+                chunks = [text_only] if text_only else []
+                groups = list(by_image.values())
+                for s in range(0, len(groups), self.max_cached_images):
+                    chunks.append([i for g in groups[s:s + self.max_cached_images] for i in g])
+                for chunk in chunks:
+                    try:
+                        imgs = [items[i].image for i in chunk if items[i].image is not None]
+                        if imgs:
+                            self.encode_images(imgs)  # type: ignore[arg-type]
+                        scored = super().score([items[i] for i in chunk], threshold=threshold, codes=codes,
+                                               batch_size=batch_size, decode_codes=decode_codes, progress=progress)
+                    finally:
+                        self._release()
+                    for i, r in zip(chunk, scored, strict=True):
+                        results[i] = r
+                return [r for r in results if r is not None]
+            finally:
+                self._digests.clear()
 
     def decode_codes(self, items: Sequence[EncodedItem], codes: Sequence[str],
                      max_steps: int | None = None) -> list[tuple[tuple[str, ...], dict[str, float], str]]:
-        try:
-            return super().decode_codes(items, codes, max_steps)
-        finally:
-            self._release()
-            self._digests.clear()
+        with self._lock:
+            try:
+                return super().decode_codes(items, codes, max_steps)
+            finally:
+                self._release()
+                self._digests.clear()
 
 
 def load_fast_engine(source: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",

@@ -660,3 +660,17 @@ def test_the_fast_engine_serves_threads_one_call_at_a_time(tiny_model_dir: Path)
     for t in threads:
         t.join()
     assert not problems, problems[:5]
+
+
+def test_the_prefix_caches_tables_of_template_parts_are_bounded(tiny_model_dir: Path) -> None:
+    """Each distinct policy kept its template's token ids for ever (about 60 KB a policy, 74 KB a request with a
+    policy of its own against a server)."""
+    from mmguard.guard import Guard
+    from mmguard.policy import Category, Policy
+    from mmguard.prefix_cache import MAX_MEMO
+
+    guard = Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32", prefix_cache=True)
+    for i in range(MAX_MEMO + 20):
+        policy = Policy(categories=(Category("S1", f"Category number {i}"),))
+        guard.classify(Conversation.prompt("hello there"), policy=policy)
+    assert len(guard.engine._anchor_ids) == MAX_MEMO

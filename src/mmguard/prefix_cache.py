@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,20 @@ class PrefixCacheStats:
         return dict(self.__dict__)
 
 
+MAX_MEMO = 256  # template parts whose token ids are kept (per table)
+
+
+def _memo(table: OrderedDict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``table[key]``, made on a miss; the table keeps the ``MAX_MEMO`` most recently used."""
+    if key in table:
+        table.move_to_end(key)
+        return table[key]
+    value = table[key] = make()
+    while len(table) > MAX_MEMO:
+        table.popitem(last=False)
+    return value
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -120,8 +134,10 @@ class PrefixCachingEngine(Engine):
         self.stats = PrefixCacheStats()
         self._entries: OrderedDict[tuple[str | None, tuple[int, ...]], _Entry] = OrderedDict()
         self._anchors: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
-        self._anchor_ids: dict[tuple[Segment, ...], tuple[int, ...] | None] = {}
-        self._closing: dict[tuple[Segment, ...], int] = {}
+        # token ids by template part, least recently used first: a policy is part of the key, and a server that takes
+        # per-request policies sees any number of them (each kept its ~60 KB for ever before they were bounded)
+        self._anchor_ids: OrderedDict[tuple[Segment, ...], tuple[int, ...]] = OrderedDict()
+        self._closing: OrderedDict[tuple[Segment, ...], int] = OrderedDict()
         self._lock = threading.RLock()
         cross = set(getattr(self.model.config.text_config, "cross_attention_layers", []) or [])
         self._n_layers = int(self.model.config.text_config.num_hidden_layers)
@@ -157,10 +173,8 @@ class PrefixCachingEngine(Engine):
         else:
             return None
         key = tuple(cut)
-        if key not in self._anchor_ids:
-            self._anchor_ids[key] = tuple(encode_prompt(self.tokenizer, RenderedPrompt(
-                key, prompt.role, prompt.has_image, prompt.format)))
-        return self._anchor_ids[key]
+        return _memo(self._anchor_ids, key, lambda: tuple(encode_prompt(self.tokenizer, RenderedPrompt(
+            key, prompt.role, prompt.has_image, prompt.format))))
 
     def closing_len(self, prompt: RenderedPrompt) -> int:
         """Tokens of the template's closing part (``<END CONVERSATION>`` to the end), 0 if there is none."""
@@ -173,10 +187,9 @@ class PrefixCachingEngine(Engine):
         else:
             return 0
         key = (*reversed(tail), Segment(prompt.decision_prefix))
-        if key not in self._closing:
-            ids = encode_prompt(self.tokenizer, RenderedPrompt(key[:-1], prompt.role, prompt.has_image, prompt.format))
-            self._closing[key] = len(ids) + len(self.decision_prefix_ids(prompt.decision_prefix))
-        return self._closing[key]
+        return _memo(self._closing, key, lambda: len(encode_prompt(
+            self.tokenizer, RenderedPrompt(key[:-1], prompt.role, prompt.has_image, prompt.format)))
+            + len(self.decision_prefix_ids(prompt.decision_prefix)))
 
     def _plan(self, item: EncodedItem) -> _Plan:
         ids = item.input_ids

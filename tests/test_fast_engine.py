@@ -144,23 +144,29 @@ def test_kept_encodings_are_least_recently_used(guards) -> None:
     assert kept.engine.cached_images == 0
 
 
-def test_cross_attention_gets_only_the_tiles_rows_attend_to(guards) -> None:
-    """A batch of 1-tile images carries 1 tile of cross-attention states per row, not max_num_tiles; a batch
-    mixing 1 and 2 tiles carries 2 (the 1-tile row's second tile masked, as in the plain engine)."""
+def test_cross_attention_keeps_every_tile_unless_an_approximation_is_asked_for(guards, tiny_model_dir: Path) -> None:
+    """The exact path gives each row every tile's states, padded ones too: the tokens before <|image|> have a fully
+    masked cross-attention row, which Mllama resets to attend to all tiles, so cutting the padded tiles (as this
+    engine did) changed 1-3 tile images. real_tiles_only cuts them: a batch of 1-tile images gets 1 tile a row,
+    one mixing 1 and 2 tiles gets 2."""
+    from mmguard.fast import load_fast_engine
+    from mmguard.guard import Guard
+
     plain, fast = guards
     one = [noise_image(56, 56, 21), noise_image(50, 40, 22)]
     two = noise_image(112, 56, 23)
     convs = [Conversation.prompt("first", image=one[0]), Conversation.prompt("second one", image=one[1])]
-    engine = fast.engine
-    items = [engine.encode(fast.render(c), c.image) for c in convs]
-    batch = engine.collate(items)
-    per_row = batch["cross_attention_states"].shape[0] // len(items)
-    assert per_row == 1 and batch["cross_attention_mask"].shape[-1] == 1
     mixed = [*convs, Conversation.response("third", "reply", image=two)]
-    items = [engine.encode(fast.render(c), c.image) for c in mixed]
-    batch = engine.collate(items)
-    assert batch["cross_attention_states"].shape[0] // len(items) == 2
-    engine.clear_image_cache()
+    max_tiles = int(fast.engine.model.config.vision_config.max_num_tiles)
+    approx = Guard(load_fast_engine(tiny_model_dir, device="cpu", dtype="float32", real_tiles_only=True))
+    for guard, expected in ((fast, (max_tiles, max_tiles)), (approx, (1, 2))):
+        engine = guard.engine
+        for convs_, tiles in ((convs, expected[0]), (mixed, expected[1])):
+            items = [engine.encode(guard.render(c), c.image) for c in convs_]
+            batch = engine.collate(items)
+            assert batch["cross_attention_states"].shape[0] // len(items) == tiles
+            assert batch["cross_attention_mask"].shape[-1] == tiles
+    fast.engine.clear_image_cache()
     _same(plain.classify_batch(mixed, threshold=0.0, batch_size=8), fast.classify_batch(mixed, threshold=0.0,
                                                                                          batch_size=8))
 

@@ -121,7 +121,7 @@ class Guard:
         """Load a guard from a local directory or a Hugging Face id (``None``: the bundled default model).
 
         ``fast=True`` uses :class:`mmguard.fast.FastEngine` (mask-free exact vision attention, each distinct
-        image encoded once per call, cross-attention over real tiles only); it gives the same results and is
+        image encoded once per call); it gives the same results and is
         tested to, but its speed-up is not yet measured on a GPU (docs/performance.md). ``fast_options`` are
         FastEngine's (``keep_images``, ``mask_free_text``; the approximations ``quantize`` and
         ``real_tiles_only``) and imply ``fast``. ``read_text``, ``ocr``, ``ocr_timeout_s``, ``max_prompt_tokens``:

@@ -3,6 +3,8 @@ answers to hostile or malformed requests. The guard has random weights: plumbing
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mmguard.conversation import Conversation, ConversationError, InvalidTextError, Turn, check_text
@@ -513,3 +515,41 @@ def test_the_text_of_one_request_is_bounded_in_all(tiny_guard, path: str, body: 
     assert resp.status_code == 400 and error["code"] == "text_too_long" and error["param"] == param, error
     assert "1000" in error["message"] and "--max-text-chars" in error["message"]
     assert fits.status_code == 200 and len(fits.json()["results"]) == 2
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_request_bodies_held_at_once_are_bounded(tiny_guard, framing: str) -> None:
+    """Nothing bounded how many requests the server held at once: each costs several times its body while it waits
+    and runs (a 25 MB image request peaked at 222 MB; 6 concurrent ones +775 MB). Past max_inflight_bytes a request
+    gets 429 server_busy, unread; a chunked body is counted as it arrives."""
+    import socket
+
+    import httpx
+
+    from mmguard.server import ServerSettings
+    from mmguard.server.testing import LiveServer
+
+    settings = ServerSettings(max_inflight_bytes=1_000_000, body_timeout_s=20.0, warmup=False)
+    with (
+        LiveServer(tiny_guard, settings) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as held,
+    ):
+        # a request whose 900 kB body is still on its way holds its share of the budget
+        held.sendall(b"POST /v1/guard/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 900000\r\n\r\n{")
+        body = {"messages": _user("x" * 200_000)}
+        if framing == "chunked":
+            raw = json.dumps(body).encode()
+            busy = httpx.post(srv.url + "/v1/guard/classify", content=iter([raw[:100_000], raw[100_000:]]),
+                              headers={"content-type": "application/json"}, timeout=30)
+        else:
+            busy = httpx.post(srv.url + "/v1/guard/classify", json=body, timeout=30)
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy", busy.text
+        small = httpx.post(srv.url + "/v1/guard/classify", json={"messages": _user("hi")}, timeout=30)
+        assert small.status_code == 200, small.text  # 900 kB + a small body fit
+        held.close()
+        for _ in range(50):  # the held request ends (its client left): its share comes back
+            again = httpx.post(srv.url + "/v1/guard/classify", json=body, timeout=30)
+            if again.status_code != 429:
+                break
+        assert again.status_code != 429, again.text  # admitted (its text is too long for the tiny model: a 400)

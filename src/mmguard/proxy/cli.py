@@ -71,6 +71,8 @@ def command(
         bool, typer.Option("--fail-closed/--fail-open", help="On a guard error block instead of answering 503")
     ] = False,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB")] = 32.0,
+    max_inflight_mb: Annotated[float, typer.Option(
+        min=1, help="Request bodies held at once, in MiB (by declared length); beyond: 429 server_busy")] = 256.0,
     max_text_chars: Annotated[int, typer.Option(
         help="Characters of text one request may hold in all (400 text_too_long)")] = 1_000_000,
     max_image_mb: Annotated[float, typer.Option(help="Largest image in MiB")] = 20.0,
@@ -107,6 +109,7 @@ def command(
         guard_settings = ServerSettings(
             threshold=threshold, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
             request_timeout_s=request_timeout, fail_closed=fail_closed, max_body_bytes=int(max_body_mb * 1024 * 1024),
+            max_inflight_bytes=int(max_inflight_mb * 1024 * 1024),
             max_text_chars=max_text_chars,
             max_image_bytes=int(max_image_mb * 1024 * 1024), remote_images=bool(hosts), remote_image_hosts=hosts,
             remote_image_timeout_s=remote_image_timeout, log_content=log_content, metrics_public=not metrics_auth,

@@ -94,6 +94,8 @@ def command(
         list[str] | None, typer.Option(help="Accepted Bearer key (repeatable); also MMGUARD_API_KEYS=k1,k2")
     ] = None,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB")] = 32.0,
+    max_inflight_mb: Annotated[float, typer.Option(
+        min=1, help="Request bodies held at once, in MiB (by declared length); beyond: 429 server_busy")] = 256.0,
     max_text_chars: Annotated[int, typer.Option(
         help="Characters of text one request may hold in all (400 text_too_long)")] = 1_000_000,
     max_image_mb: Annotated[float, typer.Option(help="Largest image in MiB")] = 20.0,
@@ -191,6 +193,7 @@ def command(
             fail_closed=fail_closed,
             api_keys=keys,
             max_body_bytes=int(max_body_mb * 1024 * 1024),
+            max_inflight_bytes=int(max_inflight_mb * 1024 * 1024),
             max_text_chars=max_text_chars,
             max_image_bytes=int(max_image_mb * 1024 * 1024),
             remote_images=bool(hosts),

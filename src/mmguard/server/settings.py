@@ -32,6 +32,11 @@ class ServerSettings:
     fail_closed: on a model error, answer "unsafe" (flagged) instead of 503.
     api_keys: accepted Bearer keys (empty: no authentication).
     max_body_bytes: request bodies above this get 413.
+    max_inflight_bytes: request bodies the server holds at once, counted by their declared length (a body
+        without one counts as ``max_body_bytes``) from before it is read until its answer is sent; a request
+        that would pass it gets 429 ``server_busy`` at once, unread. A request costs several times its body
+        while it waits and runs (a 25 MB image request peaked at 222 MB): this bounds the server's memory
+        whatever the number of concurrent clients.
     body_timeout_s: the whole request body must arrive within this; beyond it 408 ``body_timeout``.
     max_inputs: maximum items in one moderation request.
     max_text_chars: characters of text one request may hold in all its items and messages (400
@@ -61,6 +66,7 @@ class ServerSettings:
     fail_closed: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 32 * 1024 * 1024
+    max_inflight_bytes: int = 256 * 1024 * 1024
     body_timeout_s: float = 30.0
     max_inputs: int = 256
     max_text_chars: int = 1_000_000
@@ -87,6 +93,7 @@ class ServerSettings:
             "max_batch_size",
             "max_queue",
             "max_body_bytes",
+            "max_inflight_bytes",
             "max_inputs",
             "max_text_chars",
             "max_image_bytes",

@@ -251,3 +251,27 @@ def test_multi_image_each_merges_per_image_results(tiny_guard) -> None:
         best = max(v.category_probabilities.get(code, 0.0) for v in per_image)
         assert res["category_scores"][code] == pytest.approx(best, rel=1e-3, abs=1e-12)
     assert res["flagged"] is True
+
+
+def test_queued_images_are_bounded_apart_from_the_queue(tiny_guard) -> None:
+    """Each queued image request held its decoded image (about 31 MB at the largest canvas) and the queue took
+    512 of them (about 16 GB); past max_queued_images a request with an image gets 429 while text still queues."""
+    slow = WrappedGuard(tiny_guard, delay=0.5)
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0.0, max_queue=64, max_queued_images=2, warmup=False)
+
+    def with_image(i: int) -> dict[str, Any]:
+        return {"input": [{"type": "text", "text": f"x{i}"},
+                          {"type": "image_url", "image_url": {"url": data_url((i * 40 % 255, 10, 10))}}]}
+
+    async def burst(url: str) -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            images = [http.post(url + "/v1/moderations", json=with_image(i)) for i in range(8)]
+            texts = [http.post(url + "/v1/moderations", json={"input": f"t{i}"}) for i in range(4)]
+            done = await asyncio.gather(*images, *texts)
+            return list(done[:8]), list(done[8:])
+
+    with LiveServer(slow, settings) as srv:
+        images, texts = asyncio.run(asyncio.wait_for(burst(srv.url), 60))
+    statuses = sorted(r.status_code for r in images)
+    assert 429 in statuses and 200 in statuses, statuses
+    assert all(r.status_code == 200 for r in texts), [r.status_code for r in texts]

@@ -66,6 +66,8 @@ def command(
     max_batch_size: Annotated[int, typer.Option(help="Largest guard batch")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a guard batch")] = 2.0,
     max_queue: Annotated[int, typer.Option(help="Checks that may wait; beyond: 429")] = 512,
+    max_queued_images: Annotated[int, typer.Option(
+        min=1, help="Conversations with an image that may wait (about 31 MB each); beyond: 429")] = 64,
     request_timeout: Annotated[float, typer.Option(help="Seconds per guard check; beyond: 504")] = 30.0,
     fail_closed: Annotated[
         bool, typer.Option("--fail-closed/--fail-open", help="On a guard error block instead of answering 503")
@@ -108,6 +110,7 @@ def command(
     try:
         guard_settings = ServerSettings(
             threshold=threshold, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+            max_queued_images=max_queued_images,
             request_timeout_s=request_timeout, fail_closed=fail_closed, max_body_bytes=int(max_body_mb * 1024 * 1024),
             max_inflight_bytes=int(max_inflight_mb * 1024 * 1024),
             max_text_chars=max_text_chars,

@@ -102,11 +102,13 @@ class Batcher:
         max_queue: int,
         fail_closed: bool,
         metrics: Metrics,
+        max_queued_images: int | None = None,
     ) -> None:
         self.guard = guard
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queued_images = max_queued_images  # None: no bound beyond max_queue
         self.fail_closed = fail_closed
         self.metrics = metrics
         self._pending: deque[_Item] = deque()
@@ -161,6 +163,12 @@ class Batcher:
             raise RuntimeError("batcher is not running")
         if len(self._pending) + len(specs) > self.max_queue:
             raise QueueFull(self.retry_after())
+        images = sum(spec.conversation.has_image for spec in specs)
+        if images and self.max_queued_images is not None:
+            # a decoded image waits at about 31 MB (2240 px and its tensors): 512 queued ones held 16 GB
+            queued = sum(it.spec.conversation.has_image for it in self._pending if not it.future.done())
+            if queued and queued + images > self.max_queued_images:  # a request alone always fits
+                raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         futures = []
         for spec in specs:

@@ -83,6 +83,8 @@ def command(
     max_batch_size: Annotated[int, typer.Option(help="Largest model batch")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="Conversations that may wait; beyond: 429")] = 512,
+    max_queued_images: Annotated[int, typer.Option(
+        min=1, help="Conversations with an image that may wait (about 31 MB each); beyond: 429")] = 64,
     request_timeout: Annotated[float, typer.Option(help="Seconds per request; beyond: 504")] = 30.0,
     body_timeout: Annotated[
         float, typer.Option(help="Seconds for a client to send its whole request body; beyond: 408")
@@ -188,6 +190,7 @@ def command(
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
+            max_queued_images=max_queued_images,
             request_timeout_s=request_timeout,
             body_timeout_s=body_timeout,
             fail_closed=fail_closed,

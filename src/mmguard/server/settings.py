@@ -28,6 +28,8 @@ class ServerSettings:
     max_batch_size / max_wait_ms: dynamic batching: a batch is run when it is full or when the oldest
         waiting item has waited ``max_wait_ms``.
     max_queue: items (not requests) that may wait; beyond it requests get 429 with Retry-After.
+    max_queued_images: items with an image that may wait (each holds its decoded image, about 31 MB at the
+        largest canvas); beyond it a request with an image gets 429 with Retry-After (one alone always fits).
     request_timeout_s: time from admission to answer; beyond it 504.
     fail_closed: on a model error, answer "unsafe" (flagged) instead of 503.
     api_keys: accepted Bearer keys (empty: no authentication).
@@ -62,6 +64,7 @@ class ServerSettings:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 512
+    max_queued_images: int = 64
     request_timeout_s: float = 30.0
     fail_closed: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -92,6 +95,7 @@ class ServerSettings:
         for name in (
             "max_batch_size",
             "max_queue",
+            "max_queued_images",
             "max_body_bytes",
             "max_inflight_bytes",
             "max_inputs",

@@ -35,6 +35,7 @@ class ServerState:
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
+            max_queued_images=settings.max_queued_images,
             fail_closed=settings.fail_closed,
             metrics=self.metrics,
         )

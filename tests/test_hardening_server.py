@@ -553,3 +553,43 @@ def test_request_bodies_held_at_once_are_bounded(tiny_guard, framing: str) -> No
             if again.status_code != 429:
                 break
         assert again.status_code != 429, again.text  # admitted (its text is too long for the tiny model: a 400)
+
+
+@pytest.mark.parametrize("client", ["silent", "trickling its headers"])
+def test_a_connection_must_send_its_headers_in_time(tiny_guard, monkeypatch, client: str) -> None:
+    """uvicorn timed nothing before a request's headers were complete: a silent connection, or one sending a header
+    byte every 3 s, was still open after 90 s (slowloris). The header deadline is 10 s, 1 s here."""
+    import socket
+    import time
+
+    import httpx
+
+    from mmguard.server import ServerSettings
+    from mmguard.server.http_protocol import HeaderDeadlineProtocol
+    from mmguard.server.testing import LiveServer
+
+    monkeypatch.setattr(HeaderDeadlineProtocol, "header_timeout_s", 1.0)
+    with (
+        LiveServer(tiny_guard, ServerSettings(warmup=False)) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock,
+    ):
+        start = time.monotonic()
+        sock.settimeout(0.3)
+        closed = False
+        header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        sent = 0
+        while time.monotonic() - start < 8 and not closed:
+            try:
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                if client != "silent":
+                    sock.sendall(header[sent:sent + 1])
+                    sent += 1
+            except ConnectionResetError:
+                closed = True
+        elapsed = time.monotonic() - start
+        with httpx.Client(timeout=10) as http:  # a client that sends its requests goes on (keep-alive too)
+            assert http.get(srv.url + "/healthz").status_code == 200
+            time.sleep(0.5)
+            assert http.get(srv.url + "/healthz").status_code == 200
+    assert closed and elapsed < 4.0, elapsed

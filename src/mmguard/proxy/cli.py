@@ -147,4 +147,7 @@ def command(
         enable_prefix_cache(guard, max_tokens=prefix_cache_tokens)
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo("warning: the proxy listens on a non-loopback address without a proxy key", err=True)
-    uvicorn.run(create_proxy_app(guard, settings), host=host, port=port, log_config=None, access_log=False)
+    from ..server.http_protocol import HeaderDeadlineProtocol
+
+    uvicorn.run(create_proxy_app(guard, settings), host=host, port=port, log_config=None, access_log=False,
+                http=HeaderDeadlineProtocol)

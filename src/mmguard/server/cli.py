@@ -271,7 +271,9 @@ def command(
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo("warning: serving on a non-loopback address without API keys", err=True)
     app = create_app(None, settings, loader=load_or_stop)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    from .http_protocol import HeaderDeadlineProtocol
+
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, http=HeaderDeadlineProtocol))
     server.run(sockets=[listener])
     if app.state.mmguard.load_error is not None:  # the loader has said why on stderr
         raise typer.Exit(3)

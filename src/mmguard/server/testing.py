@@ -11,6 +11,7 @@ import uvicorn
 
 from .app import create_app
 from .batcher import GuardLike
+from .http_protocol import HeaderDeadlineProtocol
 from .settings import ServerSettings
 
 __all__ = ["LiveServer"]
@@ -43,6 +44,7 @@ class LiveServer:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            http=HeaderDeadlineProtocol,  # as mmguard serve runs it
         )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="mmguard-live-server", daemon=True)

@@ -275,3 +275,24 @@ def test_queued_images_are_bounded_apart_from_the_queue(tiny_guard) -> None:
     statuses = sorted(r.status_code for r in images)
     assert 429 in statuses and 200 in statuses, statuses
     assert all(r.status_code == 200 for r in texts), [r.status_code for r in texts]
+
+
+def test_work_of_a_client_that_left_is_not_run(tiny_guard) -> None:
+    """Requests whose clients had disconnected still went through the model (20 of 20 abandoned image requests
+    were encoded and judged); now their queued items are dropped."""
+    slow = WrappedGuard(tiny_guard, delay=0.5)
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0.0, max_queue=64, warmup=False)
+
+    async def leave_early(url: str) -> None:
+        async with httpx.AsyncClient(timeout=0.3) as http:
+            calls = [http.post(url + "/v1/moderations", json={"input": f"abandoned {i}"}) for i in range(8)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, httpx.TimeoutException) for r in results), results
+
+    with LiveServer(slow, settings) as srv:
+        asyncio.run(leave_early(srv.url))
+        time.sleep(2.0)  # what was queued would have run by now (0.5 s a batch of one)
+        ran = slow.calls
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert ran <= 2, ran  # the one in flight when they left (and perhaps the next)
+    assert metric(metrics, 'mmguard_rejected_total{reason="client_gone"}') >= 6

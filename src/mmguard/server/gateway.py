@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .errors import error_body
-from .request_limits import REQUEST_DEADLINE, REQUEST_TEXT, TextBudget
+from .request_limits import CLIENT_GONE, REQUEST_DEADLINE, REQUEST_TEXT, TextBudget
 from .state import ServerState
 
 __all__ = ["DOCS_ASSETS", "GatewayMiddleware", "route_label"]
@@ -201,16 +201,31 @@ class GatewayMiddleware:
             scope["state"]["raw_body"] = body  # for the JSON error handler's diagnosis
             REQUEST_DEADLINE.set(time.monotonic() + settings.request_timeout_s)
             REQUEST_TEXT.set(TextBudget(settings.max_text_chars))
+            gone = asyncio.Event()
+            CLIENT_GONE.set(gone)
             sent = False
+
+            async def watch() -> None:  # the client leaving: its queued work need not run (it ran before)
+                try:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                except Exception:  # the server's channel closed under it: the request is over either way
+                    pass
+                gone.set()
 
             async def replay() -> Message:
                 nonlocal sent
                 if not sent:
                     sent = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                await gone.wait()  # the watcher reads the connection; the app learns of a disconnect from it
+                return {"type": "http.disconnect"}
 
-            await self.app(scope, replay, send_wrapper)
+            watcher = asyncio.create_task(watch())
+            try:
+                await self.app(scope, replay, send_wrapper)
+            finally:
+                watcher.cancel()
         finally:
             self.inflight -= admitted
             elapsed = time.perf_counter() - start

@@ -3,16 +3,19 @@ deadline (image fetches and the wait for verdicts share it) and its text budget 
 
 from __future__ import annotations
 
+import asyncio
 from contextvars import ContextVar
 
 from .errors import APIError
 
-__all__ = ["REQUEST_DEADLINE", "REQUEST_TEXT", "TextBudget", "request_timeout_error"]
+__all__ = ["CLIENT_GONE", "REQUEST_DEADLINE", "REQUEST_TEXT", "TextBudget", "request_timeout_error"]
 
 
 # time.monotonic() by which the current request must be answered (set by the server's middleware once the
 # body is read): image fetches and the wait for verdicts share it, so --request-timeout bounds the whole request
 REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("mmguard_request_deadline", default=None)
+# set when the request's client has disconnected (the gateway watches for it): its queued work is dropped
+CLIENT_GONE: ContextVar[asyncio.Event | None] = ContextVar("mmguard_client_gone", default=None)
 
 
 def request_timeout_error(seconds: float) -> APIError:

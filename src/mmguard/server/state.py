@@ -13,7 +13,7 @@ from .batcher import Batcher, GuardLike, Outcome, QueueFull, WorkSpec
 from .errors import APIError
 from .image_sources import ImageFetcher
 from .metrics import Metrics
-from .request_limits import REQUEST_DEADLINE, request_timeout_error
+from .request_limits import CLIENT_GONE, REQUEST_DEADLINE, request_timeout_error
 from .settings import ServerSettings, served_model_id
 
 __all__ = ["ServerState"]
@@ -101,13 +101,25 @@ class ServerState:
         budget = self.settings.request_timeout_s
         if deadline is not None:
             budget = min(budget, max(0.0, deadline - time.monotonic()))
+        waiting = asyncio.gather(*futures)
+        gone = CLIENT_GONE.get()
+        left = asyncio.ensure_future(gone.wait()) if gone is not None else None
         try:
-            outcomes = list(await asyncio.wait_for(asyncio.gather(*futures), budget))
-        except asyncio.TimeoutError:
+            await asyncio.wait({waiting, *([left] if left else [])}, timeout=budget,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if left is not None:
+                left.cancel()
+        if not waiting.done():  # the client left, or the time is up: the batcher skips cancelled items
+            waiting.cancel()
             for f in futures:
                 f.cancel()
+            if gone is not None and gone.is_set():
+                self.metrics.rejected.labels("client_gone").inc()
+                raise APIError(499, "the client closed the request", type="requests", code="client_closed")
             self.metrics.rejected.labels("timeout").inc()
-            raise request_timeout_error(self.settings.request_timeout_s) from None
+            raise request_timeout_error(self.settings.request_timeout_s)
+        outcomes = list(waiting.result())
         rejected = [(k, o) for k, o in enumerate(outcomes) if o.input_error]
         if rejected:  # the guard refused the input itself: a client error, never retried, never fail-closed
             k, first = rejected[0]

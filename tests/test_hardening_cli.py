@@ -674,3 +674,26 @@ def test_the_prefix_caches_tables_of_template_parts_are_bounded(tiny_model_dir: 
         policy = Policy(categories=(Category("S1", f"Category number {i}"),))
         guard.classify(Conversation.prompt("hello there"), policy=policy)
     assert len(guard.engine._anchor_ids) == MAX_MEMO
+
+
+def test_the_prefix_caches_bound_counts_an_images_keys_and_values(tiny_model_dir: Path) -> None:
+    """An image entry's cross-attention keys and values went uncounted: 12 images under a 2,048-token bound held
+    26 MiB (16,825 bytes a counted token against 512 for text). Now what the cache holds in all stays within the
+    bound, in bytes of self-attention cache per token. (Here one image prompt is 202 tokens and its image's keys
+    and values weigh 68 more: under a 250-token bound it was kept, 270 tokens' worth.)"""
+    from mmguard.guard import Guard
+    from mmguard.tiny import noise_image
+
+    bound = 250
+    guard = Guard.from_pretrained(tiny_model_dir, device="cpu", dtype="float32", prefix_cache=True,
+                                  prefix_cache_tokens=bound)
+    engine = guard.engine
+    text = engine.model.config.text_config
+    self_layers = text.num_hidden_layers - len(text.cross_attention_layers)
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_token = self_layers * 2 * text.num_key_value_heads * head_dim * 4  # float32 keys and values
+    for seed in range(12):
+        guard.classify(Conversation.prompt(f"what is in picture {seed}?", image=noise_image(112, 112, seed)))
+    held = sum(t.numel() * t.element_size() for e in [*engine._entries.values(), *engine._anchors.values()]
+               for t in (*e.keys, *e.values) if t is not None)
+    assert engine.cached_tokens <= bound and held / per_token <= bound, (engine.cached_tokens, held / per_token)

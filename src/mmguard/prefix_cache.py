@@ -25,6 +25,7 @@ run unchanged on top: this class only replaces its ``collate`` / ``decision_pass
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -59,10 +60,14 @@ class _Entry:
     cross_row: torch.Tensor | None  # (1, max_tiles) cross-attention mask of tokens after the image
     pinned: bool = False  # a template anchor
     body_end: int = 0  # where the template's closing part starts (the conversation ends)
+    image_tokens: int = 0  # the image's cross-attention keys and values, in tokens of self-attention cache
 
     @property
     def tokens(self) -> int:
-        return len(self.ids)
+        """What the entry holds, in tokens of self-attention cache (``max_tokens`` counts these): an image entry's
+        cross-attention keys and values weigh as much as thousands of tokens (about 210 MB for the 11B in bf16),
+        and went uncounted (12 images under a 2,048-token bound held 26 MiB, 16,825 bytes a counted token)."""
+        return len(self.ids) + self.image_tokens
 
 
 @dataclass
@@ -360,6 +365,16 @@ class PrefixCachingEngine(Engine):
         return batch
 
     # -- keeping what was computed ---------------------------------------------------------------
+    def _image_tokens(self, keys: list[torch.Tensor | None], values: list[torch.Tensor | None], length: int) -> int:
+        """The cross-attention layers' tensors of an entry, in tokens of its self-attention layers' size."""
+        def size(cross_layers: bool) -> int:
+            return sum(t.numel() * t.element_size() for i in range(self._n_layers) for t in (keys[i], values[i])
+                       if t is not None and (i in self._cross_layers) == cross_layers)
+
+        cross = size(True)
+        per_token = size(False) / max(1, length)
+        return math.ceil(cross / per_token) if cross and per_token else 0
+
     def _store(self, rows: tuple[list[EncodedItem], list[_Plan]], batch: dict[str, Any], cache: Any,
                counted: bool) -> None:
         items, plans = rows
@@ -375,7 +390,8 @@ class PrefixCachingEngine(Engine):
                 continue
             keys, values = self._layer_tensors(cache, i, real, with_cross=it.image is not None)
             cross_row = cross[i, -1, 0].clone()[None] if cross is not None else None
-            entry = _Entry(tuple(it.input_ids), plan.image_key, keys, values, cross_row, body_end=plan.body_end)
+            entry = _Entry(tuple(it.input_ids), plan.image_key, keys, values, cross_row, body_end=plan.body_end,
+                           image_tokens=self._image_tokens(keys, values, len(it.input_ids)))
             source = plan.entry
             if source is not None and not source.pinned and plan.reuse >= source.body_end - _SAME_CONVERSATION_SLACK:
                 # the same conversation checked again (e.g. a longer streamed answer): the new entry supersedes it

@@ -697,3 +697,17 @@ def test_the_prefix_caches_bound_counts_an_images_keys_and_values(tiny_model_dir
     held = sum(t.numel() * t.element_size() for e in [*engine._entries.values(), *engine._anchors.values()]
                for t in (*e.keys, *e.values) if t is not None)
     assert engine.cached_tokens <= bound and held / per_token <= bound, (engine.cached_tokens, held / per_token)
+
+
+def test_the_apis_easy_mistakes_get_clear_errors(tiny_guard: Any) -> None:
+    """classify("hello") raised AttributeError ('str' object has no attribute 'task'); exclude="S1" was read as
+    the codes 'S' and '1'; threshold=True was taken as 1.0 and "0.5" as 0.5; a generator raised TypeError (no len)."""
+    with pytest.raises(TypeError, match="Conversation objects"):
+        tiny_guard.classify("hello")
+    conv = Conversation.prompt("hi")
+    assert tiny_guard.classify(conv, exclude="S1").unsafe_probability == pytest.approx(
+        tiny_guard.classify(conv, exclude=["S1"]).unsafe_probability)
+    for bad in (True, "0.5"):
+        with pytest.raises(ValueError, match="threshold"):
+            tiny_guard.classify(conv, threshold=bad)
+    assert len(tiny_guard.classify_batch(c for c in [conv, conv])) == 2

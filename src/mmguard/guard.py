@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -191,8 +192,13 @@ class Guard:
         ``read_text`` overrides the guard's for this call. With it on, the transcriptions' text-only checks
         are scored in the same ``engine.score`` call as the conversations (``progress`` still counts
         conversations)."""
+        conversations = list(conversations)  # a generator too
+        wrong = next((c for c in conversations if not isinstance(c, Conversation)), None)
+        if wrong is not None:  # a str or a dict raised AttributeError ('str' object has no attribute 'task')
+            raise TypeError(f"classify takes Conversation objects (Conversation.prompt(text, image), "
+                            f"Conversation.from_messages(messages)), got {type(wrong).__name__}")
         active = load_policy(policy) if policy is not None else self.policy
-        exclude = list(exclude)
+        exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())  # "S1" is one code, not 'S', '1'
         if exclude:
             active = active.exclude(exclude)
         fixed = self.threshold if threshold is None else _check_threshold(threshold)
@@ -409,6 +415,8 @@ def _model_thresholds(info: dict[str, Any]) -> dict[str, float]:
 
 
 def _check_threshold(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # True was read as 1.0, "0.5" as 0.5
+        raise ValueError(f"threshold must be a number within [0, 1], got {value!r}")
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], got {value}")

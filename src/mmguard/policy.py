@@ -167,6 +167,12 @@ class Policy:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        if isinstance(self.excluded, str):  # one code, not its characters
+            object.__setattr__(self, "excluded", frozenset({self.excluded}))
+        elif not isinstance(self.excluded, frozenset):  # a list or set: `excluded - seen` needs a set
+            object.__setattr__(self, "excluded", frozenset(self.excluded))
+        if not isinstance(self.categories, tuple):
+            object.__setattr__(self, "categories", tuple(self.categories))
         check_text(self.name, "policy name", PolicyError)
         _validate(self.categories, self.excluded)
 
@@ -237,6 +243,8 @@ def _validate(categories: Sequence[Category], excluded: frozenset[str]) -> None:
         raise PolicyError(f"a policy may hold at most {_MAX_CATEGORIES} categories, got {len(categories)}")
     seen: set[str] = set()
     for i, c in enumerate(categories):
+        if not isinstance(c, Category):
+            raise PolicyError(f"category #{i + 1} must be a Category, got {type(c).__name__}")
         where = f"category #{i + 1} ({c.code!r})"  # repr: escapes control characters and surrogates
         for name in ("label", "title", "description"):
             check_text(getattr(c, name), f"{where} {name}", PolicyError)
@@ -244,12 +252,12 @@ def _validate(categories: Sequence[Category], excluded: frozenset[str]) -> None:
             raise PolicyError(
                 f"{where}: code must be a letter followed by up to 15 letters, digits or '_' (e.g. S1), got {c.code!r}"
             )
-        if c.code in seen:
-            raise PolicyError(f"{where}: duplicate code {c.code!r}")
+        if c.code.upper() in {s.upper() for s in seen}:  # the model's answer is read without regard to case
+            raise PolicyError(f"{where}: duplicate code {c.code!r} (codes must differ in more than case)")
         seen.add(c.code)
         if not isinstance(c.label, str) or not c.label.strip():
             raise PolicyError(f"{where}: label must be a non-empty string")
-        if "\n" in c.label:
+        if len(c.label.splitlines()) > 1 or c.label.endswith(("\n", "\r")):  # \r, U+2028 ... break lines too
             raise PolicyError(f"{where}: label must be one line (put long text in 'description')")
         if len(c.label) > _MAX_LABEL_CHARS:
             raise PolicyError(f"{where}: label longer than {_MAX_LABEL_CHARS} characters")

@@ -134,7 +134,9 @@ def build_prompt(
     text("<BEGIN UNSAFECONTENT CATEGORIES>\n" if fmt is PromptFormat.HF_RELEASE
          else "<BEGIN UNSAFE CONTENT CATEGORIES>\n")
     for cat in policy.active:
-        text(f"{cat.code}: {policy.prompt_value(cat)}\n")
+        # a policy's text never opens or closes a section (a per-request policy is a client's text)
+        value = _MARKER_RE.sub(r"(\1)", policy.prompt_value(cat))
+        text(f"{cat.code}: {value}\n")
     text("<END UNSAFE CONTENT CATEGORIES>\n\n")
     text("<BEGIN CONVERSATION>\n\n")
     escaped = 0

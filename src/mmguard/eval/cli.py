@@ -87,6 +87,10 @@ def command(
     split_filter = None if split == "all" else split
     if split_filter not in (None, "train", "validation", "test"):
         raise _fail(f"--split must be train, validation, test or all, got {split!r}")
+    resolved = [d.resolve() for d in data]
+    twice = next((d for d, r in zip(data, resolved, strict=True) if resolved.count(r) > 1), None)
+    if twice is not None:  # its items would count twice in every figure
+        raise _fail(f"--data {twice} is given more than once")
     written = {(out / name).resolve() for name in ("predictions.jsonl", "report.json", "report.md", "cache.sqlite")}
     overwritten = [str(d) for d in data if d.resolve() in written]
     if overwritten:  # opened for writing below: the data would be gone before it was read

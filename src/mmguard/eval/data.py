@@ -42,6 +42,7 @@ __all__ = ["DataError", "LabeledItem", "iter_records", "scan"]
 Task = Literal["prompt", "response"]
 Modality = Literal["text", "image+text"]
 _PLACEHOLDER = Image.new("RGB", (1, 1))  # stands in for an item's image when only its shape is checked
+_IMAGE_KEYS = ("path", "url", "image", "base64", "data", "image_url")  # where an image part names its image
 _LABELS = {"safe": "safe", "unsafe": "unsafe"}
 _MODALITIES = {"text": "text", "image+text": "image+text", "text+image": "image+text", "image": "image+text"}
 _CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
@@ -95,8 +96,9 @@ class LabeledItem:
         """What :meth:`conversation` checks but the images themselves (roles, turns, texts, the declared task and
         modality), cheaply: :func:`scan` runs it on every line, so a bad item stops a run before any model time,
         not deep into it."""
-        def placeholder(part: Any) -> Any:
-            if isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
+        def placeholder(part: Any) -> Any:  # an image part that names its image (one that does not is refused)
+            named = isinstance(part, Mapping) and any(part.get(k) is not None for k in _IMAGE_KEYS)
+            if named and part.get("type") in ("image", "image_url"):
                 return {"type": "image", "image": _PLACEHOLDER}
             return part
 

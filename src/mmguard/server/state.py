@@ -107,6 +107,9 @@ class ServerState:
         try:
             await asyncio.wait({waiting, *([left] if left else [])}, timeout=budget,
                                return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this task cancelled (shutdown): its items need not run either
+            waiting.cancel()
+            raise
         finally:
             if left is not None:
                 left.cancel()

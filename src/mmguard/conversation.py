@@ -23,7 +23,16 @@ from PIL import Image
 
 from .images import DEFAULT_LIMITS, ImageError, ImageLimits, image_digest, load_image
 
-__all__ = ["Conversation", "ConversationError", "InvalidTextError", "Role", "Turn", "check_text", "count_image_parts"]
+__all__ = [
+    "IMAGE_SOURCE_KEYS",
+    "Conversation",
+    "ConversationError",
+    "InvalidTextError",
+    "Role",
+    "Turn",
+    "check_text",
+    "count_image_parts",
+]
 
 Role = Literal["user", "agent"]
 _ROLE_ALIASES = {"user": "user", "human": "user", "agent": "agent", "assistant": "agent", "chatbot": "agent"}
@@ -33,6 +42,7 @@ MAX_TEXT_CHARS = 200_000
 # ~500,000 characters), while tokenizing it would still cost time and memory (25 MB of text: 61 s and 5.4 GB)
 MAX_CONVERSATION_CHARS = 1_000_000
 MAX_TEXT_PARTS = 1_024
+IMAGE_SOURCE_KEYS = ("path", "url", "image", "base64", "data")  # where an "image" part names its image, in order
 
 
 def count_image_parts(messages: Any) -> int:
@@ -261,7 +271,7 @@ def _image_source(part: Mapping[str, Any], where: str, base_dir: Path | None) ->
         ref = part.get("image_url")
         src = ref.get("url") if isinstance(ref, Mapping) else ref
     else:
-        src = next((part[k] for k in ("path", "url", "image", "base64", "data") if part.get(k) is not None), None)
+        src = next((part[k] for k in IMAGE_SOURCE_KEYS if part.get(k) is not None), None)
     if src is None:
         raise ConversationError(f"{where}: image part needs one of 'path', 'url', 'image' or 'base64'")
     if isinstance(src, str) and base_dir is not None and not src.startswith("data:") and len(src) < 4096:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLED_MINI", "default_model_path", "file_digest", "model_identity", "tiny_random_path"]
+__all__ = ["BUNDLED_MINI", "default_model_path", "file_digest", "model_identity", "sampled_digest", "tiny_random_path"]
 
 BUNDLED_MINI = Path(__file__).parent / "assets" / "mmguard-mini"
-_SAMPLE = 1 << 20  # file_digest reads this much at each end of a file
+_SAMPLE = 1 << 20  # sampled_digest reads this much at each end of a file
 
 
 def _cache_dir() -> Path:
@@ -42,20 +43,27 @@ def default_model_path() -> Path:
     return tiny_random_path()
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's size, first and last MiB: cheap for 20 GB of weights, and it tells two random
-    initialisations of one architecture apart (their sizes and configs are equal)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as fh:
-        h.update(fh.read(_SAMPLE))
-        if size > 2 * _SAMPLE:
-            fh.seek(size - _SAMPLE)
-            h.update(fh.read(_SAMPLE))
-        elif size > _SAMPLE:
-            h.update(fh.read())
+def sampled_digest(size: int, read: Callable[[int, int], bytes]) -> str:
+    """sha256 of a file's size, first and last MiB (the whole of a file up to 2 MiB); ``read(start, n)`` gives
+    n bytes from ``start``. Cheap for 20 GB of weights or a large input on an object store, and it tells two
+    random initialisations of one architecture apart (their sizes and configs are equal)."""
+    h = hashlib.sha256(str(size).encode())
+    h.update(read(0, min(size, _SAMPLE)))
+    if size > 2 * _SAMPLE:
+        h.update(read(size - _SAMPLE, _SAMPLE))
+    elif size > _SAMPLE:
+        h.update(read(_SAMPLE, size - _SAMPLE))
     return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """:func:`sampled_digest` of a local file."""
+    with path.open("rb") as fh:
+        def read(start: int, n: int) -> bytes:
+            fh.seek(start)
+            return fh.read(n)
+
+        return sampled_digest(path.stat().st_size, read)
 
 
 def model_identity(model: str | None) -> dict[str, Any]:

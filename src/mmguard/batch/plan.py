@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..models import model_identity
+from ..models import model_identity, sampled_digest
 from ..ocr import DEFAULT_OCR_TIMEOUT_S
 from .storage import StorageError, iter_lines, join, open_storage
 
@@ -35,7 +35,6 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 _PART_NAME = re.compile(r"part-\d{5,}-\d{6,}\.jsonl")
 MANIFEST_FORMAT = 1
-_SAMPLE = 1 << 20
 
 
 class FingerprintMismatch(ValueError):
@@ -155,11 +154,11 @@ class JobPlan:
 def input_digest(storage: Any, path: str, size: int) -> str:
     """sha256 of an input's size, first and last MiB (the whole of a file up to 2 MiB): a resumed job refuses
     an input edited in place to the same size, whose old and new rows would mix. Cheap on object stores too."""
-    h = hashlib.sha256(str(size).encode())
-    for start in sorted({0, max(0, size - _SAMPLE)}):
-        with storage.read_range(path, start, min(size, start + _SAMPLE)) as fh:
-            h.update(fh.read(min(size, start + _SAMPLE) - start))
-    return h.hexdigest()[:32]
+    def read(start: int, n: int) -> bytes:
+        with storage.read_range(path, start, start + n) as fh:
+            return fh.read(n)
+
+    return sampled_digest(size, read)[:32]
 
 
 def job_settings(spec: GuardSpec, options: Mapping[str, Any], inputs: Iterable[InputFile]) -> dict[str, Any]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from ..files import atomic_output
 
 __all__ = ["StorageError", "is_uri", "iter_lines", "join", "open_storage", "parent"]
 
@@ -123,24 +124,9 @@ class LocalStorage(Storage):
         return open(local, "rb")
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        # temp file in the same folder + fsync + rename: readers see the old file or the whole new one
-        target = Path(_local(path))
-        # opened "x" under a unique name, not mkstemp: mkstemp makes the file owner-only, whatever the umask
-        tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            with tmp.open("xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
+        # readers see the old file or the whole new one, also after a crash
+        with atomic_output(Path(_local(path)), durable=True) as fh:
+            fh.write(data)
 
     def listdir(self, path: str) -> list[str]:
         p = Path(_local(path))

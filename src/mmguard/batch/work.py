@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..conversation import Conversation, ConversationError, count_image_parts
+from ..conversation import IMAGE_SOURCE_KEYS, Conversation, ConversationError, count_image_parts
 from ..images import ImageError, ImageLimits, load_image
 from ..jsonl import VERDICT_KEY, JsonlLine, dumps_row, loads_strict, parse_line
 from ..policy import PolicyError
@@ -23,7 +23,6 @@ from .storage import StorageError, iter_lines, join, open_storage, parent
 
 __all__ = ["ChunkJudge", "ChunkResult"]
 
-_PATH_KEYS = ("path", "url", "image", "base64", "data")  # what Conversation.from_messages reads, in order
 
 
 @dataclass
@@ -110,7 +109,7 @@ class ChunkJudge:
                     ref = part.get("image_url")
                     src = ref.get("url") if isinstance(ref, Mapping) else ref
                 else:
-                    src = next((part[k] for k in _PATH_KEYS if part.get(k) is not None), None)
+                    src = next((part[k] for k in IMAGE_SOURCE_KEYS if part.get(k) is not None), None)
                 if src is None:  # from_messages names what is missing
                     parts.append(part)
                     continue

@@ -21,9 +21,7 @@ this schema, so that a labeled item means the same thing everywhere. One line is
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..conversation import Conversation
+from ..files import atomic_output
 from ..jsonl import MAX_LINE_BYTES, loads_strict
 from ..policy import DEFAULT_POLICY
 
@@ -290,14 +289,8 @@ def write_examples(path: Path | str, examples: Iterable[Example]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # "x": the usual mode, umask's
-    try:
-        with tmp.open("x", encoding="utf-8") as fh:
-            for ex in examples:
-                fh.write(ex.to_line() + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path, text=True) as fh:
+        for ex in examples:
+            fh.write(ex.to_line() + "\n")
+            n += 1
     return n

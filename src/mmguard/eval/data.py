@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from ..conversation import Conversation, ConversationError
+from ..conversation import IMAGE_SOURCE_KEYS, Conversation, ConversationError
 from ..data.schema import FIELDS as _SCHEMA_FIELDS  # full-schema lines are validated by it
 from ..data.schema import DataError as _SchemaDataError
 from ..data.schema import Example as _Example
@@ -42,7 +42,6 @@ __all__ = ["DataError", "LabeledItem", "iter_records", "scan"]
 Task = Literal["prompt", "response"]
 Modality = Literal["text", "image+text"]
 _PLACEHOLDER = Image.new("RGB", (1, 1))  # stands in for an item's image when only its shape is checked
-_IMAGE_KEYS = ("path", "url", "image", "base64", "data", "image_url")  # where an image part names its image
 _LABELS = {"safe": "safe", "unsafe": "unsafe"}
 _MODALITIES = {"text": "text", "image+text": "image+text", "text+image": "image+text", "image": "image+text"}
 _CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
@@ -97,7 +96,8 @@ class LabeledItem:
         modality), cheaply: :func:`scan` runs it on every line, so a bad item stops a run before any model time,
         not deep into it."""
         def placeholder(part: Any) -> Any:  # an image part that names its image (one that does not is refused)
-            named = isinstance(part, Mapping) and any(part.get(k) is not None for k in _IMAGE_KEYS)
+            keys = (*IMAGE_SOURCE_KEYS, "image_url")
+            named = isinstance(part, Mapping) and any(part.get(k) is not None for k in keys)
             if named and part.get("type") in ("image", "image_url"):
                 return {"type": "image", "image": _PLACEHOLDER}
             return part

@@ -69,6 +69,12 @@ class GatewayMiddleware:
         self.inflight += cost
         return True
 
+    async def _reply_busy(self, send: Send) -> None:
+        mib = self.state.settings.max_inflight_bytes // (1024 * 1024)
+        busy = error_body(f"the server holds {mib} MiB of requests already (--max-inflight-mb); retry shortly",
+                          type="requests", code="server_busy")
+        await self._reply(send, 429, busy, {"retry-after": "1", "connection": "close"})
+
     async def _reply(self, send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
         raw = json.dumps(body).encode()
         hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
@@ -147,11 +153,8 @@ class GatewayMiddleware:
             known = declared is not None and declared.strip().isdigit()
             # a body of unknown length (chunked) is counted as it arrives, from 64 KiB
             cost = min(max(int(declared) if known else 64 * 1024, 1), settings.max_inflight_bytes)
-            busy = error_body(
-                f"the server holds {settings.max_inflight_bytes // (1024 * 1024)} MiB of requests already "
-                "(--max-inflight-mb); retry shortly", type="requests", code="server_busy")
             if not self._admit(cost):  # a request alone is always admitted (cost at most the budget)
-                await self._reply(send_wrapper, 429, busy, {"retry-after": "1", "connection": "close"})
+                await self._reply_busy(send_wrapper)
                 return
             admitted = cost
             # read the whole body, bounded in size and in total time (a body trickled byte by byte must not
@@ -188,7 +191,7 @@ class GatewayMiddleware:
                 await self._reply(send_wrapper, 413, too_big, {"connection": "close"})
                 return
             if problem == "busy":
-                await self._reply(send_wrapper, 429, busy, {"retry-after": "1", "connection": "close"})
+                await self._reply_busy(send_wrapper)
                 return
             if problem == "timeout":
                 slow = error_body(

@@ -1,0 +1,38 @@
+"""Files written whole or not at all: a reader (or a resumed job) never sees a half-written one."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_output"]
+
+
+@contextmanager
+def atomic_output(path: Path, *, text: bool = False, durable: bool = False) -> Iterator[IO[Any]]:
+    """A file handle whose content appears at ``path`` only once the block ends without an error.
+
+    It is written beside ``path`` as ``.NAME.PID.RANDOM.tmp`` (opened ``"x"``: the umask's mode, where mkstemp
+    makes files owner-only), then renamed over ``path``; on an error it is removed. ``durable``: the file and
+    the rename are fsync'ed (they survive a crash)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with tmp.open("x", encoding="utf-8") if text else tmp.open("xb") as fh:
+            yield fh
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "ImageLimits", "check_size", "image_digest", "load_image", "max_concurrent_decodes"]
+__all__ = ["ImageError", "ImageLimits", "image_digest", "load_image", "max_concurrent_decodes"]
 
 
 class ImageError(ValueError):
@@ -177,21 +177,6 @@ def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def check_size(width: int, height: int, limits: ImageLimits = DEFAULT_LIMITS) -> None:
-    """An image's size within ``limits`` (pixels, aspect ratio; not zero), checked before it is decoded."""
-    if width <= 0 or height <= 0:
-        raise ImageError(f"image has zero size ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise ImageError(
-            f"image has {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
-        )
-    ratio = max(width, height) / min(width, height)
-    if ratio > limits.max_aspect_ratio:
-        raise ImageError(
-            f"image aspect ratio {ratio:.1f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
-        )
-
-
 def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths: bool = True) -> Image.Image:
     """Decode ``source`` (path, bytes, base64, data URL or PIL image) into a fully loaded RGB image, its longer
     side at most ``limits.max_side``.
@@ -241,7 +226,18 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
         except Exception as err:  # corrupt headers raise assorted errors inside PIL plugins
             raise ImageError(f"cannot open image: {err}") from None
     assert img is not None
-    check_size(*img.size, limits)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image has {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageError(
+            f"image aspect ratio {ratio:.1f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
+        )
     source_img = img
     try:
         if getattr(img, "is_animated", False):

@@ -36,6 +36,7 @@ __all__ = [
     "VERDICT_KEY",
     "JsonlLine",
     "dumps_row",
+    "dumps_utf8",
     "error_row",
     "finite_json",
     "iter_lines",
@@ -83,19 +84,22 @@ def finite_json(x: Any) -> Any:
     return x
 
 
-def dumps_row(row: Mapping[str, Any]) -> str:
-    """One output line (without the newline): strict JSON, UTF-8 text where possible.
-
-    Strings holding lone surrogates (only an input's ``\\ud800``-style escapes can produce them) cannot be
-    written as UTF-8; such a row is written with ASCII escapes, which reproduces the input's escapes.
-    """
+def dumps_utf8(value: Any, **options: Any) -> str:
+    """``json.dumps`` as UTF-8 text where it can be: strings holding lone surrogates (an input's ``\\ud800``-style
+    escape, a path whose bytes are not UTF-8) cannot be written as UTF-8, so such a value is written with ASCII
+    escapes, which reproduce the input's. ``options``: json.dumps's (not ``ensure_ascii``)."""
+    text = json.dumps(value, ensure_ascii=False, **options)
     try:
-        text = json.dumps(row, ensure_ascii=False, allow_nan=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = json.dumps(row, ensure_ascii=True, allow_nan=False)
-        return text
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, ensure_ascii=True, **options)
+    return text
+
+
+def dumps_row(row: Mapping[str, Any]) -> str:
+    """One output line (without the newline): strict JSON, UTF-8 text where possible (:func:`dumps_utf8`)."""
+    try:
+        return dumps_utf8(row, allow_nan=False)
     except RecursionError:
         line = row.get(VERDICT_KEY, {}).get("line") if isinstance(row.get(VERDICT_KEY), Mapping) else None
         return json.dumps({VERDICT_KEY: {"line": line, "error": "the row is nested too deeply to write"}})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..jsonl import dumps_utf8
 from ..models import model_identity, sampled_digest
 from ..ocr import DEFAULT_OCR_TIMEOUT_S
 from .storage import StorageError, iter_lines, join, open_storage
@@ -120,11 +121,7 @@ class JobPlan:
             "done": dict(sorted(self.done.items())),
             "summary": self.summary,
         }
-        text = json.dumps(body, ensure_ascii=False, indent=1) + "\n"
-        try:
-            return text.encode()
-        except UnicodeEncodeError:  # a path that is not UTF-8 (Python reads its bytes as lone surrogates)
-            return (json.dumps(body, ensure_ascii=True, indent=1) + "\n").encode()
+        return (dumps_utf8(body, indent=1) + "\n").encode()  # a path that is not UTF-8: ASCII escapes
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> JobPlan:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from ..conversation import Conversation
 from ..files import atomic_output
-from ..jsonl import MAX_LINE_BYTES, loads_strict
+from ..jsonl import MAX_LINE_BYTES, dumps_utf8, loads_strict
 from ..policy import DEFAULT_POLICY
 
 __all__ = [
@@ -197,14 +197,9 @@ class Example:
         return {name: getattr(self, name) for name in FIELDS}
 
     def to_line(self) -> str:
-        """One JSON line, UTF-8 text where it can be: a lone surrogate (read from a ``\\ud800`` escape) cannot
-        be written as UTF-8, so such an item is written with ASCII escapes, as it was read."""
-        line = json.dumps(self.to_json(), ensure_ascii=False, sort_keys=False)
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:
-            line = json.dumps(self.to_json(), ensure_ascii=True, sort_keys=False)
-        return line
+        """One JSON line, UTF-8 text where it can be (a lone surrogate, read from a ``\\ud800`` escape, is
+        written with ASCII escapes, as it was read: :func:`mmguard.jsonl.dumps_utf8`)."""
+        return dumps_utf8(self.to_json())
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Example:

@@ -290,6 +290,8 @@ def _print_verdict(verdict: Any, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .termio import printable
+
     console = Console()
     style = "bold red" if verdict.is_unsafe else "bold green"
     console.print(f"[{style}]{verdict.label.upper()}[/]  p(unsafe) = {verdict.unsafe_probability:.4f}"
@@ -297,15 +299,17 @@ def _print_verdict(verdict: Any, as_json: bool) -> None:
     if verdict.violated:
         table = Table("code", "category", "p(unsafe, listed first)")
         for v in verdict.violated:
-            table.add_row(v.code, v.name, f"{verdict.category_probabilities.get(v.code, 0.0):.4f}")
+            p = verdict.category_probabilities.get(v.code, 0.0)
+            table.add_row(printable(v.code), printable(v.name), f"{p:.4f}")
         console.print(table)
     if verdict.read_text is not None:
-        console.print(f"text in the image: {verdict.read_text!r}" if verdict.read_text else "text in the image: none")
+        console.print(f"text in the image: {printable(repr(verdict.read_text))}" if verdict.read_text
+                      else "text in the image: none")
     if len(verdict.check_probabilities) > 1:
         checks = ", ".join(f"{k} {p:.4f}" for k, p in verdict.check_probabilities.items())
         console.print(f"checks: {checks}; flagged by: {', '.join(verdict.flagged_by) or 'none'}")
     for w in verdict.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {printable(w)}")
 
 
 @app.command()
@@ -496,12 +500,15 @@ def show_policy(
     from rich.console import Console
     from rich.table import Table
 
+    from .termio import printable
+
     table = Table("code", "prompt label", "title", "active", *(["description"] if descriptions else []),
-                  title=f"policy: {active.name}")
+                  title=f"policy: {printable(active.name)}")
     for c in active.categories:
-        row = [c.code, c.label, c.title, "no (excluded)" if c.code in active.excluded else "yes"]
+        row = [printable(c.code), printable(c.label), printable(c.title),
+               "no (excluded)" if c.code in active.excluded else "yes"]
         if descriptions:
-            row.append(c.description)
+            row.append(printable(c.description))
         table.add_row(*row)
     Console().print(table)
 
@@ -517,10 +524,12 @@ def demo(
 
     from .examples import example_conversations
     from .guard import RANDOM_WEIGHTS_WARNING
+    from .termio import printable
 
     console = Console()
     guard = _load_guard(model, None, device, "auto", None, "hf")
-    console.print(f"model: {guard.engine.source}  device: {guard.engine.device}  tile: {guard.engine.tile_size}px")
+    console.print(f"model: {printable(guard.engine.source)}  device: {guard.engine.device}  "
+                  f"tile: {guard.engine.tile_size}px")
     recorded = " (chosen on a validation split, from the model's mmguard.json)" if guard.model_thresholds else ""
     console.print(f"thresholds: prompt {guard.threshold_for('prompt'):g}, response "
                   f"{guard.threshold_for('response'):g}{recorded}")
@@ -537,12 +546,12 @@ def demo(
                f"{v.unsafe_probability:.3f}", ",".join(v.codes)]
         if reading:
             read = "" if v.read_text is None else (v.read_text[:40] + "..." if len(v.read_text) > 40 else v.read_text)
-            row += [read or ("(none)" if v.has_image else ""), ", ".join(v.flagged_by)]
+            row += [printable(read) or ("(none)" if v.has_image else ""), ", ".join(v.flagged_by)]
         table.add_row(*row)
     console.print(table)
     for (name, _conv), v in zip(examples, verdicts, strict=True):
         for w in v.warnings:
-            console.print(f"[yellow]warning[/] ({name}): {w}")
+            console.print(f"[yellow]warning[/] ({name}): {printable(w)}")
 
 
 # Tools built on the API register here: (module, attribute, command name, kind)

@@ -170,10 +170,12 @@ class Guard:
         threshold: float | None = None,
         categories: bool = True,
         read_text: str | None = None,
+        all_category_scores: bool = False,
     ) -> Verdict:
         """Judge the last turn of ``conversation``."""
         return self.classify_batch([conversation], policy=policy, exclude=exclude, threshold=threshold,
-                                   categories=categories, read_text=read_text)[0]
+                                   categories=categories, read_text=read_text,
+                                   all_category_scores=all_category_scores)[0]
 
     def classify_batch(
         self,
@@ -186,12 +188,15 @@ class Guard:
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
         read_text: str | None = None,
+        all_category_scores: bool = False,
     ) -> list[Verdict]:
         """Judge many conversations; results are in input order and equal one-at-a-time results.
 
         ``read_text`` overrides the guard's for this call. With it on, the transcriptions' text-only checks
         are scored in the same ``engine.score`` call as the conversations (``progress`` still counts
-        conversations)."""
+        conversations). ``all_category_scores`` decodes the category probabilities of safe verdicts too
+        (the server's ``category_scores: "always"``), from the check with the largest unsafe probability;
+        the verdict, its codes and ``flagged_by`` are the same as without it."""
         conversations = list(conversations)  # a generator too
         wrong = next((c for c in conversations if not isinstance(c, Conversation)), None)
         if wrong is not None:  # a str or a dict raised AttributeError ('str' object has no attribute 'task')
@@ -212,7 +217,8 @@ class Guard:
             r.indices = list(range(len(items), len(items) + len(r.items)))
             items.extend(r.items)
         # category codes are decoded for rows at or above the lowest threshold in play (used only if unsafe)
-        scored = self.engine.score(items, threshold=min(thresholds, default=0.5), codes=active.active_codes,
+        decode_at = 0.0 if all_category_scores else min(thresholds, default=0.5)
+        scored = self.engine.score(items, threshold=decode_at, codes=active.active_codes,
                                    batch_size=batch_size or self.batch_size, decode_codes=categories,
                                    progress=_scaled(progress, n_main, len(items)))
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / max(1, len(conversations))
@@ -237,7 +243,11 @@ class Guard:
             flagged = tuple(k for k in deciding if checks[k].unsafe_probability >= thr)
             codes: list[str] = []
             cat_probs: dict[str, float] = {}
-            for k in flagged or ("model",):
+            # codes and category probabilities come from the checks that flag; a safe verdict has none, though
+            # its row was decoded for a lower threshold in the same batch, unless all are asked for: then from
+            # the deciding check that came nearest to flagging
+            top = max(deciding, key=lambda k: checks[k].unsafe_probability)
+            for k in flagged or ((top,) if all_category_scores else ()):
                 codes.extend(c for c in checks[k].codes if c not in codes)
                 for code, p in checks[k].category_probabilities.items():
                     cat_probs[code] = max(p, cat_probs.get(code, 0.0))
@@ -249,7 +259,7 @@ class Guard:
                     role=conv.judged_role,
                     violated=tuple(ViolatedCategory(c, active.category(c).name) for c in codes) if unsafe else (),
                     category_probabilities=cat_probs,
-                    raw_text=checks[(flagged or ("model",))[0]].raw_text,
+                    raw_text=checks[flagged[0]].raw_text if flagged else None,
                     has_image=conv.has_image,
                     latency_ms=elapsed_ms,
                     warnings=tuple(notes),
@@ -333,7 +343,10 @@ class Guard:
                 try:
                     escaped = 0
                     for window in transcription_windows(res.text):
-                        prompt = self.render(with_transcription(conversations[i], window), policy)
+                        # always escaped, whatever self.markers says: nobody can edit what OCR read, and
+                        # refusing it (REJECT) dropped the check, so a marker beside harmful text hid it
+                        prompt = build_prompt(with_transcription(conversations[i], window), policy,
+                                              format=self.prompt_format, markers=MarkerHandling.ESCAPE)
                         read.items.append(self.encode(prompt, None))
                         escaped += prompt.escaped_markers
                     if escaped:

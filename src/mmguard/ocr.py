@@ -69,6 +69,7 @@ _ENGINE_MAX_CHARS = 100_000  # what one read may return at all: a memory bound, 
 _NO_BOX_CAP = 1 << 30  # RapidOCR's Det.max_candidates when uncapped (its own default, 1000, is a cap too)
 OCR_INSTALL_HINT = "pip install 'mmguard[ocr]'"
 _WS_RE = re.compile(r"\s+")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class OcrUnavailable(RuntimeError):
@@ -419,8 +420,9 @@ class OcrReader:
         if not isinstance(text, str):
             return OcrResult(None, f"text in the image was not read: OCR returned {type(text).__name__}, "
                                    "not text", elapsed)
-        # one character past the limit is kept: it is how a remembered read knows it was cut
-        kept = _WS_RE.sub(" ", text).strip()[: self.max_chars + 1]
+        # one character past the limit is kept: it is how a remembered read knows it was cut; a lone surrogate
+        # (an engine of the user's) becomes U+FFFD, as the verdict's JSON cannot hold it
+        kept = _SURROGATE_RE.sub("\ufffd", _WS_RE.sub(" ", text).strip()[: self.max_chars + 1])
         if key is not None:
             self._remember(key, kept)
         if stored is not None:

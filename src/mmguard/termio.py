@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,7 +31,20 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["RateColumn", "StderrHandler", "library_bars_only_on_terminal", "progress_bar", "stderr_is_terminal"]
+__all__ = [
+    "RateColumn",
+    "StderrHandler",
+    "library_bars_only_on_terminal",
+    "printable",
+    "progress_bar",
+    "stderr_is_terminal",
+]
+
+
+def printable(value: object) -> str:
+    """Outside text as rich prints it verbatim: markup escaped (an image reading ``[/]`` crashed ``mmguard
+    classify``, and ``[black on black]`` hid its text) and a lone surrogate as its escape (not encodable)."""
+    return escape(str(value).encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 @contextlib.contextmanager

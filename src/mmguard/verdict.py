@@ -81,12 +81,6 @@ class Verdict:
         d["flagged_by"] = list(self.flagged_by)
         return d
 
-    def flagged_at(self, threshold: float) -> tuple[str, ...]:
-        """The checks that flag at ``threshold`` (for a verdict computed at a lower one)."""
-        if not self.check_probabilities:
-            return ("model",) if self.unsafe_probability >= threshold else ()
-        return tuple(k for k, p in self.check_probabilities.items() if p >= threshold)
-
     def __str__(self) -> str:
         if not self.is_unsafe:
             return f"safe (p_unsafe={self.unsafe_probability:.3f})"

@@ -189,6 +189,7 @@ def command(
     from ..data.schema import DataError
     from ..engine import EngineError
     from ..guard import Guard
+    from ..termio import printable
     from .common import load_attack_items
     from .gcg import GCGConfig
     from .pgd import PGDConfig, parse_budgets
@@ -224,8 +225,8 @@ def command(
         raise _fail(f"--data: {err}") from None
     if unloadable:  # said, never silent: the report's counts are of the items that loaded
         first_id, reason = unloadable[0]
-        console.print(f"[yellow]warning: {len(unloadable)} unsafe item(s) of {path} could not be loaded and are "
-                      f"not attacked (first: {first_id}: {reason})", highlight=False)
+        console.print(f"[yellow]warning: {len(unloadable)} unsafe item(s) of {printable(path)} could not be loaded "
+                      f"and are not attacked (first: {printable(first_id)}: {printable(reason)})", highlight=False)
     if not items:
         raise _fail(f"no unsafe {split} items in {path} could be loaded" if unloadable else
                     f"no unsafe {split} items in {path}")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..termio import stderr_is_terminal
+from ..termio import printable, stderr_is_terminal
 from .build import BuildConfig, build, count_rows
 from .schema import DataError, read_examples
 from .sources import CONVERTERS
@@ -33,11 +33,8 @@ def _table(rows: list[dict[str, Any]], title: str) -> Table:
     for col in ("source", "split", "task", "label", "modality"):
         table.add_column(col)
     table.add_column("count", justify="right")
-    def shown(value: Any) -> str:  # a lone surrogate (a "\ud800" escape in the file) cannot be printed as is
-        return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-
-    for r in rows:
-        table.add_row(*(shown(r[k]) for k in ("source", "split", "task", "label", "modality")), str(r["count"]))
+    for r in rows:  # values from the data: a lone surrogate or [markup] printed as written
+        table.add_row(*(printable(r[k]) for k in ("source", "split", "task", "label", "modality")), str(r["count"]))
     table.add_section()
     table.add_row("total", "", "", "", "", str(sum(r["count"] for r in rows)))
     return table
@@ -101,11 +98,11 @@ def build_command(
             _fail(str(err))
         except OSError as err:  # a source file not readable, --out not writable, a disk full
             _fail(f"{err.filename or out}: {err.strerror or err}")
-    _console.print(_table(result.rows, f"{out}"))
+    _console.print(_table(result.rows, printable(out)))
     _console.print(f"written: {json.dumps(result.counts)}; duplicates dropped: {sum(result.duplicates.values())}")
     if result.excluded_from_train:
         _console.print(f"kept out of train: {json.dumps(result.excluded_from_train)}")
-    _console.print(f"stats: {out / 'stats.json'}")
+    _console.print(f"stats: {printable(out / 'stats.json')}")
 
 
 @app.command("stats")
@@ -125,7 +122,7 @@ def stats_command(
         codes = Counter(c for e in examples for c in e.codes)
         typer.echo(json.dumps({"total": len(examples), "rows": rows, "codes": dict(sorted(codes.items()))}, indent=2))
         return
-    _console.print(_table(rows, str(file)))
+    _console.print(_table(rows, printable(file)))
 
 
 @app.command("sample")
@@ -156,4 +153,4 @@ def sample_command(
         write_examples(out, examples)
     except OSError as err:
         _fail(f"--out: cannot write {out}: {err.strerror or err}")
-    _console.print(_table(count_rows(examples), f"{out}"))
+    _console.print(_table(count_rows(examples), printable(out)))

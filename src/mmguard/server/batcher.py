@@ -46,6 +46,7 @@ class GuardLike(Protocol):
         policy: Any = None,
         exclude: Any = (),
         threshold: float | None = None,
+        all_category_scores: bool = False,
     ) -> list[Verdict]: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -278,27 +279,9 @@ class Batcher:
 
     def _classify(self, group: list[WorkSpec]) -> list[Verdict]:
         head = group[0]
-        convs = [s.conversation for s in group]
-        if not head.always_scores:  # threshold None: the guard's own (per task)
-            return self.guard.classify_batch(convs, policy=head.policy, exclude=head.exclude,
-                                             threshold=head.threshold)
-        # every item "unsafe" at threshold 0 gets its per-category probabilities; then the real threshold
-        raw = self.guard.classify_batch(convs, policy=head.policy, exclude=head.exclude, threshold=0.0)
-        out = []
-        for v in raw:
-            thr = self.guard.threshold_for(v.task) if head.threshold is None else head.threshold
-            unsafe = v.unsafe_probability >= thr
-            out.append(
-                replace(
-                    v,
-                    is_unsafe=unsafe,
-                    threshold=thr,
-                    violated=v.violated if unsafe else (),
-                    raw_text=v.raw_text if unsafe else None,
-                    flagged_by=v.flagged_at(thr),
-                )
-            )
-        return out
+        # threshold None: the guard's own (per task); always_scores: category probabilities of safe items too
+        return self.guard.classify_batch([s.conversation for s in group], policy=head.policy, exclude=head.exclude,
+                                         threshold=head.threshold, all_category_scores=head.always_scores)
 
     def _failure(self, spec: WorkSpec, err: BaseException) -> Outcome:
         if isinstance(err, _INPUT_ERRORS):

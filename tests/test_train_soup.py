@@ -16,7 +16,8 @@ LORA_A = "base_model.model.layers.0.q_proj.lora_A.weight"
 LORA_B = "base_model.model.layers.0.q_proj.lora_B.weight"
 
 
-def _adapter(folder: Path, seed: int, *, extra: str | None = None) -> Path:
+def _adapter(folder: Path, seed: int, *, extra: str | None = None, alpha: int = 8, base: str = "smollm2",
+             nan: bool = False) -> Path:
     g = torch.Generator().manual_seed(seed)
     state = {
         LORA_A: torch.randn(4, 8, generator=g).to(torch.bfloat16),
@@ -26,10 +27,12 @@ def _adapter(folder: Path, seed: int, *, extra: str | None = None) -> Path:
     }
     if extra:
         state[extra] = torch.zeros(2)
+    if nan:
+        state[LORA_B][0, 0] = float("nan")
     folder.mkdir(parents=True)
     save_file(state, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "seed": seed}))
-    (folder / "mmguard.json").write_text(json.dumps({"seed": seed}))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": alpha, "seed": seed}))
+    (folder / "mmguard.json").write_text(json.dumps({"base": base, "seed": seed}))
     return folder
 
 
@@ -75,6 +78,13 @@ def test_cross_term_error_is_zero_for_equal_ingredients_and_matches_a_hand_compu
         (lambda t: SoupConfig([_adapter(t / "a", 0), _adapter(t / "b", 1, extra="x")], t / "o"), "other tensors"),
         (lambda t: SoupConfig([_adapter(t / "a", 0), t / "a"], t / "a"), "is an ingredient"),
         (lambda t: SoupConfig([_adapter(t / "a", 0), t], t / "o"), "no adapter_model.safetensors"),
+        # the first one's configuration is copied: the others must be read the same way
+        (lambda t: SoupConfig([_adapter(t / "a", 0), _adapter(t / "b", 1, alpha=800)], t / "o"),
+         r"adapter_config.json differs .*lora_alpha"),
+        (lambda t: SoupConfig([_adapter(t / "a", 0), _adapter(t / "b", 1, base="other")], t / "o"),
+         r"mmguard.json differs .*base"),
+        (lambda t: SoupConfig([_adapter(t / "a", 0), _adapter(t / "b", 1, nan=True)], t / "o"),
+         "lora_B.weight holds NaN"),
     ],
 )
 def test_bad_ingredients_are_clear_errors(tmp_path: Path, make, message: str) -> None:
@@ -89,6 +99,8 @@ def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     state = load_file(str(a / "adapter_model.safetensors"))
     state[LORA_A] = torch.zeros(5, 8, dtype=torch.bfloat16)
     save_file(state, str(b / "adapter_model.safetensors"))
+    for name in ("adapter_config.json", "mmguard.json"):
+        (b / name).write_text((a / name).read_text())
     with pytest.raises(SoupError, match=r"lora_A.weight has shape \(5, 8\), not \(4, 8\)"):
         make_soup(SoupConfig([a, b], tmp_path / "o"))
 

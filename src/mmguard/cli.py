@@ -355,7 +355,12 @@ def classify(
                 _fail("--output is the --jsonl input file; writing would erase it")
         guard = _load_guard(model, active, device, dtype, threshold, fmt, batch_size, fast, quantize, read_text,
                             ocr_timeout)
-        bad = _classify_jsonl(guard, jsonl, output, batch_size)
+        from .engine import EngineError
+
+        try:
+            bad = _classify_jsonl(guard, jsonl, output, batch_size)
+        except EngineError as err:  # the model itself failed (non-finite scores): no verdict can be trusted
+            _fail(f"model error: {err}", EXIT_MODEL)
         if bad:
             typer.echo(f"error: {bad} line(s) of {jsonl} were invalid; their output rows hold "
                        "'mmguard': {'line': N, 'error': ...} and the other lines were classified", err=True)
@@ -364,10 +369,14 @@ def classify(
     conv = _conversation(prompt, response, image, input_)
     guard = _load_guard(model, active, device, dtype, threshold, fmt, fast=fast, quantize=quantize,
                         read_text=read_text, ocr_timeout_s=ocr_timeout)
+    from .engine import EngineError
+
     try:
         verdict = guard.classify(conv)
     except ValueError as err:
         _fail(str(err))
+    except EngineError as err:
+        _fail(f"model error: {err}", EXIT_MODEL)
     _print_verdict(verdict, as_json)
     if verdict.is_unsafe:
         raise typer.Exit(EXIT_UNSAFE)

@@ -300,6 +300,11 @@ class Engine:
             batch = self.collate([items[i] for i in group])
             with torch.inference_mode():
                 out, last_logits = self.decision_pass(batch, use_cache=decode_codes)
+            broken = int((~torch.isfinite(last_logits).all(dim=-1)).sum())
+            if broken:  # NaN >= threshold is False: a broken model would pass everything as safe
+                raise EngineError(f"the model produced non-finite scores (NaN or infinity) for {broken} of "
+                                  f"{len(group)} conversation(s): its weights are broken or overflow in "
+                                  f"{str(self.dtype).replace('torch.', '')}")
             lp = torch.log_softmax(last_logits.float(), dim=-1).cpu()
             unsafe_rows: list[int] = []
             for row, idx in enumerate(group):

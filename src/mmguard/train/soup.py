@@ -63,10 +63,50 @@ def _weight_file(folder: Path) -> str:
     raise SoupError(f"{folder}: no {' or '.join(WEIGHT_FILES)}")
 
 
+# what decides how an ingredient's weights are read: ingredients must agree on it, as only the first one's files
+# are copied (lora_alpha 32 against 3200 was averaged and written under the first's scaling)
+_SETUP_KEYS = {
+    "adapter_config.json": ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save", "layers_to_transform",
+                            "layers_pattern", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias"),
+    "mmguard.json": ("base", "adapter"),
+}
+_CONFIG_IGNORED = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+
+
+def _setup(folder: Path) -> dict[str, object]:
+    """What of an ingredient's configuration files must match the others'."""
+    out: dict[str, object] = {}
+    for name in (*_SETUP_KEYS, "config.json"):
+        path = folder / name
+        if not path.exists():
+            out[name] = None
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
+            raise SoupError(f"{folder}: cannot read {name}: {err}") from None
+        if not isinstance(data, dict):
+            raise SoupError(f"{folder}: {name} must hold a JSON object")
+        keys = _SETUP_KEYS.get(name) or sorted(set(data) - _CONFIG_IGNORED)
+        out[name] = {k: sorted(map(str, v)) if isinstance(v, (list, set)) and k == "target_modules" else v
+                     for k in keys if (v := data.get(k)) is not None}
+    return out
+
+
 def _load_ingredients(folders: Sequence[Path]) -> tuple[str, list[dict[str, torch.Tensor]]]:
     names = {_weight_file(Path(f)) for f in folders}
     if len(names) != 1:
         raise SoupError(f"ingredients mix checkpoint kinds: {sorted(names)}")
+    setup = _setup(Path(folders[0]))
+    for folder in folders[1:]:
+        other = _setup(Path(folder))
+        for file, wanted in setup.items():
+            if other[file] != wanted:
+                got = other[file]
+                diff = (sorted(k for k in set(wanted) | set(got) if wanted.get(k) != got.get(k))[:4]
+                        if isinstance(wanted, dict) and isinstance(got, dict) else "present in one only")
+                raise SoupError(f"{folder}: its {file} differs from {folders[0]}'s ({diff}): ingredients must share "
+                                "a setup")
     name = names.pop()
     states = []
     for folder in folders:
@@ -82,6 +122,10 @@ def _load_ingredients(folders: Sequence[Path]) -> tuple[str, list[dict[str, torc
         for key, tensor in state.items():
             if tensor.shape != first[key].shape:
                 raise SoupError(f"{folder}: {key} has shape {tuple(tensor.shape)}, not {tuple(first[key].shape)}")
+    for folder, state in zip(folders, states, strict=True):
+        bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:  # it would spread into every soup weight it touches
+            raise SoupError(f"{folder}: {bad} holds NaN or infinite values")
     return name, states
 
 

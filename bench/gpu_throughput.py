@@ -33,8 +33,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mmguard.checkpoints import make_image_processor
 from mmguard.conversation import Conversation
-from mmguard.engine import Engine, make_image_processor
+from mmguard.engine import Engine
 from mmguard.fast import FastEngine
 from mmguard.fast.vision import patch_vision_attention, unpatch_vision_attention
 from mmguard.guard import Guard

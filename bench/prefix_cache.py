@@ -128,7 +128,7 @@ def bench_stream(plain: Guard, cached: Guard, tokens: int, every: int, reps: int
 
 def large_checkpoint(hidden: int, layers: int, out: Path) -> Path:
     """A random-weight Mllama with a small vision tower and a bigger text model (Llama 3.2 tokenizer)."""
-    from mmguard.engine import make_image_processor
+    from mmguard.checkpoints import make_image_processor
     from mmguard.tiny import TINY_MARKER, random_mllama, small_mllama_config
     from mmguard.tokenizer import load_default_tokenizer
 

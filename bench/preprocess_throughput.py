@@ -21,7 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mmguard.engine import Engine, make_image_processor
+from mmguard.checkpoints import make_image_processor
+from mmguard.engine import Engine
 from mmguard.fast import FastEngine
 from mmguard.tokenizer import load_default_tokenizer
 

@@ -57,7 +57,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, TrainConfig]:
     from mmguard.engine import Engine
 
     if args.tiny:
-        from mmguard.engine import load_engine
+        from mmguard.checkpoints import load_engine
         from mmguard.tiny import make_tiny_checkpoint
 
         folder = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", seed=0)
@@ -68,12 +68,12 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, TrainConfig]:
     from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
     from mmguard.base_models import smollm2_mllama_base
-    from mmguard.engine import _load_image_processor
+    from mmguard.checkpoints import load_image_processor
 
     base_dir = smollm2_mllama_base()
     model = MllamaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    processor = _load_image_processor(base_dir, int(model.config.vision_config.image_size))
+    processor = load_image_processor(base_dir, int(model.config.vision_config.image_size))
     engine = Engine(model, tokenizer, processor, device="cpu", dtype=torch.float32, source="mini2-base")
     cfg = TrainConfig(data=[str(args.data)], out="unused", init="mini2", lora=True, max_seq_len=640,
                       unsafe_repeat=3, augment=0.15, transcripts=True, seed=0, lora_dropout=0.0).resolved()

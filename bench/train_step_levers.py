@@ -74,7 +74,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from mmguard.engine import Engine
 
     if args.tiny:
-        from mmguard.engine import load_engine
+        from mmguard.checkpoints import load_engine
         from mmguard.tiny import make_tiny_checkpoint
 
         folder = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", seed=0)
@@ -83,12 +83,12 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         from transformers import AutoTokenizer, MllamaForConditionalGeneration
 
         from mmguard.base_models import smollm2_mllama_base
-        from mmguard.engine import _load_image_processor
+        from mmguard.checkpoints import load_image_processor
 
         base_dir = smollm2_mllama_base()
         model = MllamaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        processor = _load_image_processor(base_dir, int(model.config.vision_config.image_size))
+        processor = load_image_processor(base_dir, int(model.config.vision_config.image_size))
         engine = Engine(model, tokenizer, processor, device="cpu", dtype=torch.float32, source="mini2-base")
     return engine.model, engine, token_format(engine.tokenizer).image_id
 

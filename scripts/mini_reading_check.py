@@ -15,8 +15,8 @@ import sys
 import torch
 from PIL import Image
 
+from mmguard.checkpoints import load_engine
 from mmguard.data.schema import read_examples
-from mmguard.engine import load_engine
 from mmguard.train.batches import Collator
 from mmguard.train.loss import answer_logits
 from mmguard.train.reading import RenderedText, reading_prompt_ids, reading_texts, reading_tokens

@@ -183,7 +183,8 @@ def test_base_rebuild_draws_no_gguf_progress_bar_off_a_terminal(capsys: pytest.C
 
 
 def test_model_info_names_a_base_and_adapter(tmp_path: Path) -> None:
-    from mmguard.engine import EngineError, load_engine
+    from mmguard.checkpoints import load_engine
+    from mmguard.engine import EngineError
 
     (tmp_path / "mmguard.json").write_text('{"base": "no-such-base", "adapter": true}')
     with pytest.raises(EngineError, match="unknown base model 'no-such-base'"):

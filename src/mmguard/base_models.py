@@ -142,7 +142,7 @@ def build_smollm2_mllama(target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, MllamaForConditionalGeneration
 
-    from .engine import make_image_processor
+    from .checkpoints import make_image_processor
     from .tiny import GATE_PARAMS
 
     gguf = smollm2_gguf_path()

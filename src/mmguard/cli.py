@@ -255,7 +255,8 @@ def _conversation(prompt: str | None, response: str | None, image: str | None, i
 def _load_guard(model: str | None, policy: Any, device: str, dtype: str, threshold: float | None, fmt: str,
                 batch_size: int = 8, fast: bool = False, quantize: str | None = None,
                 read_text: str = "auto", ocr_timeout_s: float = OCR_TIMEOUT_S) -> Any:
-    from .engine import EngineError, resolve_device
+    from .checkpoints import resolve_device
+    from .engine import EngineError
     from .guard import READ_TEXT_MODES, Guard
     from .ocr import OcrUnavailable
     from .prompt import PromptFormat

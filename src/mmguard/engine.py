@@ -17,11 +17,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,8 +37,6 @@ __all__ = [
     "PromptTooLongError",
     "ScoredItem",
     "compile_layers",
-    "load_engine",
-    "make_image_processor",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,10 +47,6 @@ log = logging.getLogger(__name__)
 for _noisy in ("torchao", "torch.utils._pytree"):
     if logging.getLogger(_noisy).level == logging.NOTSET:
         logging.getLogger(_noisy).setLevel(logging.ERROR)
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
 
 class EngineError(RuntimeError):
     pass
@@ -68,90 +60,6 @@ class PromptTooLongError(ConversationError):
 # positions kept free after the prompt, for the category codes generated after "unsafe" (13 codes of up to 3
 # tokens, with separators, fit)
 CODE_GENERATION_ROOM = 64
-
-
-def _image_processor_class() -> Any:
-    # transformers >= 5 splits the processor into a torchvision and a PIL backend; torchvision is optional
-    try:
-        import torchvision  # noqa: F401
-        from transformers import MllamaImageProcessor
-
-        return MllamaImageProcessor
-    except Exception:
-        try:
-            from transformers import MllamaImageProcessorPil
-
-            return MllamaImageProcessorPil
-        except ImportError:
-            from transformers import MllamaImageProcessor
-
-            return MllamaImageProcessor
-
-
-def make_image_processor(tile_size: int = 560, max_image_tiles: int = 4) -> Any:
-    """transformers' Mllama image processor with the Llama 3.2 Vision settings and the given tile size."""
-    cls = _image_processor_class()
-    return cls(
-        do_convert_rgb=True,
-        do_normalize=True,
-        do_pad=True,
-        do_rescale=True,
-        do_resize=True,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        max_image_tiles=max_image_tiles,
-        resample=2,
-        rescale_factor=1 / 255,
-        size={"height": tile_size, "width": tile_size},
-    )
-
-
-def _load_image_processor(source: str | Path, tile_size: int) -> Any:
-    cls = _image_processor_class()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proc = cls.from_pretrained(source)
-    except Exception as err:  # a checkpoint without preprocessor_config.json
-        log.info("no image processor config in %s (%s); using Llama 3.2 Vision defaults", source, err)
-        return make_image_processor(tile_size)
-    size = getattr(proc, "size", None)
-    height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
-    if height is not None and height != tile_size:
-        raise EngineError(f"image processor tile size {height} differs from the vision model's image_size {tile_size}")
-    if getattr(proc, "max_image_tiles", 4) > 4:
-        proc.max_image_tiles = 4
-    return proc
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise EngineError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
-    return table[dtype]
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` (CUDA when there is one, else the CPU) or a torch device name, checked: a name torch does not
-    know, ``meta`` (no data), or an accelerator this machine lacks is an :class:`EngineError` naming it."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError, ValueError):
-        raise EngineError(f"unknown device {str(device)[:40]!r}; use auto, cpu, cuda or cuda:N") from None
-    if kind == "meta":
-        raise EngineError("device 'meta' holds no data; use auto, cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} requested but CUDA is not available")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise EngineError(f"device {device!r} requested but MPS is not available")
-    return device
 
 
 @dataclass
@@ -209,6 +117,8 @@ class Engine:
         # nothing) and time grows faster than the length (mmguard-mini v2 on 2 cores: 7k tokens 28 s, 14k 74 s)
         context = getattr(cfg.text_config, "max_position_embeddings", None)
         self.max_prompt_tokens: int | None = int(context) - CODE_GENERATION_ROOM if context else None
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise EngineError(f"the model's context ({context} positions) is too short for a guard prompt")
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, prompt: RenderedPrompt, image: Image.Image | None) -> EncodedItem:
@@ -554,70 +464,6 @@ class _DecodeState:
                 self.tokens.append(self.eot_id)
 
 
-def load_engine(source: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
-                local_files_only: bool | None = None) -> Engine:
-    """Load an Mllama guard checkpoint (a local directory or a Hugging Face id) with its tokenizer and
-    image processor. A checkpoint that ships its own tokenizer uses it; otherwise the Llama 3.2 Vision
-    tokenizer built from ``llama-models`` is used."""
-    from transformers import AutoConfig, AutoTokenizer, MllamaForConditionalGeneration
-
-    from .tiny import TINY_MARKER
-    from .tokenizer import load_default_tokenizer
-
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    src = str(source)
-    is_dir = Path(src).is_dir()
-    if not is_dir and (src.startswith((".", "/", "~")) or (os.sep in src and not src.count("/") == 1)):
-        raise EngineError(f"model directory not found: {src}")
-    kwargs: dict[str, Any] = {}
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
-    info = _model_info(src) if is_dir else {}
-    weights = src
-    if info.get("base"):  # a guard that ships only what training changed (mmguard-mini v2)
-        from .base_models import BaseModelError, resolve_base
-
-        try:
-            weights = str(resolve_base(str(info["base"])))
-        except BaseModelError as err:
-            raise EngineError(str(err)) from None
-    try:
-        config = AutoConfig.from_pretrained(weights, **kwargs)
-    except Exception as err:
-        raise EngineError(f"cannot load a model config from {src!r}: {err}") from None
-    if getattr(config, "model_type", None) != "mllama":
-        raise EngineError(f"{src} is a {getattr(config, 'model_type', '?')!r} model; mmguard needs an Mllama model")
-    from safetensors import SafetensorError
-
-    from .termio import library_bars_only_on_terminal
-
-    with warnings.catch_warnings(), library_bars_only_on_terminal():
-        warnings.simplefilter("ignore")
-        try:
-            model = MllamaForConditionalGeneration.from_pretrained(weights, dtype=torch_dtype, **kwargs)
-            if info.get("adapter"):
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(model, src).merge_and_unload()
-                model.to(torch_dtype)
-        except SafetensorError as err:  # a truncated or corrupt weights file (not an OSError)
-            raise EngineError(f"cannot read the weights of {src!r}: {err}") from None
-    model.to(device)  # type: ignore[arg-type]  # transformers' decorator confuses mypy about .to
-    model.eval()
-    tokenizer: Any
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-    except Exception:
-        log.info("no tokenizer in %s; using the Llama 3.2 Vision tokenizer from llama-models", src)
-        tokenizer = load_default_tokenizer()
-    processor = _load_image_processor(src, int(config.vision_config.image_size))
-    engine = Engine(model, tokenizer, processor, device=device, dtype=torch_dtype, source=src)
-    engine.is_random_weights = is_dir and (Path(src) / f"{TINY_MARKER}.json").exists()
-    engine.model_info = info
-    return engine
-
-
 def compile_layers(model: Any) -> int:
     """Compile every transformer layer of an Mllama guard in place (``torch.compile``, dynamic shapes);
     returns how many. The layers keep their parameter names, so checkpoints and adapters save as before.
@@ -647,24 +493,3 @@ def compile_layers(model: Any) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
-
-
-MODEL_INFO_FILE = "mmguard.json"
-
-
-def _model_info(directory: str) -> dict[str, Any]:
-    """The checkpoint's ``mmguard.json``: ``base`` (a base rebuilt locally, :mod:`mmguard.base_models`),
-    ``adapter`` (the folder holds peft adapters for it) and ``reads_text_in_images`` (false: the guard's
-    ``read_text="auto"`` turns OCR on). Absent for ordinary checkpoints such as Llama Guard 3 Vision."""
-    import json
-
-    path = Path(directory) / MODEL_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise EngineError(f"cannot read {path}: {err}") from None
-    if not isinstance(info, dict):
-        raise EngineError(f"{path} must hold a JSON object")
-    return info

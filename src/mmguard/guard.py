@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import IMAGE_VERDICT_RULES, load_engine, model_thresholds
 from .conversation import Conversation
-from .engine import EncodedItem, Engine, PromptTooLongError, load_engine
+from .engine import EncodedItem, Engine, PromptTooLongError
 from .ocr import (
     DEFAULT_OCR_TIMEOUT_S,
     OCR_INSTALL_HINT,
@@ -31,7 +32,6 @@ __all__ = ["DEFAULT_THRESHOLD", "IMAGE_VERDICT_RULES", "RANDOM_WEIGHTS_WARNING",
 
 RANDOM_WEIGHTS_WARNING = "model has random weights: verdicts are meaningless (plumbing demo only)"
 READ_TEXT_MODES = ("off", "auto", "on")
-IMAGE_VERDICT_RULES = ("max", "text")
 
 
 def deciding_checks(checks: Iterable[str], rule: str) -> tuple[str, ...]:
@@ -86,7 +86,7 @@ class Guard:
         self.engine = engine
         self.policy = load_policy(policy)
         self.threshold = None if threshold is None else _check_threshold(threshold)
-        self.model_thresholds = _model_thresholds(getattr(engine, "model_info", None) or {})
+        self.model_thresholds = model_thresholds(getattr(engine, "model_info", None) or {})
         _ = self.image_verdict  # a bad mmguard.json rule fails at load, like bad thresholds, not at the first image
         self.prompt_format = PromptFormat(prompt_format)
         self.markers = MarkerHandling(markers)
@@ -311,7 +311,7 @@ class Guard:
         ``text`` takes the text check's alone when it ran (a model whose vision adds no measured signal:
         mmguard-mini v2, see its model card). Both checks' probabilities are in every verdict."""
         info = getattr(self.engine, "model_info", None) or {}
-        rule = str(info.get("image_verdict", "max"))
+        rule = str(info.get("image_verdict") or "max")
         if rule not in IMAGE_VERDICT_RULES:
             raise ValueError(f"mmguard.json: image_verdict must be one of {', '.join(IMAGE_VERDICT_RULES)}, "
                              f"got {rule!r}")
@@ -412,19 +412,6 @@ def _check_read_text(value: str) -> str:
     if value not in READ_TEXT_MODES:
         raise ValueError(f"read_text must be one of {', '.join(READ_TEXT_MODES)}, got {value!r}")
     return value
-
-
-def _model_thresholds(info: dict[str, Any]) -> dict[str, float]:
-    """``mmguard.json``'s ``thresholds`` (per task, chosen on validation), checked."""
-    raw = info.get("thresholds") or {}
-    if not isinstance(raw, dict) or not set(raw) <= {"prompt", "response"}:
-        raise ValueError(f"mmguard.json: thresholds must map prompt / response to a number, got {raw!r}")
-    out = {}
-    for task, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"mmguard.json: thresholds.{task} must be within [0, 1], got {value!r}")
-        out[task] = float(value)
-    return out
 
 
 def _check_threshold(value: float) -> float:

@@ -70,10 +70,14 @@ def _special(tokenizer: Any, name: str) -> int:
     from .tokenizer import special_id
 
     try:
-        return special_id(tokenizer, name)
+        i = special_id(tokenizer, name)
     except ValueError:
         raise FormatError(f"the tokenizer has no special token {name}; a guard tokenizer needs "
                           f"{', '.join(SPECIAL_TOKENS.names()[:5])} as special tokens") from None
+    if i in _encode(tokenizer, name):  # an added token not marked special matches in any text
+        raise FormatError(f"the tokenizer's {name} (id {i}) is not marked special, so user text spelling it would "
+                          "become that control token; mark it \"special\": true in tokenizer.json's added_tokens")
+    return i
 
 
 @dataclass(frozen=True)

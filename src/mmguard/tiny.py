@@ -94,7 +94,7 @@ def make_tiny_checkpoint(
     ``tokenizer`` (default: Llama 3.2 Vision's) may be any guard tokenizer, e.g. mini v2's SmolLM2 one
     (:func:`mmguard.base_models.guard_tokenizer`); the vocabulary and special ids follow it.
     """
-    from .engine import make_image_processor
+    from .checkpoints import make_image_processor
     from .model_format import TokenFormat
     from .tokenizer import load_default_tokenizer
 
@@ -169,7 +169,7 @@ def imprint_format(directory: str | Path, *, steps: int = 120, seed: int = 0, lr
 
     import torch
 
-    from .engine import load_engine
+    from .checkpoints import load_engine
     from .prompt import build_prompt
 
     engine = load_engine(directory, device="cpu", dtype="float32")

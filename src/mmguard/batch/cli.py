@@ -92,7 +92,8 @@ def command(
     if read_text not in READ_TEXT_MODES:
         fail(f"unknown --read-text {read_text!r}; use {', '.join(READ_TEXT_MODES)}")
     if engine == "local":
-        from ..engine import EngineError, resolve_device
+        from ..checkpoints import resolve_device
+        from ..engine import EngineError
 
         try:
             resolve_device(device)  # (Ray workers check theirs: a GPU may be theirs only)

@@ -46,7 +46,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..engine import EncodedItem, Engine, EngineError, ScoredItem, load_engine
+from ..checkpoints import load_engine
+from ..engine import EncodedItem, Engine, EngineError, ScoredItem
 from ..images import image_digest
 from .vision import fast_vision_forward, patch_vision_attention
 

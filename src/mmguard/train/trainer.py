@@ -153,7 +153,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run training; writes a loadable guard checkpoint to ``config.out`` and returns a summary."""
     from transformers import MllamaForConditionalGeneration, TrainingArguments, set_seed
 
-    from ..engine import Engine, make_image_processor, resolve_device, resolve_dtype
+    from ..checkpoints import make_image_processor, resolve_device, resolve_dtype
+    from ..engine import Engine
     from ..tokenizer import load_default_tokenizer
 
     cfg = config.resolved()
@@ -177,16 +178,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
         from ..base_models import smollm2_mllama_base
-        from ..engine import _load_image_processor
+        from ..checkpoints import load_image_processor
         from ..termio import library_bars_only_on_terminal
 
         base_dir = smollm2_mllama_base()
         with library_bars_only_on_terminal():
             model = MllamaForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        processor = _load_image_processor(base_dir, int(model.config.vision_config.image_size))
+        processor = load_image_processor(base_dir, int(model.config.vision_config.image_size))
     else:
-        from ..engine import load_engine
+        from ..checkpoints import load_engine
 
         assert cfg.base is not None
         # the engine's loader: a checkpoint that ships adapters on a rebuilt base (mini v2) arrives merged

@@ -40,7 +40,7 @@ from .response_store import ResponseStore, continued
 from .routes import CHAT, RESPONSES, Route, UnreadableAnswer, content_filter_error
 from .scored import score_plain
 from .settings import ProxySettings
-from .sse import SSEParser, json_bytes, loads_or_none
+from .sse import SSEParser, UpstreamEncodingError, json_bytes, loads_or_none, read_decoded
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
 
@@ -52,6 +52,7 @@ _HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding
         "proxy-authorization", "proxy-connection", "accept-encoding", "content-encoding", KEY_HEADER}
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 _READ_AHEAD_EVENTS = 64  # upstream events parsed but not yet taken by the release logic
+_PARSE_SLICE = 64 * 1024  # of an upstream read, parsed at once
 
 
 Remember = Callable[[Any, str], None]  # (the upstream's answer id, the judged answer text)
@@ -251,14 +252,27 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
             raise APIError(502, f"the upstream is unreachable: {type(err).__name__}", type="server_error",
                            code="upstream_unavailable") from None
         state.metrics.upstream.labels(str(resp.status_code)).inc()
+        encoding = resp.headers.get("content-encoding", "").strip().lower()
+        problem = None
+        if 300 <= resp.status_code < 400:  # passed on, a client follows Location to the upstream: unchecked
+            problem = f"a redirect ({resp.status_code}), which the proxy neither follows nor passes on"
+        elif encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):  # read_decoded's: one layer, bounded
+            problem = f"content-encoding {encoding[:40]!r}, which the proxy does not read"
+        if problem is not None:
+            await resp.aclose()
+            state.metrics.upstream_errors.labels("invalid").inc()
+            raise APIError(502, f"the upstream answered with {problem}", type="server_error",
+                           code="upstream_invalid_response")
         return resp
 
     def passthrough(resp: httpx.Response) -> StreamingResponse:
         """The upstream's answer as it comes: status, headers and (decoded) bytes untouched."""
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in resp.aiter_bytes():
+                async for chunk in read_decoded(resp):
                     yield chunk
+            except UpstreamEncodingError:
+                pass  # a body that stops inflating midway ends there (the status has been sent)
             finally:
                 await resp.aclose()
 
@@ -267,7 +281,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
     async def read_bounded(resp: httpx.Response) -> bytes:
         chunks, size = [], 0
         try:
-            async for chunk in resp.aiter_bytes():
+            async for chunk in read_decoded(resp):
                 size += len(chunk)
                 if size > _MAX_UPSTREAM_BODY:
                     raise APIError(502, f"the upstream's answer is over {_MAX_UPSTREAM_BODY} bytes",
@@ -276,6 +290,9 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         except httpx.HTTPError as err:
             raise APIError(502, f"reading the upstream's answer failed: {type(err).__name__}", type="server_error",
                            code="upstream_unavailable") from None
+        except UpstreamEncodingError as err:
+            raise APIError(502, f"the upstream's answer cannot be read: {err}", type="server_error",
+                           code="upstream_invalid_response") from None
         finally:
             await resp.aclose()
         return b"".join(chunks)
@@ -335,15 +352,16 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         # a stream only where the client asked for one: an upstream that labels a plain answer as events must not
         # get it passed on unread (the openai client reads such a body as JSON whatever its type says)
         is_stream = "text/event-stream" in resp.headers.get("content-type", "") and body.get("stream") is True
-        if resp.status_code == 200 and not settings.blocking:
+        answered = 200 <= resp.status_code < 300  # every success, as clients read it (201 and 203 passed unchecked)
+        if answered and not settings.blocking:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return await scored(request, route, resp, judged, input_verdict, input_error, is_stream, remember)
-        if resp.status_code != 200 or not settings.output_rail:
+        if not answered or not settings.output_rail:
             state.metrics.added.labels(str(is_stream).lower()).observe(added)
             return passthrough(resp)
         if is_stream:
             return StreamingResponse(stream_checked(request, route, body, resp, judged, added, remember),
-                                     status_code=200, headers=_response_headers(resp))
+                                     status_code=resp.status_code, headers=_response_headers(resp))
         return await plain_checked(request, route, resp, judged, added, remember)
 
     async def scored(request: Request, route: Route, resp: httpx.Response, judged: JudgedPrompt,
@@ -397,16 +415,19 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
     async def stream_checked(request: Request, route: Route, body: dict[str, Any], resp: httpx.Response,
                              judged: JudgedPrompt, added: float, remember: Remember) -> AsyncIterator[bytes]:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
-                                count_tokens=state.count_tokens, events=route.events(body, settings.judge_reasoning))
+                                count_tokens=state.count_tokens, events=route.events(body, settings.judge_reasoning),
+                                on_hold=state.metrics.hold.observe)
         # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_READ_AHEAD_EVENTS)
 
         async def read() -> None:
             parser = SSEParser()
             try:
-                async for chunk in resp.aiter_bytes():
-                    for event in parser.feed(chunk):
-                        await queue.put(event)
+                async for chunk in read_decoded(resp):
+                    for start in range(0, len(chunk), _PARSE_SLICE):  # other clients run between slices
+                        for event in parser.feed(chunk[start:start + _PARSE_SLICE]):
+                            await queue.put(event)
+                        await asyncio.sleep(0)
                 for event in parser.close():
                     await queue.put(event)
                 await queue.put(None)
@@ -483,8 +504,6 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 remember(release.events.answer_id, release.choices[0].text)
             tail = time.perf_counter() - upstream_ended_at if upstream_ended_at is not None else 0.0
             state.metrics.added.labels("true").observe(added + tail)
-            for seconds in release.hold_seconds:
-                state.metrics.hold.observe(seconds)
         finally:
             for task in [*checks, *([getter] if getter else []), reader]:
                 task.cancel()

@@ -31,5 +31,5 @@ class ProxyMetrics:
             buckets=_BUCKETS, registry=registry)
         self.upstream = Counter("mmguard_proxy_upstream_responses", "Upstream responses by status", ["status"],
                                 registry=registry)
-        self.upstream_errors = Counter("mmguard_proxy_upstream_errors", "Upstream unreachable or timed out",
+        self.upstream_errors = Counter("mmguard_proxy_upstream_errors", "Upstream unreachable, timed out or refused",
                                        ["reason"], registry=registry)

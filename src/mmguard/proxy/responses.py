@@ -39,7 +39,7 @@ from ..verdict import Verdict
 from .answers import RunningTexts, annotation_text, verdict_extension
 from .judged import JudgedPrompt, refuse_unjudged_media, unjudgeable_images
 from .scored import CheckAnswer, judge_output, score_report
-from .sse import SSEEvent, SSEParser, json_bytes
+from .sse import SSEEvent, SSEParser, json_bytes, read_decoded
 
 __all__ = ["ResponseEvents", "blocked_response", "input_messages", "previous_response_id", "response_answer",
            "score_response_stream", "stores_answer", "unjudgeable_answer"]
@@ -378,7 +378,7 @@ async def score_response_stream(resp: httpx.Response, judged: JudgedPrompt, inpu
     terminal: SSEEvent | None = None
     failure = ""
     try:
-        async for chunk in resp.aiter_bytes():
+        async for chunk in read_decoded(resp):
             for event in parser.feed(chunk):
                 if any(ends for *_, ends in events.read(event) or []) and terminal is None:
                     terminal = event  # sent with the report

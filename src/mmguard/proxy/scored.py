@@ -29,7 +29,7 @@ from ..server.errors import APIError
 from ..verdict import Verdict
 from .answers import choice_index, delta_text, verdict_extension
 from .judged import JudgedPrompt
-from .sse import SSEParser, json_bytes, loads_or_none, sse
+from .sse import SSEParser, json_bytes, loads_or_none, read_decoded, sse
 
 __all__ = ["CheckAnswer", "judge_output", "score_plain", "score_report", "score_stream"]
 
@@ -100,7 +100,7 @@ async def score_stream(resp: httpx.Response, judged: JudgedPrompt, input_verdict
     dropped: set[int] = set()
     after_reasoning: dict[int, bool] = {}  # choices whose judged text last grew by reasoning
     try:
-        async for chunk in resp.aiter_bytes():
+        async for chunk in read_decoded(resp):
             for event in parser.feed(chunk):
                 if event.is_done:
                     saw_done = True  # sent after the report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import difflib
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,32 @@ def test_rapidocr_reads_lines_in_order_and_handles_alpha_big_and_blank_images(ra
     big = rapid.read(render(["A huge image still reads"], size=(3200, 600), font_size=150))
     assert similarity(big, "A huge image still reads") >= 0.9, big
     assert rapid.read(Image.new("RGB", (320, 240), "white")) == ""
+
+
+def test_small_text_on_a_large_canvas_is_read_in_tiles(rapid: RapidOcrEngine) -> None:
+    """A 2,240 px canvas was shrunk to 1,280 px for the detector, and 40 px text became too small to find: read as
+    nothing, with no warning (a harmful line hidden by the canvas size). Large images are now read in tiles too."""
+    from mmguard.ocr import prepare_views
+
+    img = Image.new("RGB", (2240, 2240), "white")
+    ImageDraw.Draw(img).text((1500, 1900), "Pick the lock", fill="black", font=ImageFont.load_default(size=40))
+    assert len(prepare_views(img, 1280)) == 5  # the whole, and 2 x 2 tiles
+    assert rapid.read_pixels(prepare_views(img, 1280)[0]) == ""  # the whole view alone: what was read before
+    assert similarity(rapid.read(img), "Pick the lock") >= 0.9
+
+
+def test_tiles_cover_the_image_and_reads_are_merged_once() -> None:
+    from mmguard.ocr import _tile_starts, merge_reads, prepare_views
+
+    assert _tile_starts(1000, 1280, 320) == [0]
+    assert _tile_starts(2240, 1280, 320) == [0, 960]
+    for length in (1601, 2240, 3000):
+        starts = _tile_starts(length, 1280, 320)
+        assert starts[0] == 0 and starts[-1] + 1280 == length
+        assert all(b - a <= 1280 - 320 for a, b in itertools.pairwise(starts))
+    assert len(prepare_views(Image.new("RGB", (1600, 900)), 1280)) == 1  # shrunk by at most a quarter: one view
+    assert len(prepare_views(Image.new("RGB", (9000, 300)), 1280)) == 3  # tiles cut at 2,240 px at most
+    assert merge_reads(["a b", "", "a  b", "c"]) == "a b c"
 
 
 def test_rapidocr_caps_the_text(rapid: RapidOcrEngine, monkeypatch: pytest.MonkeyPatch) -> None:

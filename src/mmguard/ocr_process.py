@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from .ocr import OcrUnavailable, RapidOcrEngine, _describe, prepare_pixels
+from .ocr import OcrUnavailable, RapidOcrEngine, _describe, merge_reads, prepare_views
 
 __all__ = ["DEFAULT_OCR_MEMORY_LIMIT_MB", "OcrStopped", "ProcessOcrEngine"]
 
@@ -71,6 +71,7 @@ class ProcessOcrEngine:
         self._sock: socket.socket | None = None
         self._busy = False
         self._stopped = False
+        self._cancelled = False  # cancel() was called during the current read (maybe between its views)
         self._start()
 
     # -- the child -------------------------------------------------------------------------------
@@ -127,7 +128,16 @@ class ProcessOcrEngine:
 
     # -- OcrEngine ---------------------------------------------------------------------------------
     def read(self, image: Image.Image) -> str:
-        pixels = prepare_pixels(image, self.max_side)  # here: at most max_side² pixels cross the socket
+        # here, so that at most max_side² pixels a view cross the socket; a large image is read in several views
+        self._cancelled = False
+        texts = []
+        for view in prepare_views(image, self.max_side):
+            if self._cancelled:  # stopped between two views: the rest are not read either
+                raise OcrStopped("the OCR process was stopped at the deadline")
+            texts.append(self._read_view(view))
+        return merge_reads(texts)
+
+    def _read_view(self, pixels: Any) -> str:
         height, width, channels = pixels.shape
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
@@ -155,6 +165,7 @@ class ProcessOcrEngine:
         """Stop the read in progress, if any (called by :class:`mmguard.ocr.OcrReader` at its deadline, from
         another thread): the child is killed; the reading thread starts a new one."""
         proc = self._proc
+        self._cancelled = True
         if self._busy and proc is not None and proc.poll() is None:
             self._stopped = True
             proc.kill()

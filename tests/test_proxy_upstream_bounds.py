@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -129,3 +130,31 @@ def test_hold_times_are_reported_as_released_not_kept_for_the_whole_stream() -> 
     assert len(rel.releasable()) == 1 and len(seen) == 1 and not hasattr(rel, "hold_seconds")
 
 
+
+
+def test_a_client_that_reads_nothing_holds_the_upstream_back_by_bytes_not_events() -> None:
+    """The read-ahead queue held 64 events whatever their size: with 4 MiB events and a client that read nothing,
+    the proxy read 267 MB ahead of it (+620 MB of memory). It is bounded in bytes now (4 MiB)."""
+    import threading
+
+    sent = [0]
+    app = FastAPI()
+    call = {"index": 0, "function": {"arguments": "x" * (1 << 20)}}
+    tool = chunk_event([{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}])
+
+    @app.post("/v1/chat/completions")
+    async def answer() -> StreamingResponse:
+        async def events() -> Any:
+            yield chunk_event([{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}])
+            for _ in range(300):
+                sent[0] += 1
+                yield tool
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with proxied(app) as url, httpx.Client(timeout=30) as client, \
+            client.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        assert resp.status_code == 200
+        done = threading.Event()
+        done.wait(4)  # the client reads nothing meanwhile
+        assert sent[0] < 48, sent[0]  # 1 MiB events: queue, held and socket buffers (91 before)

@@ -35,12 +35,12 @@ from ..server.state import ServerState
 from ..verdict import Verdict
 from .judged import JudgedPrompt, decode_judged_prompt, prepare_judged_prompt, recent_history, with_answer
 from .metrics import ProxyMetrics
-from .release import DueCheck, StreamRelease
+from .release import DueCheck, StreamRelease, held_cost
 from .response_store import ResponseStore, continued
 from .routes import CHAT, RESPONSES, Route, UnreadableAnswer, content_filter_error
 from .scored import score_plain
 from .settings import ProxySettings
-from .sse import SSEParser, UpstreamEncodingError, json_bytes, loads_or_none, read_decoded
+from .sse import SSEEvent, SSEParser, UpstreamEncodingError, json_bytes, loads_or_none, read_decoded
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
 
@@ -51,7 +51,7 @@ KEY_HEADER = "x-mmguard-api-key"  # the proxy's own key; Authorization belongs t
 _HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authorization", "proxy-connection", "accept-encoding", "content-encoding", KEY_HEADER}
 _MAX_UPSTREAM_BODY = 64 * 1024 * 1024
-_READ_AHEAD_EVENTS = 64  # upstream events parsed but not yet taken by the release logic
+_READ_AHEAD_BYTES = 4 * 1024 * 1024  # upstream events parsed but not yet taken by the release logic (held_cost)
 _PARSE_SLICE = 64 * 1024  # of an upstream read, parsed at once
 
 
@@ -417,8 +417,24 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         release = StreamRelease(check_every=settings.check_every, release=settings.release,
                                 count_tokens=state.count_tokens, events=route.events(body, settings.judge_reasoning),
                                 on_hold=state.metrics.hold.observe)
-        # bounded: a reader that gets ahead waits here, and the upstream waits on TCP
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=_READ_AHEAD_EVENTS)
+        # bounded in bytes (64 events of 4 MiB, each held twice, cost 620 MB a slow client): a reader that gets
+        # ahead waits here, and the upstream waits on TCP
+        queue: asyncio.Queue[tuple[Any, int]] = asyncio.Queue()
+        room = asyncio.Event()
+        ahead = [0]  # the cost of what the queue holds
+
+        async def put(item: Any) -> None:
+            cost = held_cost(item) if isinstance(item, SSEEvent) else 0
+            while ahead[0] and ahead[0] + cost > _READ_AHEAD_BYTES:
+                room.clear()
+                await room.wait()
+            ahead[0] += cost
+            queue.put_nowait((item, cost))
+
+        def taken(entry: tuple[Any, int]) -> Any:
+            ahead[0] -= entry[1]
+            room.set()
+            return entry[0]
 
         async def read() -> None:
             parser = SSEParser()
@@ -426,13 +442,13 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 async for chunk in read_decoded(resp):
                     for start in range(0, len(chunk), _PARSE_SLICE):  # other clients run between slices
                         for event in parser.feed(chunk[start:start + _PARSE_SLICE]):
-                            await queue.put(event)
+                            await put(event)
                         await asyncio.sleep(0)
                 for event in parser.close():
-                    await queue.put(event)
-                await queue.put(None)
+                    await put(event)
+                await put(None)
             except Exception as err:  # surfaced to the client as an error event
-                await queue.put(err)
+                await put(err)
 
         reader = asyncio.create_task(read())
         checks: dict[asyncio.Task[Verdict], DueCheck] = {}
@@ -462,7 +478,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                 for task in done:
                     if task is getter:
                         getter = None
-                        item = task.result()
+                        item = taken(task.result())
                         while True:  # this event and those queued behind it, until a check is due: one wake-up
                             if item is None:
                                 release.finish()
@@ -474,7 +490,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                                 release.feed(item)
                             if release.upstream_done or release.reading_paused or release.wants_check or queue.empty():
                                 break
-                            item = queue.get_nowait()
+                            item = taken(queue.get_nowait())
                         if release.upstream_done and upstream_ended_at is None:
                             upstream_ended_at = time.perf_counter()
                     else:

@@ -275,6 +275,34 @@ def test_read_text_auto_follows_the_model_info(tiny_guard: Guard, monkeypatch: p
         Guard(tiny_guard.engine, read_text="yes")
 
 
+def test_the_restart_after_a_stopped_read_is_not_charged_to_the_next_image() -> None:
+    """A read past its deadline is stopped and the OCR child restarted (1-2 s) in the worker; the next image's
+    deadline counted from its submission, so that restart ate it and the image went unread (an audit: a 4 s page
+    after a dense one, text_unread). Its deadline counts from its start now."""
+    import threading
+    import time
+
+    class SlowRestartOcr:
+        def __init__(self) -> None:
+            self.stopped = threading.Event()
+
+        def read(self, image: Image.Image) -> str:
+            if image.size == (11, 11):  # the slow image: runs until stopped, then the engine restarts
+                self.stopped.wait(30)
+                time.sleep(0.5)
+                raise RuntimeError("stopped at the deadline")
+            time.sleep(0.7)  # a read that fits its own deadline
+            return "read in time"
+
+        def cancel(self) -> None:
+            self.stopped.set()
+
+    reader = OcrReader(SlowRestartOcr(), timeout_s=1.0, cache_entries=0)
+    slow, next_image = reader.read_many([Image.new("RGB", (11, 11)), Image.new("RGB", (12, 12))])
+    assert slow.text is None and "longer than" in (slow.warning or "")
+    assert next_image.text == "read in time", next_image.warning
+
+
 def test_ocr_failure_and_timeout_leave_the_main_verdict(tiny_guard: Guard) -> None:
     conv = image_prompt()
     base = Guard(tiny_guard.engine, read_text="off").classify(conv)

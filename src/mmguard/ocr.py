@@ -375,8 +375,9 @@ class OcrReader:
     with the same image (a streamed answer checked every N tokens, a client retrying) is not read again. 0
     keeps none.
 
-    Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` per
-    image (counted from the submission), then moves on with a warning. At the deadline a read still running
+    Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` for the
+    worker to take the image (behind the restart of a stopped read) and ``timeout_s`` more for the read, then
+    moves on with a warning. At the deadline a read still running
     is stopped when the engine has a ``cancel()`` (the default engine, RapidOCR in a child process, kills
     the child: :mod:`mmguard.ocr_process`), so a slow image costs its own deadline, not the next images'.
     An engine without ``cancel()`` keeps the worker busy until its read ends, delaying (never unbounding)
@@ -405,7 +406,7 @@ class OcrReader:
         self._engine: OcrEngine | None = engine if isinstance(engine, OcrEngine) else None
         self._factory: Callable[[], OcrEngine] = (
             engine if callable(engine) and not isinstance(engine, OcrEngine) else default_ocr_engine)
-        self._jobs: queue.SimpleQueue[tuple[Image.Image, Future[str]]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Image.Image, Future[str], threading.Event]] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._running: Future[str] | None = None  # the read the worker is in; stopped only at its own deadline
@@ -443,9 +444,15 @@ class OcrReader:
                 self.cache_hits += 1
                 return self._result(known, (time.perf_counter() - start) * 1000.0)
         future: Future[str] = Future()
+        started = threading.Event()
         self._ensure_worker()
-        self._jobs.put((image, future))
-        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline
+        self._jobs.put((image, future, started))
+        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline. Its deadline
+        # counts from its start: the wait for the worker (the restart of a stopped read, a second or two) is
+        # bounded apart, and was charged to the next image, which then went unread
+        if not started.wait(self.timeout_s) and future.cancel():
+            return OcrResult(None, f"text in the image was not read: OCR was busy for the ocr_timeout_s limit of "
+                                   f"{self.timeout_s:g} s", (time.perf_counter() - start) * 1000.0)
         try:
             text = future.result(timeout=self.timeout_s)
         except FutureTimeout:
@@ -512,9 +519,10 @@ class OcrReader:
 
     def _run(self) -> None:
         while True:
-            image, future = self._jobs.get()
+            image, future, started = self._jobs.get()
             if not future.set_running_or_notify_cancel():
                 continue
+            started.set()
             with self._running_lock:
                 self._running = future
             try:

@@ -294,7 +294,7 @@ def test_the_restart_after_a_stopped_read_is_not_charged_to_the_next_image() -> 
             time.sleep(0.7)  # a read that fits its own deadline
             return "read in time"
 
-        def cancel(self) -> None:
+        def cancel(self, thread: int | None = None) -> None:
             self.stopped.set()
 
     reader = OcrReader(SlowRestartOcr(), timeout_s=1.0, cache_entries=0)

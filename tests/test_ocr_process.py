@@ -92,7 +92,7 @@ def test_cancel_stops_only_the_read_whose_deadline_passed() -> None:
                 return "late"
             return "fast"
 
-        def cancel(self) -> None:
+        def cancel(self, thread: int | None = None) -> None:
             self.cancels += 1
             self.release.set()
 
@@ -102,6 +102,27 @@ def test_cancel_stops_only_the_read_whose_deadline_passed() -> None:
     assert eng.cancels == 1
     assert reader.read(Image.new("RGB", (3, 3))).text == "fast"  # the worker was freed by the cancel
     assert eng.cancels == 1  # a read that ends in time is never cancelled
+
+
+def test_one_readers_deadline_does_not_stop_another_readers_read(engine) -> None:
+    """Readers share the process's engine (two guards in one process): a reader of 0.3 s, waiting behind another
+    reader's read, killed that read at its own deadline (a 60 s read stopped after 1.3 s)."""
+    import threading
+
+    page = Image.new("RGB", (1200, 360), "white")
+    draw = ImageDraw.Draw(page)
+    for y in range(0, 360, 12):
+        draw.text((0, y), "lorem ipsum dolor " * 10, fill="black")
+    patient, hasty = OcrReader(engine, timeout_s=60, cache_entries=0), OcrReader(engine, timeout_s=0.3, cache_entries=0)
+    restarts, out = engine.restarts, {}
+    worker = threading.Thread(target=lambda: out.update(patient=patient.read(page)))
+    worker.start()
+    time.sleep(0.3)
+    out["hasty"] = hasty.read(sentence())  # waits behind the page, past its own deadline
+    worker.join()
+    assert out["hasty"].text is None
+    assert out["patient"].text and "lorem" in out["patient"].text, out["patient"].warning
+    assert engine.restarts == restarts
 
 
 def test_a_child_that_cannot_start_is_ocr_unavailable() -> None:

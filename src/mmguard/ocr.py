@@ -82,7 +82,8 @@ class OcrUnavailable(RuntimeError):
 @runtime_checkable
 class OcrEngine(Protocol):
     """Anything that turns an image into the text written on it ("" when there is none). An engine may also
-    have ``cancel()``, which stops the read in progress (called from another thread at its deadline)."""
+    have ``cancel(thread)``, which stops the read in progress on that thread (called from another thread at the
+    read's deadline; engines are shared by readers, so only the late read may be stopped)."""
 
     def read(self, image: Image.Image) -> str: ...
 
@@ -485,14 +486,16 @@ class OcrReader:
                          "characters judged (ocr max_chars)", elapsed_ms, complete=False)
 
     def _stop(self, future: Future[str]) -> None:
-        """Stop a read past its deadline if the engine can (``cancel()``), and only if it is still that read."""
+        """Stop a read past its deadline if the engine can (``cancel(thread)``), and only if it is still that read:
+        the read on this reader's worker thread, not another reader's on the same engine."""
         cancel = getattr(self._engine, "cancel", None)
-        if not callable(cancel):
+        worker = self._worker
+        if not callable(cancel) or worker is None:
             return
         with self._running_lock:
             if self._running is future:
                 with contextlib.suppress(Exception):
-                    cancel()
+                    cancel(worker.ident)
 
     def _remember(self, key: str, text: str) -> None:
         with self._cache_lock:

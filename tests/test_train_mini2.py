@@ -70,6 +70,14 @@ def test_mini2_trains_ships_adapters_and_loads(base_available: None, tmp_path: P
     assert p2 == pytest.approx(v.unsafe_probability, abs=1e-3)
     with pytest.raises(ValueError, match="warm-start"):
         TrainConfig(data=[str(data)], out=str(stage2), base=str(out), lora=True, warm_start=str(out)).resolved()
+    # a warm start keeps its adapters' shape: --lora-r 8 and --lora-from-layer 20 were ignored without a word
+    from mmguard.engine import EngineError
+
+    for option, message in (({"lora_r": 8}, "r 16.*--lora-r asks for 8"),
+                            ({"lora_from_layer": 20}, "target_modules.*--lora-from-layer")):
+        with pytest.raises(EngineError, match=message):
+            train(TrainConfig(data=[str(data)], out=str(tmp_path / "odd"), init="mini2", lora=True,
+                              warm_start=str(out), steps=1, batch_size=4, seed=1, threads=2, **option))
 
     # and training can start from the saved guard (its adapters are merged on load)
     again = train(TrainConfig(data=[str(data)], out=str(tmp_path / "again"), base=str(out), lora=True, steps=1,

@@ -115,6 +115,7 @@ def command(
         print(f"error: --data: file not found: {missing[0]}", file=sys.stderr)
         raise typer.Exit(2)
     from ..data.schema import DataError, read_examples
+    from ..engine import EngineError
 
     try:  # every line read before the model loads; what only formatting finds comes with its line later
         trainable = sum(ex.trainable and ex.split == "train" for p in data for ex in read_examples(p))
@@ -124,6 +125,9 @@ def command(
     except DataError as err:
         print(f"error: --data: {err}", file=sys.stderr)
         raise typer.Exit(2) from None
+    except EngineError as err:  # a model or checkpoint that cannot be used as asked (--warm-start, --base)
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(3) from None
     summary.pop("config", None)
     print(json.dumps(summary, indent=2, default=str))
 

@@ -76,6 +76,56 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     backpropagates down to the first cross-attention layer, whose weights train."""
     from peft import LoraConfig, get_peft_model
 
+    targets, modules_to_save = lora_targets(model, cfg)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", modules_to_save=modules_to_save)
+    return saves_without_embeddings(get_peft_model(model, lcfg))
+
+
+def saves_without_embeddings(peft_model: Any) -> Any:
+    """The embeddings are never a target and stay frozen, so no save needs them. peft's default ("auto") asks the
+    Hub for the base's config at every save (checkpoints included) when the base is not a local folder (mini2's
+    is named by BASE_NAME): offline that is a failed lookup and two warnings each time, or a DNS wait."""
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
+
+
+def warm_start_lora(model: Any, cfg: TrainConfig) -> Any:
+    """``--warm-start``'s adapters and new layers on ``model``, trainable again, checked against what this run's
+    options would build: a warm start keeps its adapters' shape, and ``--lora-r 8 --lora-from-layer 20`` were
+    ignored without a word; tensors that do not match their configuration are refused (peft drops them)."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from ..checkpoints import check_adapters
+    from ..engine import EngineError
+
+    folder = Path(cfg.warm_start)  # type: ignore[arg-type]
+    try:
+        saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EngineError(f"--warm-start {folder}: cannot read adapter_config.json ({err})") from None
+    targets = lora_targets(model, cfg)[0]
+    wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": targets}
+    names = {"r": "--lora-r", "lora_alpha": "--lora-alpha", "target_modules": "--lora-from-layer"}
+    for key, value in wanted.items():
+        if saved.get(key) != value:
+            raise EngineError(f"--warm-start {folder}: its adapters have {key} {str(saved.get(key))[:80]}, but "
+                              f"this run's {names[key]} asks for {str(value)[:80]}; a warm start keeps its "
+                              "adapters' shape (pass the same options, or start afresh without --warm-start)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except Exception as err:
+        raise EngineError(f"--warm-start {folder}: cannot load its adapters ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    check_adapters(peft_model, folder)
+    return saves_without_embeddings(peft_model)
+
+
+def lora_targets(model: Any, cfg: TrainConfig) -> tuple[str, list[str] | None]:
+    """The adapted modules (a regex) and the modules trained whole, for ``cfg`` on ``model``."""
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     modules_to_save = None
     if cfg.init == "mini2":
@@ -87,11 +137,4 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
         targets = rf".*language_model\.layers\.({pretrained})\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
         modules_to_save = ["vision_model", "multi_modal_projector",
                            *(f"language_model.layers.{i}" for i in tc.cross_attention_layers)]
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", modules_to_save=modules_to_save)
-    peft_model = get_peft_model(model, lcfg)
-    # The embeddings are never a target and stay frozen, so no save needs them. peft's default ("auto") asks the
-    # Hub for the base's config at every save (checkpoints included) when the base is not a local folder (mini2's
-    # is named by BASE_NAME): offline that is a failed lookup and two warnings each time, or a DNS wait.
-    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
-    return peft_model
+    return targets, modules_to_save

@@ -31,7 +31,7 @@ import torch
 from .batches import BatchDataset, Collator, make_batches
 from .config import TrainConfig
 from .loss import answer_loss
-from .model_setup import apply_freeze, apply_lora, build_mini_model
+from .model_setup import apply_freeze, apply_lora, build_mini_model, warm_start_lora
 from .sequences import load_training_items
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     counts = apply_freeze(model, cfg.freeze)
     engine = Engine(model, tokenizer, processor, device="cpu", dtype=dtype, source=cfg.base or "mini")
     if cfg.lora and cfg.warm_start:
-        from peft import PeftModel
-
         # the same adapters and new layers, trainable again: the output ships like a fresh mini v2 run's
-        model = PeftModel.from_pretrained(model, cfg.warm_start, is_trainable=True)
+        model = warm_start_lora(model, cfg)
     elif cfg.lora:
         model = apply_lora(model, cfg)
     if cfg.lora:

@@ -158,3 +158,44 @@ def test_a_client_that_reads_nothing_holds_the_upstream_back_by_bytes_not_events
         done = threading.Event()
         done.wait(4)  # the client reads nothing meanwhile
         assert sent[0] < 48, sent[0]  # 1 MiB events: queue, held and socket buffers (91 before)
+
+
+def trickling(stream: bool) -> FastAPI:
+    """An upstream that never finishes: a byte of a plain answer every 0.2 s, or held text then keep-alive
+    comments (each read restarts the per-read timeout, so only a total bounds it)."""
+    import asyncio
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def answer() -> StreamingResponse:
+        async def plain() -> Any:
+            for byte in json.dumps(HARMFUL).encode() * 100:
+                await asyncio.sleep(0.2)
+                yield bytes([byte])
+
+        async def events() -> Any:
+            yield chunk_event([{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}])
+            for _ in range(600):
+                await asyncio.sleep(0.2)
+                yield b": ping\n\n"
+
+        if stream:
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(plain(), media_type="application/json")
+
+    return app
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_that_never_finishes_is_bounded_in_all(stream: bool) -> None:
+    """A byte a second, or keep-alive comments behind held text, held the client and the upstream connection for
+    ever (0 bytes in 60 s, no error): the per-read timeout restarts at every byte. --answer-timeout bounds it."""
+    start = time.perf_counter()
+    with proxied(trickling(stream), check_every=10_000, answer_timeout_s=1.5) as url:
+        resp = httpx.post(url + "/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=60)
+    assert time.perf_counter() - start < 30
+    if stream:
+        assert resp.status_code == 200 and '"code": "upstream_timeout"' in resp.text and '"content"' not in resp.text
+    else:
+        assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"

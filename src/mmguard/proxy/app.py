@@ -280,13 +280,22 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
 
     async def read_bounded(resp: httpx.Response) -> bytes:
         chunks, size = [], 0
-        try:
+
+        async def read_all() -> None:
+            nonlocal size
             async for chunk in read_decoded(resp):
                 size += len(chunk)
                 if size > _MAX_UPSTREAM_BODY:
                     raise APIError(502, f"the upstream's answer is over {_MAX_UPSTREAM_BODY} bytes",
                                    type="server_error", code="upstream_body_too_large")
                 chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read_all(), settings.answer_timeout_s)
+        except asyncio.TimeoutError:
+            state.metrics.upstream_errors.labels("timeout").inc()
+            raise APIError(504, f"the upstream's answer took over {settings.answer_timeout_s:g}s (--answer-timeout)",
+                           type="server_error", code="upstream_timeout") from None
         except httpx.HTTPError as err:
             raise APIError(502, f"reading the upstream's answer failed: {type(err).__name__}", type="server_error",
                            code="upstream_unavailable") from None
@@ -455,11 +464,13 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         getter: asyncio.Task[Any] | None = None
         upstream_ended_at: float | None = None
         failure: dict[str, Any] | None = None
+        progress = time.perf_counter()  # the last time the client was sent something checked
         try:
             while True:
                 for due in release.due_checks():
                     checks[asyncio.create_task(state.check_answer(judged, due.text))] = due
                 for raw in release.releasable():
+                    progress = time.perf_counter()
                     yield raw
                 if release.all_blocked or release.complete or failure is not None:
                     break
@@ -474,7 +485,14 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
                     failure = error_body("the proxy could not finish judging the answer", type="server_error",
                                          code="output_check_failed")
                     break
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                left = settings.answer_timeout_s - (time.perf_counter() - progress)
+                done, _ = await asyncio.wait(waiting, timeout=max(0.0, left), return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # a trickle, or keep-alive comments behind held text: nothing released for too long
+                    state.metrics.upstream_errors.labels("timeout").inc()
+                    failure = error_body(f"the upstream's answer sent nothing that could be released for "
+                                         f"{settings.answer_timeout_s:g}s (--answer-timeout)", type="server_error",
+                                         code="upstream_timeout")
+                    break
                 for task in done:
                     if task is getter:
                         getter = None

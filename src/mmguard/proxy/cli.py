@@ -63,6 +63,9 @@ def command(
     ] = None,
     upstream_timeout: Annotated[float, typer.Option(help="Seconds to connect to / wait on each read of the upstream")
                                 ] = 120.0,
+    answer_timeout: Annotated[float, typer.Option(
+        help="Seconds a plain answer may take in all, and a stream between two checked releases; beyond: 504")
+    ] = 600.0,
     max_batch_size: Annotated[int, typer.Option(help="Largest guard batch")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait to fill a guard batch")] = 2.0,
     max_queue: Annotated[int, typer.Option(help="Checks that may wait; beyond: 429")] = 512,
@@ -119,7 +122,8 @@ def command(
             torch_threads=torch_threads)
         settings = ProxySettings(upstream=upstream, rails=_split([rails]), check_every=check_every,
                                  release=release, mode=mode, api_keys=keys,  # type: ignore[arg-type]
-                                 upstream_timeout_s=upstream_timeout, judge_reasoning=judge_reasoning,
+                                 upstream_timeout_s=upstream_timeout, answer_timeout_s=answer_timeout,
+                                 judge_reasoning=judge_reasoning,
                                  remember_responses=remember_responses, history_chars=history_chars,
                                  guard=guard_settings)
     except ValueError as err:

@@ -34,6 +34,10 @@ class ProxySettings:
     api_keys: the proxy's own keys, presented in the ``X-MMGuard-API-Key`` header (``Authorization``
         belongs to the upstream and is forwarded untouched).
     upstream_timeout_s: connect/read timeout towards the upstream (each read of a stream, not its total).
+    answer_timeout_s: the longest a plain answer may take to arrive whole, and a stream may go without the
+        proxy sending its client anything checked: past it, 504 ``upstream_timeout`` (or that error event).
+        The per-read timeout restarts at every byte, so an upstream trickling a byte a second, or keep-alive
+        comments behind held text, held a connection for ever.
     mode: ``block`` (default) stops what a rail flags; ``score`` judges and reports without blocking (a shadow
         deployment: :mod:`mmguard.proxy.scored`).
     judge_reasoning: also judge (and hold back) the answer's reasoning text (``reasoning_content`` or
@@ -55,6 +59,7 @@ class ProxySettings:
     release: Release = "checked"
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     upstream_timeout_s: float = 120.0
+    answer_timeout_s: float = 600.0
     judge_reasoning: bool = False
     mode: Mode = "block"
     remember_responses: int = 10_000
@@ -78,8 +83,8 @@ class ProxySettings:
             raise ValueError(f"history_chars must be >= 0, got {self.history_chars}")
         if self.remember_responses < 0:
             raise ValueError(f"remember_responses must be >= 0, got {self.remember_responses}")
-        if self.upstream_timeout_s <= 0:
-            raise ValueError("upstream_timeout_s must be > 0")
+        if not self.upstream_timeout_s > 0 or not self.answer_timeout_s > 0:
+            raise ValueError("upstream_timeout_s and answer_timeout_s must be > 0")
 
     @property
     def upstream_base(self) -> str:

@@ -9,7 +9,6 @@ tensors that do not match their configuration (peft drops them), a configuration
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from .engine import Engine, EngineError
+from .files import read_json_object
 
 __all__ = [
     "IMAGE_VERDICT_RULES",
@@ -141,11 +141,9 @@ def read_model_info(directory: str | Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        raise EngineError(f"cannot read {path}: {type(err).__name__}: {str(err)[:200]}") from None
-    if not isinstance(info, dict):
-        raise EngineError(f"{path} must hold a JSON object")
+        info = read_json_object(path)
+    except ValueError as err:
+        raise EngineError(str(err)) from None
     for key, (kind, said) in _INFO_TYPES.items():
         value = info.get(key)
         if value is not None and not isinstance(value, kind):

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a reader (or a resumed job) never sees a half-written one."""
+"""Files written whole or not at all (a reader, or a resumed job, never sees a half-written one), and JSON
+configuration files read strictly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_output"]
+__all__ = ["atomic_output", "read_json_object"]
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a checkpoint's ``mmguard.json``, ``adapter_config.json``): a
+    ``ValueError`` naming the file when it cannot be read, is not JSON, nests past the parser or is not an
+    object."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"cannot read {path}: {type(err).__name__}: {str(err)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
 
 
 @contextmanager

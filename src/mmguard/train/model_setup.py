@@ -94,19 +94,19 @@ def warm_start_lora(model: Any, cfg: TrainConfig) -> Any:
     """``--warm-start``'s adapters and new layers on ``model``, trainable again, checked against what this run's
     options would build: a warm start keeps its adapters' shape, and ``--lora-r 8 --lora-from-layer 20`` were
     ignored without a word; tensors that do not match their configuration are refused (peft drops them)."""
-    import json
     from pathlib import Path
 
     from peft import PeftModel
 
     from ..checkpoints import check_adapters
     from ..engine import EngineError
+    from ..files import read_json_object
 
     folder = Path(cfg.warm_start)  # type: ignore[arg-type]
     try:
-        saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise EngineError(f"--warm-start {folder}: cannot read adapter_config.json ({err})") from None
+        saved = read_json_object(folder / "adapter_config.json")
+    except ValueError as err:
+        raise EngineError(f"--warm-start: {err}") from None
     targets = lora_targets(model, cfg)[0]
     wanted = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": targets}
     names = {"r": "--lora-r", "lora_alpha": "--lora-alpha", "target_modules": "--lora-from-layer"}

@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..files import read_json_object
+
 __all__ = ["WEIGHT_FILES", "SoupConfig", "SoupError", "lora_cross_term_error", "make_soup"]
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
@@ -82,11 +84,9 @@ def _setup(folder: Path) -> dict[str, object]:
             out[name] = None
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as err:
-            raise SoupError(f"{folder}: cannot read {name}: {err}") from None
-        if not isinstance(data, dict):
-            raise SoupError(f"{folder}: {name} must hold a JSON object")
+            data = read_json_object(path)
+        except ValueError as err:
+            raise SoupError(str(err)) from None
         keys = _SETUP_KEYS.get(name) or sorted(set(data) - _CONFIG_IGNORED)
         out[name] = {k: sorted(map(str, v)) if isinstance(v, (list, set)) and k == "target_modules" else v
                      for k in keys if (v := data.get(k)) is not None}

@@ -536,11 +536,15 @@ def test_soup_and_classify_of_a_truncated_checkpoint_are_one_line(tiny_model_dir
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:1000])
     soup = runner.invoke(_tools_app(), ["soup", str(tiny_model_dir), str(broken), "--out", str(tmp_path / "s")])
     assert "cannot read model.safetensors" in _one_error_line(soup)
     classify = runner.invoke(_tools_app(), ["classify", "-p", "hi", "-m", str(broken), "--device", "cpu"])
-    assert "cannot read the weights" in _one_error_line(classify, code=3)
+    assert "its weight files hold 0.0 MB" in _one_error_line(classify, code=3)  # refused before the model is built
+    weights.write_bytes(whole[: len(whole) * 3 // 4])  # big enough for its config: read, and found torn
+    classify = runner.invoke(_tools_app(), ["classify", "-p", "hi", "-m", str(broken), "--device", "cpu"])
+    assert "cannot load the weights" in _one_error_line(classify, code=3)
 
 
 def test_eval_refuses_data_its_out_folder_would_overwrite(tmp_path: Path) -> None:

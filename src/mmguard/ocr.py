@@ -262,6 +262,7 @@ def prepare_views(image: Image.Image, max_side: int) -> list[Any]:
     said nothing was there; large text split by the tiles is whole in the first view. At most 5 reads."""
     import numpy as np
 
+    image = _flatten_rgb(image)  # once for all views
     views = [prepare_pixels(image, max_side)]
     if max(image.size) <= max_side * 1.25:
         return views

@@ -70,7 +70,6 @@ class ProcessOcrEngine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._busy = False
-        self._stopped = False
         self._cancelled: set[int] = set()  # threads whose read was stopped (maybe between two of its views)
         self._owner: int | None = None  # the thread whose view the child is reading
         self._start()
@@ -146,12 +145,12 @@ class ProcessOcrEngine:
             if self._proc is None or self._proc.poll() is not None:
                 self._replace()
             assert self._sock is not None
-            self._busy, self._stopped, self._owner = True, False, threading.get_ident()
+            self._busy, self._owner = True, threading.get_ident()
             try:
                 self._sock.sendall(_HEADER.pack(height, width, channels) + pixels.tobytes())
                 answer = _recv_answer(self._sock)
             except (OSError, ValueError, OcrStopped) as err:  # ValueError: a garbled answer
-                stopped = self._stopped
+                stopped = self._owner in self._cancelled  # killed by cancel(), not dead of itself
                 self._busy = False
                 code = self._proc.wait() if self._proc is not None else None
                 self._replace()  # now, in this (worker) thread: the next read finds a loaded child
@@ -175,7 +174,6 @@ class ProcessOcrEngine:
             return
         self._cancelled.add(target)
         if self._busy and owner == target and proc is not None and proc.poll() is None:
-            self._stopped = True
             proc.kill()
 
 

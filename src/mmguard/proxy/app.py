@@ -40,7 +40,15 @@ from .response_store import ResponseStore, continued
 from .routes import CHAT, RESPONSES, Route, UnreadableAnswer, content_filter_error
 from .scored import score_plain
 from .settings import ProxySettings
-from .sse import SSEEvent, SSEParser, UpstreamEncodingError, json_bytes, loads_or_none, read_decoded
+from .sse import (
+    READABLE_ENCODINGS,
+    SSEEvent,
+    SSEParser,
+    UpstreamEncodingError,
+    json_bytes,
+    loads_or_none,
+    read_decoded,
+)
 
 __all__ = ["KEY_HEADER", "ProxyState", "content_filter_error", "create_proxy_app"]
 
@@ -256,7 +264,7 @@ def create_proxy_app(guard: GuardLike, settings: ProxySettings) -> FastAPI:
         problem = None
         if 300 <= resp.status_code < 400:  # passed on, a client follows Location to the upstream: unchecked
             problem = f"a redirect ({resp.status_code}), which the proxy neither follows nor passes on"
-        elif encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):  # read_decoded's: one layer, bounded
+        elif encoding not in READABLE_ENCODINGS:  # read_decoded's: one layer, inflated in bounded pieces
             problem = f"content-encoding {encoding[:40]!r}, which the proxy does not read"
         if problem is not None:
             await resp.aclose()

@@ -13,8 +13,19 @@ from typing import Any
 
 import httpx
 
-__all__ = ["DECODED_PIECE", "DONE", "MAX_JSON_DEPTH", "SSEEvent", "SSEParser", "UpstreamEncodingError",
-           "json_bytes", "loads_or_none", "read_decoded", "sse"]
+__all__ = [
+    "DECODED_PIECE",
+    "DONE",
+    "MAX_JSON_DEPTH",
+    "READABLE_ENCODINGS",
+    "SSEEvent",
+    "SSEParser",
+    "UpstreamEncodingError",
+    "json_bytes",
+    "loads_or_none",
+    "read_decoded",
+    "sse",
+]
 
 DONE = "[DONE]"
 
@@ -133,6 +144,7 @@ def sse(payload: Any) -> bytes:
 
 # -- the upstream's bytes ----------------------------------------------------------------------------------
 DECODED_PIECE = 64 * 1024  # a compressed answer is inflated this much at a time
+READABLE_ENCODINGS = ("", "identity", "gzip", "x-gzip", "deflate")  # content-encodings read_decoded reads
 
 
 class UpstreamEncodingError(ValueError):
@@ -151,7 +163,7 @@ async def read_decoded(resp: httpx.Response) -> AsyncIterator[bytes]:
         async for raw in resp.aiter_raw():
             yield raw
         return
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+    if encoding not in READABLE_ENCODINGS:
         raise UpstreamEncodingError(f"content-encoding {encoding[:40]!r} (only one layer of gzip or deflate is read)")
     inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, found from the first bytes
     async for raw in resp.aiter_raw():

@@ -342,7 +342,10 @@ class Guard:
             if res.text or (res.text == "" and image_turn.texts):
                 try:
                     escaped = 0
-                    for window in transcription_windows(res.text):
+                    # each view's text (the image, a later frame, another rendering) on its own: an innocent
+                    # frame read with a harmful one diluted it below the threshold
+                    windows = [w for part in res.parts or (res.text,) for w in transcription_windows(part)]
+                    for window in windows:
                         # always escaped, whatever self.markers says: nobody can edit what OCR read, and
                         # refusing it (REJECT) dropped the check, so a marker beside harmful text hid it
                         prompt = build_prompt(with_transcription(conversations[i], window), policy,

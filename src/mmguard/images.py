@@ -5,6 +5,12 @@ bombs), detect truncated or non-image data, apply EXIF orientation, take the fir
 animations, and bring every mode (CMYK, palette, 16-bit, alpha) to 8-bit RGB. Tiling and
 normalisation are left to transformers' Mllama image processor.
 
+The model judges one rendering: the first frame, laid on white (as transformers' ``convert_to_rgb``
+does). A viewer or a downstream model may be shown something else: a transparent image on a dark
+background or with its alpha dropped (``Image.convert("RGB")`` drops it, so text written in the colour of
+fully transparent pixels appears), or an animation's later frames. Those are kept beside the image
+(:func:`other_views`) for the OCR stage to read too.
+
 Memory is bounded too: at most :func:`max_concurrent_decodes` images are decoded at once (a 40 MP
 image is ~120 MB decoded), every image is reduced to the largest canvas any Mllama model reads
 (``max_side``, 2240 px: 4 tiles of 560 px) right at decode time (JPEG: already inside the decoder, via
@@ -27,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "ImageLimits", "image_digest", "load_image", "max_concurrent_decodes"]
+__all__ = ["ImageError", "ImageLimits", "OtherViews", "image_digest", "load_image", "max_concurrent_decodes",
+           "other_views"]
 
 
 class ImageError(ValueError):
@@ -44,9 +51,33 @@ class ImageLimits:
     # longer side kept after decoding: the Mllama processor never uses more (at most 4 tiles of 560 px on a
     # side), so larger images are reduced at once instead of held at full size; None keeps every pixel
     max_side: int | None = 2240
+    # frames of an animation decoded (the first for the model, the others for OCR's other views), and the pixels
+    # they may hold together; frames past either bound are counted in OtherViews.frames_unread
+    max_frames: int = 8
+    max_frame_pixels: int = 80_000_000
 
 
 DEFAULT_LIMITS = ImageLimits()
+OTHER_VIEWS_KEY = "mmguard.other_views"  # where load_image keeps an image's OtherViews, in its ``info``
+
+
+@dataclass(frozen=True)
+class OtherViews:
+    """What else a viewer may be shown of a loaded image than the RGB image the model judges.
+
+    ``renderings``: a transparent image with its alpha dropped and laid on black (each kept when it differs from
+    the others), then the later distinct frames of an animation, each on white. All are RGB, reduced as the image
+    is. ``frames_unread``: frames of the animation past :class:`ImageLimits`' ``max_frames`` or
+    ``max_frame_pixels``, not decoded."""
+
+    renderings: tuple[Image.Image, ...] = ()
+    frames_unread: int = 0
+
+
+def other_views(image: Image.Image) -> OtherViews:
+    """The :class:`OtherViews` :func:`load_image` kept with ``image`` (none for an image it did not load)."""
+    views = image.info.get(OTHER_VIEWS_KEY)
+    return views if isinstance(views, OtherViews) else OtherViews()
 _LARGE_DECODE_PIXELS = 4_000_000  # after decoding more than this, give freed memory back to the OS
 _decode_slots = threading.BoundedSemaphore(2)
 _decode_slots_size = 2
@@ -148,8 +179,8 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
     return path.read_bytes()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on white (what a viewer shows)."""
+def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on ``background`` (white: what a viewer shows)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -162,9 +193,66 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        underneath = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(underneath, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _is_translucent(img: Image.Image) -> bool:
+    """Whether some pixel of ``img`` is not fully opaque (read without a copy of the image)."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return bool(img.getextrema()[-1][0] < 255)  # type: ignore[index]
+    if img.mode == "P" and "transparency" in img.info:
+        counts = img.histogram()[:256]
+        clear = img.info["transparency"]
+        if isinstance(clear, int):
+            return 0 <= clear < 256 and counts[clear] > 0
+        if isinstance(clear, bytes):
+            return any(a < 255 and counts[i] > 0 for i, a in enumerate(clear[:256]))
+    return False
+
+
+def _oriented(derived: Image.Image, exif: Image.Exif) -> Image.Image:
+    """``derived`` (a copy made from a decoded image) turned by that image's EXIF orientation, which a
+    converted copy need not carry (TIFF tags, XMP): ``ImageOps.exif_transpose`` reads it from ``info``."""
+    if exif.get(ExifTags.Base.Orientation, 1) == 1:
+        return derived
+    derived.info["exif"] = exif.tobytes()
+    return ImageOps.exif_transpose(derived) or derived
+
+
+def _is_blank(img: Image.Image) -> bool:
+    """One colour all over: nothing written on it."""
+    return all(low == high for low, high in img.getextrema())  # type: ignore[union-attr]
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and ImageChops.difference(a, b).getbbox() is None
+
+
+def _later_frames(animation: Image.Image, first: Image.Image, limits: ImageLimits,
+                  exif: Image.Exif) -> tuple[list[Image.Image], int]:
+    """The frames of ``animation`` after the first that differ from those before them (RGB on white, reduced as
+    the first is), and how many frames were not decoded (past the limits, or unreadable)."""
+    total = int(getattr(animation, "n_frames", 1))
+    width, height = animation.size
+    budget = min(total, limits.max_frames, max(1, limits.max_frame_pixels // max(1, width * height)))
+    seen = [first]
+    frames: list[Image.Image] = []
+    for index in range(1, budget):
+        try:
+            animation.seek(index)
+            animation.load()
+            frame = animation.copy()
+            if frame.mode in ("RGB", "RGBA", "L", "LA"):
+                frame = _shrink(frame, limits.max_side)
+            frame = _shrink(_to_rgb(_oriented(frame, exif)), limits.max_side)
+        except Exception:  # a later frame cut short or broken: the ones before it are read, the rest counted
+            return frames, total - index
+        if not any(_same_pixels(frame, other) for other in seen):
+            seen.append(frame)
+            frames.append(frame)
+    return frames, total - budget
 
 
 def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
@@ -239,27 +327,45 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
             f"image aspect ratio {ratio:.1f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
         )
     source_img = img
+    renderings: list[Image.Image] = []
+    frames_unread = 0
     try:
-        if getattr(img, "is_animated", False):
+        animated = bool(getattr(img, "is_animated", False))
+        if animated:
             img.seek(0)  # the first frame is what a viewer shows first
         if limits.max_side is not None and img.format == "JPEG":
             img.draft("RGB", (limits.max_side, limits.max_side))  # the decoder itself scales by 1/2, 1/4, 1/8
         img.load()
+        exif = img.getexif()
+        # the colours under the alpha, as a pipeline that drops it shows them; taken before the reduction below,
+        # which works on premultiplied colours and so blanks fully transparent pixels
+        dropped = _shrink(img.convert("RGB"), limits.max_side) if _is_translucent(img) else None
         if img.mode in ("RGB", "RGBA", "L", "LA"):  # reduce before any copy (resize supports these modes)
             img = _shrink(img, limits.max_side)
         img = ImageOps.exif_transpose(img) or img
         rgb = _shrink(_to_rgb(img), limits.max_side)
         rgb.load()
+        if dropped is not None:
+            on_black = _shrink(_to_rgb(img, (0, 0, 0)), limits.max_side)
+            for view in (_oriented(dropped, exif), on_black):
+                if not _is_blank(view) and not any(_same_pixels(view, other) for other in (rgb, *renderings)):
+                    renderings.append(view)
+        if rgb is source_img:
+            rgb = rgb.copy()  # never alias a caller's image (the frames below move it)
+        if animated:
+            frames, frames_unread = _later_frames(source_img, rgb, limits, exif)
+            renderings.extend(frames)
+            source_img.seek(0)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise ImageError(f"image rejected as a decompression bomb: {err}") from None
     except OSError as err:
         raise ImageError(f"image is truncated or corrupt: {err}") from None
     except Exception as err:
         raise ImageError(f"cannot decode image: {err}") from None
-    if rgb is source_img:
-        rgb = rgb.copy()  # never alias a caller's image
     if data is not None and source_img is not rgb:
         source_img.close()  # the full-size decode: free it now, not at the next garbage collection
+    if renderings or frames_unread:
+        rgb.info[OTHER_VIEWS_KEY] = OtherViews(tuple(renderings), frames_unread)
     return rgb
 
 
@@ -268,4 +374,9 @@ def image_digest(img: Image.Image) -> str:
     h = hashlib.sha256()
     h.update(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
     h.update(img.tobytes())
+    views = other_views(img)  # two images alike on white may hide different text: they must not share a key
+    for view in views.renderings:
+        h.update(f":{image_digest(view)}".encode())
+    if views.frames_unread:
+        h.update(f":unread={views.frames_unread}".encode())
     return h.hexdigest()

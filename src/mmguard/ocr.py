@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from .conversation import Conversation, Turn
-from .images import image_digest
+from .images import image_digest, other_views
 
 __all__ = [
     "DEFAULT_OCR_CACHE_ENTRIES",
@@ -111,11 +111,15 @@ def with_transcription(conversation: Conversation, text: str) -> Conversation:
 def normalise_text(text: str, max_chars: int = 2000) -> str:
     """Whitespace runs become one space, ends stripped, at most ``max_chars`` characters (cut at a word
     boundary when one is near)."""
-    text = _WS_RE.sub(" ", text).strip()
+    return _cut(_WS_RE.sub(" ", text).strip(), max_chars)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """``text``'s first ``max_chars`` characters, cut at a space or newline when one is near the end."""
     if len(text) <= max_chars:
         return text
     cut = text[:max_chars]
-    space = cut.rfind(" ")
+    space = max(cut.rfind(" "), cut.rfind("\n"))
     return cut[:space] if space >= max_chars * 0.8 else cut
 
 
@@ -357,12 +361,18 @@ class OcrStore(Protocol):
 class OcrResult:
     """What was read from one image: ``text`` is None when the reading failed or timed out (``warning``
     says which); "" when it ran and found no text. ``complete`` is False when the image held more text than
-    the reader's ``max_chars`` (``text`` is its first part, and ``warning`` says so)."""
+    the reader's ``max_chars`` (``text`` is its first part), or when some of its other views (later frames, other
+    renderings) were not read; ``warning`` says which.
+
+    ``parts``: the distinct texts of the image and of its other views, in order (``text`` is them joined by
+    spaces). Each is judged on its own: a harmful frame after an innocent one was judged safe when read as one
+    text with it."""
 
     text: str | None
     warning: str | None = None
     elapsed_ms: float = 0.0
     complete: bool = True
+    parts: tuple[str, ...] = ()
 
 
 class OcrReader:
@@ -400,7 +410,8 @@ class OcrReader:
         self.max_chars = max_chars
         self.cache_entries = cache_entries
         self.cache_hits = 0
-        # image digest -> the text read, whitespace normalised, its first max_chars + 1 characters (see _result)
+        # image digest -> the texts read (see _kept: the distinct texts of its views, whitespace normalised, joined by
+        # a newline, the first max_chars + 1 characters of that; a newline is the one space a normalised text lacks)
         self._read_cache: OrderedDict[str, str] = OrderedDict()
         self._cache_lock = threading.Lock()
         # a lasting store, used only with an engine that states its identity (its settings and version)
@@ -423,15 +434,19 @@ class OcrReader:
         return self._engine
 
     def read(self, image: Image.Image) -> OcrResult:
+        """What ``image`` holds in writing: the image itself, then its :func:`mmguard.images.other_views` (a
+        transparent image on black and with its alpha dropped, an animation's later frames), all within one
+        ``timeout_s`` that counts from the start of the first read. When the image itself is read but not all
+        its other views, the verdict has what was read and says the rest was not (``complete`` False)."""
         start = time.perf_counter()
-        key = image_digest(image) if self.cache_entries else None
+        key = image_digest(image) if self.cache_entries else None  # covers the other views too
         if key is not None:
             with self._cache_lock:
                 known = self._read_cache.get(key)
                 if known is not None:
                     self._read_cache.move_to_end(key)
                     self.cache_hits += 1
-                    return self._result(known, (time.perf_counter() - start) * 1000.0)
+                    return self._result(known, (time.perf_counter() - start) * 1000.0, image)
         try:
             engine = self.engine()  # loaded here, not in the worker: a one-time load is not charged to the deadline
         except Exception as err:
@@ -444,47 +459,84 @@ class OcrReader:
             if known is not None:
                 self._remember(key, known)  # type: ignore[arg-type]
                 self.cache_hits += 1
-                return self._result(known, (time.perf_counter() - start) * 1000.0)
-        future: Future[str] = Future()
-        started = threading.Event()
-        self._ensure_worker()
-        self._jobs.put((image, future, started))
-        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline. Its deadline
-        # counts from its start: the wait for the worker (the restart of a stopped read, a second or two) is
-        # bounded apart, and was charged to the next image, which then went unread
-        if not started.wait(self.timeout_s) and future.cancel():
-            return OcrResult(None, f"text in the image was not read: OCR was busy for the ocr_timeout_s limit of "
-                                   f"{self.timeout_s:g} s", (time.perf_counter() - start) * 1000.0)
-        try:
-            text = future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            if not future.cancel():  # cancel() works only before the start (it then never starts)
-                self._stop(future)
-            return OcrResult(None, f"text in the image was not read: OCR took longer than the "
-                                   f"ocr_timeout_s limit of {self.timeout_s:g} s",
-                             (time.perf_counter() - start) * 1000.0)
-        except Exception as err:
-            return OcrResult(None, f"text in the image was not read: OCR failed ({_describe(err)})",
-                             (time.perf_counter() - start) * 1000.0)
-        elapsed = (time.perf_counter() - start) * 1000.0
-        if not isinstance(text, str):
-            return OcrResult(None, f"text in the image was not read: OCR returned {type(text).__name__}, "
-                                   "not text", elapsed)
-        # one character past the limit is kept: it is how a remembered read knows it was cut; a lone surrogate
-        # (an engine of the user's) becomes U+FFFD, as the verdict's JSON cannot hold it
-        kept = _SURROGATE_RE.sub("\ufffd", _WS_RE.sub(" ", text).strip()[: self.max_chars + 1])
+                return self._result(known, (time.perf_counter() - start) * 1000.0, image)
+        views = [image, *other_views(image).renderings]
+        texts: list[str] = []
+        began: float | None = None  # when the first read started: the deadline counts from there
+        for done, view in enumerate(views):
+            limit = self.timeout_s if began is None else began + self.timeout_s - time.perf_counter()
+            text, failure, started_at = self._read_view(view, limit)
+            began = started_at if began is None else began
+            if failure is None:
+                texts.append(text)  # type: ignore[arg-type]
+                continue
+            elapsed = (time.perf_counter() - start) * 1000.0
+            if not done:
+                return OcrResult(None, f"text in the image was not read: {failure}", elapsed)
+            # the image itself was read: judge that, say what was not (and keep it out of the caches: the next
+            # try may read it all)
+            kept = self._kept(texts)
+            partial = (f"text in the image was read only in part: {len(views) - done} of its other view(s) "
+                       f"(on black, alpha dropped, later frames) not read: {failure}")
+            result = self._result(kept, elapsed, image)
+            return OcrResult(result.text, "; ".join(w for w in (partial, result.warning) if w), elapsed,
+                             complete=False)
+        kept = self._kept(texts)
         if key is not None:
             self._remember(key, kept)
         if stored is not None:
             self.store.put(stored, kept)  # type: ignore[union-attr]
-        return self._result(kept, elapsed)
+        return self._result(kept, (time.perf_counter() - start) * 1000.0, image)
 
-    def _result(self, kept: str, elapsed_ms: float) -> OcrResult:
-        if len(kept) <= self.max_chars:
-            return OcrResult(kept, None, elapsed_ms)
-        return OcrResult(normalise_text(kept, self.max_chars),
-                         f"text in the image was read only in part: it holds more than the {self.max_chars} "
-                         "characters judged (ocr max_chars)", elapsed_ms, complete=False)
+    def _read_view(self, view: Image.Image, limit: float) -> tuple[str | None, str | None, float]:
+        """One engine read in the worker, given ``limit`` seconds from its start (and as long again to start):
+        ``(text, None, started)`` or ``(None, why it failed, started)``."""
+        future: Future[str] = Future()
+        started = threading.Event()
+        self._ensure_worker()
+        self._jobs.put((view, future, started))
+        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline. Its deadline
+        # counts from its start: the wait for the worker (the restart of a stopped read, a second or two) is
+        # bounded apart, and was charged to the next image, which then went unread
+        if not started.wait(max(limit, 0.0)) and future.cancel():
+            return None, f"OCR was busy for the ocr_timeout_s limit of {self.timeout_s:g} s", time.perf_counter()
+        started_at = time.perf_counter()
+        try:
+            text = future.result(timeout=max(limit, 0.0))
+        except FutureTimeout:
+            if not future.cancel():  # cancel() works only before the start (it then never starts)
+                self._stop(future)
+            return None, f"OCR took longer than the ocr_timeout_s limit of {self.timeout_s:g} s", started_at
+        except Exception as err:
+            return None, f"OCR failed ({_describe(err)})", started_at
+        if not isinstance(text, str):
+            return None, f"OCR returned {type(text).__name__}, not text", started_at
+        return text, None, started_at
+
+    def _kept(self, texts: Sequence[str]) -> str:
+        """What is remembered of the texts of an image's views: the distinct ones, whitespace normalised, joined by
+        newlines, one character past ``max_chars`` (how a remembered read knows it was cut). A lone surrogate (an
+        engine of the user's) becomes U+FFFD, as the verdict's JSON cannot hold it."""
+        parts: list[str] = []
+        for text in texts:
+            text = _SURROGATE_RE.sub("\ufffd", _WS_RE.sub(" ", text).strip())
+            if text and text not in parts:
+                parts.append(text)
+        return "\n".join(parts)[: self.max_chars + 1]
+
+    def _result(self, kept: str, elapsed_ms: float, image: Image.Image) -> OcrResult:
+        warnings = []
+        unread = other_views(image).frames_unread
+        if unread:
+            warnings.append(f"text in the image was read only in part: {unread} later frame(s) of the animation "
+                            "were not decoded (image limits max_frames, max_frame_pixels)")
+        if len(kept) > self.max_chars:
+            warnings.append(f"text in the image was read only in part: it holds more than the {self.max_chars} "
+                            "characters judged (ocr max_chars)")
+            kept = _cut(kept, self.max_chars)
+        parts = tuple(part for part in kept.split("\n") if part)
+        return OcrResult(" ".join(parts), "; ".join(warnings) or None, elapsed_ms, complete=not warnings,
+                         parts=parts)
 
     def _stop(self, future: Future[str]) -> None:
         """Stop a read past its deadline if the engine can (``cancel(thread)``), and only if it is still that read:

@@ -160,3 +160,61 @@ def test_max_concurrent_decodes_is_settable() -> None:
             max_concurrent_decodes(0)
     finally:
         max_concurrent_decodes(default)
+
+
+# -- large images that must change mode before they are reduced -------------------------------------------------
+@pytest.mark.parametrize("mode", ["P", "PA", "I;16", "I", "F", "CMYK", "1", "LA", "RGBA", "YCbCr"])
+def test_a_large_image_of_every_mode_is_reduced_band_by_band_as_if_whole(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmguard import images
+
+    monkeypatch.setattr(images, "_BAND_ROWS", 16)  # many bands, each with its margin
+    rng = np.random.default_rng(1)
+    if mode in ("I;16", "I", "F"):
+        arr = rng.integers(0, 60000, (300, 220)).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+        img = Image.fromarray(arr)
+        img = img if img.mode == mode else img.convert(mode)
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (300, 220, 3), dtype=np.uint8), "RGB").convert(
+            "RGBA" if mode in ("RGBA", "LA", "PA") else "RGB")
+        if img.mode == "RGBA":
+            img.putalpha(255)  # opaque: the model's view only
+        img = img.convert(mode)
+    out = load_image(img, ImageLimits(max_side=100))
+    assert out.mode == "RGB" and out.size == (73, 100)
+    whole = images._to_rgb(img).resize(out.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(out, int) - np.asarray(whole, int)).max() <= 1
+
+
+def test_a_small_palette_png_of_many_pixels_decodes_in_little_memory() -> None:
+    # a 5 KB palette PNG of 6,324 px took +859 MB to decode (converted whole to RGBA, then composited) and a
+    # 16-bit one +731 MB (as float64); measured apart, in a fresh process, by its peak resident size
+    import subprocess
+    import sys
+
+    script = """
+import io, resource, sys
+import numpy as np
+from PIL import Image
+side = 6324
+if sys.argv[1] == "palette":
+    img = Image.new("P", (side, side), 0)
+    img.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    save = {"transparency": 0}
+else:
+    img = Image.fromarray(np.full((side, side), 40000, np.uint16))
+    save = {}
+buf = io.BytesIO()
+img.save(buf, "PNG", **save)
+data = buf.getvalue()
+del img
+from mmguard.images import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = load_image(data)
+print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, out.size)
+"""
+    for kind in ("palette", "16-bit"):
+        done = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        size, grown_mb, _ = done.stdout.split(maxsplit=2)
+        assert int(size) < 100_000 and int(grown_mb) < 300, (kind, done.stdout)

@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import io
+import math
 import re
 import threading
 import warnings
@@ -58,6 +59,8 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+_NUMERIC_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_BAND_ROWS = 256  # source rows converted at once when a large image must change mode before it is reduced
 OTHER_VIEWS_KEY = "mmguard.other_views"  # where load_image keeps an image's OtherViews, in its ``info``
 
 
@@ -179,15 +182,17 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
     return path.read_bytes()
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on ``background`` (white: what a viewer shows)."""
+def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255),
+            high: float | None = None) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on ``background`` (white: what a viewer shows).
+    ``high``: the largest value of the whole image of integer or float data (when ``img`` is a band of it)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) if arr.size else 0.0
+    if img.mode in _NUMERIC_MODES:
+        arr = np.array(img, dtype=np.float32)  # a copy: scaled in place below
+        hi = high if high is not None else (float(arr.max()) if arr.size else 0.0)
         if hi > 255:  # 16-bit or float data: scale the real range to 8 bits
-            arr = arr * (255.0 / (65535.0 if hi <= 65535 else hi))
+            arr *= 255.0 / (65535.0 if hi <= 65535 else hi)
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
@@ -196,6 +201,47 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
         underneath = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(underneath, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _highest(img: Image.Image) -> float | None:
+    """The largest value of an image of integer or float data (read without a copy); None for other modes."""
+    if img.mode not in _NUMERIC_MODES:
+        return None
+    return float(img.getextrema()[1])  # type: ignore[index, arg-type]
+
+
+def _flattened(img: Image.Image, max_side: int | None, translucent: bool) -> list[Image.Image]:
+    """``img`` (any mode) in RGB, reduced to ``max_side``: on white, and, when ``translucent``, also with its
+    alpha dropped and on black. A large image is converted a band of rows at a time, each band reduced at once
+    (Lanczos over the band and enough rows either side: the same pixels as reducing the whole): a palette or
+    16-bit image converted whole took about four times an RGB image's memory (a 5 KB palette PNG of 6,324 px:
+    +859 MB)."""
+    high = _highest(img)
+
+    def convert(part: Image.Image) -> list[Image.Image]:
+        if not translucent:
+            return [_to_rgb(part, high=high)]
+        return [_to_rgb(part), part.convert("RGB"), _to_rgb(part, (0, 0, 0))]  # convert("RGB") drops the alpha
+
+    width, height = img.size
+    if max_side is None or max(width, height) <= max_side:
+        return convert(img)
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    step = height / size[1]  # source rows per output row
+    rows = max(1, int(_BAND_ROWS / step))  # output rows a band makes
+    margin = math.ceil(3 * step) + 1  # Lanczos reads 3 output rows' worth of source rows on either side
+    outs: list[Image.Image] = []
+    for top in range(0, size[1], rows):
+        bottom = min(size[1], top + rows)
+        y0, y1 = top * step, bottom * step
+        c0, c1 = max(0, math.floor(y0) - margin), min(height, math.ceil(y1) + margin)
+        pieces = convert(img.crop((0, c0, width, c1)))
+        outs = outs or [Image.new("RGB", size) for _ in pieces]
+        for out, piece in zip(outs, pieces, strict=True):
+            out.paste(piece.resize((size[0], bottom - top), Image.Resampling.LANCZOS,
+                                   box=(0, y0 - c0, width, y1 - c0)), (0, top))
+    return outs
 
 
 def _is_translucent(img: Image.Image) -> bool:
@@ -217,8 +263,9 @@ def _oriented(derived: Image.Image, exif: Image.Exif) -> Image.Image:
     converted copy need not carry (TIFF tags, XMP): ``ImageOps.exif_transpose`` reads it from ``info``."""
     if exif.get(ExifTags.Base.Orientation, 1) == 1:
         return derived
-    derived.info["exif"] = exif.tobytes()
-    return ImageOps.exif_transpose(derived) or derived
+    marked = derived.copy()  # never write into what may be a caller's image
+    marked.info["exif"] = exif.tobytes()
+    return ImageOps.exif_transpose(marked) or marked
 
 
 def _is_blank(img: Image.Image) -> bool:
@@ -244,9 +291,9 @@ def _later_frames(animation: Image.Image, first: Image.Image, limits: ImageLimit
             animation.seek(index)
             animation.load()
             frame = animation.copy()
-            if frame.mode in ("RGB", "RGBA", "L", "LA"):
-                frame = _shrink(frame, limits.max_side)
-            frame = _shrink(_to_rgb(_oriented(frame, exif)), limits.max_side)
+            frame = _to_rgb(_shrink(frame, limits.max_side)) if frame.mode in ("RGB", "L") \
+                else _flattened(frame, limits.max_side, translucent=False)[0]
+            frame = _oriented(frame, exif)
         except Exception:  # a later frame cut short or broken: the ones before it are read, the rest counted
             return frames, total - index
         if not any(_same_pixels(frame, other) for other in seen):
@@ -337,19 +384,16 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
             img.draft("RGB", (limits.max_side, limits.max_side))  # the decoder itself scales by 1/2, 1/4, 1/8
         img.load()
         exif = img.getexif()
-        # the colours under the alpha, as a pipeline that drops it shows them; taken before the reduction below,
-        # which works on premultiplied colours and so blanks fully transparent pixels
-        dropped = _shrink(img.convert("RGB"), limits.max_side) if _is_translucent(img) else None
-        if img.mode in ("RGB", "RGBA", "L", "LA"):  # reduce before any copy (resize supports these modes)
-            img = _shrink(img, limits.max_side)
-        img = ImageOps.exif_transpose(img) or img
-        rgb = _shrink(_to_rgb(img), limits.max_side)
+        if img.mode in ("RGB", "L"):  # reduced before any copy (resize reads these modes as they are)
+            rgb, *others = [_to_rgb(_shrink(img, limits.max_side))]
+        else:  # the alpha's colours are taken apart from it: reducing RGBA premultiplies, blanking them
+            rgb, *others = _flattened(img, limits.max_side, _is_translucent(img))
+        rgb = _oriented(rgb, exif)
         rgb.load()
-        if dropped is not None:
-            on_black = _shrink(_to_rgb(img, (0, 0, 0)), limits.max_side)
-            for view in (_oriented(dropped, exif), on_black):
-                if not _is_blank(view) and not any(_same_pixels(view, other) for other in (rgb, *renderings)):
-                    renderings.append(view)
+        for view in others:
+            view = _oriented(view, exif)
+            if not _is_blank(view) and not any(_same_pixels(view, other) for other in (rgb, *renderings)):
+                renderings.append(view)
         if rgb is source_img:
             rgb = rgb.copy()  # never alias a caller's image (the frames below move it)
         if animated:

@@ -111,12 +111,38 @@ def test_an_animations_later_distinct_frames_are_kept_and_the_rest_counted() -> 
     assert loaded.getpixel((5, 5))[0] > 200  # the model still sees the first frame
     views = other_views(loaded)
     assert [v.getpixel((5, 5)) for v in views.renderings] == [(0, 255, 0), (0, 0, 255)]  # red again: not kept
-    assert views.frames_unread == 0
+    assert views.frames_decoded == 4 and not views.frames_unread
     frames = [solid((k * 20, 0, 0)) for k in range(12)]
     few = other_views(load_image(gif(frames), ImageLimits(max_frames=5)))
-    assert len(few.renderings) == 4 and few.frames_unread == 7
+    assert len(few.renderings) == 4 and few.frames_decoded == 5 and few.frames_unread
+    exactly = other_views(load_image(gif(frames[:5]), ImageLimits(max_frames=5)))
+    assert len(exactly.renderings) == 4 and not exactly.frames_unread  # all there is was read
     # the pixels all decoded frames may hold bound them too: 40x30 frames, 3 of them fit in 3,600 pixels
-    assert other_views(load_image(gif(frames), ImageLimits(max_frame_pixels=3600))).frames_unread == 9
+    bounded = other_views(load_image(gif(frames), ImageLimits(max_frame_pixels=3600)))
+    assert bounded.frames_decoded == 3 and bounded.frames_unread
+
+
+def test_frames_are_not_counted_first() -> None:
+    # n_frames walks the whole file: a GIF of many tiny frames took seconds to count. Only one frame past the
+    # limit is looked at
+    frames = [Image.new("P", (2, 2), k % 2) for k in range(3000)]
+    for frame in frames:
+        frame.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    data = gif(frames)
+    from PIL import GifImagePlugin
+
+    walked: list[int] = []
+    real = GifImagePlugin.GifImageFile._seek
+
+    def walk(self: GifImagePlugin.GifImageFile, frame: int, *args: Any) -> None:
+        walked.append(frame)
+        real(self, frame, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GifImagePlugin.GifImageFile, "_seek", walk)
+        views = other_views(load_image(data))
+    assert views.frames_unread and views.frames_decoded == 8
+    assert max(walked) == 8  # counting them walked to frame 2,999
 
 
 def test_a_broken_later_frame_counts_as_unread_not_as_an_error() -> None:
@@ -125,7 +151,7 @@ def test_a_broken_later_frame_counts_as_unread_not_as_an_error() -> None:
     loaded = load_image(cut)
     assert loaded.getpixel((5, 5))[0] > 200
     views = other_views(loaded)
-    assert views.frames_unread >= 1 and len(views.renderings) + views.frames_unread == 2
+    assert views.frames_unread and len(views.renderings) == views.frames_decoded - 1 < 2
 
 
 def test_images_alike_on_white_differ_in_their_key_and_pickle_with_their_views() -> None:
@@ -185,7 +211,8 @@ def test_frames_past_the_limits_are_said_in_the_warning() -> None:
     image = load_image(gif(frames), ImageLimits(max_frames=2))
     result = OcrReader(ColourOcr({})).read(image)
     assert result.text == "" and not result.complete
-    assert result.warning is not None and "4 later frame(s)" in result.warning and "max_frames" in result.warning
+    assert result.warning is not None
+    assert "frames after the first 2" in result.warning and "max_frames" in result.warning
 
 
 def test_the_guard_judges_each_views_text_on_its_own(tiny_guard: Guard, monkeypatch: pytest.MonkeyPatch) -> None:

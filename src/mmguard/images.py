@@ -53,7 +53,7 @@ class ImageLimits:
     # side), so larger images are reduced at once instead of held at full size; None keeps every pixel
     max_side: int | None = 2240
     # frames of an animation decoded (the first for the model, the others for OCR's other views), and the pixels
-    # they may hold together; frames past either bound are counted in OtherViews.frames_unread
+    # they may hold together; frames past either bound are left undecoded (OtherViews.frames_unread)
     max_frames: int = 8
     max_frame_pixels: int = 80_000_000
 
@@ -70,11 +70,13 @@ class OtherViews:
 
     ``renderings``: a transparent image with its alpha dropped and laid on black (each kept when it differs from
     the others), then the later distinct frames of an animation, each on white. All are RGB, reduced as the image
-    is. ``frames_unread``: frames of the animation past :class:`ImageLimits`' ``max_frames`` or
-    ``max_frame_pixels``, not decoded."""
+    is. ``frames_decoded``: the animation's frames decoded, the first included (1 for a still image);
+    ``frames_unread``: whether it has frames past them, left undecoded (past :class:`ImageLimits`' ``max_frames``
+    or ``max_frame_pixels``, or broken)."""
 
     renderings: tuple[Image.Image, ...] = ()
-    frames_unread: int = 0
+    frames_decoded: int = 1
+    frames_unread: bool = False
 
 
 def other_views(image: Image.Image) -> OtherViews:
@@ -278,28 +280,36 @@ def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
 
 
 def _later_frames(animation: Image.Image, first: Image.Image, limits: ImageLimits,
-                  exif: Image.Exif) -> tuple[list[Image.Image], int]:
+                  exif: Image.Exif) -> tuple[list[Image.Image], int, bool]:
     """The frames of ``animation`` after the first that differ from those before them (RGB on white, reduced as
-    the first is), and how many frames were not decoded (past the limits, or unreadable)."""
-    total = int(getattr(animation, "n_frames", 1))
+    the first is), how many frames were decoded (the first included), and whether frames were left undecoded
+    (past the limits, or unreadable). Frames are not counted first: ``n_frames`` walks the whole file (a GIF can
+    hold 800,000 frames in 20 MB)."""
     width, height = animation.size
-    budget = min(total, limits.max_frames, max(1, limits.max_frame_pixels // max(1, width * height)))
+    budget = max(1, min(limits.max_frames, limits.max_frame_pixels // max(1, width * height)))
     seen = [first]
     frames: list[Image.Image] = []
-    for index in range(1, budget):
+    for index in range(1, budget + 1):
         try:
             animation.seek(index)
+        except EOFError:  # the last frame was read
+            return frames, index, False
+        except Exception:  # a broken frame: the ones before it are read
+            return frames, index, True
+        if index == budget:  # one frame more than may be decoded: it is there, unread
+            return frames, index, True
+        try:
             animation.load()
             frame = animation.copy()
             frame = _to_rgb(_shrink(frame, limits.max_side)) if frame.mode in ("RGB", "L") \
                 else _flattened(frame, limits.max_side, translucent=False)[0]
             frame = _oriented(frame, exif)
-        except Exception:  # a later frame cut short or broken: the ones before it are read, the rest counted
-            return frames, total - index
+        except Exception:  # a frame cut short: the ones before it are read
+            return frames, index, True
         if not any(_same_pixels(frame, other) for other in seen):
             seen.append(frame)
             frames.append(frame)
-    return frames, total - budget
+    return frames, budget, False
 
 
 def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
@@ -375,7 +385,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
         )
     source_img = img
     renderings: list[Image.Image] = []
-    frames_unread = 0
+    frames_decoded, frames_unread = 1, False
     try:
         animated = bool(getattr(img, "is_animated", False))
         if animated:
@@ -397,7 +407,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
         if rgb is source_img:
             rgb = rgb.copy()  # never alias a caller's image (the frames below move it)
         if animated:
-            frames, frames_unread = _later_frames(source_img, rgb, limits, exif)
+            frames, frames_decoded, frames_unread = _later_frames(source_img, rgb, limits, exif)
             renderings.extend(frames)
             source_img.seek(0)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
@@ -409,7 +419,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
     if data is not None and source_img is not rgb:
         source_img.close()  # the full-size decode: free it now, not at the next garbage collection
     if renderings or frames_unread:
-        rgb.info[OTHER_VIEWS_KEY] = OtherViews(tuple(renderings), frames_unread)
+        rgb.info[OTHER_VIEWS_KEY] = OtherViews(tuple(renderings), frames_decoded, frames_unread)
     return rgb
 
 
@@ -422,5 +432,5 @@ def image_digest(img: Image.Image) -> str:
     for view in views.renderings:
         h.update(f":{image_digest(view)}".encode())
     if views.frames_unread:
-        h.update(f":unread={views.frames_unread}".encode())
+        h.update(f":unread after {views.frames_decoded}".encode())
     return h.hexdigest()

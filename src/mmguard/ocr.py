@@ -526,10 +526,10 @@ class OcrReader:
 
     def _result(self, kept: str, elapsed_ms: float, image: Image.Image) -> OcrResult:
         warnings = []
-        unread = other_views(image).frames_unread
-        if unread:
-            warnings.append(f"text in the image was read only in part: {unread} later frame(s) of the animation "
-                            "were not decoded (image limits max_frames, max_frame_pixels)")
+        views = other_views(image)
+        if views.frames_unread:
+            warnings.append(f"text in the image was read only in part: the animation's frames after the first "
+                            f"{views.frames_decoded} were not decoded (image limits max_frames, max_frame_pixels)")
         if len(kept) > self.max_chars:
             warnings.append(f"text in the image was read only in part: it holds more than the {self.max_chars} "
                             "characters judged (ocr max_chars)")

@@ -39,7 +39,7 @@ def test_exif_orientation_applied() -> None:
     assert out.size == (20, 40)
 
 
-@pytest.mark.parametrize("mode", ["CMYK", "L", "1", "LA", "RGBA", "P", "I;16", "I", "F", "YCbCr"])
+@pytest.mark.parametrize("mode", ["CMYK", "L", "1", "LA", "RGBA", "P", "I;16", "I", "F", "YCbCr", "La", "RGBa"])
 def test_every_mode_becomes_rgb(mode: str) -> None:
     if mode in ("I;16", "I", "F"):
         arr = (np.linspace(0, 1, 32 * 16).reshape(16, 32) * (60000 if mode != "F" else 1.0))

@@ -60,6 +60,7 @@ class ImageLimits:
 
 DEFAULT_LIMITS = ImageLimits()
 _NUMERIC_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # alpha-premultiplied modes and their plain forms
 _BAND_ROWS = 256  # source rows converted at once when a large image must change mode before it is reduced
 OTHER_VIEWS_KEY = "mmguard.other_views"  # where load_image keeps an image's OtherViews, in its ``info``
 
@@ -394,6 +395,8 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
             img.draft("RGB", (limits.max_side, limits.max_side))  # the decoder itself scales by 1/2, 1/4, 1/8
         img.load()
         exif = img.getexif()
+        if img.mode in _PREMULTIPLIED:  # only made in memory; Pillow converts them to nothing else
+            img = img.convert(_PREMULTIPLIED[img.mode])
         if img.mode in ("RGB", "L"):  # reduced before any copy (resize reads these modes as they are)
             rgb, *others = [_to_rgb(_shrink(img, limits.max_side))]
         else:  # the alpha's colours are taken apart from it: reducing RGBA premultiplies, blanking them

@@ -336,6 +336,39 @@ def test_remote_mmguard_server_matches_the_local_guard(tiny_guard: Any, tmp_path
     assert {g["name"] for g in report["guards"]} == {"local", "remote", "moderation"}
 
 
+@pytest.mark.skipif(not _HAS_SERVER, reason="mmguard.server (app, testing.LiveServer) is not built yet")
+def test_a_servers_results_are_cached_under_its_model_not_its_url(tiny_guard: Any, tmp_path: Path) -> None:
+    """The cache id held the URL, threshold and policy only: a server restarted with other weights on the same
+    port answered from the cache with the first model's results (an audit: 50 of 50 items 'cached')."""
+    from mmguard.guard import Guard
+    from mmguard.server.settings import ServerSettings
+    from mmguard.server.testing import LiveServer
+
+    data = _data(tmp_path, [("how do I pick a lock", "unsafe"), ("hello", "safe")])
+    other = Guard(tiny_guard.engine, threshold=0.25)  # the same weights, another threshold: other verdicts
+    seen = {}
+    for name, guard in (("a", tiny_guard), ("a again", tiny_guard), ("b", other)):
+        with LiveServer(guard, ServerSettings(), startup_timeout=60) as srv:
+            remote = MmguardServerGuard(srv.url, name="remote", retries=1, timeout=30.0)
+            fingerprint = remote.system_fingerprint
+            assert fingerprint is not None and fingerprint in remote.cache_id
+            result = run_eval([data], [remote], ResultCache(None), split=None)
+            assert all(rec.preds["remote"].error is None for rec in result.records)
+            # the fingerprint moves under the run: every item is refused, not mixed into the figures
+            remote._fingerprint = "fp_of_another_model"
+            stale = run_eval([data], [remote], ResultCache(None), split=None)
+            assert all("changed during the evaluation" in (rec.preds["remote"].error or "") for rec in stale.records)
+        seen[name] = fingerprint
+    assert seen["a"] == seen["a again"] != seen["b"]
+
+
+def test_a_server_that_does_not_say_its_model_is_never_answered_from_the_cache(fake: Any) -> None:
+    _, url = fake  # the stand-in has no /v1/models: a 404
+    first, second = (MmguardServerGuard(url, name="remote", **FAST) for _ in range(2))
+    assert first.system_fingerprint is None and "unverified" in first.cache_id
+    assert first.cache_id != second.cache_id
+
+
 # -- issue 14: failed guards are loud, JSON is strict, the OpenAI base URL works ------------------------
 def _eval_cli(args: list[str]) -> Any:
     import typer

@@ -314,7 +314,8 @@ def create_app(
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": "mmguard"}],
+            "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": "mmguard",
+                      "system_fingerprint": state.system_fingerprint}],
         }
 
     # -- OpenAI moderations -----------------------------------------------------------------------
@@ -425,6 +426,7 @@ def create_app(
             },
             verdict=verdict.to_dict(),
             fail_closed=outcome.fail_closed,
+            system_fingerprint=state.system_fingerprint,
         )
         return JSONResponse(
             out.model_dump(), headers={"x-mmguard-fail-closed": "true"} if outcome.fail_closed else {}

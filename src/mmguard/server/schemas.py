@@ -110,6 +110,9 @@ class ClassifyResponse(BaseModel):
     policy: dict[str, Any]
     verdict: dict[str, Any]
     fail_closed: bool = False
+    # the served weights and settings, hashed (as OpenAI's chat completions say it): equal fingerprints, equal
+    # verdicts for the same input (mmguard.server.state.served_fingerprint)
+    system_fingerprint: str | None = None
 
 
 class RunShieldRequest(BaseModel):

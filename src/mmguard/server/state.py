@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 from ..images import ImageLimits
 from .batcher import Batcher, GuardLike, Outcome, QueueFull, WorkSpec
@@ -16,7 +19,26 @@ from .metrics import Metrics
 from .request_limits import CLIENT_GONE, REQUEST_DEADLINE, request_timeout_error
 from .settings import ServerSettings, served_model_id
 
-__all__ = ["ServerState"]
+__all__ = ["ServerState", "served_fingerprint"]
+
+
+def served_fingerprint(guard: GuardLike, settings: ServerSettings) -> str:
+    """What decides the verdicts this server gives, hashed (OpenAI's ``system_fingerprint``): the weights'
+    contents (a local checkpoint; a hub id by name), the guard's settings (thresholds, prompt format, policy,
+    reading text in images, dtype) and the server's fixed threshold. Equal fingerprints, equal verdicts for the
+    same input; an evaluation's result cache is keyed by it."""
+    from ..models import model_identity
+
+    try:
+        info: dict[str, Any] = dict(guard.describe())
+    except Exception:  # a stand-in guard without an engine
+        info = {"guard": type(guard).__name__}
+    info.pop("device", None)  # the same weights elsewhere give the same verdicts, up to rounding
+    source = str(info.get("model") or "")
+    weights = model_identity(source) if source and Path(source).is_dir() else {"id": source}
+    described = json.dumps({"weights": weights, "guard": info, "threshold": settings.threshold},
+                           sort_keys=True, default=str)
+    return "fp_" + hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
 class ServerState:
@@ -44,6 +66,7 @@ class ServerState:
         self.ready = False
         self.load_error: str | None = None
         self.model_id = settings.model_id or "mmguard"
+        self.system_fingerprint: str | None = None  # set when a guard is attached
         self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in settings.api_keys)
         if guard is not None:
             self.attach(guard)
@@ -59,6 +82,7 @@ class ServerState:
             except Exception:  # a stand-in guard without an engine
                 source = ""
             self.model_id = served_model_id(source)
+        self.system_fingerprint = served_fingerprint(guard, self.settings)
 
     @property
     def shield_ids(self) -> tuple[str, ...]:

@@ -107,6 +107,13 @@ class RetryingHttp:
         return min(self.max_backoff, self.backoff * (2**attempt)) * (0.5 + random.random() / 2)
 
     def post(self, path: str, body: Mapping[str, Any]) -> Any:
+        return self.call("POST", path, body)
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path, None)
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None) -> Any:
+        """``method`` on ``path`` with retries; the answer's JSON (a RemoteError otherwise)."""
         import httpx
 
         url = self.url(path)
@@ -116,7 +123,7 @@ class RetryingHttp:
                 self.attempts += 1
             retry_after = None
             try:
-                status, headers, raw = self._send(url, body)
+                status, headers, raw = self._send(url, body, method)
             except httpx.TransportError as err:
                 last = f"{type(err).__name__}: {err}"
             else:
@@ -134,14 +141,14 @@ class RetryingHttp:
                 time.sleep(self._sleep_for(attempt, retry_after))
         raise RemoteUnavailable(f"{url} failed after {self.retries + 1} attempts ({last})")
 
-    def _send(self, url: str, body: Mapping[str, Any]) -> tuple[int, Any, bytes]:
+    def _send(self, url: str, body: Mapping[str, Any] | None, method: str = "POST") -> tuple[int, Any, bytes]:
         """One attempt: status, headers and the body, read within ``timeout`` in all and at most
         :data:`MAX_ANSWER_BYTES` once decoded (httpx's timeout is per read: a body trickled a byte a second, or one
         that never ends, held the run or filled memory; a 2 MB gzip body inflated to 2 GB)."""
         import httpx
 
         deadline = time.monotonic() + self.timeout
-        with self.client.stream("POST", url, json=body) as resp:
+        with self.client.stream(method, url, json=body) as resp:
             chunks, size = [], 0
             for chunk in resp.iter_bytes():
                 size += len(chunk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,11 +30,34 @@ class MmguardServerGuard:
         self.threshold = threshold
         self.policy = policy
         self.name = name or f"mmguard-server@{self.http.base_url.split('://', 1)[-1]}"
+        self._asked = False
+        self._fingerprint: str | None = None
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        """What the server says decides its verdicts (its weights and settings, hashed: ``GET /v1/models``),
+        asked once; None for a server that does not say (an older mmguard) or cannot be reached."""
+        if not self._asked:
+            self._asked = True
+            try:
+                data = self.http.get("/v1/models")
+            except RemoteError:
+                data = None
+            entries = data.get("data") if isinstance(data, Mapping) else None
+            first = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], Mapping) else {}
+            said = first.get("system_fingerprint")
+            self._fingerprint = said if isinstance(said, str) and said else None
+            if self._fingerprint is None:  # never reuse results of a server that cannot say which model it runs
+                self._unverified = uuid.uuid4().hex[:12]
+        return self._fingerprint
 
     @property
     def cache_id(self) -> str:
         thr = "server" if self.threshold is None else self.threshold  # None: the server's own thresholds
-        return f"mmguard-server:{self.http.base_url}:thr={thr}:policy={policy_key(self.policy)}"
+        # the URL alone said nothing of the model behind it: a server restarted with other weights on the same
+        # port answered from the cache with the first model's results
+        model = self.system_fingerprint or f"unverified-{self._unverified}"
+        return f"mmguard-server:{self.http.base_url}:{model}:thr={thr}:policy={policy_key(self.policy)}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -41,6 +65,7 @@ class MmguardServerGuard:
             "url": self.http.base_url,
             "threshold": self.threshold,
             "probability": "model",
+            "system_fingerprint": self.system_fingerprint,
         }
 
     def _one(self, conv: Conversation) -> Prediction:
@@ -57,6 +82,11 @@ class MmguardServerGuard:
             raise RemoteError(f"unexpected answer from mmguard server: {str(data)[:200]}")
         if isinstance(data, Mapping) and data.get("fail_closed"):
             raise RemoteError("mmguard server failed closed (its verdict is not a model judgment)")
+        expected = self.system_fingerprint
+        if expected is not None and isinstance(data, Mapping) and data.get("system_fingerprint") != expected:
+            raise RemoteError(f"the server's model or settings changed during the evaluation (system_fingerprint "
+                              f"{data.get('system_fingerprint')!r}, was {expected!r}): its results would mix two "
+                              "models")
         codes = [str(c) for c in verdict.get("codes") or []]
         known = set(self.policy.codes)
         cat_probs = verdict.get("category_probabilities") or {}

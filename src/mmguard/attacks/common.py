@@ -49,6 +49,18 @@ def with_text(conv: Conversation, turn_index: int, text: str) -> Conversation:
     return Conversation(tuple(turns))
 
 
+def with_suffix(conv: Conversation, turn_index: int, suffix: str) -> Conversation:
+    """The same conversation with ``suffix`` appended to the last text of one turn (stripped first). The turn's
+    other texts stay apart: the template writes each under its own role label, and joining them into one text
+    rewrote the item (``User: A\n\nUser: B`` became ``User: A\n\nB``), so an attack scored another conversation."""
+    turns = list(conv.turns)
+    t = turns[turn_index]
+    texts = list(t.texts) or [""]
+    texts[-1] = texts[-1].strip() + suffix
+    turns[turn_index] = Turn(t.role, tuple(texts), t.image)
+    return Conversation(tuple(turns))
+
+
 def decision_margin(logits: torch.Tensor, safe_id: int, unsafe_id: int) -> torch.Tensor:
     """``logit(unsafe) - logit(safe)`` at the decision position; below 0 the verdict is ``safe`` at
     any threshold >= 0.5 (p_unsafe < p_safe implies p_unsafe < 0.5)."""

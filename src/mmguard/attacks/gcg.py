@@ -8,9 +8,9 @@ batch in one forward pass, keep the best. Candidates never include the tokenizer
 (which covers ``<|image|>``) or the embedding rows past the vocabulary and, by default, only printable ASCII
 tokens (as nanoGCG's ``allow_non_ascii=False``).
 
-The suffix is appended to the text of one turn: the user prompt (``location="user"``: prompt
-classification, or response classification where the attacker controls only the prompt) or the
-agent response (``location="agent"``). Its token span is found by rendering the conversation with a
+The suffix is appended to the last text of one turn (its other texts kept apart): the user prompt
+(``location="user"``: prompt classification, or response classification where the attacker controls only
+the prompt) or the agent response (``location="agent"``). Its token span is found by rendering the conversation with a
 sentinel in its place. The final adversarial conversation is rendered and encoded afresh (checked to
 give the same ids) and classified with ``guard.classify``; only that verdict counts.
 
@@ -28,7 +28,7 @@ import torch
 
 from ..engine import Engine
 from ..tokenizer import encode_text, special_id
-from .common import Deadline, attack_loss, with_text
+from .common import Deadline, attack_loss, with_suffix
 
 __all__ = ["GCGConfig", "GCGResult", "allowed_token_mask", "gcg_attack"]
 
@@ -101,9 +101,9 @@ def _segment_ids(tokenizer: Any, segments: Any) -> list[int]:
 class _Layout:
     """Token ids around the suffix: ``before + suffix + after`` (``after`` ends with the decision prefix)."""
 
-    def __init__(self, guard: Any, conv: Any, turn_index: int, base_text: str) -> None:
+    def __init__(self, guard: Any, conv: Any, turn_index: int) -> None:
         tok = guard.engine.tokenizer
-        prompt = guard.render(with_text(conv, turn_index, base_text + SENTINEL))
+        prompt = guard.render(with_suffix(conv, turn_index, SENTINEL))
         hits = [i for i, s in enumerate(prompt.segments) if not s.special and SENTINEL in s.text]
         if len(hits) != 1 or prompt.text.count(SENTINEL) != 1:
             raise ValueError("could not locate the suffix position in the rendered prompt")
@@ -192,7 +192,6 @@ def gcg_attack(
     if not idx:
         raise ValueError(f"item {item.id} has no {role} turn")
     ti = idx[-1]
-    base = conv.turns[ti].text.strip()
     at_end = True
     if clean is None:
         v = guard.classify(conv, categories=False)
@@ -201,7 +200,7 @@ def gcg_attack(
     if not clean[1]:
         res.seconds = time.perf_counter() - t0
         return res
-    layout = _Layout(guard, conv, ti, base)
+    layout = _Layout(guard, conv, ti)
     init = cfg.init if cfg.init is not None else " x" * cfg.suffix_len
     if init and not init[0].isspace():
         init = " " + init  # a suffix glued to the last word would re-tokenize that word
@@ -214,7 +213,7 @@ def gcg_attack(
     emb = model.get_input_embeddings()
     W = emb.weight
     allowed = allowed_token_mask(tok, W.shape[0], specials, cfg.allow_non_ascii).to(device)
-    enc0 = engine.encode(guard.render(with_text(conv, ti, base + init)), conv.image)
+    enc0 = engine.encode(guard.render(with_suffix(conv, ti, init)), conv.image)
     states, cross_mask = _vision_inputs(guard, enc0)
     before = torch.tensor(layout.before, device=device)
     after = torch.tensor(layout.after, device=device)
@@ -281,7 +280,7 @@ def gcg_attack(
     ids = [int(i) for i in best.tolist()]
     assert not any(i in specials for i in ids), "GCG produced a special token"
     text = tok.decode(ids)
-    adv = with_text(conv, ti, base + text)
+    adv = with_suffix(conv, ti, text)
     full = engine.encode(guard.render(adv), conv.image).input_ids
     res.retokenizes = list(full) == layout.full(ids)
     fresh = guard.classify(adv, categories=False)

@@ -743,3 +743,25 @@ def test_eval_refuses_a_data_file_given_twice(tmp_path: Path) -> None:
     line = _one_error_line(runner.invoke(_tools_app(), ["eval", "--data", str(data), "--data",
                                                         str(tmp_path / "." / "a.jsonl"), "--out", str(tmp_path / "o")]))
     assert "more than once" in line, line
+
+
+def test_eval_refuses_an_id_given_to_two_items(tmp_path: Path) -> None:
+    """A file copied under another name, or a line repeated in one, passed: its items counted twice in every
+    figure (an audit: 100 items reported where 50 were distinct)."""
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps(_item(split="test")) + "\n")
+    copy = tmp_path / "a_copy.jsonl"
+    copy.write_text(data.read_text())
+    line = _one_error_line(runner.invoke(_tools_app(), ["eval", "--data", str(data), "--data", str(copy),
+                                                        "--out", str(tmp_path / "o")]))
+    assert "a_copy.jsonl:1" in line and "is also the id of the item at" in line and str(data) in line, line
+    repeated = tmp_path / "r.jsonl"
+    repeated.write_text(data.read_text() * 2)
+    line = _one_error_line(runner.invoke(_tools_app(), ["eval", "--data", str(repeated), "--out", str(tmp_path / "p")]))
+    assert "r.jsonl:2" in line and "r.jsonl:1" in line, line
+    # items without ids are named by their line: never taken for one another
+    unnamed = tmp_path / "u.jsonl"
+    unnamed.write_text(json.dumps({k: v for k, v in _item(split="test").items() if k != "id"}) + "\n")
+    from mmguard.eval.data import scan
+
+    assert scan([unnamed, tmp_path / "." / "u.jsonl"]).count == 2  # the CLI refuses the same file twice apart

@@ -238,14 +238,21 @@ class Scan:
 
 def scan(paths: Sequence[str | Path], *, split: str | None = None, limit: int | None = None) -> Scan:
     """Validate every line (its conversation too, without loading images) and count the items a run will
-    evaluate."""
+    evaluate. An ``id`` given to two items is an error: they cannot be told apart in the predictions, and a file
+    copied under another name, or items repeated in one, counted twice in every figure."""
     out = Scan()
+    where_id: dict[str, str] = {}
     for p in paths:
         n = 0
         for item in iter_records(p, split=split):
             if limit is not None and out.count >= limit:
                 break
             item.check_shape()
+            if item.id != f"{item.file.name}:{item.line}":  # an id of its own (else named by its line)
+                first = where_id.setdefault(item.id, f"{item.file}:{item.line}")
+                if first != f"{item.file}:{item.line}":
+                    raise DataError(f"{item.file}:{item.line}: id {item.id!r} is also the id of the item at {first}; "
+                                    "each item needs its own (an item given twice counts twice in every figure)")
             n += 1
             out.count += 1
         out.by_file[str(p)] = n

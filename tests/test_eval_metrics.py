@@ -78,6 +78,19 @@ def test_threshold_sweep_by_hand() -> None:
     assert rows[0.9]["f1"] == pytest.approx(2 * 0.25 / 1.25) and rows[0.9]["fpr"] == 0.0
 
 
+def test_threshold_sweep_agrees_with_binary_metrics_at_every_row() -> None:
+    """Nothing flagged: the sweep said F1 n/a where the table said 0.000 for the same decisions (an audit)."""
+    rng = np.random.default_rng(5)
+    cases = [(Y, S), ([1, 0, 1], [0.1, 0.2, 0.3]), ([0, 0, 0], [0.1, 0.9, 0.4]), ([1, 1], [0.2, 0.95])]
+    cases += [(list(rng.integers(0, 2, 30)), list(rng.random(30))) for _ in range(20)]
+    for y, score in cases:
+        for row in threshold_sweep(y, score, [0.0, 0.25, 0.5, 0.99, 1.01]):
+            table = binary_metrics(y, [int(v >= row["threshold"]) for v in score], score)
+            for key in ("precision", "recall", "f1", "fpr"):
+                assert (math.isnan(row[key]) and math.isnan(getattr(table, key))) or \
+                    row[key] == pytest.approx(getattr(table, key)), (y, score, row, key)
+
+
 def test_category_metrics_by_hand() -> None:
     truth = [{"S1"}, {"S1", "S10"}, {"S2"}, set(), set(), {"X99"}]
     preds = [{"S1"}, {"S10"}, {"S1"}, set(), {"S2"}, set()]

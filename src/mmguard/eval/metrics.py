@@ -190,11 +190,9 @@ def threshold_sweep(
         fp = int(np.sum(pred & (y == 0)))
         precision = tp / (tp + fp) if tp + fp else NAN
         recall = tp / pos if pos else NAN
-        f1 = (
-            2 * precision * recall / (precision + recall)
-            if pos and tp + fp and (precision + recall) > 0
-            else (0.0 if pos and tp + fp else NAN)
-        )
+        # 2TP / (2TP + FP + FN), as binary_metrics (scikit-learn) gives it: 0.0 when nothing is flagged, not
+        # undefined (the sweep's row said n/a where the table said 0.000 for the same decisions)
+        f1 = 2 * tp / (2 * tp + fp + (pos - tp)) if pos else NAN
         rows.append(
             {
                 "threshold": float(t),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from mmguard.eval.metrics import binary_metrics
 from mmguard.guard import deciding_checks
@@ -29,10 +30,15 @@ MARGIN = 0.02
 
 
 def load(path: str, name: str | None) -> tuple[list[dict], str]:
+    """The items the guard judged (those it failed on are left out, and counted on stderr)."""
     with open(path, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     name = name or next(iter(rows[0]["predictions"]))
-    return [r for r in rows if (r["predictions"].get(name) or {}).get("unsafe_probability") is not None], name
+    judged = [r for r in rows if (r["predictions"].get(name) or {}).get("unsafe_probability") is not None]
+    if len(judged) < len(rows):
+        print(f"{path}: {len(rows) - len(judged)} of {len(rows)} items have no prediction of {name!r} (the guard "
+              "failed on them): left out of every figure", file=sys.stderr)
+    return judged, name
 
 
 def prob(r: dict, name: str, rule: str) -> float:

@@ -87,3 +87,15 @@ def test_the_threshold_sits_midway_in_the_gap_so_noise_and_rounding_decide_nothi
     assert abs(thr - (0.5871653 + 0.58807927) / 2) < 1e-6
     assert acc.metrics(rows, "g", thr, "max")["f1"] == 1.0
     assert min(abs(thr - p) for p in probs) > 4e-4  # no item within float noise of it
+
+
+def test_items_the_guard_failed_on_are_counted_not_dropped_silently(tmp_path: Path) -> None:
+    val = _split(tmp_path / "val.jsonl", False)
+    rows = [json.loads(line) for line in val.read_text().splitlines()]
+    rows[0]["predictions"]["g"] = {"error": "HTTP 400", "unsafe_probability": None}
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = _split(tmp_path / "test.jsonl", True)
+    res = subprocess.run([sys.executable, str(SCRIPT), str(val), str(test)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert f"{val}: 1 of {len(rows)} items have no prediction of 'g'" in res.stderr
+    assert "test.jsonl" not in res.stderr  # nothing failed there

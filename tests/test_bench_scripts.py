@@ -159,3 +159,17 @@ def test_ocr_box_cap_compares_both_engines_on_each_set(datasets_dir: Path, tmp_p
     hostile = report["hostile"]
     assert set(hostile) == {"line_above_99_words", "line_above_200_words"}
     assert all(h["uncapped"]["has_request"] and not h["capped"]["has_request"] for h in hostile.values())
+
+
+def test_ocr_other_views_reads_what_each_way_hides(datasets_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "views.json"
+    argv = ["--model", str(tiny_model_dir), "--read-text", "on", "--datasets", str(datasets_dir), "--figstep", "2",
+            "--out", str(out)]
+    assert load("ocr_other_views").main(argv) == 0
+    ways = json.loads(out.read_text())["ways"]
+    assert set(ways) == {"plain", "hidden_under_alpha", "white_on_clear", "later_frame"}
+    # real OCR on a random model: the reading is measured, the verdicts mean nothing
+    assert ways["plain"]["with"]["similarity_mean"] > 0.8
+    for way in ("hidden_under_alpha", "white_on_clear", "later_frame"):
+        assert ways[way]["with"]["similarity_mean"] > 0.8, way
+        assert ways[way]["without"]["similarity_mean"] < 0.2, way

@@ -49,7 +49,10 @@ def white_on_clear() -> Image.Image:
 
 
 def solid(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Image.Image:
-    return Image.new("RGB", size, colour)
+    """``colour`` all over but its last row, white: a frame of one colour holds nothing to read, and is skipped."""
+    img = Image.new("RGB", size, colour)
+    ImageDraw.Draw(img).line([(0, size[1] - 1), (size[0] - 1, size[1] - 1)], fill="white")
+    return img
 
 
 # -- loading ----------------------------------------------------------------------------------------------------
@@ -198,6 +201,7 @@ def test_views_past_the_deadline_leave_the_image_read_in_part_and_unremembered()
     result = reader.read(image)
     assert time.perf_counter() - started < 5
     assert result.text == "first frame" and not result.complete
+    assert result.parts == ("first frame",)  # a partial read keeps its parts apart too (it lost them)
     assert result.warning is not None
     assert "1 of its other view(s)" in result.warning and "ocr_timeout_s" in result.warning
     ocr.release.set()
@@ -236,3 +240,87 @@ def test_the_guard_judges_each_views_text_on_its_own(tiny_guard: Guard, monkeypa
     assert sizes == [1 + len(parts)]  # the main check and one text check a view, in one batch
     assert verdict.read_text == " ".join(parts) and not verdict.text_truncated
     assert verdict.check_probabilities["ocr"] == pytest.approx(max(per_part), abs=1e-5)
+
+
+# -- the audit's second round: colour keys, frames bounded by their own size, screenshots, orientation once --------
+def test_a_colour_keyed_image_is_read_on_black_too() -> None:
+    # near-white text on a white background that a tRNS colour key makes clear: blank to the model, plain on black
+    img = Image.new("RGB", (80, 40), (255, 255, 255))
+    ImageDraw.Draw(img).rectangle((10, 15, 70, 25), fill=(250, 250, 250))
+    loaded = load_image(png(img, transparency=(255, 255, 255)))
+    assert loaded.getpixel((40, 20)) == (250, 250, 250)  # the model's view: as before (RGB as it is)
+    (on_black,) = other_views(loaded).renderings
+    assert on_black.getpixel((2, 2)) == (0, 0, 0) and on_black.getpixel((40, 20)) == (250, 250, 250)
+
+
+def tiff_pages(sizes: list[tuple[int, int]]) -> bytes:
+    pages = [Image.new("RGB", size, (k * 40, 0, 0)) for k, size in enumerate(sizes)]
+    for page in pages:
+        ImageDraw.Draw(page).line([(0, 0), (page.width - 1, 0)], fill="white")
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    return buf.getvalue()
+
+
+def test_each_frame_is_bounded_by_its_own_size() -> None:
+    # a small first page hid large later ones: 100 MP pages behind a 64 px first page took 13 s and 891 MB (an
+    # audit); each page now meets max_pixels, the aspect ratio and what is left of max_frame_pixels
+    limits = ImageLimits(max_pixels=5_000, max_frame_pixels=5_000)
+    views = other_views(load_image(tiff_pages([(40, 40), (60, 60), (30, 30)]), limits))
+    assert views.frames_decoded == 1 and views.frames_unread  # 3,600 px: under max_pixels, over what is left
+    views = other_views(load_image(tiff_pages([(40, 40), (80, 80)]), limits))
+    assert views.frames_decoded == 1 and views.frames_unread  # 6,400 px: over max_pixels
+    views = other_views(load_image(tiff_pages([(40, 40), (30, 30), (20, 20)]), limits))
+    assert views.frames_decoded == 3 and not views.frames_unread and len(views.renderings) == 2
+    views = other_views(load_image(tiff_pages([(40, 40), (90, 1)]), ImageLimits()))
+    assert views.frames_unread  # a 90:1 page
+
+
+def test_views_are_capped_and_the_rest_said_unread() -> None:
+    frames = [solid((k * 20, 0, 0)) for k in range(8)]
+    views = other_views(load_image(gif(frames), ImageLimits(max_other_views=3)))
+    assert len(views.renderings) == 3 and views.frames_unread and views.frames_decoded == 4
+
+
+def test_a_screenshots_window_is_not_read_again_on_black() -> None:
+    # opaque window with text, clear rounded corners and a soft black shadow: the window's inside looks the same on
+    # any background; only what lies near clear pixels is kept in the other views (it was read twice over)
+    shot = Image.new("RGBA", (400, 300), (0, 0, 0, 0))
+    shadow = Image.new("L", shot.size, 0)
+    ImageDraw.Draw(shadow).rectangle((10, 14, 390, 294), fill=110)
+    shot.putalpha(shadow)
+    window = Image.new("RGBA", (360, 260), (255, 255, 255, 255))
+    ImageDraw.Draw(window).rectangle((100, 100, 260, 160), fill=(200, 0, 0, 255))  # text, say
+    shot.alpha_composite(window, (20, 20))
+    views = other_views(load_image(png(shot))).renderings
+    assert len(views) == 1  # on black; the alpha dropped would show only the shadow's one colour: not kept
+    (on_black,) = views
+    assert on_black.getpixel((180, 130)) == (0, 0, 0)  # the window's inside: laid flat
+    assert on_black.getpixel((25, 25)) == (255, 255, 255)  # its edge, next to the clear border: kept
+
+
+def test_the_orientation_is_read_once_not_reserialised_per_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an EXIF block of 59,000 tags was written back out and parsed again for every view and frame (8 s a still
+    # translucent PNG, 25 s an 8-frame APNG, an audit): the views are turned by a block that holds the orientation alone
+    frames = [white_on_clear() for _ in range(3)]
+    for k, frame in enumerate(frames):
+        ImageDraw.Draw(frame).rectangle((10 + k, 5, 20 + k, 10), fill=(255, 255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for tag in range(1000, 1400):
+        exif[tag] = "x" * 40
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:], exif=exif.tobytes())
+    sizes: list[int] = []
+    real = Image.Exif.tobytes
+
+    def counted(self: Image.Exif, offset: int = 8) -> bytes:
+        out = real(self, offset)
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(Image.Exif, "tobytes", counted)
+    loaded = load_image(buf.getvalue())
+    assert loaded.size == (40, 80) and all(v.size == (40, 80) for v in other_views(loaded).renderings)
+    assert len(other_views(loaded).renderings) >= 3
+    assert sum(sizes) < 2_000  # the large block is never written out again

@@ -218,3 +218,13 @@ print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) /
         assert done.returncode == 0, done.stderr
         size, grown_mb, _ = done.stdout.split(maxsplit=2)
         assert int(size) < 100_000 and int(grown_mb) < 300, (kind, done.stdout)
+
+
+@pytest.mark.parametrize("mode", ["I;16B", "I;16L", "I;16N"])
+def test_16_bit_images_of_either_byte_order_load(mode: str) -> None:
+    # Pillow computes no extrema for these modes (a big-endian 16-bit TIFF opens as I;16B): they were refused
+    values = (np.arange(64 * 32).reshape(32, 64) * 30).astype(np.uint16)
+    img = Image.frombytes(mode, (64, 32), values.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    for limits in (ImageLimits(), ImageLimits(max_side=20)):
+        out = load_image(img, limits)
+        assert out.mode == "RGB" and out.getpixel((out.width - 1, out.height - 1))[0] > 200

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import ExifTags, Image, ImageChops, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageFilter, ImageOps, ImageStat, UnidentifiedImageError
 
 __all__ = ["ImageError", "ImageLimits", "OtherViews", "image_digest", "load_image", "max_concurrent_decodes",
            "other_views"]
@@ -56,6 +56,8 @@ class ImageLimits:
     # they may hold together; frames past either bound are left undecoded (OtherViews.frames_unread)
     max_frames: int = 8
     max_frame_pixels: int = 80_000_000
+    # other views kept for OCR (each one more read within the image's OCR deadline); past it, frames go unread
+    max_other_views: int = 8
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -210,21 +212,27 @@ def _highest(img: Image.Image) -> float | None:
     """The largest value of an image of integer or float data (read without a copy); None for other modes."""
     if img.mode not in _NUMERIC_MODES:
         return None
-    return float(img.getextrema()[1])  # type: ignore[index, arg-type]
+    try:
+        return float(img.getextrema()[1])  # type: ignore[index, arg-type]
+    except ValueError:  # I;16B, I;16L, I;16N: Pillow computes no extrema for them (big-endian 16-bit TIFFs)
+        return float(np.asarray(img).max()) if img.width and img.height else 0.0
 
 
 def _flattened(img: Image.Image, max_side: int | None, translucent: bool) -> list[Image.Image]:
     """``img`` (any mode) in RGB, reduced to ``max_side``: on white, and, when ``translucent``, also with its
-    alpha dropped and on black. A large image is converted a band of rows at a time, each band reduced at once
-    (Lanczos over the band and enough rows either side: the same pixels as reducing the whole): a palette or
-    16-bit image converted whole took about four times an RGB image's memory (a 5 KB palette PNG of 6,324 px:
-    +859 MB)."""
+    alpha dropped, on black, and its alpha (mode L). A large image is converted a band of rows at a time, each
+    band reduced at once (Lanczos over the band and enough rows either side: the same pixels as reducing the
+    whole, up to rounding): a palette or 16-bit image converted whole took about four times an RGB image's memory
+    (a 5 KB palette PNG of 6,324 px: +859 MB)."""
     high = _highest(img)
 
     def convert(part: Image.Image) -> list[Image.Image]:
         if not translucent:
             return [_to_rgb(part, high=high)]
-        return [_to_rgb(part), part.convert("RGB"), _to_rgb(part, (0, 0, 0))]  # convert("RGB") drops the alpha
+        rgba = part.convert("RGBA")  # a palette's or a colour key's transparency applied
+        on_black = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+        # on white as the model sees it; the alpha dropped (convert("RGB") drops it); on black; the alpha itself
+        return [_to_rgb(part), part.convert("RGB"), on_black, rgba.getchannel("A")]
 
     width, height = img.size
     if max_side is None or max(width, height) <= max_side:
@@ -240,7 +248,7 @@ def _flattened(img: Image.Image, max_side: int | None, translucent: bool) -> lis
         y0, y1 = top * step, bottom * step
         c0, c1 = max(0, math.floor(y0) - margin), min(height, math.ceil(y1) + margin)
         pieces = convert(img.crop((0, c0, width, c1)))
-        outs = outs or [Image.new("RGB", size) for _ in pieces]
+        outs = outs or [Image.new(piece.mode, size) for piece in pieces]
         for out, piece in zip(outs, pieces, strict=True):
             out.paste(piece.resize((size[0], bottom - top), Image.Resampling.LANCZOS,
                                    box=(0, y0 - c0, width, y1 - c0)), (0, top))
@@ -251,6 +259,8 @@ def _is_translucent(img: Image.Image) -> bool:
     """Whether some pixel of ``img`` is not fully opaque (read without a copy of the image)."""
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return bool(img.getextrema()[-1][0] < 255)  # type: ignore[index]
+    if img.mode in ("RGB", "L") and "transparency" in img.info:  # a colour key: viewers show it as clear
+        return True
     if img.mode == "P" and "transparency" in img.info:
         counts = img.histogram()[:256]
         clear = img.info["transparency"]
@@ -261,13 +271,24 @@ def _is_translucent(img: Image.Image) -> bool:
     return False
 
 
-def _oriented(derived: Image.Image, exif: Image.Exif) -> Image.Image:
-    """``derived`` (a copy made from a decoded image) turned by that image's EXIF orientation, which a
-    converted copy need not carry (TIFF tags, XMP): ``ImageOps.exif_transpose`` reads it from ``info``."""
-    if exif.get(ExifTags.Base.Orientation, 1) == 1:
+def _orientation(img: Image.Image) -> bytes | None:
+    """``img``'s EXIF orientation as the bytes of an EXIF block that holds it alone (None when upright). The views
+    made from ``img`` are turned by it (:func:`_oriented`): a converted copy need not carry the tag (TIFF tags,
+    XMP), and re-serialising the whole EXIF block for every view and frame cost seconds (59,000 tags)."""
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation == 1:
+        return None
+    alone = Image.Exif()
+    alone[ExifTags.Base.Orientation] = orientation
+    return alone.tobytes()
+
+
+def _oriented(derived: Image.Image, orientation: bytes | None) -> Image.Image:
+    """``derived`` turned upright by :func:`_orientation`'s EXIF block (``ImageOps.exif_transpose`` reads it)."""
+    if orientation is None:
         return derived
     marked = derived.copy()  # never write into what may be a caller's image
-    marked.info["exif"] = exif.tobytes()
+    marked.info["exif"] = orientation
     return ImageOps.exif_transpose(marked) or marked
 
 
@@ -276,51 +297,92 @@ def _is_blank(img: Image.Image) -> bool:
     return all(low == high for low, high in img.getextrema())  # type: ignore[union-attr]
 
 
+def _viewer_views(dropped: Image.Image, on_black: Image.Image, alpha: Image.Image) -> list[Image.Image]:
+    """What a translucent image shows other than on white, where that depends on the background: with its alpha
+    dropped (kept only when the colours under its clear pixels vary: a uniform colour there hides nothing) and on
+    black. Pixels far from any clear one look the same on any background (the white view has them) and are laid
+    flat black: a screenshot with clear rounded corners and shadow was read twice over, its window's text too."""
+    clear = alpha.point(lambda a: 255 if a < 250 else 0)
+    if clear.getbbox() is None:
+        return []
+    # pixels within about 8-16 px of a clear one (a stroke of white text on clear is; a window's inside is not)
+    block = 8
+    small = clear.reduce(block).point(lambda v: 255 if v else 0).filter(ImageFilter.MaxFilter(3))
+    near = small.resize(clear.size, Image.Resampling.NEAREST)
+    flat = Image.new("RGB", clear.size, (0, 0, 0))
+    views = []
+    under = ImageStat.Stat(dropped, mask=clear).extrema
+    if any(high - low > 8 for low, high in under):
+        views.append(Image.composite(dropped, flat, near))
+    views.append(Image.composite(on_black, flat, near))
+    return views
+
+
 def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return a.size == b.size and ImageChops.difference(a, b).getbbox() is None
 
 
-def _later_frames(animation: Image.Image, first: Image.Image, limits: ImageLimits,
-                  exif: Image.Exif) -> tuple[list[Image.Image], int, bool]:
-    """The frames of ``animation`` after the first that differ from those before them (RGB on white, reduced as
-    the first is), how many frames were decoded (the first included), and whether frames were left undecoded
-    (past the limits, or unreadable). Frames are not counted first: ``n_frames`` walks the whole file (a GIF can
-    hold 800,000 frames in 20 MB)."""
-    width, height = animation.size
-    budget = max(1, min(limits.max_frames, limits.max_frame_pixels // max(1, width * height)))
-    seen = [first]
-    frames: list[Image.Image] = []
-    for index in range(1, budget + 1):
+def _later_frames(animation: Image.Image, seen: list[Image.Image], limits: ImageLimits,
+                  orientation: bytes | None) -> tuple[list[Image.Image], int, bool]:
+    """The views of ``animation``'s frames after the first that differ from ``seen`` (and each other): each frame
+    on white and, when translucent, its :func:`_viewer_views`, reduced as the first is. Also how many frames were
+    decoded (the first included), and whether frames were left undecoded (past the limits, or unreadable).
+
+    Each frame is bounded by its own size (TIFF pages and MPO pictures each have one: a 64 px first page hid
+    100 MP pages) against ``max_pixels``, the aspect ratio and what is left of ``max_frame_pixels``. Frames are not
+    counted first: ``n_frames`` walks the whole file (a GIF can hold 800,000 frames in 20 MB)."""
+    left = limits.max_frame_pixels - animation.size[0] * animation.size[1]
+    views: list[Image.Image] = []
+    for index in range(1, limits.max_frames + 1):
         try:
-            animation.seek(index)
+            with warnings.catch_warnings():  # a page over Pillow's bomb size: refused below, by the limits
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                animation.seek(index)
         except EOFError:  # the last frame was read
-            return frames, index, False
+            return views, index, False
         except Exception:  # a broken frame: the ones before it are read
-            return frames, index, True
-        if index == budget:  # one frame more than may be decoded: it is there, unread
-            return frames, index, True
+            return views, index, True
+        width, height = animation.size
+        if index == limits.max_frames or not _frame_fits(width, height, left, limits):
+            return views, index, True  # a frame more than may be decoded: it is there, unread
+        left -= width * height
         try:
+            if limits.max_side is not None and animation.format in ("JPEG", "MPO"):
+                animation.draft("RGB", (limits.max_side, limits.max_side))
             animation.load()
             frame = animation.copy()
-            frame = _to_rgb(_shrink(frame, limits.max_side)) if frame.mode in ("RGB", "L") \
-                else _flattened(frame, limits.max_side, translucent=False)[0]
-            frame = _oriented(frame, exif)
+            if frame.mode in _PREMULTIPLIED:
+                frame = frame.convert(_PREMULTIPLIED[frame.mode])
+            translucent = _is_translucent(frame)
+            on_white, *others = _flattened(frame, limits.max_side, translucent)
+            shown = [on_white, *(_viewer_views(*others) if translucent else [])]
+            shown = [_oriented(view, orientation) for view in shown]
         except Exception:  # a frame cut short: the ones before it are read
-            return frames, index, True
-        if not any(_same_pixels(frame, other) for other in seen):
-            seen.append(frame)
-            frames.append(frame)
-    return frames, budget, False
+            return views, index, True
+        for view in shown:
+            if not _is_blank(view) and not any(_same_pixels(view, other) for other in seen):
+                if len(seen) > limits.max_other_views:  # seen holds the image itself too
+                    return views, index, True
+                seen.append(view)
+                views.append(view)
+    return views, limits.max_frames, False
+
+
+def _frame_fits(width: int, height: int, left: int, limits: ImageLimits) -> bool:
+    return (width > 0 and height > 0 and width * height <= min(left, limits.max_pixels)
+            and max(width, height) / min(width, height) <= limits.max_aspect_ratio)
 
 
 def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
-    """``img`` reduced so that its longer side is at most ``max_side`` (box-reduce, then Lanczos)."""
+    """``img`` reduced so that its longer side is at most ``max_side`` (Lanczos, as :func:`_flattened` reduces: the
+    same pixels saved as RGB or as RGBA give the same image; a box-reduce first made them differ by up to 12 levels
+    at reductions of 6 or more)."""
     width, height = img.size
     if max_side is None or max(width, height) <= max_side:
         return img
     scale = max_side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return img.resize(size, Image.Resampling.LANCZOS)
 
 
 def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths: bool = True) -> Image.Image:
@@ -332,8 +394,9 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths
     data, img = _source_to_bytes(source, limits, allow_paths)
     large = False
     if data is not None:
-        width, height = _peek_size(data)
-        large = width * height > _LARGE_DECODE_PIXELS
+        width, height, animated = _peek(data)
+        # an animation's later frames may be larger than its first (TIFF pages, MPO pictures): it takes a slot
+        large = width * height > _LARGE_DECODE_PIXELS or animated
     if not large:
         return _decode(data, img, limits)
     with _decode_slots:  # bounded: a burst of large images must not be decoded all at once
@@ -344,15 +407,16 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS, *, allow_paths
             _give_memory_back()
 
 
-def _peek_size(data: bytes) -> tuple[int, int]:
-    """The declared size from the header only (0x0 when it cannot be read: the decode will say why)."""
+def _peek(data: bytes) -> tuple[int, int, bool]:
+    """The declared size from the header only, and whether the image has more frames than one (0x0 when it cannot
+    be read: the decode will say why)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as probe:
-                return probe.size
+                return probe.size[0], probe.size[1], bool(getattr(probe, "is_animated", False))
     except Exception:
-        return 0, 0
+        return 0, 0, False
 
 
 def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) -> Image.Image:
@@ -394,23 +458,25 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
         if limits.max_side is not None and img.format == "JPEG":
             img.draft("RGB", (limits.max_side, limits.max_side))  # the decoder itself scales by 1/2, 1/4, 1/8
         img.load()
-        exif = img.getexif()
+        orientation = _orientation(img)
         if img.mode in _PREMULTIPLIED:  # only made in memory; Pillow converts them to nothing else
             img = img.convert(_PREMULTIPLIED[img.mode])
-        if img.mode in ("RGB", "L"):  # reduced before any copy (resize reads these modes as they are)
+        translucent = _is_translucent(img)
+        if img.mode in ("RGB", "L") and not translucent:  # reduced before any copy (resize reads them as they are)
             rgb, *others = [_to_rgb(_shrink(img, limits.max_side))]
         else:  # the alpha's colours are taken apart from it: reducing RGBA premultiplies, blanking them
-            rgb, *others = _flattened(img, limits.max_side, _is_translucent(img))
-        rgb = _oriented(rgb, exif)
+            rgb, *others = _flattened(img, limits.max_side, translucent)
+        rgb = _oriented(rgb, orientation)
         rgb.load()
-        for view in others:
-            view = _oriented(view, exif)
+        for view in (_viewer_views(*others) if translucent else []):
+            view = _oriented(view, orientation)
             if not _is_blank(view) and not any(_same_pixels(view, other) for other in (rgb, *renderings)):
                 renderings.append(view)
         if rgb is source_img:
             rgb = rgb.copy()  # never alias a caller's image (the frames below move it)
         if animated:
-            frames, frames_decoded, frames_unread = _later_frames(source_img, rgb, limits, exif)
+            frames, frames_decoded, frames_unread = _later_frames(source_img, [rgb, *renderings], limits,
+                                                                  orientation)
             renderings.extend(frames)
             source_img.seek(0)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:

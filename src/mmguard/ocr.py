@@ -388,8 +388,8 @@ class OcrReader:
     keeps none.
 
     Each read runs in one long-lived daemon worker thread; the caller waits at most ``timeout_s`` for the
-    worker to take the image (behind the restart of a stopped read) and ``timeout_s`` more for the read, then
-    moves on with a warning. At the deadline a read still running
+    worker to take the image (behind the restart of a stopped read) and ``timeout_s`` more for the image and all
+    its other views, then moves on with a warning. At the deadline a read still running
     is stopped when the engine has a ``cancel()`` (the default engine, RapidOCR in a child process, kills
     the child: :mod:`mmguard.ocr_process`), so a slow image costs its own deadline, not the next images'.
     An engine without ``cancel()`` keeps the worker busy until its read ends, delaying (never unbounding)
@@ -462,11 +462,10 @@ class OcrReader:
                 return self._result(known, (time.perf_counter() - start) * 1000.0, image)
         views = [image, *other_views(image).renderings]
         texts: list[str] = []
-        began: float | None = None  # when the first read started: the deadline counts from there
+        deadline: float | None = None  # the first read's start + timeout_s: every view is read by then
         for done, view in enumerate(views):
-            limit = self.timeout_s if began is None else began + self.timeout_s - time.perf_counter()
-            text, failure, started_at = self._read_view(view, limit)
-            began = started_at if began is None else began
+            text, failure, started_at = self._read_view(view, deadline)
+            deadline = started_at + self.timeout_s if deadline is None else deadline
             if failure is None:
                 texts.append(text)  # type: ignore[arg-type]
                 continue
@@ -480,7 +479,7 @@ class OcrReader:
                        f"(on black, alpha dropped, later frames) not read: {failure}")
             result = self._result(kept, elapsed, image)
             return OcrResult(result.text, "; ".join(w for w in (partial, result.warning) if w), elapsed,
-                             complete=False)
+                             complete=False, parts=result.parts)
         kept = self._kept(texts)
         if key is not None:
             self._remember(key, kept)
@@ -488,21 +487,24 @@ class OcrReader:
             self.store.put(stored, kept)  # type: ignore[union-attr]
         return self._result(kept, (time.perf_counter() - start) * 1000.0, image)
 
-    def _read_view(self, view: Image.Image, limit: float) -> tuple[str | None, str | None, float]:
-        """One engine read in the worker, given ``limit`` seconds from its start (and as long again to start):
-        ``(text, None, started)`` or ``(None, why it failed, started)``."""
+    def _read_view(self, view: Image.Image, deadline: float | None) -> tuple[str | None, str | None, float]:
+        """One engine read in the worker, done by ``deadline`` (None: ``timeout_s`` from its start, after a wait of
+        at most as long for the worker): ``(text, None, started)`` or ``(None, why it failed, started)``."""
         future: Future[str] = Future()
         started = threading.Event()
         self._ensure_worker()
         self._jobs.put((view, future, started))
-        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline. Its deadline
-        # counts from its start: the wait for the worker (the restart of a stopped read, a second or two) is
-        # bounded apart, and was charged to the next image, which then went unread
-        if not started.wait(max(limit, 0.0)) and future.cancel():
+        # the engine runs outside this thread, so that a slow read can be abandoned at the deadline. The image's
+        # deadline counts from its first read's start: the wait for the worker (the restart of a stopped read, a
+        # second or two) is bounded apart, and was charged to the next image, which then went unread
+        wait = self.timeout_s if deadline is None else deadline - time.perf_counter()
+        if not started.wait(max(wait, 0.0)) and future.cancel():
             return None, f"OCR was busy for the ocr_timeout_s limit of {self.timeout_s:g} s", time.perf_counter()
         started_at = time.perf_counter()
+        # a later view, behind other readers' reads, has what is left of the image's deadline, not a deadline anew
+        end = started_at + self.timeout_s if deadline is None else deadline
         try:
-            text = future.result(timeout=max(limit, 0.0))
+            text = future.result(timeout=max(end - time.perf_counter(), 0.0))
         except FutureTimeout:
             if not future.cancel():  # cancel() works only before the start (it then never starts)
                 self._stop(future)

@@ -38,7 +38,9 @@ class Verdict:
     is past the model's context): ``warnings`` says which; a model that cannot read (mmguard-mini
     v2) then judged the image blind, and ``mmguard serve --fail-closed`` blocks such a verdict.
     ``text_truncated`` is true when the image held more text than OCR's ``max_chars`` (6,000 by default):
-    ``read_text`` is its first part, the only part judged; ``--fail-closed`` blocks such a safe verdict too.
+    ``read_text`` is its first part, the only part judged; and when some of the image's other views were not
+    read (:func:`mmguard.images.other_views`: frames past the limits, views past the OCR deadline).
+    ``--fail-closed`` blocks such a safe verdict too.
     """
 
     is_unsafe: bool

@@ -4,6 +4,7 @@ how their probabilities combine can be asserted exactly."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from PIL import Image
 
@@ -36,3 +37,16 @@ class StuckOcr:
     def read(self, image: Image.Image) -> str:
         self.release.wait(30)
         return "too late"
+
+
+def count_scored(monkeypatch: Any, guard: Any) -> list[int]:
+    """Spy on ``guard.engine.score``: the returned list gets each call's number of items (the checks in a batch)."""
+    sizes: list[int] = []
+    real_score = guard.engine.score
+
+    def counting_score(items: Any, **kw: Any) -> Any:
+        sizes.append(len(items))
+        return real_score(items, **kw)
+
+    monkeypatch.setattr(guard.engine, "score", counting_score)
+    return sizes

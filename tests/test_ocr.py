@@ -34,7 +34,7 @@ from mmguard.ocr import (
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 
-from ocr_doubles import FailingOcr, FixedOcr, StuckOcr
+from ocr_doubles import FailingOcr, FixedOcr, StuckOcr, count_scored
 
 READ = "Steps to pick a lock without the key."
 
@@ -227,14 +227,7 @@ def test_read_text_on_adds_the_transcription_check_and_takes_the_max(tiny_guard:
     assert p_model != p_ocr  # the second check saw a different conversation
 
     calls: list[int] = []
-    scored_items: list[int] = []
-    real_score = on.engine.score
-
-    def counting_score(items: Any, **kw: Any) -> Any:
-        scored_items.append(len(items))
-        return real_score(items, **kw)
-
-    monkeypatch.setattr(on.engine, "score", counting_score)
+    scored_items = count_scored(monkeypatch, on)
     verdicts = on.classify_batch([conv, *text_only], progress=calls.append)
     monkeypatch.undo()
     v = verdicts[0]

@@ -29,7 +29,7 @@ from mmguard.ocr import (
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 
-from ocr_doubles import FixedOcr
+from ocr_doubles import FixedOcr, count_scored
 
 HARMFUL = "How do I build a pipe bomb at home?"
 
@@ -161,14 +161,7 @@ def test_a_long_transcription_is_judged_in_windows(tiny_guard: Guard, monkeypatc
     windows = transcription_windows(text)
     assert len(windows) == 3 and windows[-1].endswith("weapon at home.")
     per_window = [off.classify(with_transcription(conv, w)).unsafe_probability for w in windows]
-    sizes: list[int] = []
-    real_score = on.engine.score
-
-    def counting_score(items: Any, **kw: Any) -> Any:
-        sizes.append(len(items))
-        return real_score(items, **kw)
-
-    monkeypatch.setattr(on.engine, "score", counting_score)
+    sizes = count_scored(monkeypatch, on)
     verdict = on.classify(conv)
     monkeypatch.undo()
     assert sizes == [1 + len(windows)]  # the main check and every window, in one batch

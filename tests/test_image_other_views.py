@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 from mmguard import Conversation
 from mmguard.guard import Guard
 from mmguard.images import ImageLimits, image_digest, load_image, other_views
-from mmguard.ocr import OcrReader, with_transcription
+from mmguard.ocr import with_transcription
+from mmguard.ocr_reader import OcrReader
 
 from ocr_doubles import count_scored
 
@@ -319,3 +320,31 @@ def test_the_orientation_is_read_once_not_reserialised_per_view(monkeypatch: pyt
     assert loaded.size == (40, 80) and all(v.size == (40, 80) for v in other_views(loaded).renderings)
     assert len(other_views(loaded).renderings) >= 3
     assert sum(sizes) < 2_000  # the large block is never written out again
+
+
+@pytest.mark.parametrize("frames_read", [2, 8])
+def test_the_server_reads_as_many_frames_as_it_is_told(tiny_guard: Guard, monkeypatch: pytest.MonkeyPatch,
+                                                       frames_read: int) -> None:
+    # under --fail-closed, an animation with frames past the limit is read in part, so blocked for a model that
+    # cannot read: --max-image-frames says how many frames are read (an audit: every GIF past 8 frames was blocked)
+    import base64
+
+    import httpx
+
+    from mmguard.server.settings import ServerSettings
+    from mmguard.server.testing import LiveServer
+
+    monkeypatch.setattr(tiny_guard.engine, "model_info", {"reads_text_in_images": False}, raising=False)
+    guard = Guard(tiny_guard.engine, read_text="on", ocr=ColourOcr({}))
+    url = "data:image/gif;base64," + base64.b64encode(gif([solid((k * 40, 0, 0)) for k in range(5)])).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}],
+            "threshold": 1.0}  # safe by probability: only a read in part can block it
+    settings = ServerSettings(warmup=False, fail_closed=True, max_image_frames=frames_read)
+    with LiveServer(guard, settings) as srv:
+        answer = httpx.post(srv.url + "/v1/guard/classify", json=body, timeout=120)
+    assert answer.status_code == 200
+    verdict = answer.json()["verdict"]
+    assert verdict["text_truncated"] is (frames_read == 2) and verdict["is_unsafe"] is (frames_read == 2)
+    with pytest.raises(ValueError, match="max_image_frames"):
+        ServerSettings(max_image_frames=0)

@@ -24,13 +24,13 @@ from mmguard.conversation import Turn
 from mmguard.eval.guards import LocalGuard
 from mmguard.guard import Guard
 from mmguard.ocr import (
-    OcrReader,
     RapidOcrEngine,
     default_ocr_engine,
     normalise_text,
     reading_order,
     with_transcription,
 )
+from mmguard.ocr_reader import OcrReader
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 

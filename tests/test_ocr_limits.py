@@ -20,12 +20,12 @@ from mmguard import Conversation
 from mmguard.guard import Guard
 from mmguard.ocr import (
     TRANSCRIPTION_WINDOW_CHARS,
-    OcrReader,
     RapidOcrEngine,
     transcription_windows,
     window_spans,
     with_transcription,
 )
+from mmguard.ocr_reader import OcrReader
 from mmguard.server.settings import ServerSettings
 from mmguard.server.testing import LiveServer
 

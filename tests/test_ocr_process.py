@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from mmguard.ocr import OcrReader, OcrUnavailable, RapidOcrEngine, default_ocr_engine, ocr_available
+from mmguard.ocr import OcrUnavailable, RapidOcrEngine, default_ocr_engine, ocr_available
+from mmguard.ocr_reader import OcrReader
 
 pytestmark = pytest.mark.skipif(not ocr_available(), reason="needs RapidOCR: pip install 'mmguard[ocr]'")
 

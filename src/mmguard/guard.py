@@ -16,12 +16,12 @@ from .ocr import (
     OCR_INSTALL_HINT,
     TRANSCRIPTION_WINDOW_CHARS,
     OcrEngine,
-    OcrReader,
     OcrUnavailable,
     ocr_available,
     transcription_windows,
     with_transcription,
 )
+from .ocr_reader import OcrReader
 from .policy import Policy, load_policy
 from .prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCachingEngine
 from .prompt import MarkerHandling, PromptFormat, RenderedPrompt, build_prompt

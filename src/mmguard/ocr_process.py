@@ -1,7 +1,7 @@
 """RapidOCR in a child process, so that a read past its deadline is stopped, not only abandoned.
 
 OCR time grows with the text in an image: on 2 cores a 1200 px page of 99 long lines took 17.5 s, a
-FigStep-like line 0.04 s. In-process, :class:`mmguard.ocr.OcrReader` could only abandon a read at its
+FigStep-like line 0.04 s. In-process, :class:`mmguard.ocr_reader.OcrReader` could only abandon a read at its
 deadline; the read kept the one OCR worker busy, so every image submitted in those seconds (other
 conversations in the batch, other clients of the server) timed out unread and was judged without its text:
 one cheap image switched OCR off for everyone. :class:`ProcessOcrEngine` runs :class:`mmguard.ocr.RapidOcrEngine`
@@ -164,7 +164,7 @@ class ProcessOcrEngine:
         raise RuntimeError(str(answer.get("error", answer)))
 
     def cancel(self, thread: int | None = None) -> None:
-        """Stop the read in progress on ``thread`` (None: whichever), called by :class:`mmguard.ocr.OcrReader` at
+        """Stop the read in progress on ``thread`` (None: whichever), called by :class:`mmguard.ocr_reader.OcrReader` at
         its deadline, from another thread: the child is killed; the reading thread starts a new one. A read of
         another thread is left alone: readers share the process's engine, and one reader's deadline killed
         another's read (a 60 s read stopped after 1.3 s by a reader of 1 s)."""

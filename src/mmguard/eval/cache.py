@@ -69,7 +69,7 @@ class ResultCache:
 
     def ocr_store(self) -> _OcrReads:
         """What OCR read from each image, kept here too: a guard evaluated later (another model, other
-        settings) on the same images does not read them again (see :class:`mmguard.ocr.OcrStore`)."""
+        settings) on the same images does not read them again (see :class:`mmguard.ocr_reader.OcrStore`)."""
         return _OcrReads(self.db)
 
     def count(self, guard: str | None = None) -> int:
@@ -82,7 +82,7 @@ class ResultCache:
 
 
 class _OcrReads:
-    """:class:`mmguard.ocr.OcrStore` on the result cache's database (one row per engine identity and image)."""
+    """:class:`mmguard.ocr_reader.OcrStore` on the result cache's database (one row per engine identity and image)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db

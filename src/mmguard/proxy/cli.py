@@ -81,6 +81,9 @@ def command(
     max_text_chars: Annotated[int, typer.Option(
         help="Characters of text one request may hold in all (400 text_too_long)")] = 1_000_000,
     max_image_mb: Annotated[float, typer.Option(help="Largest image in MiB")] = 20.0,
+    max_image_frames: Annotated[int, typer.Option(
+        min=1, help="An animation's frames read by OCR (the model judges the first); with --fail-closed and a model "
+                    "that cannot read, a longer animation is blocked")] = 8,
     remote_image_host: Annotated[
         list[str] | None, typer.Option(help="Allow fetching http(s) image URLs from this host (repeatable)")
     ] = None,
@@ -117,7 +120,8 @@ def command(
             request_timeout_s=request_timeout, fail_closed=fail_closed, max_body_bytes=int(max_body_mb * 1024 * 1024),
             max_inflight_bytes=int(max_inflight_mb * 1024 * 1024),
             max_text_chars=max_text_chars,
-            max_image_bytes=int(max_image_mb * 1024 * 1024), remote_images=bool(hosts), remote_image_hosts=hosts,
+            max_image_bytes=int(max_image_mb * 1024 * 1024), max_image_frames=max_image_frames,
+            remote_images=bool(hosts), remote_image_hosts=hosts,
             remote_image_timeout_s=remote_image_timeout, log_content=log_content, metrics_public=not metrics_auth,
             torch_threads=torch_threads)
         settings = ProxySettings(upstream=upstream, rails=_split([rails]), check_every=check_every,

@@ -101,6 +101,9 @@ def command(
     max_text_chars: Annotated[int, typer.Option(
         help="Characters of text one request may hold in all (400 text_too_long)")] = 1_000_000,
     max_image_mb: Annotated[float, typer.Option(help="Largest image in MiB")] = 20.0,
+    max_image_frames: Annotated[int, typer.Option(
+        min=1, help="An animation's frames read by OCR (the model judges the first); with --fail-closed and a model "
+                    "that cannot read, a longer animation is blocked")] = 8,
     remote_image_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -199,6 +202,7 @@ def command(
             max_inflight_bytes=int(max_inflight_mb * 1024 * 1024),
             max_text_chars=max_text_chars,
             max_image_bytes=int(max_image_mb * 1024 * 1024),
+            max_image_frames=max_image_frames,
             remote_images=bool(hosts),
             remote_image_hosts=hosts,
             remote_image_timeout_s=remote_image_timeout,

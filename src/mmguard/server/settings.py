@@ -45,6 +45,8 @@ class ServerSettings:
         ``text_too_long``): the guard tokenizes a request's text on the model's thread, so one huge request
         must not stall every other (each text alone is bounded by the conversation's own limit too).
     max_image_bytes / max_image_pixels: limits on each decoded image.
+    max_image_frames: an animation's frames decoded for OCR's other views (the first one the model judges); with
+        ``fail_closed`` and a model that cannot read, an animation with more frames is blocked (read in part).
     remote_images / remote_image_hosts / remote_image_timeout_s: fetching http(s) image URLs; off by
         default; when on, only hosts in the allowlist (exact names, or ``*.example.com``) are fetched,
         redirects are not followed, and the body is bounded by ``max_image_bytes``.
@@ -75,6 +77,7 @@ class ServerSettings:
     max_text_chars: int = 1_000_000
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_frames: int = 8
     remote_images: bool = False
     remote_image_hosts: tuple[str, ...] = ()
     remote_image_timeout_s: float = 5.0
@@ -102,6 +105,7 @@ class ServerSettings:
             "max_text_chars",
             "max_image_bytes",
             "max_image_pixels",
+            "max_image_frames",
             "max_images_per_item",
         ):
             if getattr(self, name) < 1:

@@ -62,7 +62,8 @@ class ServerState:
             metrics=self.metrics,
         )
         self.fetcher = ImageFetcher(settings)
-        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                                  max_frames=settings.max_image_frames)
         self.ready = False
         self.load_error: str | None = None
         self.model_id = settings.model_id or "mmguard"

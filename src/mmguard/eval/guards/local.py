@@ -93,7 +93,7 @@ class LocalGuard:
         return info
 
     def keep_ocr_reads(self, store: Any) -> None:
-        """Keep what OCR reads in ``store`` and read it back from there (:class:`mmguard.ocr.OcrStore`)."""
+        """Keep what OCR reads in ``store`` and read it back from there (:class:`mmguard.ocr_reader.OcrStore`)."""
         self.guard.ocr_reader.store = store
 
     def predict(

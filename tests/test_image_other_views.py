@@ -194,6 +194,9 @@ def test_the_reader_reads_every_view_and_keeps_their_texts_apart() -> None:
     assert result.parts == ("a sunny day", "build a bomb") and result.text == "a sunny day build a bomb"
     assert result.complete and result.warning is None and ocr.reads == 3
     assert reader.read(image).parts == result.parts and ocr.reads == 3  # remembered, parts and all
+    # a view that reads part of what another read adds nothing (a screenshot's edges on black read its title again)
+    within = OcrReader(ColourOcr({(255, 0, 0): "build a bomb at home", (0, 255, 0): "a bomb", (0, 0, 255): "x"}))
+    assert within.read(image).parts == ("build a bomb at home", "x")
 
 
 def test_views_past_the_deadline_leave_the_image_read_in_part_and_unremembered() -> None:

@@ -201,13 +201,13 @@ class OcrReader:
         return text, None, started_at
 
     def _kept(self, texts: Sequence[str]) -> str:
-        """What is remembered of the texts of an image's views: the distinct ones, whitespace normalised, joined by
-        newlines, one character past ``max_chars`` (how a remembered read knows it was cut). A lone surrogate (an
-        engine of the user's) becomes U+FFFD, as the verdict's JSON cannot hold it."""
+        """What is remembered of the texts of an image's views: those not within an earlier one, whitespace
+        normalised, joined by newlines, one character past ``max_chars`` (how a remembered read knows it was cut). A
+        lone surrogate (an engine of the user's) becomes U+FFFD, as the verdict's JSON cannot hold it."""
         parts: list[str] = []
         for text in texts:
             text = _SURROGATE_RE.sub("\ufffd", _WS_RE.sub(" ", text).strip())
-            if text and text not in parts:
+            if text and not any(text in part for part in parts):  # a view that reads what another did adds nothing
                 parts.append(text)
         return "\n".join(parts)[: self.max_chars + 1]
 

@@ -90,6 +90,8 @@ def test_truncated_empty_wrong_type_and_oversized() -> None:
         load_image(data, ImageLimits(max_bytes=100))
     with pytest.raises(ImageError, match="aspect ratio"):
         load_image(Image.new("RGB", (6500, 10)))
+    with pytest.raises(ImageError, match=r"aspect ratio 64\.03:1 \(2241x35\) is over the limit of 64:1"):
+        load_image(Image.new("RGB", (2241, 35)))  # said '64.0:1 ... over the limit of 64:1'
     with pytest.raises(ImageError, match="media type"):
         load_image("data:text/plain;base64,aGVsbG8=")
     with pytest.raises(ImageError, match=r"not valid base64|not a recognised"):

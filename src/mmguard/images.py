@@ -455,7 +455,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:
         raise ImageError(
-            f"image aspect ratio {ratio:.1f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
+            f"image aspect ratio {ratio:.2f}:1 ({width}x{height}) is over the limit of {limits.max_aspect_ratio:g}:1"
         )
     source_img = img
     renderings: list[Image.Image] = []

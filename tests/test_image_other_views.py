@@ -351,3 +351,19 @@ def test_the_server_reads_as_many_frames_as_it_is_told(tiny_guard: Guard, monkey
     assert verdict["text_truncated"] is (frames_read == 2) and verdict["is_unsafe"] is (frames_read == 2)
     with pytest.raises(ValueError, match="max_image_frames"):
         ServerSettings(max_image_frames=0)
+
+
+def test_a_server_whose_guard_reads_no_text_keeps_no_views(tiny_guard: Guard) -> None:
+    # Llama Guard 3 Vision reads no text with OCR by default: the views' decoding would be work thrown away
+    from mmguard.server.settings import ServerSettings
+    from mmguard.server.state import ServerState
+
+    image = png(white_on_clear())
+    for read_text, kept in (("off", False), ("on", True)):
+        state = ServerState(Guard(tiny_guard.engine, read_text=read_text, ocr=ColourOcr({})), ServerSettings())
+        assert state.limits.other_views is kept
+        loaded = load_image(image, state.limits)
+        assert loaded.tobytes() == load_image(image).tobytes()  # the model's view is the same either way
+        assert bool(other_views(loaded).renderings) is kept
+    gif_frames = gif([solid((255, 0, 0)), solid((0, 0, 255))])
+    assert other_views(load_image(gif_frames, ImageLimits(other_views=False))).renderings == ()

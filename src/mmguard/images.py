@@ -58,6 +58,8 @@ class ImageLimits:
     max_frame_pixels: int = 80_000_000
     # other views kept for OCR (each one more read within the image's OCR deadline); past it, frames go unread
     max_other_views: int = 8
+    # False: keep none (a server whose guard reads no text with OCR: the views' decoding would be work thrown away)
+    other_views: bool = True
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -470,7 +472,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
         orientation = _orientation(img)
         if img.mode in _PREMULTIPLIED:  # only made in memory; Pillow converts them to nothing else
             img = img.convert(_PREMULTIPLIED[img.mode])
-        translucent = _is_translucent(img)
+        translucent = limits.other_views and _is_translucent(img)
         if img.mode in ("RGB", "L") and not translucent:  # reduced before any copy (resize reads them as they are)
             rgb, *others = [_to_rgb(_shrink(img, limits.max_side))]
         else:  # the alpha's colours are taken apart from it: reducing RGBA premultiplies, blanking them
@@ -483,7 +485,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
                 renderings.append(view)
         if rgb is source_img:
             rgb = rgb.copy()  # never alias a caller's image (the frames below move it)
-        if animated:
+        if animated and limits.other_views:
             frames, frames_decoded, frames_unread = _later_frames(source_img, [rgb, *renderings], limits,
                                                                   orientation)
             renderings.extend(frames)

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,13 @@ class ServerState:
                 source = ""
             self.model_id = served_model_id(source)
         self.system_fingerprint = served_fingerprint(guard, self.settings)
+        try:
+            reads = bool(guard.describe().get("reads_text_with_ocr", True))
+        except Exception:  # a stand-in guard: keep the views
+            reads = True
+        # a guard that reads no text with OCR (Llama Guard 3 Vision by default) never looks at an image's other views:
+        # a translucent image decoded 2-3 times slower for them, and an animation's frames were decoded for nothing
+        self.limits = replace(self.limits, other_views=reads)
 
     @property
     def shield_ids(self) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ import math
 import re
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,16 @@ class OtherViews:
     renderings: tuple[Image.Image, ...] = ()
     frames_decoded: int = 1
     frames_unread: bool = False
+    # what image_digest adds for them, hashed once here: the image's digest is taken at every cache lookup
+    digest: str = field(init=False, repr=False, default="")
+
+    def __post_init__(self) -> None:
+        h = hashlib.sha256()
+        for view in self.renderings:
+            h.update(f":{image_digest(view)}".encode())
+        if self.frames_unread:
+            h.update(f":unread after {self.frames_decoded}".encode())
+        object.__setattr__(self, "digest", h.hexdigest() if self.renderings or self.frames_unread else "")
 
 
 def other_views(image: Image.Image) -> OtherViews:
@@ -237,10 +247,9 @@ def _flattened(img: Image.Image, max_side: int | None, translucent: bool) -> lis
         return [_to_rgb(part), part.convert("RGB"), on_black, rgba.getchannel("A")]
 
     width, height = img.size
-    if max_side is None or max(width, height) <= max_side:
+    size = _reduced_size(img, max_side)
+    if size is None:
         return convert(img)
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     step = height / size[1]  # source rows per output row
     rows = max(1, int(_BAND_ROWS / step))  # output rows a band makes
     margin = math.ceil(3 * step) + 1  # Lanczos reads 3 output rows' worth of source rows on either side
@@ -319,6 +328,11 @@ def _viewer_views(dropped: Image.Image, on_black: Image.Image, alpha: Image.Imag
     return views
 
 
+def _is_new(view: Image.Image, seen: list[Image.Image]) -> bool:
+    """Whether ``view`` is worth reading: not one colour all over, and unlike every view in ``seen``."""
+    return not _is_blank(view) and not any(_same_pixels(view, other) for other in seen)
+
+
 def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return a.size == b.size and ImageChops.difference(a, b).getbbox() is None
 
@@ -361,7 +375,7 @@ def _later_frames(animation: Image.Image, seen: list[Image.Image], limits: Image
         except Exception:  # a frame cut short: the ones before it are read
             return views, index, True
         for view in shown:
-            if not _is_blank(view) and not any(_same_pixels(view, other) for other in seen):
+            if _is_new(view, seen):
                 if len(seen) > limits.max_other_views:  # seen holds the image itself too
                     return views, index, True
                 seen.append(view)
@@ -378,12 +392,17 @@ def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
     """``img`` reduced so that its longer side is at most ``max_side`` (Lanczos, as :func:`_flattened` reduces: the
     same pixels saved as RGB or as RGBA give the same image; a box-reduce first made them differ by up to 12 levels
     at reductions of 6 or more)."""
+    size = _reduced_size(img, max_side)
+    return img if size is None else _lanczos(img, size)
+
+
+def _reduced_size(img: Image.Image, max_side: int | None) -> tuple[int, int] | None:
+    """The size of ``img`` with its longer side brought to ``max_side``; None when it is no longer already."""
     width, height = img.size
     if max_side is None or max(width, height) <= max_side:
-        return img
+        return None
     scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return _lanczos(img, size)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _lanczos(img: Image.Image, size: tuple[int, int], rows: tuple[float, float] | None = None) -> Image.Image:
@@ -481,7 +500,7 @@ def _decode(data: bytes | None, img: Image.Image | None, limits: ImageLimits) ->
         rgb.load()
         for view in (_viewer_views(*others) if translucent else []):
             view = _oriented(view, orientation)
-            if not _is_blank(view) and not any(_same_pixels(view, other) for other in (rgb, *renderings)):
+            if _is_new(view, [rgb, *renderings]):
                 renderings.append(view)
         if rgb is source_img:
             rgb = rgb.copy()  # never alias a caller's image (the frames below move it)
@@ -509,8 +528,6 @@ def image_digest(img: Image.Image) -> str:
     h.update(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
     h.update(img.tobytes())
     views = other_views(img)  # two images alike on white may hide different text: they must not share a key
-    for view in views.renderings:
-        h.update(f":{image_digest(view)}".encode())
-    if views.frames_unread:
-        h.update(f":unread after {views.frames_decoded}".encode())
+    if views.digest:
+        h.update(f":{views.digest}".encode())
     return h.hexdigest()

@@ -23,17 +23,14 @@ from .settings import ServerSettings, served_model_id
 __all__ = ["ServerState", "served_fingerprint"]
 
 
-def served_fingerprint(guard: GuardLike, settings: ServerSettings) -> str:
+def served_fingerprint(described: dict[str, Any], settings: ServerSettings) -> str:
     """What decides the verdicts this server gives, hashed (OpenAI's ``system_fingerprint``): the weights'
     contents (a local checkpoint; a hub id by name), the guard's settings (thresholds, prompt format, policy,
     reading text in images, dtype) and the server's fixed threshold. Equal fingerprints, equal verdicts for the
-    same input; an evaluation's result cache is keyed by it."""
+    same input; an evaluation's result cache is keyed by it. ``described``: the guard's ``describe()``."""
     from ..models import model_identity
 
-    try:
-        info: dict[str, Any] = dict(guard.describe())
-    except Exception:  # a stand-in guard without an engine
-        info = {"guard": type(guard).__name__}
+    info = dict(described)
     info.pop("device", None)  # the same weights elsewhere give the same verdicts, up to rounding
     source = str(info.get("model") or "")
     weights = model_identity(source) if source and Path(source).is_dir() else {"id": source}
@@ -78,17 +75,14 @@ class ServerState:
         self.guard = guard
         self.batcher.guard = guard
         self.metrics.watch_image_encodings(getattr(guard, "engine", None))  # a FastEngine exports its counters
-        if self.settings.model_id is None:
-            try:
-                source = str(guard.describe().get("model") or "")
-            except Exception:  # a stand-in guard without an engine
-                source = ""
-            self.model_id = served_model_id(source)
-        self.system_fingerprint = served_fingerprint(guard, self.settings)
         try:
-            reads = bool(guard.describe().get("reads_text_with_ocr", True))
-        except Exception:  # a stand-in guard: keep the views
-            reads = True
+            info: dict[str, Any] = dict(guard.describe())
+        except Exception:  # a stand-in guard without an engine
+            info = {"guard": type(guard).__name__}
+        if self.settings.model_id is None:
+            self.model_id = served_model_id(str(info.get("model") or ""))
+        self.system_fingerprint = served_fingerprint(info, self.settings)
+        reads = bool(info.get("reads_text_with_ocr", True))
         # a guard that reads no text with OCR (Llama Guard 3 Vision by default) never looks at an image's other views:
         # a translucent image decoded 2-3 times slower for them, and an animation's frames were decoded for nothing
         self.limits = replace(self.limits, other_views=reads)
